@@ -1,0 +1,208 @@
+/**
+ * A write-back cache of fixed-size metadata tables (L2 tables, refcount
+ * blocks), keyed by the table's byte offset in its file. It knows nothing of
+ * formats: a TableStore supplied by the driver reads, writes and syncs.
+ *
+ * Ordering invariants (the only place they are kept; callers declare, the
+ * cache enforces):
+ *
+ *  - `dependOn(other)`: before any dirty table of this cache is written,
+ *    every dirty table of `other` is written AND synced. qcow2 uses it both
+ *    ways: "refcount increase durable before an L2 entry points at the new
+ *    cluster" (l2.dependOn(refcounts)) and "L2 entry cleared durably before
+ *    the refcount drops" (refcounts.dependOn(l2)). A cache depends on at most
+ *    one other cache; declaring a new dependency first flushes whatever would
+ *    otherwise form a chain or cycle, so the dependency graph never has a
+ *    cycle and a flush always terminates.
+ *  - `dependOnSync()`: before any dirty table of this cache is written, the
+ *    store is synced (data written by the caller, e.g. a copy-on-write, is
+ *    durable before the table entry pointing at it).
+ *  - A table is never evicted while dirty: dirty tables are pinned outside the
+ *    LRU until written. Clean tables are evicted in LRU order within maxBytes.
+ *  - A write snapshots the table first, so a caller that modifies a table
+ *    while its write-back is in flight never tears the on-disk copy; the
+ *    modification re-marks it dirty.
+ *
+ * Table buffers returned by get() are valid until the caller's next await;
+ * callers modify them synchronously and then call markDirty().
+ */
+import { LRUCache } from 'lru-cache';
+import { Mutex } from './mutex.js';
+
+export interface TableStore {
+  read(key: number, into: Buffer): Promise<void>;
+  write(key: number, data: Buffer): Promise<void>;
+  /** Make all earlier writes to the underlying file(s) durable. */
+  sync(): Promise<void>;
+}
+
+export interface TableCacheOptions {
+  name: string;
+  tableBytes: number;
+  maxBytes: number;
+  store: TableStore;
+}
+
+export class TableCache {
+  readonly name: string;
+  readonly tableBytes: number;
+  private readonly store: TableStore;
+  private readonly lru: LRUCache<number, Buffer>;
+  private readonly dirty = new Map<number, Buffer>();
+  /** Tables being written back: still served from memory, never re-read mid-write. */
+  private readonly writing = new Map<number, Buffer>();
+  private readonly loading = new Map<number, Promise<Buffer>>();
+  private readonly flushLock = new Mutex();
+  private dependency: TableCache | null = null;
+  private needsSync = false;
+  private readonly maxDirty: number;
+  /** Statistics for tests and benchmarks. */
+  readonly stats = { hits: 0, misses: 0, writes: 0, flushes: 0 };
+
+  constructor(opts: TableCacheOptions) {
+    this.name = opts.name;
+    this.tableBytes = opts.tableBytes;
+    this.store = opts.store;
+    const entries = Math.max(4, Math.floor(opts.maxBytes / opts.tableBytes));
+    this.lru = new LRUCache<number, Buffer>({ max: entries });
+    this.maxDirty = Math.max(2, entries >> 1);
+  }
+
+  get capacity(): number {
+    return this.lru.max;
+  }
+
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  get cachedCount(): number {
+    return this.lru.size;
+  }
+
+  /** The table if cached (no I/O). */
+  peek(key: number): Buffer | undefined {
+    return this.dirty.get(key) ?? this.writing.get(key) ?? this.lru.get(key);
+  }
+
+  /** The table, loaded through the store on a miss. Concurrent misses share one read. */
+  async get(key: number): Promise<Buffer> {
+    const hit = this.dirty.get(key) ?? this.writing.get(key) ?? this.lru.get(key);
+    if (hit) {
+      this.stats.hits++;
+      return hit;
+    }
+    let p = this.loading.get(key);
+    if (!p) {
+      this.stats.misses++;
+      p = this.load(key);
+      this.loading.set(key, p);
+    }
+    return p;
+  }
+
+  private async load(key: number): Promise<Buffer> {
+    try {
+      const buf = Buffer.allocUnsafe(this.tableBytes);
+      await this.store.read(key, buf);
+      // Another caller may have installed a newer version meanwhile.
+      const now = this.dirty.get(key) ?? this.writing.get(key) ?? this.lru.peek(key);
+      if (now) return now;
+      this.lru.set(key, buf);
+      return buf;
+    } finally {
+      this.loading.delete(key);
+    }
+  }
+
+  /** Put a table the caller built (a new, copied or repaired table). */
+  install(key: number, buf: Buffer, dirty: boolean): void {
+    if (buf.length !== this.tableBytes) throw new RangeError(`${this.name}: table size mismatch`);
+    this.lru.set(key, buf);
+    if (dirty) this.dirty.set(key, buf);
+    else this.dirty.delete(key);
+  }
+
+  /** The caller changed `buf` (the table at key) in place. */
+  markDirty(key: number, buf: Buffer): void {
+    this.dirty.set(key, buf);
+    this.lru.set(key, buf);
+  }
+
+  /** Forget a table (its cluster was freed). Dirty content is dropped. */
+  discard(key: number): void {
+    this.dirty.delete(key);
+    this.writing.delete(key);
+    this.lru.delete(key);
+  }
+
+  /** Drop every table (after an error that leaves memory untrustworthy). */
+  clear(): void {
+    this.dirty.clear();
+    this.lru.clear();
+  }
+
+  /** True when enough tables are dirty that the caller should write back. */
+  get underPressure(): boolean {
+    return this.dirty.size >= this.maxDirty;
+  }
+
+  /** See the ordering invariants above. */
+  async dependOn(other: TableCache): Promise<void> {
+    if (this.dependency === other) return;
+    if (other.dependency) await other.flush();
+    if (this.dependency) await this.flush();
+    this.dependency = other;
+  }
+
+  dependOnSync(): void {
+    this.needsSync = true;
+  }
+
+  /** Write every dirty table (honouring dependencies) without a final sync. */
+  writeBack(): Promise<void> {
+    return this.flushLock.run(() => this.writeBackLocked());
+  }
+
+  /** Write every dirty table (honouring dependencies), then sync. */
+  flush(): Promise<void> {
+    return this.flushLock.run(async () => {
+      await this.writeBackLocked();
+      await this.store.sync();
+      this.stats.flushes++;
+    });
+  }
+
+  private async writeBackLocked(): Promise<void> {
+    if (this.dirty.size === 0) return;
+    if (this.dependency) {
+      await this.dependency.flush();
+      this.dependency = null;
+    }
+    if (this.needsSync) {
+      await this.store.sync();
+      this.needsSync = false;
+    }
+    const keys = [...this.dirty.keys()].sort((a, b) => a - b);
+    for (const key of keys) {
+      const buf = this.dirty.get(key);
+      if (!buf) continue;
+      this.dirty.delete(key);
+      this.writing.set(key, buf);
+      const snapshot = Buffer.from(buf);
+      try {
+        await this.store.write(key, snapshot);
+        this.stats.writes++;
+      } catch (err) {
+        // Still dirty: a later flush retries; nothing was lost from memory.
+        if (!this.dirty.has(key)) this.dirty.set(key, buf);
+        throw err;
+      } finally {
+        if (this.writing.get(key) === buf) {
+          this.writing.delete(key);
+          if (!this.dirty.has(key)) this.lru.set(key, buf);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,104 @@
+/**
+ * The one interface every image format implements. A driver is an object,
+ * formats do not inherit from each other. Offsets and lengths are bytes;
+ * `guestOffset` is an address in the virtual disk, `hostOffset` one in the
+ * image file.
+ */
+import type { Logger } from '../log.js';
+
+export type FormatName = 'qcow2' | 'qed' | 'raw';
+
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  /** bytes */
+  vmStateSize: number;
+  /** seconds since the epoch */
+  dateSec: number;
+  /** bytes; undefined for v2 snapshots that do not record it */
+  guestSize?: number;
+  /** guest run time in nanoseconds */
+  vmClockNsec: number;
+}
+
+export interface ImageInfo {
+  format: FormatName;
+  filename: string;
+  /** bytes */
+  virtualSize: number;
+  /** bytes of the image file itself */
+  actualSize?: number;
+  /** bytes */
+  clusterSize?: number;
+  version?: number;
+  backingFile?: string;
+  /** the backing file as resolved and opened (absolute path) */
+  backingPath?: string;
+  backingFormat?: string;
+  /** human names of set feature bits, e.g. "lazy_refcounts", "dirty" */
+  features: string[];
+  snapshots?: SnapshotInfo[];
+  refcountBits?: number;
+  compressionType?: string;
+  dataFile?: string;
+  extendedL2?: boolean;
+  /** the whole chain below this image */
+  backing?: ImageInfo;
+}
+
+export interface BlockDriver {
+  readonly format: FormatName;
+  readonly filename: string;
+  /** guest-visible size in bytes */
+  readonly virtualSize: number;
+  readonly readOnly: boolean;
+
+  /**
+   * Read guest bytes [guestOffset, guestOffset + length) into
+   * buf[bufOffset ..]. The range must lie within virtualSize. Throws a
+   * QmountError (EIO for unreadable or corrupt clusters); the buffer content
+   * is then unspecified for this request only.
+   */
+  read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void>;
+
+  /** Write guest bytes. Throws ReadOnlyError on a read-only driver. */
+  write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void>;
+
+  /** Make every completed write durable, metadata in its safe order. */
+  flush(): Promise<void>;
+
+  /** Flush, mark the image cleanly closed, close files (backing chain too). */
+  close(): Promise<void>;
+
+  info(): ImageInfo;
+}
+
+/** How a driver opens the image it is backed by (keeps formats free of the registry). */
+export type OpenBacking = (path: string, format: FormatName | undefined) => Promise<BlockDriver>;
+
+export interface DriverOpenOptions {
+  readOnly: boolean;
+  /** Bytes for the L2 table cache (qcow2, QED). */
+  l2CacheBytes: number;
+  /** Bytes for the refcount block cache (qcow2). */
+  refcountCacheBytes: number;
+  /** Open backing files (undefined: do not follow backing files; unallocated reads as zeros). */
+  openBacking?: OpenBacking;
+  log: Logger;
+}
+
+/**
+ * Read guest bytes of a backing image for an overlay whose guest range may
+ * reach past the backing image's end: that part reads as zeros.
+ */
+export async function readFromBacking(
+  backing: BlockDriver | null,
+  buf: Buffer,
+  bufOffset: number,
+  length: number,
+  guestOffset: number,
+): Promise<void> {
+  const avail = backing ? Math.max(0, Math.min(length, backing.virtualSize - guestOffset)) : 0;
+  if (avail > 0) await backing!.read(buf, bufOffset, avail, guestOffset);
+  if (avail < length) buf.fill(0, bufOffset + avail, bufOffset + length);
+}

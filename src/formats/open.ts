@@ -1,0 +1,106 @@
+/**
+ * Opening an image: probe the format, open the driver, follow its backing
+ * chain. Backing files are always opened read-only, relative names resolve
+ * against the directory of the image that names them, and a chain that comes
+ * back to a file already in it is an error (ELOOP).
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { FormatError, QmountError } from '../errors.js';
+import { ImageFile } from '../io/file.js';
+import { logger, type Logger } from '../log.js';
+import type { BlockDriver, DriverOpenOptions, FormatName } from './driver.js';
+import { probeFormat } from './probe.js';
+import { openRaw } from './raw/raw.js';
+import { openQcow2 } from './qcow2/driver.js';
+import { openQed } from './qed/driver.js';
+
+export interface OpenImageOptions {
+  readOnly: boolean;
+  format?: FormatName;
+  /** Do not follow backing files: unallocated clusters read as zeros. */
+  noBacking?: boolean;
+  l2CacheBytes?: number;
+  refcountCacheBytes?: number;
+  log?: Logger;
+}
+
+/** Default L2 cache: 32 MiB maps 256 GiB of guest space with 64 KiB clusters (8-byte entries). */
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+export const DEFAULT_REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024;
+/** Longest backing chain followed. */
+export const MAX_CHAIN_DEPTH = 64;
+
+type FormatOpener = (file: ImageFile, opts: DriverOpenOptions) => Promise<BlockDriver>;
+const OPENERS: Record<FormatName, FormatOpener> = { qcow2: openQcow2, qed: openQed, raw: openRaw };
+
+export async function openImage(imagePath: string, opts: OpenImageOptions): Promise<BlockDriver> {
+  return openInChain(imagePath, opts.format, opts.readOnly, opts, []);
+}
+
+async function openInChain(
+  imagePath: string,
+  format: FormatName | undefined,
+  readOnly: boolean,
+  opts: OpenImageOptions,
+  chain: string[],
+): Promise<BlockDriver> {
+  let real: string;
+  try {
+    real = await fs.promises.realpath(imagePath);
+  } catch (err) {
+    throw new QmountError('ENOENT', `${imagePath}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+  }
+  if (chain.includes(real)) {
+    throw new QmountError('ELOOP', `${chain[0]}: backing chain loops back to ${real}`);
+  }
+  if (chain.length >= MAX_CHAIN_DEPTH) {
+    throw new QmountError('ELOOP', `${chain[0]}: backing chain deeper than ${MAX_CHAIN_DEPTH}`);
+  }
+  const st = await fs.promises.stat(real);
+  if (!st.isFile() && !st.isBlockDevice()) {
+    throw new QmountError('EINVAL', `${imagePath}: not a regular file`);
+  }
+  let file: ImageFile;
+  try {
+    file = await ImageFile.open(real, { readOnly });
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+    throw new QmountError(code === 'EACCES' ? 'EACCES' : 'EIO', `${imagePath}: cannot open: ${code}`);
+  }
+  try {
+    let fmt = format;
+    if (!fmt) {
+      const head = Buffer.alloc(8);
+      const n = await file.read(head, 0, 8, 0);
+      fmt = probeFormat(head.subarray(0, n));
+    }
+    const log = (opts.log ?? logger('image')).child({ image: real });
+    const nextChain = [...chain, real];
+    const dir = path.dirname(real);
+    const driverOpts: DriverOpenOptions = {
+      readOnly,
+      l2CacheBytes: opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES,
+      refcountCacheBytes: opts.refcountCacheBytes ?? DEFAULT_REFCOUNT_CACHE_BYTES,
+      log,
+      openBacking: opts.noBacking
+        ? undefined
+        : async (name, backingFormat) => {
+            if (/^[a-z0-9+]+:/i.test(name) && !name.startsWith('file:')) {
+              throw new FormatError(`${imagePath}: backing file "${name}" uses a protocol qmount does not support`, 'ENOTSUP');
+            }
+            const plain = name.startsWith('file:') ? name.slice(5) : name;
+            const resolved = path.isAbsolute(plain) ? plain : path.join(dir, plain);
+            log.info({ backing: resolved, format: backingFormat }, 'opening backing file');
+            return openInChain(resolved, backingFormat, true, opts, nextChain);
+          },
+    };
+    return await OPENERS[fmt](file, driverOpts);
+  } catch (err) {
+    await file.close().catch(() => {});
+    if (err instanceof QmountError && !err.message.includes(imagePath) && !err.message.includes(real)) {
+      throw new QmountError(err.errno, `${imagePath}: ${err.message}`);
+    }
+    throw err;
+  }
+}
