@@ -1,0 +1,198 @@
+#!/usr/bin/env node
+/**
+ * Brings a checkout to a runnable state; `npm start`, `npm test` and
+ * `npm run bench` call it first. Plain Node, no npm dependencies: it runs
+ * before `npm ci`. Idempotent: when everything is in place it only stats a
+ * few files and asks dpkg once, and prints nothing.
+ *
+ *   node scripts/setup.mjs           what `npm start` needs (FUSE, qemu-img, demo-image tools)
+ *   node scripts/setup.mjs --test    also what the test suite and benchmarks need
+ *
+ * Steps: Node version, Debian packages (installed with apt-get when root),
+ * node_modules (npm ci), dist/ (tsc), /dev/fuse. Each failure is one line
+ * saying what to do, and a non-zero exit.
+ */
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import process from 'node:process';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const forTest = process.argv.includes('--test');
+
+/** One short status line, prefixed so it stands out from tool output. */
+function say(msg) {
+  process.stdout.write(`setup: ${msg}\n`);
+}
+
+function fail(msg) {
+  process.stderr.write(`setup: ${msg}\n`);
+  process.exit(1);
+}
+
+/** Run a command with inherited output; fail with one line if it does not succeed. */
+function runOrFail(cmd, args, what, opts = {}) {
+  const r = spawnSync(cmd, args, { cwd: ROOT, stdio: opts.quiet ? 'pipe' : 'inherit', env: opts.env ?? process.env });
+  if (r.error) fail(`${what} failed: ${r.error.code === 'ENOENT' ? `${cmd} not found` : r.error.message}`);
+  if (r.status !== 0) {
+    if (opts.quiet) {
+      const out = `${r.stdout ?? ''}${r.stderr ?? ''}`.trim().split('\n').slice(-15).join('\n');
+      if (out) process.stderr.write(`${out}\n`);
+    }
+    fail(`${what} failed (exit ${r.status ?? r.signal})`);
+  }
+}
+
+// ---- 1. Node -------------------------------------------------------------
+const nodeMajor = Number(process.versions.node.split('.')[0]);
+if (nodeMajor < 20) fail(`Node ${process.versions.node} is too old: qmount needs Node 20 or newer`);
+
+// ---- 2. Debian packages --------------------------------------------------
+/**
+ * Package -> why it is needed. `fuse` (fusermount, used by fuse-native to
+ * unmount) conflicts with `fuse3`; fuse3 ships a `fusermount` symlink, so
+ * either one satisfies it and we never ask apt to swap them.
+ */
+const BASE_PACKAGES = {
+  fuse: 'fusermount',
+  libfuse2: 'libfuse.so.2 for fuse-native',
+  'qemu-utils': 'qemu-img',
+  e2fsprogs: 'mkfs.ext4 for the demo image',
+  fdisk: 'sfdisk for the demo image',
+};
+const TEST_PACKAGES = {
+  'qemu-system-common': 'qemu-storage-daemon',
+  fio: 'benchmarks and stress tests',
+  mount: 'losetup, mount',
+  'util-linux': 'blockdev, mountpoint',
+};
+const ALTERNATIVES = { fuse: ['fuse3'] };
+
+function installedPackages(names) {
+  const r = spawnSync('dpkg-query', ['-W', '-f=${Package}|${Status}\\n', ...names], { encoding: 'utf8' });
+  if (r.error) return null; // not a dpkg system
+  const have = new Set();
+  for (const line of r.stdout.split('\n')) {
+    const [pkg, status] = line.split('|');
+    // dpkg may print "pkg:amd64" for multi-arch packages.
+    if (status && status.trim() === 'install ok installed') have.add(pkg.split(':')[0]);
+  }
+  return have;
+}
+
+function checkPackages() {
+  const wanted = { ...BASE_PACKAGES, ...(forTest ? TEST_PACKAGES : {}) };
+  const names = Object.keys(wanted);
+  const alts = names.flatMap((n) => ALTERNATIVES[n] ?? []);
+  const have = installedPackages([...names, ...alts]);
+  if (have === null) {
+    say('dpkg-query not found (not Debian?): skipping the system package check; qmount needs libfuse 2, fusermount and qemu-img');
+    return;
+  }
+  const missing = names.filter((n) => !have.has(n) && !(ALTERNATIVES[n] ?? []).some((a) => have.has(a)));
+  if (missing.length === 0) return;
+  const cmd = `apt-get update && apt-get install -y --no-install-recommends ${missing.join(' ')}`;
+  if (process.getuid?.() !== 0) {
+    fail(`missing system packages: ${missing.join(', ')}. Install them as root: sudo sh -c '${cmd}'`);
+  }
+  say(`installing ${missing.map((n) => `${n} (${wanted[n]})`).join(', ')} with apt-get`);
+  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  runOrFail('apt-get', ['-qq', 'update'], 'apt-get update', { quiet: true, env });
+  runOrFail('apt-get', ['-qq', 'install', '-y', '--no-install-recommends', ...missing], 'apt-get install', { quiet: true, env });
+  const after = installedPackages(missing);
+  const still = missing.filter((n) => !after?.has(n));
+  if (still.length) fail(`apt-get did not install: ${still.join(', ')}`);
+}
+
+// ---- 3. node_modules -----------------------------------------------------
+function mtimeMs(p) {
+  try {
+    return fs.statSync(p).mtimeMs;
+  } catch {
+    return -1;
+  }
+}
+
+/** npm as run by `npm test` (npm_execpath), else the one on PATH. */
+function npm(args, what) {
+  const execPath = process.env.npm_execpath;
+  if (execPath && /npm-cli\.js$/.test(execPath)) runOrFail(process.execPath, [execPath, ...args], what);
+  else runOrFail('npm', args, what);
+}
+
+function checkNodeModules() {
+  const lock = path.join(ROOT, 'package-lock.json');
+  const installedLock = path.join(ROOT, 'node_modules', '.package-lock.json');
+  const flags = ['--no-audit', '--no-fund', '--loglevel=error'];
+  if (mtimeMs(lock) < 0) {
+    say('package-lock.json missing: running npm install (commit the lock file it writes)');
+    npm(['install', ...flags], 'npm install');
+    return;
+  }
+  // npm ci rewrites node_modules/.package-lock.json, so afterwards it is newer than the lock.
+  const installed = mtimeMs(installedLock);
+  if (installed >= 0 && installed >= mtimeMs(lock)) return;
+  say(installed < 0 ? 'node_modules missing: running npm ci' : 'package-lock.json changed: running npm ci');
+  npm(['ci', ...flags], 'npm ci');
+}
+
+// ---- 4. build ------------------------------------------------------------
+const SOURCE_DIRS = ['src', 'mount', 'cache'];
+/**
+ * Written after a successful tsc run. tsc emits even when it reports type
+ * errors, so the newest file in dist/ does not prove a good build; the stamp
+ * does, and it is removed before each build so a failed one is retried.
+ */
+const STAMP = path.join(ROOT, 'dist', '.build-ok');
+
+function newestSource() {
+  let newest = Math.max(mtimeMs(path.join(ROOT, 'tsconfig.json')), mtimeMs(path.join(ROOT, 'package-lock.json')));
+  const walk = (dir) => {
+    let entries;
+    try {
+      entries = fs.readdirSync(dir, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      const p = path.join(dir, e.name);
+      if (e.isDirectory()) walk(p);
+      else if (e.name.endsWith('.ts')) newest = Math.max(newest, mtimeMs(p));
+    }
+    // A deleted or renamed file shows as a newer directory.
+    newest = Math.max(newest, mtimeMs(dir));
+  };
+  for (const d of SOURCE_DIRS) walk(path.join(ROOT, d));
+  return newest;
+}
+
+function checkBuild() {
+  const stamp = mtimeMs(STAMP);
+  if (stamp >= 0 && stamp >= newestSource()) return;
+  say(stamp < 0 ? 'building dist/ (tsc)' : 'sources changed: rebuilding dist/ (tsc)');
+  fs.rmSync(STAMP, { force: true });
+  const tsc = path.join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
+  if (mtimeMs(tsc) < 0) fail('node_modules/typescript is missing: run npm ci');
+  runOrFail(process.execPath, [tsc, '-p', 'tsconfig.json'], 'TypeScript build');
+  fs.mkdirSync(path.dirname(STAMP), { recursive: true });
+  fs.writeFileSync(STAMP, `${new Date().toISOString()}\n`);
+}
+
+// ---- 5. devices ----------------------------------------------------------
+function checkDevices() {
+  if (mtimeMs('/dev/fuse') < 0) {
+    fail('/dev/fuse does not exist: load the module (modprobe fuse), or in a container run with --device /dev/fuse --cap-add SYS_ADMIN');
+  }
+  if (forTest && mtimeMs('/dev/loop-control') < 0) {
+    fail('/dev/loop-control does not exist: the tests need loop devices (modprobe loop, or a privileged container)');
+  }
+  if (forTest && process.getuid?.() !== 0) {
+    say('warning: not root; the tests mount FUSE filesystems and set up loop devices, which needs root');
+  }
+}
+
+checkPackages();
+checkNodeModules();
+checkBuild();
+checkDevices();
