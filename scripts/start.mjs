@@ -1,0 +1,132 @@
+#!/usr/bin/env node
+/**
+ * `npm start` (after scripts/setup.mjs).
+ *
+ *   npm start                        build (or reuse) the demo image under .tmp/demo/ and
+ *                                    mount it in the foreground at .tmp/demo/mnt
+ *   npm start -- IMAGE DIR [opts]    run qmount itself with these arguments
+ *
+ * The CLI runs as a child with the terminal's stdio. Ctrl-C reaches it
+ * directly (same process group); this script only waits and passes its exit
+ * status on.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import process from 'node:process';
+import { fileURLToPath } from 'node:url';
+import { makeDemoImage } from './make-demo.mjs';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
+const DEMO_DIR = path.join(ROOT, '.tmp', 'demo');
+const DEMO_IMAGE = path.join(DEMO_DIR, 'demo.qcow2');
+const DEMO_MNT = path.join(DEMO_DIR, 'mnt');
+/**
+ * The demo mounts read-only while qcow2 writes are in progress (issue 3);
+ * drop '-r' here (and the -r/ro in the hints) once they land.
+ */
+const DEMO_FLAGS = ['-f', '-r'];
+
+function fail(msg) {
+  process.stderr.write(`start: ${msg}\n`);
+  process.exit(1);
+}
+
+/** Run the CLI in the foreground and leave with its exit status. */
+function requireCli() {
+  if (!fs.existsSync(CLI)) fail(`${path.relative(ROOT, CLI)} is missing: the CLI has not been built (node scripts/setup.mjs)`);
+}
+
+function runCli(args) {
+  requireCli();
+  const child = spawn(process.execPath, [CLI, ...args], { stdio: 'inherit' });
+  // Ctrl-C goes to the whole foreground process group, so the CLI gets it
+  // itself; we must not die first. SIGTERM/SIGHUP sent to us alone are passed on.
+  process.on('SIGINT', () => {});
+  for (const sig of ['SIGTERM', 'SIGHUP']) process.on(sig, () => child.kill(sig));
+  child.on('error', (err) => fail(`cannot run ${CLI}: ${err.message}`));
+  child.on('exit', (code, signal) => {
+    if (signal) process.exit(128 + (signalNumber(signal) ?? 1));
+    process.exit(code ?? 1);
+  });
+}
+
+function signalNumber(name) {
+  return { SIGHUP: 1, SIGINT: 2, SIGKILL: 9, SIGTERM: 15 }[name];
+}
+
+/** Mount points in /proc/self/mountinfo (field 5, octal escapes decoded). */
+function isMountPoint(dir) {
+  let text;
+  try {
+    text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    return false;
+  }
+  return text.split('\n').some((line) => {
+    const field = line.split(' ')[4];
+    return field !== undefined && field.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8))) === dir;
+  });
+}
+
+/** An empty, unmounted directory; a dead FUSE mount left by a killed run is detached. */
+function prepareMountPoint(dir) {
+  if (isMountPoint(dir)) {
+    let alive = true;
+    try {
+      fs.readdirSync(dir);
+    } catch (err) {
+      if (err.code === 'ENOTCONN' || err.code === 'ECONNABORTED') alive = false;
+      else throw err;
+    }
+    if (alive) fail(`${dir} is already mounted (another npm start?); stop that one first, or: fusermount -u ${dir}`);
+    spawnSync('fusermount', ['-uz', dir], { stdio: 'ignore' });
+    if (isMountPoint(dir)) fail(`${dir} holds a dead mount that could not be detached; try: umount -l ${dir}`);
+  }
+  fs.mkdirSync(dir, { recursive: true });
+}
+
+function demo() {
+  requireCli();
+  fs.mkdirSync(DEMO_DIR, { recursive: true });
+  if (fs.existsSync(DEMO_IMAGE)) {
+    process.stdout.write(`start: reusing ${path.relative(ROOT, DEMO_IMAGE)} (delete it to rebuild)\n`);
+  } else {
+    process.stdout.write(`start: building the demo image ${path.relative(ROOT, DEMO_IMAGE)}\n`);
+    try {
+      makeDemoImage(DEMO_IMAGE, { sizeMiB: 256, label: 'gpt' });
+    } catch (err) {
+      fail(`cannot build the demo image: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  }
+  prepareMountPoint(DEMO_MNT);
+  const raw = path.join(DEMO_MNT, 'disk.raw');
+  const rel = (p) => path.relative(process.cwd(), p) || '.';
+  process.stdout.write(
+    [
+      '',
+      `qmount demo: mounting ${rel(DEMO_IMAGE)} (256 MiB qcow2 disk, GPT, one ext4 partition) read-only at ${rel(DEMO_MNT)}`,
+      '',
+      `Try, in another terminal (as root, in ${process.cwd()}):`,
+      `  ls -l ${rel(DEMO_MNT)}            # one file, disk.raw: the whole guest disk`,
+      `  dd if=${rel(raw)} bs=512 skip=1 count=1 status=none | hexdump -C | head -3`,
+      '                                     # sector 1 is the GPT header: "EFI PART"',
+      `  node ${rel(CLI)} info ${rel(DEMO_IMAGE)}`,
+      `  losetup -P -r --show -f ${rel(raw)}`,
+      '                                     # prints the loop device, say /dev/loop0',
+      '  partx -a /dev/loop0                # only if /dev/loop0p1 did not appear (kernel without GPT support)',
+      '  mount -o ro /dev/loop0p1 /mnt',
+      '  (cd /mnt && ls -l && sha256sum -c SHA256SUMS)',
+      '  umount /mnt && losetup -d /dev/loop0',
+      '',
+      'Stop: Ctrl-C here (after the umount and losetup -d above).',
+      '',
+    ].join('\n'),
+  );
+  runCli([...DEMO_FLAGS, DEMO_IMAGE, DEMO_MNT]);
+}
+
+const args = process.argv.slice(2);
+if (args.length === 0) demo();
+else runCli(args);
