@@ -1,8 +1,150 @@
-/** qcow2 driver: placeholder, being written. */
-import { UnsupportedError } from '../../errors.js';
-import type { ImageFile } from '../../io/file.js';
-import type { BlockDriver, DriverOpenOptions } from '../driver.js';
+/**
+ * The qcow2 BlockDriver: opens and validates an image, then serves reads
+ * (read.ts) and writes (write.ts) over one Qcow2State.
+ */
+import path from 'node:path';
+import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
+import { ImageFile } from '../../io/file.js';
+import type { BlockDriver, DriverOpenOptions, FormatName, ImageInfo } from '../driver.js';
+import {
+  featureList,
+  hasBit,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  parseHeader,
+  type Qcow2Header,
+} from './header.js';
+import { geometryOf } from './layout.js';
+import { readGuest } from './read.js';
+import { readSnapshotTable } from './snapshot.js';
+import { Qcow2State } from './state.js';
+import { Qcow2Writer } from './write.js';
 
-export async function openQcow2(file: ImageFile, _opts: DriverOpenOptions): Promise<BlockDriver> {
-  throw new UnsupportedError(`${file.path}: qcow2 is not supported yet`);
+const KNOWN_BACKING_FORMATS: Record<string, FormatName> = { qcow2: 'qcow2', raw: 'raw', qed: 'qed', file: 'raw' };
+
+export async function openQcow2(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
+  const fileSize = await file.size();
+  const first = Buffer.alloc(Math.min(fileSize, 104));
+  await file.read(first, 0, first.length, 0);
+  if (first.length < 72) throw new FormatError('file too short for a qcow2 header');
+  const clusterBits = first.readUInt32BE(20);
+  const headLen = Math.min(fileSize, clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 104);
+  const head = Buffer.alloc(headLen);
+  await file.read(head, 0, headLen, 0);
+  const header = parseHeader(head, fileSize);
+  const g = geometryOf(header);
+
+  if (hasBit(header.incompatible, INCOMPAT_CORRUPT) && !opts.readOnly) {
+    throw new QmountError('EROFS', 'image is marked corrupt; mount it read-only (-r) to recover data, or repair it with qemu-img check -r all');
+  }
+
+  let dataFile: ImageFile | null = null;
+  const closeOnError: ImageFile[] = [];
+  try {
+    if (hasBit(header.incompatible, INCOMPAT_DATA_FILE)) {
+      const name = header.dataFile!;
+      const resolved = path.isAbsolute(name) ? name : path.join(path.dirname(file.path), name);
+      try {
+        dataFile = await ImageFile.open(resolved, { readOnly: opts.readOnly });
+      } catch (err) {
+        throw new QmountError('ENOENT', `external data file ${resolved} cannot be opened: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+      }
+      closeOnError.push(dataFile);
+    }
+    const l1 = Buffer.alloc(header.l1Size * 8);
+    if (header.l1Size > 0) await file.read(l1, 0, l1.length, header.l1TableOffset);
+    const snaps = await readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, fileSize, g.clusterSize);
+
+    let backing: BlockDriver | null = null;
+    if (header.backingFile !== undefined && opts.openBacking) {
+      let fmt: FormatName | undefined;
+      if (header.backingFormat !== undefined) {
+        fmt = KNOWN_BACKING_FORMATS[header.backingFormat];
+        if (!fmt) throw new UnsupportedError(`backing format "${header.backingFormat}" is not supported`);
+      }
+      backing = await opts.openBacking(header.backingFile, fmt);
+    }
+
+    const state = new Qcow2State(file, dataFile, header, g, l1, snaps.snapshots, backing, fileSize, opts.l2CacheBytes, opts.log);
+    if (dataFile) state.dataFileSize = await dataFile.size();
+    const driver = new Qcow2Driver(state, opts);
+    if (!opts.readOnly) await driver.writer!.openForWrite();
+    return driver;
+  } catch (err) {
+    for (const f of closeOnError) await f.close().catch(() => {});
+    throw err;
+  }
+}
+
+class Qcow2Driver implements BlockDriver {
+  readonly format = 'qcow2' as const;
+  readonly readOnly: boolean;
+  readonly writer: Qcow2Writer | null;
+  private closed = false;
+
+  constructor(
+    readonly s: Qcow2State,
+    opts: DriverOpenOptions,
+  ) {
+    this.readOnly = opts.readOnly;
+    this.writer = opts.readOnly ? null : new Qcow2Writer(s, opts);
+  }
+
+  get filename(): string {
+    return this.s.file.path;
+  }
+
+  get virtualSize(): number {
+    return this.s.virtualSize;
+  }
+
+  read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    if (this.writer) return this.writer.read(buf, bufOffset, length, guestOffset);
+    return readGuest(this.s, buf, bufOffset, length, guestOffset);
+  }
+
+  write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    if (!this.writer) return Promise.reject(new ReadOnlyError());
+    return this.writer.write(buf, bufOffset, length, guestOffset);
+  }
+
+  async flush(): Promise<void> {
+    if (this.writer) await this.writer.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (this.writer) await this.writer.close();
+    } finally {
+      await this.s.backing?.close().catch(() => {});
+      await this.s.dataFile?.close().catch(() => {});
+      await this.s.file.close();
+    }
+  }
+
+  info(): ImageInfo {
+    const h: Qcow2Header = this.s.header;
+    return {
+      format: 'qcow2',
+      filename: this.s.file.path,
+      virtualSize: h.size,
+      actualSize: this.s.fileSize,
+      clusterSize: this.s.g.clusterSize,
+      version: h.version,
+      backingFile: h.backingFile,
+      backingPath: this.s.backing?.filename,
+      backingFormat: h.backingFormat,
+      features: featureList(h),
+      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, guestSize, vmClockNsec }) => ({
+        id, name, vmStateSize, dateSec, guestSize, vmClockNsec,
+      })),
+      refcountBits: 2 ** h.refcountOrder,
+      compressionType: h.compressionType === 1 ? 'zstd' : 'zlib',
+      dataFile: h.dataFile,
+      extendedL2: this.s.g.extL2,
+      backing: this.s.backing?.info(),
+    };
+  }
 }

@@ -1,0 +1,91 @@
+/**
+ * Guest-to-host mapping for reads: walks L1 -> L2 and turns a guest range
+ * into extents, coalescing neighbours so a sequential read of contiguous
+ * host clusters becomes one I/O.
+ *
+ * The mapping is computed synchronously after the L2 table is in memory and
+ * acted on after; a write that re-points an entry meanwhile makes this read
+ * return the old content (allowed), never a mix inside one extent, because
+ * freed host clusters are not reused while reads are in flight (see
+ * Refcounts.quarantine).
+ */
+import { CorruptionError } from '../../errors.js';
+import { entryOffset, L2E_COMPRESSED, L2E_ZERO, type Geometry } from './layout.js';
+
+export const enum ExtentKind {
+  Data = 0, // host bytes in the image file
+  ExternalData = 1, // host bytes in the external data file
+  Backing = 2, // unallocated: backing file or zeros
+  Zero = 3,
+  Compressed = 4,
+}
+
+export interface L2Entry {
+  hi: number;
+  lo: number;
+  /** extended L2: allocation bits (subcluster i = bit i) */
+  alloc: number;
+  /** extended L2: zero bits */
+  zero: number;
+}
+
+export function readL2Entry(g: Geometry, table: Buffer, index: number, out: L2Entry): void {
+  const at = index * g.l2EntryBytes;
+  out.hi = table.readUInt32BE(at);
+  out.lo = table.readUInt32BE(at + 4);
+  if (g.extL2) {
+    out.zero = table.readUInt32BE(at + 8);
+    out.alloc = table.readUInt32BE(at + 12);
+  } else {
+    out.zero = 0;
+    out.alloc = 0;
+  }
+}
+
+/**
+ * The kind of guest bytes at `inCluster` (byte offset within the cluster)
+ * and how many bytes from there share that kind and host contiguity.
+ * Returns the host offset of `inCluster` for data kinds.
+ */
+export interface Piece {
+  kind: ExtentKind;
+  hostOffset: number;
+  /** bytes */
+  length: number;
+}
+
+export function classify(g: Geometry, e: L2Entry, inCluster: number, maxLen: number, piece: Piece): void {
+  if (e.hi & L2E_COMPRESSED) {
+    piece.kind = ExtentKind.Compressed;
+    piece.hostOffset = 0;
+    piece.length = Math.min(maxLen, g.clusterSize - inCluster);
+    return;
+  }
+  const host = entryOffset(e.hi, e.lo);
+  const dataKind = g.hasDataFile ? ExtentKind.ExternalData : ExtentKind.Data;
+  if (!g.extL2) {
+    piece.length = Math.min(maxLen, g.clusterSize - inCluster);
+    if (g.v3 && e.lo & L2E_ZERO) {
+      piece.kind = ExtentKind.Zero;
+    } else if (host === 0 && !(g.hasDataFile && (e.hi & 0x80000000))) {
+      piece.kind = ExtentKind.Backing;
+    } else {
+      piece.kind = dataKind;
+      piece.hostOffset = host + inCluster;
+    }
+    return;
+  }
+  // Extended L2: runs of subclusters with the same status.
+  const sc = g.subclusterSize;
+  let i = Math.floor(inCluster / sc);
+  const kindOf = (j: number): ExtentKind =>
+    (e.alloc >>> j) & 1 ? dataKind : (e.zero >>> j) & 1 ? ExtentKind.Zero : ExtentKind.Backing;
+  const k = kindOf(i);
+  if ((e.alloc & e.zero) !== 0) throw new CorruptionError('extended L2 entry has subclusters both allocated and zero');
+  if (k === dataKind && host === 0 && !g.hasDataFile) throw new CorruptionError('extended L2 entry allocates subclusters of an unallocated cluster');
+  let end = (i + 1) * sc;
+  while (end < g.clusterSize && end - inCluster < maxLen && kindOf(++i) === k) end += sc;
+  piece.kind = k;
+  piece.hostOffset = k === dataKind ? host + inCluster : 0;
+  piece.length = Math.min(maxLen, end - inCluster);
+}

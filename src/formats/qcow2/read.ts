@@ -1,0 +1,155 @@
+/**
+ * The qcow2 read path: guest range -> extents -> I/O, straight into the
+ * caller's buffer. Contiguous host data, contiguous backing ranges and zero
+ * ranges are each coalesced; compressed clusters are decompressed through a
+ * small cache of recently used clusters.
+ */
+import { CorruptionError, FormatError } from '../../errors.js';
+import { readFromBacking } from '../driver.js';
+import { decodeCompressed } from './layout.js';
+import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
+import { decompressCluster } from './compress.js';
+import type { Qcow2State } from './state.js';
+
+/** Read guest bytes into buf; see BlockDriver.read. */
+export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+  if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
+    throw new FormatError(`read [${guestOffset}, +${length}) outside the disk`, 'EINVAL');
+  }
+  const g = s.g;
+  const ios: Promise<unknown>[] = [];
+  const entry: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+  const piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
+  // The pending run being coalesced.
+  let runKind = -1;
+  let runHost = 0;
+  let runGuest = 0;
+  let runBuf = 0;
+  let runLen = 0;
+  const flushRun = (): void => {
+    if (runLen === 0) return;
+    switch (runKind) {
+      case ExtentKind.Data:
+        ios.push(readData(s, s.file, s.fileSize, buf, runBuf, runLen, runHost, runGuest));
+        break;
+      case ExtentKind.ExternalData:
+        ios.push(readData(s, s.dataFile!, s.dataFileSize, buf, runBuf, runLen, runHost, runGuest));
+        break;
+      case ExtentKind.Backing:
+        ios.push(readFromBacking(s.backing, buf, runBuf, runLen, runGuest));
+        break;
+      case ExtentKind.Zero:
+        buf.fill(0, runBuf, runBuf + runLen);
+        break;
+    }
+    runLen = 0;
+    runKind = -1;
+  };
+
+  try {
+    let pos = guestOffset;
+    let out = bufOffset;
+    const end = guestOffset + length;
+    while (pos < end) {
+      const l1Index = Math.floor(pos / g.l2Span);
+      const spanEnd = Math.min(end, (l1Index + 1) * g.l2Span);
+      const l2Offset = s.l2OffsetOf(l1Index);
+      if (l2Offset === 0) {
+        extend(ExtentKind.Backing, 0, spanEnd - pos);
+      } else {
+        flushRun();
+        const table = await s.l2Table(l2Offset);
+        while (pos < spanEnd) {
+          const clusterIndex = Math.floor(pos / g.clusterSize);
+          const inCluster = pos - clusterIndex * g.clusterSize;
+          readL2Entry(g, table, clusterIndex % g.l2Entries, entry);
+          let remaining = Math.min(spanEnd - pos, g.clusterSize - inCluster);
+          while (remaining > 0) {
+            classify(g, entry, pos - clusterIndex * g.clusterSize, remaining, piece);
+            if (piece.kind === ExtentKind.Compressed) {
+              flushRun();
+              ios.push(readCompressed(s, entry.hi, entry.lo, buf, out, piece.length, pos - clusterIndex * g.clusterSize, pos));
+              pos += piece.length;
+              out += piece.length;
+            } else {
+              extend(piece.kind, piece.hostOffset, piece.length);
+            }
+            remaining -= piece.length;
+          }
+        }
+      }
+    }
+    flushRun();
+
+    // Adds `len` bytes of `kind` at the current position, extending the run when contiguous.
+    function extend(kind: ExtentKind, host: number, len: number): void {
+      const contiguous =
+        kind === runKind &&
+        (kind === ExtentKind.Backing || kind === ExtentKind.Zero || host === runHost + runLen);
+      if (!contiguous) {
+        flushRun();
+        runKind = kind;
+        runHost = host;
+        runGuest = pos;
+        runBuf = out;
+      }
+      runLen += len;
+      pos += len;
+      out += len;
+    }
+  } catch (err) {
+    await Promise.allSettled(ios);
+    throw err;
+  }
+  await Promise.all(ios);
+}
+
+async function readData(
+  s: Qcow2State,
+  file: Qcow2State['file'],
+  fileSize: number,
+  buf: Buffer,
+  bufOffset: number,
+  length: number,
+  hostOffset: number,
+  guestOffset: number,
+): Promise<void> {
+  if (hostOffset >= fileSize && hostOffset >= (await file.size())) {
+    throw new CorruptionError(`guest offset ${guestOffset}: cluster at host offset ${hostOffset} lies past the end of ${file.path}`);
+  }
+  await file.readZeroFill(buf, bufOffset, length, hostOffset);
+}
+
+async function readCompressed(
+  s: Qcow2State,
+  hi: number,
+  lo: number,
+  buf: Buffer,
+  bufOffset: number,
+  length: number,
+  inCluster: number,
+  guestOffset: number,
+): Promise<void> {
+  const cluster = await decompressedCluster(s, hi, lo, guestOffset);
+  cluster.copy(buf, bufOffset, inCluster, inCluster + length);
+}
+
+/** A compressed cluster's content, through the driver's small cache. */
+export async function decompressedCluster(s: Qcow2State, hi: number, lo: number, guestOffset: number): Promise<Buffer> {
+  const d = decodeCompressed(s.g, hi, lo);
+  const cached = s.decompressed.get(d.hostOffset);
+  if (cached) return cached;
+  if (d.hostOffset >= s.fileSize || d.hostOffset < s.g.clusterSize) {
+    throw new CorruptionError(`guest offset ${guestOffset}: compressed cluster at host offset ${d.hostOffset} is outside the file`);
+  }
+  const input = Buffer.allocUnsafe(d.length);
+  await s.file.readZeroFill(input, 0, d.length, d.hostOffset);
+  let data: Buffer;
+  try {
+    data = await decompressCluster(s.compressionType, input, s.g.clusterSize);
+  } catch (err) {
+    throw new CorruptionError(`guest offset ${guestOffset}: ${(err as Error).message}`);
+  }
+  s.decompressed.set(d.hostOffset, data);
+  return data;
+}

@@ -1,0 +1,106 @@
+/**
+ * Everything an open qcow2 image holds in memory. The read path, the write
+ * path, refcounts and check all work on one Qcow2State; the driver object
+ * (driver.ts) is the BlockDriver face over it.
+ */
+import { LRUCache } from 'lru-cache';
+import { TableCache } from '../../../cache/table-cache.js';
+import { Mutex } from '../../../cache/mutex.js';
+import { CorruptionError } from '../../errors.js';
+import type { ImageFile } from '../../io/file.js';
+import type { Logger } from '../../log.js';
+import type { BlockDriver } from '../driver.js';
+import type { Qcow2Header } from './header.js';
+import { entryOffset, l1Reserved, type Geometry } from './layout.js';
+import type { Qcow2Snapshot } from './snapshot.js';
+
+export class Qcow2State {
+  /** Current file size in bytes: the end of allocated space as far as reads are concerned. */
+  fileSize: number;
+  dataFileSize = 0;
+  /** The active L1 table, big-endian entries as on disk. */
+  l1: Buffer;
+  readonly l2Cache: TableCache;
+  /** Decompressed clusters by host offset of their compressed data. Cleared when clusters are freed. */
+  readonly decompressed = new LRUCache<number, Buffer>({ max: 16 });
+  /**
+   * The metadata lock. Held across every lookup-allocate-link sequence of a
+   * write and across refcount changes; data I/O of reads never takes it.
+   */
+  readonly meta = new Mutex();
+  snapshots: Qcow2Snapshot[];
+  /** Set once a corruption was found on write: writes then fail with EIO, reads go on. */
+  corrupt = false;
+
+  constructor(
+    readonly file: ImageFile,
+    readonly dataFile: ImageFile | null,
+    readonly header: Qcow2Header,
+    readonly g: Geometry,
+    l1: Buffer,
+    snapshots: Qcow2Snapshot[],
+    readonly backing: BlockDriver | null,
+    fileSize: number,
+    l2CacheBytes: number,
+    readonly log: Logger,
+  ) {
+    this.fileSize = fileSize;
+    this.l1 = l1;
+    this.snapshots = snapshots;
+    this.l2Cache = new TableCache({
+      name: 'l2',
+      tableBytes: g.clusterSize,
+      maxBytes: l2CacheBytes,
+      store: {
+        read: async (offset, into) => {
+          const n = await file.read(into, 0, g.clusterSize, offset);
+          if (n < g.clusterSize) into.fill(0, n);
+        },
+        write: (offset, data) => file.write('l2_update', data, 0, data.length, offset),
+        sync: () => this.syncAll(),
+      },
+    });
+  }
+
+  get virtualSize(): number {
+    return this.header.size;
+  }
+
+  get compressionType(): number {
+    return this.header.compressionType;
+  }
+
+  get l1Entries(): number {
+    return this.header.l1Size;
+  }
+
+  /** fdatasync the image and the external data file. */
+  async syncAll(): Promise<void> {
+    if (this.dataFile && !this.dataFile.readOnly) await this.dataFile.flush();
+    await this.file.flush();
+  }
+
+  /** L2 table offset for an L1 index (0: unallocated). */
+  l2OffsetOf(l1Index: number): number {
+    const at = l1Index * 8;
+    return entryOffset(this.l1.readUInt32BE(at), this.l1.readUInt32BE(at + 4));
+  }
+
+  l1Copied(l1Index: number): boolean {
+    return (this.l1.readUInt32BE(l1Index * 8) & 0x80000000) !== 0;
+  }
+
+  /** The L2 table at `offset`, validated and loaded through the cache. */
+  async l2Table(offset: number): Promise<Buffer> {
+    if (offset % this.g.clusterSize !== 0 || offset < this.g.clusterSize || offset >= this.fileSize) {
+      throw new CorruptionError(`L2 table offset ${offset} is invalid (unaligned, in the header, or past the end of the file)`);
+    }
+    return this.l2Cache.get(offset);
+  }
+
+  /** L1 entries with reserved bits set are reported, not fatal. */
+  l1EntryReserved(l1Index: number): boolean {
+    const at = l1Index * 8;
+    return l1Reserved(this.l1.readUInt32BE(at), this.l1.readUInt32BE(at + 4));
+  }
+}
