@@ -174,19 +174,40 @@ export class TableCache {
   }
 
   private async writeBackLocked(): Promise<void> {
-    if (this.dirty.size === 0) return;
-    if (this.dependency) {
-      await this.dependency.flush();
-      this.dependency = null;
-    }
-    if (this.needsSync) {
-      await this.store.sync();
-      this.needsSync = false;
-    }
-    const keys = [...this.dirty.keys()].sort((a, b) => a - b);
-    for (const key of keys) {
-      const buf = this.dirty.get(key);
-      if (!buf) continue;
+    // Tables dirtied after this point wait for the next write-back, so a
+    // steady stream of modifications cannot keep a flush from finishing.
+    const pending = new Set(this.dirty.keys());
+    for (;;) {
+      for (const k of pending) if (!this.dirty.has(k)) pending.delete(k);
+      if (pending.size === 0) {
+        if (this.dirty.size > 0) return;
+        // Nothing is dirty, so nothing is owed to the dependency: dropping it
+        // here is what keeps a clean cache from closing a cycle.
+        this.dependency = null;
+        this.needsSync = false;
+        return;
+      }
+      // Checked before every table, so a dependency declared while an
+      // earlier table was being written still holds for the next one.
+      const dep = this.dependency;
+      if (dep) {
+        await dep.flush();
+        if (this.dependency === dep) this.dependency = null;
+        continue;
+      }
+      if (this.needsSync) {
+        this.needsSync = false;
+        try {
+          await this.store.sync();
+        } catch (err) {
+          this.needsSync = true;
+          throw err;
+        }
+        continue;
+      }
+      const key = Math.min(...pending);
+      pending.delete(key);
+      const buf = this.dirty.get(key)!;
       this.dirty.delete(key);
       this.writing.set(key, buf);
       const snapshot = Buffer.from(buf);
@@ -194,8 +215,8 @@ export class TableCache {
         await this.store.write(key, snapshot);
         this.stats.writes++;
       } catch (err) {
-        // Still dirty: a later flush retries; nothing was lost from memory.
-        if (!this.dirty.has(key)) this.dirty.set(key, buf);
+        // Still dirty unless discarded meanwhile: a later flush retries.
+        if (this.writing.get(key) === buf && !this.dirty.has(key)) this.dirty.set(key, buf);
         throw err;
       } finally {
         if (this.writing.get(key) === buf) {

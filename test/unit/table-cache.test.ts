@@ -91,12 +91,8 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]);
 }
 
-/**
- * Tests of cache bugs found by this suite and reported to the cache's owner.
- * They are expected to fail until cache/table-cache.ts is fixed; once fixed,
- * `it.fails` turns red: replace `knownBug` with `it` then.
- */
-const knownBug = it.fails;
+/** Regression tests for cache bugs this suite found (since fixed in cache/table-cache.ts). */
+const knownBug = it;
 
 const idx = (log: Ev[], pred: (e: Ev) => boolean) => log.findIndex(pred);
 const lastIdx = (log: Ev[], pred: (e: Ev) => boolean) => {
