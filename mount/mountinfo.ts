@@ -1,0 +1,45 @@
+/**
+ * Which directories are mount points, from /proc/self/mountinfo. fuse-native
+ * does not tell when the kernel unmounts us (umount, fusermount -u), so the
+ * mount session polls this.
+ */
+import fs from 'node:fs';
+
+/** mountinfo escapes space, tab, newline and backslash as \ooo. */
+function unescapeField(s: string): string {
+  return s.replace(/\\([0-7]{3})/g, (_m, oct: string) => String.fromCharCode(parseInt(oct, 8)));
+}
+
+export interface MountEntry {
+  mountPoint: string;
+  fsType: string;
+  source: string;
+}
+
+export function parseMountInfo(text: string): MountEntry[] {
+  const out: MountEntry[] = [];
+  for (const line of text.split('\n')) {
+    if (!line) continue;
+    const fields = line.split(' ');
+    // id parent major:minor root mountpoint options [optional...] - fstype source superopts
+    const sep = fields.indexOf('-', 6);
+    if (fields.length < 5 || sep < 0) continue;
+    out.push({ mountPoint: unescapeField(fields[4]!), fsType: fields[sep + 1] ?? '', source: unescapeField(fields[sep + 2] ?? '') });
+  }
+  return out;
+}
+
+export async function readMounts(): Promise<MountEntry[]> {
+  return parseMountInfo(await fs.promises.readFile('/proc/self/mountinfo', 'utf8'));
+}
+
+export function readMountsSync(): MountEntry[] {
+  return parseMountInfo(fs.readFileSync('/proc/self/mountinfo', 'utf8'));
+}
+
+/** The mount on exactly this (real, absolute) path, the topmost one if stacked. */
+export function findMount(entries: MountEntry[], mountPoint: string): MountEntry | undefined {
+  let found: MountEntry | undefined;
+  for (const e of entries) if (e.mountPoint === mountPoint) found = e;
+  return found;
+}

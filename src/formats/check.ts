@@ -1,0 +1,50 @@
+/**
+ * Image consistency check (`qmount check`), dispatching on the probed format.
+ *
+ * Counts follow qemu-img check: `corruptions` and `leaks` are what remains
+ * after any repair; `fixedCorruptions`/`fixedLeaks` say what the repair fixed.
+ */
+import fs from 'node:fs';
+import { QmountError, UnsupportedError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { FormatName } from './driver.js';
+import { probeFormat } from './probe.js';
+// TODO: import { checkQcow2 } from './qcow2/check.js'; import { checkQed } from './qed/check.js'; (modules being written by others)
+
+export type RepairMode = 'none' | 'leaks' | 'all';
+
+export interface CheckReport {
+  format: FormatName;
+  corruptions: number;
+  leaks: number;
+  fixedCorruptions: number;
+  fixedLeaks: number;
+  messages: string[];
+  imageEndOffset?: number;
+}
+
+export async function checkImage(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+  let head: Buffer;
+  try {
+    const fh = await fs.promises.open(path, 'r');
+    try {
+      head = Buffer.alloc(8);
+      const { bytesRead } = await fh.read(head, 0, 8, 0);
+      head = head.subarray(0, bytesRead);
+    } finally {
+      await fh.close();
+    }
+  } catch (err) {
+    throw new QmountError('ENOENT', `${path}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+  }
+  const format = probeFormat(head);
+  opts.log.debug({ path, format, repair: opts.repair }, 'checking image');
+  switch (format) {
+    case 'raw':
+      throw new UnsupportedError(`${path}: raw images have no metadata to check`);
+    case 'qcow2':
+      throw new UnsupportedError(`${path}: checking qcow2 images is not implemented yet`);
+    case 'qed':
+      throw new UnsupportedError(`${path}: checking QED images is not implemented yet`);
+  }
+}
