@@ -258,10 +258,10 @@ describe('TableCache: write-back', () => {
     expect(cache.peek(9)).toBeUndefined();
   });
 
-  // Found while writing this suite: see the report. A table freed (discard)
+  // Regression (fixed in 7fbbf91). A table freed (discard)
   // while its write-back is in flight must not come back if that write fails;
   // it would later be written over a cluster that may belong to someone else.
-  knownBug('discard during an in-flight write that then fails does not resurrect the table', async () => {
+  it('discard during an in-flight write that then fails does not resurrect the table', async () => {
     const { cache, store } = makeCache('t', 8);
     await modify(cache, 9, 0x99);
     const gate = deferred();
@@ -338,10 +338,10 @@ describe('TableCache: ordering between caches', () => {
     expect(ops).toEqual(['b.write', 'b.sync', 'a.write']);
   });
 
-  // Found while writing this suite: see the report. QEMU checks the dependency
+  // Regression (fixed in 7fbbf91). QEMU checks the dependency
   // before each table it writes; a dependency declared while a write-back is
   // in flight must still hold for the tables written after it.
-  knownBug('a dependency declared while a write-back is in flight holds for tables written after it', async () => {
+  it('a dependency declared while a write-back is in flight holds for tables written after it', async () => {
     const log: Ev[] = [];
     const { cache: l2, store: l2Store } = makeCache('l2', 8, log);
     const { cache: rc } = makeCache('rc', 8, log);
@@ -422,11 +422,11 @@ describe('TableCache: ordering between caches', () => {
     expect(rc.dirtyCount + l2.dirtyCount).toBe(0);
   });
 
-  // Found while writing this suite: see the report. dependOn(other) flushes
+  // Regression (fixed in 7fbbf91). dependOn(other) flushes
   // `other` to break a would-be cycle, but a flush of a clean cache returns
   // before clearing its dependency, so a <-> b is left declared and the next
   // flush deadlocks on the two flush locks.
-  knownBug('dependOn both ways while the first cache is clean: no deadlock', async () => {
+  it('dependOn both ways while the first cache is clean: no deadlock', async () => {
     const log: Ev[] = [];
     const { cache: a } = makeCache('a', 8, log);
     const { cache: b } = makeCache('b', 8, log);
