@@ -115,11 +115,22 @@ function mtimeMs(p) {
 }
 
 /** npm as run by `npm test` (npm_execpath), else the one on PATH. */
-function npm(args, what) {
+function npmCommand() {
   const execPath = process.env.npm_execpath;
-  if (execPath && /npm-cli\.js$/.test(execPath)) runOrFail(process.execPath, [execPath, ...args], what);
-  else runOrFail('npm', args, what);
+  if (execPath && /npm-cli\.js$/.test(execPath)) return [process.execPath, [execPath]];
+  return ['npm', []];
 }
+
+/** Run npm; returns its combined output when it fails (null on success). */
+function npm(args, quiet) {
+  const [cmd, pre] = npmCommand();
+  const r = spawnSync(cmd, [...pre, ...args], { cwd: ROOT, stdio: quiet ? 'pipe' : 'inherit', encoding: 'utf8' });
+  if (r.error) fail(`npm ${args[0]} failed: ${r.error.code === 'ENOENT' ? 'npm not found' : r.error.message}`);
+  return r.status === 0 ? null : `${r.stdout ?? ''}${r.stderr ?? ''}` || `exit ${r.status}`;
+}
+
+/** Commands the npm scripts run from node_modules/.bin. */
+const REQUIRED_BINS = ['vitest', 'tsc'];
 
 function checkNodeModules() {
   const lock = path.join(ROOT, 'package-lock.json');
@@ -127,14 +138,32 @@ function checkNodeModules() {
   const flags = ['--no-audit', '--no-fund', '--loglevel=error'];
   if (mtimeMs(lock) < 0) {
     say('package-lock.json missing: running npm install (commit the lock file it writes)');
-    npm(['install', ...flags], 'npm install');
+    if (npm(['install', ...flags], false) !== null) fail('npm install failed');
     return;
   }
-  // npm ci rewrites node_modules/.package-lock.json, so afterwards it is newer than the lock.
+  // npm rewrites node_modules/.package-lock.json on every install, so afterwards it is newer than the lock.
   const installed = mtimeMs(installedLock);
-  if (installed >= 0 && installed >= mtimeMs(lock)) return;
-  say(installed < 0 ? 'node_modules missing: running npm ci' : 'package-lock.json changed: running npm ci');
-  npm(['ci', ...flags], 'npm ci');
+  const binsMissing = REQUIRED_BINS.filter((b) => mtimeMs(path.join(ROOT, 'node_modules', '.bin', b)) < 0);
+  if (installed >= 0 && installed >= mtimeMs(lock) && binsMissing.length === 0) return;
+  say(
+    installed < 0
+      ? 'node_modules missing: running npm ci'
+      : binsMissing.length
+        ? `node_modules/.bin/${binsMissing.join(', ')} missing: running npm ci`
+        : 'package-lock.json changed: running npm ci',
+  );
+  const out = npm(['ci', ...flags], true);
+  if (out === null) return;
+  // npm ci checks the lock before it touches node_modules. It rejects a lock
+  // that lacks optional packages the registry in use does not serve (other
+  // platforms' binaries behind a mirror); npm install accepts it unchanged.
+  if (/package\.json and package-lock\.json .*in sync/s.test(out)) {
+    say('npm ci rejected package-lock.json as out of sync: running npm install instead');
+    if (npm(['install', ...flags], false) !== null) fail('npm install failed');
+    return;
+  }
+  process.stderr.write(`${out.trim().split('\n').slice(-15).join('\n')}\n`);
+  fail('npm ci failed');
 }
 
 // ---- 4. build ------------------------------------------------------------
