@@ -91,8 +91,6 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]);
 }
 
-/** Regression tests for cache bugs this suite found (since fixed in cache/table-cache.ts). */
-const knownBug = it;
 
 const idx = (log: Ev[], pred: (e: Ev) => boolean) => log.findIndex(pred);
 const lastIdx = (log: Ev[], pred: (e: Ev) => boolean) => {
