@@ -91,7 +91,6 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   ]);
 }
 
-
 const idx = (log: Ev[], pred: (e: Ev) => boolean) => log.findIndex(pred);
 const lastIdx = (log: Ev[], pred: (e: Ev) => boolean) => {
   for (let i = log.length - 1; i >= 0; i--) if (pred(log[i])) return i;
