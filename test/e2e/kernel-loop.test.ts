@@ -19,8 +19,8 @@ import { convertToRaw, qemuCheck, qemuImg, scratchDir, sha256File } from '../hel
 const PATH = `${process.env.PATH ?? '/usr/bin:/bin'}:/usr/sbin:/sbin`;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function sh(cmd: string, args: string[], allowFail = false): { code: number; out: string } {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', env: { ...process.env, PATH } });
+function sh(cmd: string, args: string[], allowFail = false, input?: string): { code: number; out: string } {
+  const r = spawnSync(cmd, args, { input, encoding: 'utf8', env: { ...process.env, PATH } });
   const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
   if (!allowFail && r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.status}: ${out.trim()}`);
   return { code: r.status ?? -1, out };
@@ -177,12 +177,7 @@ describe('kernel ext4 on a loop device over qmount', () => {
       // Leaving it runs umount ext4 (writes back), losetup -d, unmount qmount (flush, close).
       await withUndo(async (writes) => {
         const m = await mountQmount(image, false, writes);
-        const sf = spawnSync('sfdisk', ['-q', '--no-reread', '--no-tell-kernel', m.rawPath], {
-          input: 'label: gpt\nstart=2048, type=linux\n',
-          encoding: 'utf8',
-          env: { ...process.env, PATH },
-        });
-        expect(sf.status, sf.stderr).toBe(0);
+        sh('sfdisk', ['--no-reread', '--no-tell-kernel', m.rawPath], false, 'label: gpt\nstart=2048, type=linux\n');
         const p1 = JSON.parse(sh('sfdisk', ['-J', m.rawPath]).out).partitiontable.partitions[0];
         partition = { offset: p1.start * 512, size: p1.size * 512 };
         expect(partition.offset).toBe(1024 * 1024);
