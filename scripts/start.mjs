@@ -103,22 +103,23 @@ function demo() {
   prepareMountPoint(DEMO_MNT);
   const raw = path.join(DEMO_MNT, 'disk.raw');
   const rel = (p) => path.relative(process.cwd(), p) || '.';
+  const hint = (cmd, note) => (note ? `  ${cmd.padEnd(36)} # ${note}` : `  ${cmd}`);
   process.stdout.write(
     [
       '',
       `qmount demo: mounting ${rel(DEMO_IMAGE)} (256 MiB qcow2 disk, GPT, one ext4 partition) read-only at ${rel(DEMO_MNT)}`,
       '',
       `Try, in another terminal (as root, in ${process.cwd()}):`,
-      `  ls -l ${rel(DEMO_MNT)}            # one file, disk.raw: the whole guest disk`,
-      `  dd if=${rel(raw)} bs=512 skip=1 count=1 status=none | hexdump -C | head -3`,
-      '                                     # sector 1 is the GPT header: "EFI PART"',
-      `  node ${rel(CLI)} info ${rel(DEMO_IMAGE)}`,
-      `  losetup -P -r --show -f ${rel(raw)}`,
-      '                                     # prints the loop device, say /dev/loop0',
-      '  partx -a /dev/loop0                # only if /dev/loop0p1 did not appear (kernel without GPT support)',
-      '  mount -o ro /dev/loop0p1 /mnt',
-      '  (cd /mnt && ls -l && sha256sum -c SHA256SUMS)',
-      '  umount /mnt && losetup -d /dev/loop0',
+      hint(`ls -l ${rel(DEMO_MNT)}`, 'one file, disk.raw: the whole guest disk'),
+      hint(`dd if=${rel(raw)} bs=512 skip=1 count=1 status=none | hexdump -C | head -3`),
+      hint('', 'sector 1 holds the GPT header: "EFI PART"'),
+      hint(`node ${rel(CLI)} info ${rel(DEMO_IMAGE)}`),
+      hint(`losetup -P -r --show -f ${rel(raw)}`),
+      hint('', 'prints the loop device, say /dev/loop0'),
+      hint('partx -a /dev/loop0', 'only if /dev/loop0p1 did not appear'),
+      hint('mount -o ro /dev/loop0p1 /mnt'),
+      hint('(cd /mnt && ls -l && sha256sum -c SHA256SUMS)'),
+      hint('umount /mnt && losetup -d /dev/loop0'),
       '',
       'Stop: Ctrl-C here (after the umount and losetup -d above).',
       '',
