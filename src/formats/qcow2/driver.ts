@@ -66,6 +66,7 @@ export async function openQcow2(file: ImageFile, opts: DriverOpenOptions): Promi
     }
 
     const state = new Qcow2State(file, dataFile, header, g, l1, snaps.snapshots, backing, fileSize, opts.l2CacheBytes, opts.log);
+    state.snapshotTableBytes = snaps.byteLength;
     if (dataFile) state.dataFileSize = await dataFile.size();
     const driver = new Qcow2Driver(state, opts);
     if (!opts.readOnly) await driver.writer!.openForWrite();

@@ -29,8 +29,21 @@ export class Qcow2State {
    */
   readonly meta = new Mutex();
   snapshots: Qcow2Snapshot[];
+  /** bytes the snapshot table occupies */
+  snapshotTableBytes = 0;
   /** Set once a corruption was found on write: writes then fail with EIO, reads go on. */
   corrupt = false;
+  /** Called when an overlap is found; the writer sets the corrupt bit on disk. */
+  onCorrupt: ((what: string) => void) | null = null;
+  /**
+   * Metadata clusters for the overlap check (QEMU's "cached" mode): fixed
+   * ranges (header, L1, refcount table, snapshot table and snapshot L1s) and
+   * the sets of L2 tables and refcount blocks known to be in use. Maintained
+   * by the writer; only consulted before writes.
+   */
+  readonly metaRanges: Array<{ start: number; end: number; what: string }> = [];
+  readonly l2Tables = new Set<number>();
+  readonly refBlocks = new Set<number>();
 
   constructor(
     readonly file: ImageFile,
@@ -96,6 +109,39 @@ export class Qcow2State {
       throw new CorruptionError(`L2 table offset ${offset} is invalid (unaligned, in the header, or past the end of the file)`);
     }
     return this.l2Cache.get(offset);
+  }
+
+  /** A write reached `end`: the file is at least that long now. */
+  noteFileEnd(end: number): void {
+    if (end > this.fileSize) this.fileSize = end;
+  }
+
+  refblockAdded(offset: number): void {
+    this.refBlocks.add(offset);
+  }
+
+  /**
+   * Throws (and reports corruption) if [offset, offset + length) of the image
+   * file overlaps metadata. Called before every data write and before a newly
+   * allocated cluster is written: refcounts that lie about a metadata cluster
+   * must not lead to overwriting it.
+   */
+  checkOverlap(offset: number, length: number, what: string): void {
+    const end = offset + length;
+    for (const r of this.metaRanges) {
+      if (offset < r.end && r.start < end) this.overlapFound(`${what} at ${offset} overlaps the ${r.what}`);
+    }
+    const cs = this.g.clusterSize;
+    for (let c = offset - (offset % cs); c < end; c += cs) {
+      if (this.l2Tables.has(c)) this.overlapFound(`${what} at ${offset} overlaps an L2 table at ${c}`);
+      if (this.refBlocks.has(c)) this.overlapFound(`${what} at ${offset} overlaps a refcount block at ${c}`);
+    }
+  }
+
+  private overlapFound(msg: string): never {
+    this.corrupt = true;
+    this.onCorrupt?.(msg);
+    throw new CorruptionError(`metadata overlap: ${msg}; image marked corrupt`);
   }
 
   /** L1 entries with reserved bits set are reported, not fatal. */

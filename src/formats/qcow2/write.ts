@@ -1,26 +1,582 @@
-/** qcow2 write path: being written. */
-import { ReadOnlyError } from '../../errors.js';
+/**
+ * The qcow2 write path.
+ *
+ * Concurrency. FUSE delivers requests concurrently and every await lets
+ * another request run, so the rules are:
+ *
+ *  - `s.meta` (the metadata mutex) is held across every decision about how
+ *    to write (lookup), every allocation, every link (L2/L1 update), every
+ *    refcount change and every cache flush. Data I/O never holds it.
+ *  - `inflight` holds the guest clusters whose mapping a request is about to
+ *    change (a "rewrite": allocation, copy-on-write, materialising a zero
+ *    cluster or unallocated subclusters). A cluster is registered in the same
+ *    critical section that decided to rewrite it and removed in the one that
+ *    links the new mapping (or undoes the attempt). A write that touches an
+ *    in-flight cluster waits for it and then decides again from scratch: two
+ *    writes never allocate one cluster twice, and no write lands in a cluster
+ *    that is being replaced.
+ *  - A "direct" write (cluster allocated with refcount 1 - the COPIED flag -,
+ *    no zero flag, every touched subcluster allocated) goes in place and
+ *    changes no metadata.
+ *  - Reads take no lock: they see the mapping from before or after a link,
+ *    so they return old or new content. Host clusters freed by a link are
+ *    quarantined (refcount.ts, invariant 3), so a racing read never sees
+ *    space reused by another request.
+ *
+ * Copy-on-write regions (QEMU's QCowL2Meta is the model). A rewritten
+ * cluster is written as segments [start, end) of the cluster. Inside a
+ * segment the guest data covers [max(start, writeStart), min(end, writeEnd));
+ * the bytes before it (the head) and after it (the tail) are read from the
+ * cluster's OLD mapping - backing file, zeros, compressed data or the shared
+ * cluster - while the cluster is in flight, and leave in the same write as
+ * the guest data. Head and tail are computed for every segment, and may be
+ * empty; their offsets are relative to the cluster, never assumed.
+ *
+ * Metadata ordering is declared to the caches (cache/table-cache.ts):
+ * refcount raised before an L2 entry points at the cluster
+ * (l2.dependOn(refblocks)), new data durable before the L2 entry points at
+ * it (l2.dependOnSync()), and an L2/L1 entry changed durably before the
+ * refcount of what it pointed at drops (refblocks.dependOn(l2), or a sync
+ * for direct L1 writes). With lazy_refcounts the dirty bit stands in for the
+ * refcount ordering.
+ */
+import { CorruptionError, FormatError, QmountError, ReadOnlyError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
+import { bitmapRanges } from './bitmaps.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
+  EXT_BITMAPS,
+  hasBit,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  serializeHeader,
+} from './header.js';
+import { decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO, writeEntry } from './layout.js';
+import { readL2Entry, type L2Entry } from './map.js';
 import { readGuest } from './read.js';
+import { Refcounts } from './refcount.js';
+import { repairRefcounts } from './repair.js';
 import type { Qcow2State } from './state.js';
 
+interface Deferred {
+  promise: Promise<void>;
+  resolve: () => void;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void;
+  const promise = new Promise<void>((r) => (resolve = r));
+  return { promise, resolve };
+}
+
+/** One guest cluster touched by a write. Offsets in bytes within the cluster unless named otherwise. */
+interface ClusterOp {
+  /** guest cluster index */
+  gc: number;
+  writeStart: number;
+  writeEnd: number;
+  /** offset into the caller's buffer of writeStart */
+  bufAt: number;
+  rewrite: boolean;
+  /** host byte offset of the target cluster (in the data file when there is one) */
+  host: number;
+  /** host cluster newly allocated by this request */
+  fresh: boolean;
+  old: L2Entry;
+  /** rewrite: segments of the cluster to write, each [start, end) */
+  segments: Array<[number, number]>;
+  newAlloc: number;
+  newZero: number;
+}
+
+const ALL_SUBCLUSTERS = 0xffffffff;
+
 export class Qcow2Writer {
+  private refcounts!: Refcounts;
+  private readonly inflight = new Map<number, Deferred>();
+  private activeReads = 0;
+  private prepared = false;
+  private lazy = false;
+  /** we set the dirty bit on disk and must clear it on clean close */
+  private dirtySet = false;
+
   constructor(
     private readonly s: Qcow2State,
-    _opts: DriverOpenOptions,
+    private readonly opts: DriverOpenOptions,
   ) {}
 
-  async openForWrite(): Promise<void> {}
+  // ---- open / close -------------------------------------------------------
 
-  read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
-    return readGuest(this.s, buf, bufOffset, length, guestOffset);
+  async openForWrite(): Promise<void> {
+    const s = this.s;
+    const h = s.header;
+    const table = Buffer.alloc(h.refcountTableClusters * s.g.clusterSize);
+    await s.file.read(table, 0, table.length, h.refcountTableOffset);
+    this.refcounts = new Refcounts(s, table, this.opts.refcountCacheBytes);
+    this.lazy = hasBit(h.compatible, COMPAT_LAZY_REFCOUNTS);
+    this.rebuildMetadataIndex();
+    s.onCorrupt = (msg) => this.markCorrupt(msg);
+    if (hasBit(h.incompatible, INCOMPAT_DIRTY)) {
+      s.log.warn({}, 'image was not closed cleanly (dirty bit set): rebuilding refcounts');
+      await this.s.meta.run(async () => {
+        await repairRefcounts(s, this.refcounts);
+        await this.flushLocked();
+        await this.writeIncompatible(h.incompatible & ~BigInt(INCOMPAT_DIRTY));
+      });
+    }
   }
 
-  async write(_buf: Buffer, _bufOffset: number, _length: number, _guestOffset: number): Promise<void> {
-    throw new ReadOnlyError('qcow2 writes are not implemented yet');
+  /** The overlap check's view of metadata (state.ts). */
+  private rebuildMetadataIndex(): void {
+    const s = this.s;
+    const cs = s.g.clusterSize;
+    s.metaRanges.length = 0;
+    s.metaRanges.push({ start: 0, end: cs, what: 'header' });
+    s.metaRanges.push({ start: s.header.l1TableOffset, end: s.header.l1TableOffset + Math.max(s.l1.length, 1), what: 'active L1 table' });
+    const rtOff = this.refcounts.tableOffset;
+    s.metaRanges.push({ start: rtOff, end: rtOff + this.refcounts.tableClusters * cs, what: 'refcount table' });
+    if (s.header.nbSnapshots > 0) {
+      s.metaRanges.push({ start: s.header.snapshotsOffset, end: s.header.snapshotsOffset + s.snapshotTableBytes, what: 'snapshot table' });
+    }
+    for (const snap of s.snapshots) {
+      s.metaRanges.push({ start: snap.l1TableOffset, end: snap.l1TableOffset + Math.max(snap.l1Size * 8, 1), what: `L1 table of snapshot ${snap.name}` });
+    }
+    s.l2Tables.clear();
+    for (let i = 0; i < s.l1Entries; i++) {
+      const off = s.l2OffsetOf(i);
+      if (off) s.l2Tables.add(off);
+    }
+    s.refBlocks.clear();
+    for (let i = 0; i < this.refcounts.tableEntries; i++) {
+      const off = this.refcounts.blockOffset(i);
+      if (off) s.refBlocks.add(off);
+    }
   }
 
-  async flush(): Promise<void> {}
+  async flush(): Promise<void> {
+    await this.s.meta.run(() => this.flushLocked());
+  }
 
-  async close(): Promise<void> {}
+  private async flushLocked(): Promise<void> {
+    await this.refcounts.cache.flush();
+    await this.s.l2Cache.flush();
+    await this.refcounts.cache.flush();
+    if (this.activeReads === 0) this.refcounts.releaseQuarantine();
+  }
+
+  async close(): Promise<void> {
+    await this.s.meta.run(async () => {
+      await this.flushLocked();
+      if (this.dirtySet) {
+        await this.writeIncompatible(this.s.header.incompatible & ~BigInt(INCOMPAT_DIRTY));
+        this.dirtySet = false;
+      }
+    });
+  }
+
+  private async writeIncompatible(v: bigint): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(v);
+    await this.s.file.write('header_update', b, 0, 8, 72);
+    await this.s.syncAll();
+    this.s.header.incompatible = v;
+  }
+
+  /** Overlap found: set the corrupt bit on disk (best effort) so no later writer trusts the image. */
+  private markCorrupt(msg: string): void {
+    this.s.log.error({ problem: msg }, 'metadata overlap: marking the image corrupt');
+    if (this.s.header.version !== 3) return;
+    const v = this.s.header.incompatible | BigInt(INCOMPAT_CORRUPT);
+    void this.writeIncompatible(v).catch(() => {});
+  }
+
+  // ---- first write -------------------------------------------------------
+
+  /**
+   * Before the first write of a mount (under the lock): retire persistent
+   * bitmaps, clear autoclear bits we do not maintain, set the dirty bit for
+   * lazy refcounts. Each change reaches the disk before any data does.
+   */
+  private async prepareFirstWrite(): Promise<void> {
+    if (this.prepared) return;
+    const s = this.s;
+    const h = s.header;
+    const keep = hasBit(h.autoclear, AUTOCLEAR_DATA_FILE_RAW) && s.g.hasDataFile ? BigInt(AUTOCLEAR_DATA_FILE_RAW) : 0n;
+    const hadBitmaps = h.extensions.some((e) => e.type === EXT_BITMAPS);
+    if (h.version === 3 && (h.autoclear & ~keep) !== 0n) {
+      let ranges: Array<{ offset: number; length: number }> = [];
+      if (hadBitmaps && hasBit(h.autoclear, AUTOCLEAR_BITMAPS)) {
+        const bm = await bitmapRanges(s.file, h, s.fileSize);
+        ranges = bm.ranges;
+        s.log.warn({ bitmaps: bm.names }, 'qmount does not maintain persistent bitmaps: removing them before the first write');
+      }
+      h.autoclear &= keep;
+      if (hadBitmaps) h.extensions = h.extensions.filter((e) => e.type !== EXT_BITMAPS);
+      const hdr = serializeHeader(h, s.g.clusterSize);
+      const until = h.backingFileOffset || s.g.clusterSize;
+      await s.file.write('header_update', hdr, 0, until, 0);
+      await s.syncAll();
+      for (const r of ranges) await this.refcounts.release(r.offset, r.length);
+    }
+    if (this.lazy && !hasBit(h.incompatible, INCOMPAT_DIRTY)) {
+      await this.writeIncompatible(h.incompatible | BigInt(INCOMPAT_DIRTY));
+      this.dirtySet = true;
+    }
+    this.prepared = true;
+  }
+
+  // ---- reads -------------------------------------------------------------
+
+  async read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    this.activeReads++;
+    try {
+      await readGuest(this.s, buf, bufOffset, length, guestOffset);
+    } finally {
+      this.activeReads--;
+    }
+  }
+
+  // ---- writes ------------------------------------------------------------
+
+  async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    const s = this.s;
+    if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
+      throw new FormatError(`write [${guestOffset}, +${length}) outside the disk`, 'EINVAL');
+    }
+    if (length === 0) return;
+    if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
+    const cs = s.g.clusterSize;
+    // Split large writes so one request never holds many clusters in flight.
+    const maxChunk = Math.max(cs, 4 * 1024 * 1024);
+    let done = 0;
+    while (done < length) {
+      const pos = guestOffset + done;
+      const chunkEnd = Math.min(guestOffset + length, Math.floor(pos / maxChunk) * maxChunk + maxChunk);
+      await this.writeChunk(buf, bufOffset + done, chunkEnd - pos, pos);
+      done = chunkEnd - guestOffset;
+    }
+  }
+
+  private async writeChunk(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    const s = this.s;
+    let ops: ClusterOp[];
+    for (;;) {
+      const planned = await s.meta.run(() => this.plan(bufOffset, length, guestOffset));
+      if ('wait' in planned) {
+        await planned.wait;
+        continue;
+      }
+      ops = planned.ops;
+      break;
+    }
+    const rewrites = ops.filter((o) => o.rewrite);
+    try {
+      await this.writeData(buf, ops);
+    } catch (err) {
+      await s.meta.run(() => this.undo(rewrites));
+      throw err;
+    }
+    if (rewrites.length > 0) await s.meta.run(() => this.link(rewrites));
+  }
+
+  /** Phase 1 (under the lock): decide, register in-flight clusters, allocate. */
+  private async plan(bufOffset: number, length: number, guestOffset: number): Promise<{ ops: ClusterOp[] } | { wait: Promise<void> }> {
+    const s = this.s;
+    const g = s.g;
+    const cs = g.clusterSize;
+    const end = guestOffset + length;
+    const firstGc = Math.floor(guestOffset / cs);
+    const lastGc = Math.floor((end - 1) / cs);
+    for (let gc = firstGc; gc <= lastGc; gc++) {
+      const d = this.inflight.get(gc);
+      if (d) return { wait: d.promise };
+    }
+    await this.prepareFirstWrite();
+    if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
+
+    const ops: ClusterOp[] = [];
+    let table: Buffer | null = null;
+    let tableL1 = -1;
+    for (let gc = firstGc; gc <= lastGc; gc++) {
+      const clusterStart = gc * cs;
+      const writeStart = Math.max(guestOffset, clusterStart) - clusterStart;
+      const writeEnd = Math.min(end, clusterStart + cs) - clusterStart;
+      const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+      const l1i = Math.floor(gc / g.l2Entries);
+      if (l1i !== tableL1) {
+        const l2off = s.l2OffsetOf(l1i);
+        table = l2off ? await s.l2Table(l2off) : null;
+        tableL1 = l1i;
+      }
+      if (table) readL2Entry(g, table, gc % g.l2Entries, old);
+      ops.push(this.classify(gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
+    }
+    const rewrites = ops.filter((o) => o.rewrite);
+    for (const op of rewrites) this.inflight.set(op.gc, deferred());
+    try {
+      const fresh = rewrites.filter((o) => o.fresh);
+      if (fresh.length > 0 && !g.hasDataFile) {
+        const first = await this.refcounts.allocate(fresh.length);
+        fresh.forEach((o, i) => (o.host = first + i * cs));
+        s.checkOverlap(first, fresh.length * cs, 'new data cluster');
+      }
+      if (!g.hasDataFile) {
+        for (const op of ops) if (!op.fresh) s.checkOverlap(op.host + op.writeStart, op.writeEnd - op.writeStart, 'data write');
+      }
+    } catch (err) {
+      this.finish(rewrites);
+      throw err;
+    }
+    return { ops };
+  }
+
+  /** How one cluster is written, from its current L2 entry. */
+  private classify(gc: number, writeStart: number, writeEnd: number, bufAt: number, old: L2Entry): ClusterOp {
+    const g = this.s.g;
+    const cs = g.clusterSize;
+    const op: ClusterOp = {
+      gc, writeStart, writeEnd, bufAt, rewrite: true, host: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
+    };
+    const sc = g.subclusterSize;
+    const firstSc = Math.floor(writeStart / sc);
+    const lastSc = Math.floor((writeEnd - 1) / sc);
+    const touched = g.extL2 ? ((2 ** (lastSc + 1) - 2 ** firstSc) >>> 0) : 0;
+    const host = entryOffset(old.hi, old.lo);
+    const copied = (old.hi & L2E_COPIED) !== 0;
+    const zeroFlag = !g.extL2 && g.v3 && (old.lo & L2E_ZERO) !== 0;
+
+    if (old.hi & L2E_COMPRESSED) {
+      op.newAlloc = g.extL2 ? ALL_SUBCLUSTERS : 0;
+      return op;
+    }
+    if (g.hasDataFile) {
+      // Host offset is the guest offset; nothing is refcounted or allocated.
+      op.host = gc * cs;
+      op.fresh = false;
+      const allocated = copied || host !== 0;
+      if (allocated && !zeroFlag && (!g.extL2 || (old.alloc & touched) === touched)) {
+        op.rewrite = false;
+        return op;
+      }
+      if (g.extL2) this.subclusterSegments(op, touched, allocated ? old.alloc : 0);
+      return op;
+    }
+    if (host !== 0 && copied) {
+      op.host = host;
+      op.fresh = false;
+      if (!zeroFlag && (!g.extL2 || (old.alloc & touched) === touched)) {
+        op.rewrite = false;
+        return op;
+      }
+      if (g.extL2) this.subclusterSegments(op, touched, old.alloc);
+      return op; // zero flag on a preallocated cluster: rewrite it whole, in place
+    }
+    // Unallocated, zero without a private cluster, or shared: a new cluster.
+    if (g.extL2) {
+      op.newAlloc = (old.alloc | touched) >>> 0;
+      op.newZero = (old.zero & ~touched) >>> 0;
+      if (host === 0 || old.alloc === 0) op.segments = [[firstSc * sc, (lastSc + 1) * sc]];
+    }
+    return op;
+  }
+
+  /**
+   * Extended L2, target cluster kept: touched subclusters that are already
+   * allocated get only the guest bytes (no read-modify-write, so a
+   * concurrent direct write elsewhere in them is never overwritten with
+   * stale data); unallocated or zero ones are written whole.
+   */
+  private subclusterSegments(op: ClusterOp, touched: number, allocated: number): void {
+    const sc = this.s.g.subclusterSize;
+    const segs: Array<[number, number]> = [];
+    for (let j = 0; j < 32; j++) {
+      if (!((touched >>> j) & 1)) continue;
+      const seg: [number, number] = (allocated >>> j) & 1
+        ? [Math.max(op.writeStart, j * sc), Math.min(op.writeEnd, (j + 1) * sc)]
+        : [j * sc, (j + 1) * sc];
+      const last = segs[segs.length - 1];
+      if (last && last[1] === seg[0]) last[1] = seg[1];
+      else segs.push(seg);
+    }
+    op.segments = segs;
+    op.newAlloc = (op.old.alloc | touched) >>> 0;
+    op.newZero = (op.old.zero & ~touched) >>> 0;
+  }
+
+  /** Phase 2 (no lock): direct writes in place, rewrites as whole segments with their COW head and tail. */
+  private async writeData(buf: Buffer, ops: ClusterOp[]): Promise<void> {
+    const s = this.s;
+    const cs = s.g.clusterSize;
+    const file = s.dataFile ?? s.file;
+    const ios: Promise<void>[] = [];
+    // Coalesce: consecutive pieces contiguous on the host become one write.
+    let runHost = -1;
+    let runLen = 0;
+    let parts: Array<{ src: Buffer; at: number; len: number }> = [];
+    const flushRun = (): void => {
+      if (runLen === 0) return;
+      const host = runHost;
+      const len = runLen;
+      const point = parts.some((p) => p.src !== buf) ? 'cow_write' : 'data_write';
+      let data: Buffer;
+      if (parts.length === 1) {
+        data = parts[0].src.subarray(parts[0].at, parts[0].at + parts[0].len);
+      } else {
+        data = Buffer.allocUnsafe(len);
+        let o = 0;
+        for (const p of parts) {
+          p.src.copy(data, o, p.at, p.at + p.len);
+          o += p.len;
+        }
+      }
+      ios.push(file.write(point, data, 0, len, host).then(() => {
+        if (file === s.file) s.noteFileEnd(host + len);
+        else if (host + len > s.dataFileSize) s.dataFileSize = host + len;
+      }));
+      runHost = -1;
+      runLen = 0;
+      parts = [];
+    };
+    const add = (host: number, src: Buffer, at: number, len: number): void => {
+      if (len <= 0) return;
+      if (runLen > 0 && runHost + runLen !== host) flushRun();
+      if (runLen === 0) runHost = host;
+      parts.push({ src, at, len });
+      runLen += len;
+    };
+
+    try {
+      for (const op of ops) {
+        if (!op.rewrite) {
+          add(op.host + op.writeStart, buf, op.bufAt, op.writeEnd - op.writeStart);
+          continue;
+        }
+        for (const [start, end] of op.segments) {
+          // Head [start, dataStart) and tail [dataEnd, end) come from the old mapping.
+          const dataStart = Math.min(Math.max(start, op.writeStart), end);
+          const dataEnd = Math.max(Math.min(end, op.writeEnd), dataStart);
+          if (dataStart > start) {
+            const head = Buffer.allocUnsafe(dataStart - start);
+            await readGuest(s, head, 0, head.length, op.gc * cs + start);
+            add(op.host + start, head, 0, head.length);
+          }
+          add(op.host + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart);
+          if (end > dataEnd) {
+            const tail = Buffer.allocUnsafe(end - dataEnd);
+            await readGuest(s, tail, 0, tail.length, op.gc * cs + dataEnd);
+            add(op.host + dataEnd, tail, 0, tail.length);
+          }
+        }
+      }
+      flushRun();
+    } catch (err) {
+      await Promise.allSettled(ios);
+      throw err;
+    }
+    await Promise.all(ios);
+  }
+
+  /** Phase 3 (under the lock): point L2 entries at the new data, then drop what they pointed at. */
+  private async link(ops: ClusterOp[]): Promise<void> {
+    const s = this.s;
+    const g = s.g;
+    const releases: Array<[number, number]> = [];
+    let i = 0;
+    try {
+      for (; i < ops.length; i++) {
+        const op = ops[i];
+        const l1i = Math.floor(op.gc / g.l2Entries);
+        const { table, offset } = await this.l2ForWrite(l1i);
+        if (op.fresh && !this.lazy && !g.hasDataFile) await s.l2Cache.dependOn(this.refcounts.cache);
+        s.l2Cache.dependOnSync();
+        const at = (op.gc % g.l2Entries) * g.l2EntryBytes;
+        writeEntry(table, at, L2E_COPIED, op.host, 0);
+        if (g.extL2) {
+          table.writeUInt32BE(op.newZero, at + 8);
+          table.writeUInt32BE(op.newAlloc, at + 12);
+        }
+        s.l2Cache.markDirty(offset, table);
+        if (op.fresh && !g.hasDataFile) {
+          const old = op.old;
+          if (old.hi & L2E_COMPRESSED) {
+            const d = decodeCompressed(g, old.hi, old.lo);
+            const start = d.hostOffset - (d.hostOffset % 512);
+            releases.push([start, d.length + (d.hostOffset - start)]);
+          } else {
+            const oldHost = entryOffset(old.hi, old.lo);
+            if (oldHost !== 0) releases.push([oldHost, g.clusterSize]);
+          }
+        }
+        this.finish([op]);
+      }
+      if (releases.length > 0) {
+        if (!this.lazy) await this.refcounts.cache.dependOn(s.l2Cache);
+        for (const [off, len] of releases) await this.refcounts.release(off, len);
+      }
+      if (s.l2Cache.underPressure || this.refcounts.cache.underPressure) await this.flushLocked();
+    } catch (err) {
+      await this.undo(ops.slice(i));
+      throw err;
+    }
+  }
+
+  /** Give back what a failed request allocated and release its in-flight clusters. */
+  private async undo(ops: ClusterOp[]): Promise<void> {
+    try {
+      if (!this.s.g.hasDataFile) {
+        for (const op of ops) if (op.fresh && op.host !== 0) await this.refcounts.release(op.host, this.s.g.clusterSize);
+      }
+    } catch (err) {
+      this.s.log.warn({ err: (err as Error).message }, 'could not release clusters of a failed write (leaked)');
+    } finally {
+      this.finish(ops);
+    }
+  }
+
+  private finish(ops: ClusterOp[]): void {
+    for (const op of ops) {
+      const d = this.inflight.get(op.gc);
+      if (d) {
+        this.inflight.delete(op.gc);
+        d.resolve();
+      }
+    }
+  }
+
+  /**
+   * The L2 table for L1 index `l1i`, ready to be modified: allocated if
+   * missing, copied if shared with a snapshot (no COPIED flag). The new
+   * table is written and, with the refcount of its cluster, durable before
+   * the L1 entry points at it; the old table's reference is dropped only
+   * after the L1 entry that replaced it is durable.
+   */
+  private async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
+    const s = this.s;
+    const cs = s.g.clusterSize;
+    const old = s.l2OffsetOf(l1i);
+    if (old !== 0 && s.l1Copied(l1i)) return { table: await s.l2Table(old), offset: old };
+    const table = old !== 0 ? Buffer.from(await s.l2Table(old)) : Buffer.alloc(cs);
+    const offset = await this.refcounts.allocate(1);
+    s.checkOverlap(offset, cs, 'new L2 table');
+    await s.file.write('l2_alloc', table, 0, cs, offset);
+    s.noteFileEnd(offset + cs);
+    if (this.lazy) await s.syncAll();
+    else await this.refcounts.cache.flush();
+    const e = Buffer.alloc(8);
+    writeEntry(e, 0, L2E_COPIED, offset, 0);
+    await s.file.write('l1_update', e, 0, 8, s.header.l1TableOffset + l1i * 8);
+    e.copy(s.l1, l1i * 8);
+    s.l2Cache.install(offset, table, false);
+    s.l2Tables.add(offset);
+    if (old !== 0) {
+      if (!this.lazy) this.refcounts.cache.dependOnSync();
+      await this.refcounts.change(Math.floor(old / cs), -1);
+    }
+    s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
+    return { table, offset };
+  }
 }
+
+export { QmountError, ReadOnlyError };

@@ -1,0 +1,323 @@
+/**
+ * qcow2 refcounts and cluster allocation.
+ *
+ * Invariants kept here (a crash at any instant may leak clusters, never
+ * leave a cluster in use with refcount 0):
+ *
+ *  1. A new refcount block is written, and durable, before the refcount
+ *     table points at it. If it is placed inside the range it describes it
+ *     counts itself (self-describing); otherwise its own refcount is raised
+ *     in another block, and that block is flushed before the table entry is
+ *     written. The recursion ends within two steps because each step moves
+ *     the candidate cluster forward.
+ *  2. Growing the refcount table never passes through an inconsistent state:
+ *     new blocks and the new table are written at the end of the image,
+ *     describing themselves and each other, synced, then the header is
+ *     switched in one write (offset + cluster count are adjacent fields),
+ *     synced, and only then is the old table freed.
+ *  3. A cluster whose refcount drops to 0 is quarantined: it is not handed
+ *     out again until a flush has made the drop (and the L2 change that
+ *     caused it) durable and no read that might still target it is in
+ *     flight. So an old pointer that survives a crash never meets new data,
+ *     and a racing read never sees another request's data.
+ *  4. A refcount that would overflow its width, or drop below zero, fails
+ *     the request before anything is changed.
+ *
+ * Ordering against L2 tables (raise before link, unlink before drop) is
+ * declared by callers through the TableCache dependencies (cache/).
+ */
+import { TableCache } from '../../../cache/table-cache.js';
+import { CorruptionError, QmountError } from '../../errors.js';
+import { MAX_REFTABLE_BYTES } from './header.js';
+import type { Qcow2State } from './state.js';
+
+export class Refcounts {
+  /** The refcount table, big-endian u64 entries as on disk. */
+  table: Buffer;
+  tableOffset: number;
+  tableClusters: number;
+  readonly cache: TableCache;
+  /** Cluster index where the next free-cluster search starts. */
+  freeHint = 0;
+  /** Clusters whose refcount reached 0 since the last release (invariant 3). */
+  readonly quarantine = new Set<number>();
+  private readonly entries: number; // per block
+  private readonly cs: number;
+  private readonly maxRefcount: number;
+
+  constructor(
+    private readonly s: Qcow2State,
+    table: Buffer,
+    cacheBytes: number,
+  ) {
+    this.table = table;
+    this.tableOffset = s.header.refcountTableOffset;
+    this.tableClusters = s.header.refcountTableClusters;
+    this.entries = s.g.refblockEntries;
+    this.cs = s.g.clusterSize;
+    const bits = 2 ** s.g.refcountOrder;
+    this.maxRefcount = bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
+    this.cache = new TableCache({
+      name: 'refblock',
+      tableBytes: this.cs,
+      maxBytes: cacheBytes,
+      store: {
+        read: async (offset, into) => {
+          const n = await s.file.read(into, 0, this.cs, offset);
+          if (n < this.cs) into.fill(0, n);
+        },
+        write: (offset, data) => s.file.write('refblock_update', data, 0, data.length, offset),
+        sync: () => s.syncAll(),
+      },
+    });
+  }
+
+  get tableEntries(): number {
+    return this.table.length / 8;
+  }
+
+  /** Offset of refcount block `i`, 0 if none. */
+  blockOffset(i: number): number {
+    if (i >= this.tableEntries) return 0;
+    const v = this.table.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n;
+    return Number(v);
+  }
+
+  private async loadBlock(i: number): Promise<Buffer | null> {
+    const off = this.blockOffset(i);
+    if (off === 0) return null;
+    if (off % this.cs !== 0 || off >= this.s.fileSize) {
+      throw new CorruptionError(`refcount block ${i} at offset ${off} is invalid`);
+    }
+    return this.cache.get(off);
+  }
+
+  /** Read entry `idx` of a refcount block. */
+  readEntry(block: Buffer, idx: number): number {
+    const order = this.s.g.refcountOrder;
+    switch (order) {
+      case 3:
+        return block[idx];
+      case 4:
+        return block.readUInt16BE(idx * 2);
+      case 5:
+        return block.readUInt32BE(idx * 4);
+      case 6: {
+        const hi = block.readUInt32BE(idx * 8);
+        if (hi > 0x1fffff) throw new CorruptionError('refcount above 2^53');
+        return hi * 0x1_0000_0000 + block.readUInt32BE(idx * 8 + 4);
+      }
+      default: {
+        const bits = 1 << order;
+        const perByte = 8 >> order;
+        return (block[Math.floor(idx / perByte)] >> ((idx % perByte) * bits)) & ((1 << bits) - 1);
+      }
+    }
+  }
+
+  writeEntry(block: Buffer, idx: number, v: number): void {
+    const order = this.s.g.refcountOrder;
+    switch (order) {
+      case 3:
+        block[idx] = v;
+        return;
+      case 4:
+        block.writeUInt16BE(v, idx * 2);
+        return;
+      case 5:
+        block.writeUInt32BE(v, idx * 4);
+        return;
+      case 6:
+        block.writeUInt32BE(Math.floor(v / 0x1_0000_0000), idx * 8);
+        block.writeUInt32BE(v % 0x1_0000_0000, idx * 8 + 4);
+        return;
+      default: {
+        const bits = 1 << order;
+        const perByte = 8 >> order;
+        const at = Math.floor(idx / perByte);
+        const shift = (idx % perByte) * bits;
+        const mask = ((1 << bits) - 1) << shift;
+        block[at] = (block[at] & ~mask) | ((v << shift) & mask);
+      }
+    }
+  }
+
+  /** The refcount of one cluster (by index). */
+  async get(cluster: number): Promise<number> {
+    const block = await this.loadBlock(Math.floor(cluster / this.entries));
+    return block ? this.readEntry(block, cluster % this.entries) : 0;
+  }
+
+  /** Add `delta` to a cluster's refcount; allocates its refcount block if needed. Returns the new value. */
+  async change(cluster: number, delta: number): Promise<number> {
+    const i = Math.floor(cluster / this.entries);
+    const blockOff = await this.ensureBlock(i);
+    const block = await this.cache.get(blockOff);
+    const idx = cluster % this.entries;
+    const old = this.readEntry(block, idx);
+    const v = old + delta;
+    if (v < 0) throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero`);
+    if (v > this.maxRefcount) {
+      throw new QmountError('EOVERFLOW', `refcount of cluster ${cluster} would exceed ${this.maxRefcount} (refcount_bits=${2 ** this.s.g.refcountOrder})`);
+    }
+    this.writeEntry(block, idx, v);
+    this.cache.markDirty(blockOff, block);
+    if (v === 0) {
+      this.quarantine.add(cluster);
+      this.s.decompressed.clear();
+    }
+    return v;
+  }
+
+  /** Drop one reference from every cluster overlapping [hostOffset, hostOffset + bytes). */
+  async release(hostOffset: number, bytes: number): Promise<void> {
+    const first = Math.floor(hostOffset / this.cs);
+    const last = Math.floor((hostOffset + bytes - 1) / this.cs);
+    for (let c = first; c <= last; c++) await this.change(c, -1);
+  }
+
+  /** Make quarantined clusters allocatable again (invariant 3: caller has flushed, no reads in flight). */
+  releaseQuarantine(): void {
+    for (const c of this.quarantine) if (c < this.freeHint) this.freeHint = c;
+    this.quarantine.clear();
+  }
+
+  /** First cluster of `n` contiguous free clusters at or after freeHint (refcounts untouched). */
+  async findFree(n: number): Promise<number> {
+    let start = this.freeHint;
+    let run = 0;
+    let c = start;
+    while (run < n) {
+      const i = Math.floor(c / this.entries);
+      const block = i < this.tableEntries ? await this.loadBlock(i) : null;
+      const blockEnd = (i + 1) * this.entries;
+      for (; c < blockEnd && run < n; c++) {
+        const free = (block === null || this.readEntry(block, c % this.entries) === 0) && !this.quarantine.has(c);
+        if (free) {
+          run++;
+        } else {
+          run = 0;
+          start = c + 1;
+        }
+      }
+    }
+    return start;
+  }
+
+  /**
+   * Allocate `n` contiguous clusters with refcount 1 and return the byte
+   * offset of the first. The search hint moves past them before any
+   * refcount block is allocated, so a new block never lands inside them.
+   */
+  async allocate(n: number): Promise<number> {
+    const start = await this.findFree(n);
+    this.freeHint = start + n;
+    for (let c = start; c < start + n; c++) await this.change(c, 1);
+    return start * this.cs;
+  }
+
+  /** Offset of refcount block `i`, allocating it (or growing the table) first if needed. */
+  private async ensureBlock(i: number): Promise<number> {
+    if (i >= this.tableEntries) await this.growTable(i);
+    const off = this.blockOffset(i);
+    if (off !== 0) {
+      if (off % this.cs !== 0 || off >= this.s.fileSize) throw new CorruptionError(`refcount block ${i} at offset ${off} is invalid`);
+      return off;
+    }
+    return this.allocBlock(i);
+  }
+
+  /** Invariant 1. */
+  private async allocBlock(i: number): Promise<number> {
+    const c = await this.findFree(1);
+    this.freeHint = Math.max(this.freeHint, c + 1);
+    const blockOff = c * this.cs;
+    this.s.checkOverlap(blockOff, this.cs, 'refcount block');
+    const block = Buffer.alloc(this.cs);
+    const selfDescribing = Math.floor(c / this.entries) === i;
+    if (selfDescribing) {
+      this.writeEntry(block, c % this.entries, 1);
+    } else {
+      await this.change(c, 1);
+    }
+    await this.s.file.write('refblock_alloc', block, 0, this.cs, blockOff);
+    this.s.noteFileEnd(blockOff + this.cs);
+    if (selfDescribing) await this.s.syncAll();
+    else await this.cache.flush(); // the block counting the new one, and a sync
+    const entry = Buffer.alloc(8);
+    entry.writeBigUInt64BE(BigInt(blockOff));
+    await this.s.file.write('reftable_update', entry, 0, 8, this.tableOffset + i * 8);
+    entry.copy(this.table, i * 8);
+    this.cache.install(blockOff, block, false);
+    this.s.refblockAdded(blockOff);
+    return blockOff;
+  }
+
+  /** Invariant 2: grow the table so that it has an entry `needed`. */
+  private async growTable(needed: number): Promise<void> {
+    const E = this.entries;
+    const cs = this.cs;
+    const oldEntries = this.tableEntries;
+    const endCluster = Math.ceil(this.s.fileSize / cs);
+    const metaStart = Math.max(endCluster, this.freeHint, oldEntries * E);
+    let nBlocks = 1;
+    let tableClusters = 0;
+    let indices: number[] = [];
+    for (let iter = 0; iter < 16; iter++) {
+      const lastMeta = metaStart + nBlocks + Math.max(tableClusters, 1) - 1;
+      const wantEntries = Math.max(needed + 1, Math.floor(lastMeta / E) + 1, Math.ceil(oldEntries * 1.5));
+      const tc = Math.ceil((wantEntries * 8) / cs);
+      const set = new Set<number>([needed]);
+      for (let m = metaStart; m < metaStart + nBlocks + tc; m++) set.add(Math.floor(m / E));
+      const sorted = [...set].sort((a, b) => a - b);
+      if (sorted.length === nBlocks && tc === tableClusters) {
+        indices = sorted;
+        break;
+      }
+      nBlocks = sorted.length;
+      tableClusters = tc;
+      indices = sorted;
+    }
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) {
+      throw new QmountError('EFBIG', 'the refcount table would exceed its maximum size');
+    }
+    const newEntries = (tableClusters * cs) / 8;
+    const blocksBuf = Buffer.alloc(nBlocks * cs);
+    const metaEnd = metaStart + nBlocks + tableClusters;
+    for (let m = metaStart; m < metaEnd; m++) {
+      const b = indices.indexOf(Math.floor(m / E));
+      this.writeEntry(blocksBuf.subarray(b * cs, (b + 1) * cs), m % E, 1);
+    }
+    const newTable = Buffer.alloc(newEntries * 8);
+    this.table.copy(newTable, 0);
+    indices.forEach((idx, b) => newTable.writeBigUInt64BE(BigInt((metaStart + b) * cs), idx * 8));
+    const newTableOffset = (metaStart + nBlocks) * cs;
+    this.s.checkOverlap(metaStart * cs, (metaEnd - metaStart) * cs, 'refcount table');
+
+    await this.s.file.write('reftable_grow', blocksBuf, 0, blocksBuf.length, metaStart * cs);
+    await this.s.file.write('reftable_grow', newTable, 0, newTable.length, newTableOffset);
+    this.s.noteFileEnd(metaEnd * cs);
+    await this.s.syncAll();
+    const hdr = Buffer.alloc(12);
+    hdr.writeBigUInt64BE(BigInt(newTableOffset), 0);
+    hdr.writeUInt32BE(tableClusters, 8);
+    await this.s.file.write('header_update', hdr, 0, 12, 48);
+    await this.s.syncAll();
+
+    const oldOffset = this.tableOffset;
+    const oldClusters = this.tableClusters;
+    this.table = newTable;
+    this.tableOffset = newTableOffset;
+    this.tableClusters = tableClusters;
+    this.s.header.refcountTableOffset = newTableOffset;
+    this.s.header.refcountTableClusters = tableClusters;
+    indices.forEach((_, b) => {
+      const off = (metaStart + b) * cs;
+      this.cache.install(off, Buffer.from(blocksBuf.subarray(b * cs, (b + 1) * cs)), false);
+      this.s.refblockAdded(off);
+    });
+    this.s.log.info({ oldEntries, newEntries, newTableOffset }, 'refcount table grown');
+    // The header switch is durable: the old table can go.
+    await this.release(oldOffset, oldClusters * cs);
+  }
+}

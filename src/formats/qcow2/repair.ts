@@ -1,0 +1,114 @@
+/**
+ * Reconciling refcounts with references (see refscan.ts for how references
+ * are counted). `qemu-img check` semantics: a refcount above the reference
+ * count is a leak; below it is a corruption; a COPIED flag that disagrees
+ * with "refcount is exactly 1" in the active tables is a corruption.
+ *
+ * Repair writes through the same caches as the write path. It is run with
+ * the dirty bit set (lazy refcounts) or on a checked image, so ordering
+ * between refcount blocks and tables is not needed until the final flush.
+ * New refcount blocks are placed after every referenced cluster.
+ */
+import { CorruptionError } from '../../errors.js';
+import { entryOffset, L2E_COMPRESSED, L2E_COPIED, writeEntry } from './layout.js';
+import type { Refcounts } from './refcount.js';
+import { scanReferences } from './refscan.js';
+import type { Qcow2State } from './state.js';
+
+export interface RefcountReport {
+  corruptions: number;
+  leaks: number;
+  fixedCorruptions: number;
+  fixedLeaks: number;
+  messages: string[];
+}
+
+export async function reconcile(
+  s: Qcow2State,
+  rc: Refcounts,
+  fix: { leaks: boolean; corruptions: boolean },
+): Promise<RefcountReport> {
+  const r: RefcountReport = { corruptions: 0, leaks: 0, fixedCorruptions: 0, fixedLeaks: 0, messages: [] };
+  const note = (m: string): void => {
+    if (r.messages.length < 200) r.messages.push(m);
+  };
+  const blocks: number[] = [];
+  for (let i = 0; i < rc.tableEntries; i++) {
+    const b = rc.blockOffset(i);
+    if (b) blocks.push(b);
+  }
+  const scan = await scanReferences(s, { offset: rc.tableOffset, clusters: rc.tableClusters, blocks });
+  for (const p of scan.problems) {
+    r.corruptions++;
+    note(`ERROR ${p.message}`);
+  }
+  const cs = s.g.clusterSize;
+  const covered = rc.tableEntries * s.g.refblockEntries;
+  const total = Math.max(scan.clusters, Math.min(covered, scan.clusters + s.g.refblockEntries * blocks.length));
+  if (fix.corruptions || fix.leaks) rc.freeHint = Math.max(rc.freeHint, total);
+  for (let c = 0; c < total; c++) {
+    const expected = c < scan.clusters ? scan.counts[c] : 0;
+    const actual = await rc.get(c);
+    if (actual === expected) continue;
+    const leak = actual > expected;
+    if (leak) r.leaks++;
+    else r.corruptions++;
+    const doFix = leak ? fix.leaks : fix.corruptions;
+    note(`${doFix ? 'Repairing' : leak ? 'Leaked' : 'ERROR'} cluster ${c} refcount=${actual} reference=${expected}`);
+    if (doFix) {
+      await rc.change(c, expected - actual);
+      if (leak) r.fixedLeaks++;
+      else r.fixedCorruptions++;
+    }
+  }
+
+  // COPIED flags in the active L1 and L2 tables.
+  for (let i = 0; i < s.l1Entries; i++) {
+    const l2 = s.l2OffsetOf(i);
+    if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize) continue;
+    const want = (await rc.get(l2 / cs)) === 1;
+    if (want !== s.l1Copied(i)) {
+      r.corruptions++;
+      note(`${fix.corruptions ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} refcount flag mismatch`);
+      if (fix.corruptions) {
+        const e = Buffer.alloc(8);
+        writeEntry(e, 0, want ? L2E_COPIED : 0, l2, 0);
+        await s.file.write('l1_update', e, 0, 8, s.header.l1TableOffset + i * 8);
+        e.copy(s.l1, i * 8);
+        r.fixedCorruptions++;
+      }
+    }
+    const table = await s.l2Table(l2);
+    let changed = false;
+    for (let j = 0; j < s.g.l2Entries; j++) {
+      const at = j * s.g.l2EntryBytes;
+      const hi = table.readUInt32BE(at);
+      const lo = table.readUInt32BE(at + 4);
+      if (hi & L2E_COMPRESSED) continue;
+      const host = entryOffset(hi, lo);
+      let wantCopied: boolean;
+      if (s.g.hasDataFile) wantCopied = (hi & L2E_COPIED) !== 0 || host !== 0;
+      else if (host === 0 || host % cs !== 0 || host >= s.fileSize) continue;
+      else wantCopied = (await rc.get(host / cs)) === 1;
+      if (wantCopied === ((hi & L2E_COPIED) !== 0)) continue;
+      r.corruptions++;
+      note(`${fix.corruptions ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry at ${l2 + at}`);
+      if (fix.corruptions) {
+        table.writeUInt32BE((wantCopied ? hi | L2E_COPIED : hi & ~L2E_COPIED) >>> 0, at);
+        changed = true;
+        r.fixedCorruptions++;
+      }
+    }
+    if (changed) s.l2Cache.markDirty(l2, table);
+  }
+  return r;
+}
+
+/** Repair a dirty image before a read-write mount; refuses what it cannot fix. */
+export async function repairRefcounts(s: Qcow2State, rc: Refcounts): Promise<void> {
+  const r = await reconcile(s, rc, { leaks: true, corruptions: true });
+  s.log.warn({ fixedLeaks: r.fixedLeaks, fixedCorruptions: r.fixedCorruptions }, 'refcounts rebuilt');
+  if (r.corruptions > r.fixedCorruptions) {
+    throw new CorruptionError(`image is corrupt beyond refcount repair (${r.messages[0] ?? 'unknown problem'}); mount it read-only to recover data`);
+  }
+}
