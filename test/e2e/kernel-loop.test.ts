@@ -195,6 +195,10 @@ describe('kernel ext4 on a loop device over qmount', () => {
       // The image is consistent for QEMU, and the filesystem for e2fsck.
       expect(qemuCheck(image, 'qcow2').code).toBe(0);
       const m2 = await mountQmount(image, true, undo);
+      // What qmount wrote reads back the same through QEMU.
+      const oracle = convertToRaw(image, path.join(scratch.dir, 'oracle.raw'));
+      expect(sha256File(m2.rawPath)).toBe(sha256File(oracle));
+      fs.rmSync(oracle);
       const part2 = await attachPartition(m2.rawPath, partition, true, undo);
       const fsck = sh('e2fsck', ['-fn', part2.dev], true);
       expect(fsck.code, fsck.out).toBe(0);
