@@ -179,12 +179,12 @@ function humanSize(n: number): string {
   return `${i === 0 ? v : v >= 1000 ? Math.round(v) : Number(v.toPrecision(3))} ${units[i]}`;
 }
 
+/** Bytes the image file occupies on its file system (qemu-img's "disk size": allocated blocks). */
 function diskSize(info: ImageInfo): number | undefined {
-  if (info.actualSize !== undefined) return info.actualSize;
   try {
     return fs.statSync(info.filename).blocks * 512;
   } catch {
-    return undefined;
+    return info.actualSize;
   }
 }
 
@@ -193,9 +193,9 @@ function isDirty(info: ImageInfo): boolean {
 }
 
 /** qemu-img's JSON layout for one image, the backing chain nested under "backing-image". */
-function infoJson(info: ImageInfo): Record<string, unknown> {
+function infoJson(info: ImageInfo, name = info.filename): Record<string, unknown> {
   const out: Record<string, unknown> = {
-    filename: info.filename,
+    filename: name,
     format: info.format,
     'virtual-size': info.virtualSize,
     'actual-size': diskSize(info),
@@ -240,8 +240,8 @@ function pad2(n: number): string {
   return String(n).padStart(2, '0');
 }
 
-function infoHuman(info: ImageInfo): string {
-  const lines = [`image: ${info.filename}`, `file format: ${info.format}`];
+function infoHuman(info: ImageInfo, name = info.filename): string {
+  const lines = [`image: ${name}`, `file format: ${info.format}`];
   lines.push(`virtual size: ${humanSize(info.virtualSize)} (${info.virtualSize} bytes)`);
   const disk = diskSize(info);
   if (disk !== undefined) lines.push(`disk size: ${humanSize(disk)}`);
@@ -287,7 +287,7 @@ async function infoCommand(image: string, flags: { output: string; format?: Form
   } finally {
     await driver.close().catch(() => {});
   }
-  process.stdout.write(flags.output === 'json' ? `${JSON.stringify(infoJson(info), null, 4)}\n` : `${infoHuman(info)}\n`);
+  process.stdout.write(flags.output === 'json' ? `${JSON.stringify(infoJson(info, image), null, 4)}\n` : `${infoHuman(info, image)}\n`);
   return EXIT_OK;
 }
 
