@@ -19,6 +19,8 @@ import { DiskFs, FILE_NAME } from './disk-fs.js';
 import { findMount, readMounts, readMountsSync } from './mountinfo.js';
 import { fuseOptionList, type MountOptions } from './options.js';
 
+/** The file system type our mounts show in mountinfo (subtype=qmount, see options.ts). */
+const FS_TYPE = 'fuse.qmount';
 /** How often /proc/self/mountinfo is read to notice an external unmount. */
 const POLL_MS = 500;
 
@@ -123,7 +125,8 @@ export class MountSession {
   private checkStillMounted(): void {
     readMounts().then(
       (entries) => {
-        if (!this.closing && !findMount(entries, this.mountPoint)) void this.close('unmounted');
+        const ours = entries.some((e) => e.mountPoint === this.mountPoint && e.fsType === FS_TYPE);
+        if (!this.closing && !ours) void this.close('unmounted');
       },
       (err: unknown) => this.log.warn({ err: oneLine(err) }, 'cannot read /proc/self/mountinfo'),
     );

@@ -129,6 +129,18 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
 
   const ready = ReadyChannel.fromEnv();
   let session: MountSession | undefined;
+  // Signals are caught from the start: before the mount is ready one only
+  // aborts the start-up (at the next step), afterwards it closes the mount.
+  let interrupted: string | undefined;
+  const checkInterrupted = (): void => {
+    if (interrupted) throw new CliError(EXIT_FAIL, `interrupted by ${interrupted} before the mount was ready`);
+  };
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.on(sig, () => {
+      if (liveSession) void liveSession.close(sig);
+      else interrupted ??= sig;
+    });
+  }
   const pidFile = flags.pidFile ? path.resolve(flags.pidFile) : undefined;
   try {
     configureLogging({ level: flags.logLevel, file: flags.logFile ? path.resolve(flags.logFile) : undefined });
@@ -143,12 +155,14 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
       log: logger('image'),
     }).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
     try {
+      checkInterrupted();
       session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount') });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
     }
-    fatalSession = session;
+    liveSession = session;
+    checkInterrupted();
     if (pidFile) fs.writeFileSync(pidFile, `${process.pid}\n`);
     log.info({ image, mountPoint, pid: process.pid }, 'ready');
   } catch (err) {
@@ -158,10 +172,8 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     throw e;
   }
   if (ready) process.chdir('/'); // a daemon must not keep its start directory busy
-  const s = session;
-  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => void s.close(sig));
   ready?.ready();
-  const code = await s.done;
+  const code = await session.done;
   if (pidFile) fs.rmSync(pidFile, { force: true });
   return code;
 }
@@ -393,8 +405,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
   return program;
 }
 
-/** The running mount, for the last-resort handlers below. */
-let fatalSession: MountSession | undefined;
+/** The running mount (once ready), for signals and the last-resort handlers below. */
+let liveSession: MountSession | undefined;
 
 function fatal(err: unknown): void {
   try {
@@ -403,7 +415,7 @@ function fatal(err: unknown): void {
     // logging itself failed
   }
   printError(`internal error: ${oneLine(err)}`);
-  fatalSession?.emergencyDetach();
+  liveSession?.emergencyDetach();
   process.exit(EXIT_FAIL);
 }
 

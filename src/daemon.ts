@@ -89,6 +89,11 @@ export function runDaemonParent(script: string, args: string[], printError: (msg
       resolve(code);
     };
     child.on('error', (err) => finish(2, `cannot start the mount daemon: ${err.message}`));
+    // Ctrl-C reaches only us (the child has its own session): pass it on, then wait for the child's answer.
+    const forward = (): void => {
+      if (!settled) child.kill('SIGTERM');
+    };
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, forward);
     child.on('exit', (code, signal) => {
       exitStatus = signal ? `signal ${signal}` : `code ${code}`;
     });
