@@ -1,8 +1,337 @@
-/** QED driver: placeholder until the QED issue lands. */
-import { UnsupportedError } from '../../errors.js';
+/**
+ * QED driver: reads, writes, the need-check bit.
+ *
+ * Concurrency design. FUSE delivers requests concurrently and every await
+ * lets another request run, so the rules are:
+ *
+ *  1. `metaLock` (FIFO mutex) serialises every change of metadata: the
+ *     lookup + allocate step of an allocating write, linking new clusters
+ *     into L1/L2, setting and clearing the need-check bit. Data I/O of an
+ *     allocating write (backing read, cluster write) runs outside it.
+ *  2. In-flight tracking: between "allocate" and "link" a guest cluster is in
+ *     `inflight` (set under the lock). A write that finds its first cluster
+ *     in flight waits for it and starts over (the cluster is then allocated,
+ *     so it becomes a plain data write); an allocation run stops before any
+ *     cluster in flight. So no guest cluster is ever allocated twice and no
+ *     copy-on-write fill can overwrite another write's data.
+ *  3. Reads and writes into allocated clusters take no lock: a data cluster
+ *     pointer, once set, never changes while mounted (QED has no discard or
+ *     snapshots), and an L2 entry is set only after its cluster's data is
+ *     written, so a read racing an allocation sees either the old mapping
+ *     (backing/zeros: old content) or the new one (new content), never an
+ *     unwritten cluster.
+ *  4. The need-check bit is set and durable (header write + sync) under the
+ *     lock, in the allocation step, before the first cluster write or table
+ *     change of a dirty period. It is cleared only under the lock, with no
+ *     allocation between its allocate and link steps (`activeAllocs` === 0)
+ *     and every dirty L2 table written and synced: on clean close, and by an
+ *     idle timer a few seconds after the last allocating write.
+ */
+import { FormatError, QmountError, ReadOnlyError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
-import type { BlockDriver, DriverOpenOptions } from '../driver.js';
+import type { Logger } from '../../log.js';
+import { Mutex } from '../../../cache/mutex.js';
+import { readFromBacking, type BlockDriver, type DriverOpenOptions, type ImageInfo } from '../driver.js';
+import { AppendAllocator } from './alloc.js';
+import { clearNeedCheck, readQedMeta, scanQed } from './check.js';
+import {
+  QED_AUTOCLEAR_FEATURE_MASK,
+  QED_F_BACKING_FILE,
+  QED_F_BACKING_FORMAT_NO_PROBE,
+  QED_F_NEED_CHECK,
+  QED_HEADER_BYTES,
+  decodeBackingName,
+  featureNames,
+  geometryOf,
+  serializeHeader,
+  type QedGeometry,
+  type QedHeader,
+} from './header.js';
+import { QedTables, type FreeRun } from './table.js';
 
-export async function openQed(file: ImageFile, _opts: DriverOpenOptions): Promise<BlockDriver> {
-  throw new UnsupportedError(`${file.path}: QED is not supported yet`);
+/** Tunables (tests shorten the idle delay). */
+export const qedTuning = {
+  /** Idle time after the last allocating write before the need-check bit is cleared. */
+  needCheckIdleMs: 5000,
+};
+
+export async function openQed(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
+  const log = opts.log;
+  const { header, l1, fileSize } = await readQedMeta(file);
+  const geo = geometryOf(header);
+
+  let backingName: string | undefined;
+  if (header.features & QED_F_BACKING_FILE) {
+    const raw = Buffer.alloc(header.backingFilenameSize);
+    const n = await file.read(raw, 0, raw.length, header.backingFilenameOffset);
+    if (n < raw.length) throw new FormatError('QED backing file name lies past the end of the file');
+    backingName = decodeBackingName(raw) || undefined;
+  }
+
+  if (!opts.readOnly) {
+    // Unknown autoclear bits describe data this implementation would not keep up to date.
+    if (header.autoclearFeatures & ~QED_AUTOCLEAR_FEATURE_MASK) {
+      header.autoclearFeatures &= QED_AUTOCLEAR_FEATURE_MASK;
+      await file.write('header_update', serializeHeader(header), 0, QED_HEADER_BYTES, 0);
+      await file.flush();
+    }
+    if (header.features & QED_F_NEED_CHECK) {
+      const r = await scanQed(file, header, l1, fileSize, true, log);
+      if (r.corruptions > 0) {
+        throw new FormatError(
+          `QED image was not closed cleanly and has ${r.corruptions} corruptions the automatic repair cannot fix (${r.messages[0] ?? 'clusters referenced more than once'}); open it read-only to recover data`,
+          'EIO',
+        );
+      }
+      // Repairs were synced by the scan; only then may the bit go.
+      await clearNeedCheck(file, header);
+      log.warn({ fixed: r.fixedCorruptions, leaks: r.leaks }, 'QED image was not closed cleanly: checked and repaired');
+    }
+  } else if (header.features & QED_F_NEED_CHECK) {
+    log.warn('QED image was not closed cleanly; opened read-only without a consistency check');
+  }
+
+  const noProbe = (header.features & QED_F_BACKING_FORMAT_NO_PROBE) !== 0n;
+  let backing: BlockDriver | null = null;
+  if (backingName !== undefined && opts.openBacking) {
+    backing = await opts.openBacking(backingName, noProbe ? 'raw' : undefined);
+  }
+  const space = new AppendAllocator(fileSize, geo.clusterSize);
+  const tables = new QedTables(file, geo, l1, header.l1TableOffset, space, opts.l2CacheBytes);
+  return new QedDriver(file, header, geo, tables, space, backing, backingName, noProbe, opts.readOnly, log);
+}
+
+interface AllocPlan {
+  run: FreeRun;
+  host: number;
+  release: () => void;
+}
+
+class QedDriver implements BlockDriver {
+  readonly format = 'qed' as const;
+  readonly virtualSize: number;
+  private readonly metaLock = new Mutex();
+  /** guest cluster -> settles when its allocating write linked it (or failed) */
+  private readonly inflight = new Map<number, Promise<void>>();
+  /** allocating writes between their allocate and link steps */
+  private activeAllocs = 0;
+  private needCheckOnDisk: boolean;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private closed = false;
+
+  constructor(
+    private readonly file: ImageFile,
+    private readonly header: QedHeader,
+    private readonly geo: QedGeometry,
+    private readonly tables: QedTables,
+    private readonly space: AppendAllocator,
+    private readonly backing: BlockDriver | null,
+    private readonly backingName: string | undefined,
+    private readonly noProbe: boolean,
+    readonly readOnly: boolean,
+    private readonly log: Logger,
+  ) {
+    this.virtualSize = header.imageSize;
+    this.needCheckOnDisk = (header.features & QED_F_NEED_CHECK) !== 0n;
+  }
+
+  get filename(): string {
+    return this.file.path;
+  }
+
+  private checkRange(length: number, guestOffset: number): void {
+    if (guestOffset < 0 || length < 0 || guestOffset + length > this.virtualSize) {
+      throw new QmountError('EINVAL', `${this.file.path}: request [${guestOffset}, +${length}) outside the ${this.virtualSize}-byte disk`);
+    }
+  }
+
+  async read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    this.checkRange(length, guestOffset);
+    let done = 0;
+    while (done < length) {
+      const g = guestOffset + done;
+      const at = bufOffset + done;
+      const ext = await this.tables.map(g, length - done);
+      if (ext.kind === 'data') {
+        // A cluster straddling the end of the file reads zeros past it.
+        await this.file.readZeroFill(buf, at, ext.bytes, ext.host);
+      } else if (ext.kind === 'zero' || !this.backing) {
+        buf.fill(0, at, at + ext.bytes);
+      } else {
+        await readFromBacking(this.backing, buf, at, ext.bytes, g);
+      }
+      done += ext.bytes;
+    }
+  }
+
+  async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError();
+    if (guestOffset + length > this.virtualSize) throw new FormatError('write past the end of the disk', 'ENOSPC');
+    this.checkRange(length, guestOffset);
+    let done = 0;
+    while (done < length) {
+      const g = guestOffset + done;
+      const at = bufOffset + done;
+      const ext = await this.tables.map(g, length - done);
+      if (ext.kind === 'data') {
+        await this.file.write('data_write', buf, at, ext.bytes, ext.host);
+        this.space.wrote(ext.host + ext.bytes);
+        done += ext.bytes;
+      } else {
+        done += await this.allocatingWrite(buf, at, length - done, g);
+      }
+    }
+  }
+
+  /**
+   * Write [g, g + rem) starting in an unallocated or zero cluster. Returns the
+   * bytes written: 0 when the cluster turned out allocated or in flight (the
+   * caller maps again).
+   */
+  private async allocatingWrite(buf: Buffer, at: number, rem: number, g: number): Promise<number> {
+    const cs = this.geo.clusterSize;
+    // A promise returned from inside run() would be awaited under the lock: wrap it.
+    const plan = await this.metaLock.run(async (): Promise<AllocPlan | { wait: Promise<void> } | null> => {
+      const busy = this.inflight.get(Math.floor(g / cs));
+      if (busy) return { wait: busy };
+      const run = await this.tables.allocScan(g, rem, (c) => this.inflight.has(c));
+      if (!run) return null;
+      await this.markNeedCheckLocked();
+      const host = this.space.alloc(run.clusters);
+      let release!: () => void;
+      const settled = new Promise<void>((r) => (release = r));
+      for (let i = 0; i < run.clusters; i++) this.inflight.set(run.firstCluster + i, settled);
+      this.activeAllocs++;
+      return { run, host, release };
+    });
+    if (plan === null) return 0;
+    if ('wait' in plan) {
+      await plan.wait;
+      return 0;
+    }
+    const { run, host } = plan;
+    try {
+      await this.writeNewClusters(buf, at, g, run, host);
+      await this.metaLock.run(() => this.tables.link(run.firstCluster, run.clusters, host));
+    } finally {
+      for (let i = 0; i < run.clusters; i++) this.inflight.delete(run.firstCluster + i);
+      this.activeAllocs--;
+      plan.release();
+      this.armIdleTimer();
+    }
+    if (this.tables.l2.underPressure) await this.tables.l2.writeBack();
+    return run.bytes;
+  }
+
+  /** One write of the new clusters: fill before the data, the data, fill after it. */
+  private async writeNewClusters(buf: Buffer, at: number, g: number, run: FreeRun, host: number): Promise<void> {
+    const cs = this.geo.clusterSize;
+    const start = run.firstCluster * cs;
+    const end = start + run.clusters * cs;
+    const head = g - start;
+    const tail = end - (g + run.bytes);
+    if (head === 0 && tail === 0) {
+      await this.file.write('cow_write', buf, at, run.bytes, host);
+    } else {
+      const out = Buffer.alloc(run.clusters * cs);
+      if (head > 0) await this.fill(run.firstKind, out, 0, head, start);
+      buf.copy(out, head, at, at + run.bytes);
+      if (tail > 0) await this.fill(run.lastKind, out, head + run.bytes, tail, g + run.bytes);
+      await this.file.write('cow_write', out, 0, out.length, host);
+    }
+    this.space.wrote(host + run.clusters * cs);
+  }
+
+  /** Fill a zeroed buffer range with what the guest sees there before the write. */
+  private async fill(kind: 'unalloc' | 'zero', out: Buffer, off: number, len: number, guest: number): Promise<void> {
+    if (kind === 'zero' || !this.backing) return;
+    const inDisk = Math.max(0, Math.min(len, this.virtualSize - guest));
+    if (inDisk > 0) await readFromBacking(this.backing, out, off, inDisk, guest);
+  }
+
+  /** Set the need-check bit durably (caller holds metaLock). */
+  private async markNeedCheckLocked(): Promise<void> {
+    if (this.needCheckOnDisk) return;
+    const features = this.header.features | QED_F_NEED_CHECK;
+    await this.file.write('header_update', serializeHeader({ ...this.header, features }), 0, QED_HEADER_BYTES, 0);
+    await this.file.flush();
+    this.header.features = features;
+    this.needCheckOnDisk = true;
+    this.log.debug('need-check bit set');
+  }
+
+  /** Clear the need-check bit if nothing is in flight; flushes first (caller holds metaLock). */
+  private async clearNeedCheckLocked(): Promise<boolean> {
+    if (!this.needCheckOnDisk) return true;
+    if (this.activeAllocs > 0) return false;
+    await this.tables.flush();
+    // No link can run while we hold the lock, so nothing became dirty meanwhile.
+    if (this.activeAllocs > 0 || this.tables.l2.dirtyCount > 0) return false;
+    await clearNeedCheck(this.file, this.header);
+    this.needCheckOnDisk = false;
+    this.log.debug('need-check bit cleared');
+    return true;
+  }
+
+  private armIdleTimer(): void {
+    if (this.closed) return;
+    if (this.idleTimer) {
+      this.idleTimer.refresh();
+      return;
+    }
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = null;
+      this.metaLock
+        .run(async () => {
+          if (this.closed) return;
+          if (!(await this.clearNeedCheckLocked())) this.armIdleTimer();
+        })
+        .catch((err: unknown) => this.log.warn({ err: (err as Error).message }, 'clearing the need-check bit failed'));
+    }, qedTuning.needCheckIdleMs);
+    this.idleTimer.unref();
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    await this.tables.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.idleTimer) {
+      clearTimeout(this.idleTimer);
+      this.idleTimer = null;
+    }
+    try {
+      if (!this.readOnly) {
+        await this.metaLock.run(async () => {
+          if (!(await this.clearNeedCheckLocked())) {
+            this.log.warn({ activeAllocs: this.activeAllocs }, 'closing with writes in flight: need-check bit left set');
+          }
+        });
+      }
+    } finally {
+      try {
+        if (this.backing) await this.backing.close();
+      } finally {
+        await this.file.close();
+      }
+    }
+  }
+
+  info(): ImageInfo {
+    return {
+      format: 'qed',
+      filename: this.file.path,
+      virtualSize: this.virtualSize,
+      actualSize: this.space.fileEnd,
+      clusterSize: this.geo.clusterSize,
+      backingFile: this.backingName,
+      backingPath: this.backing?.filename,
+      backingFormat: this.backingName === undefined ? undefined : this.noProbe ? 'raw' : this.backing?.format,
+      features: featureNames(this.header.features),
+      backing: this.backing?.info(),
+    };
+  }
 }

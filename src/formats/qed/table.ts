@@ -1,0 +1,223 @@
+/**
+ * QED L1/L2 mapping: guest offset -> host extent, and linking newly written
+ * clusters into the tables.
+ *
+ * The L1 table lives in memory (it is at most one table) and is written
+ * through, one 8-byte entry at a time. L2 tables go through the shared
+ * write-back TableCache, keyed by their host offset.
+ *
+ * Entry values (docs/interop/qed_spec.rst): 0 unallocated, 1 zero cluster
+ * (data entries only), otherwise the cluster-aligned host offset. A value
+ * that is unaligned, inside the header area, or at/after the end of the file
+ * is corrupt: the request touching it fails with EIO, nothing else does.
+ *
+ * Write ordering kept here:
+ *  - a new L2 table is written (with its first entries) and synced before the
+ *    L1 entry pointing at it is written;
+ *  - an L2 entry is set only after the data it points at was written (the
+ *    caller links after its data write completed), and the cache syncs the
+ *    file before writing a dirty L2 table (dependOnSync), so data is durable
+ *    before the table entry pointing at it.
+ * Callers hold the driver's metadata lock around link(); map() and
+ * allocScan() read a table and then scan it synchronously (a cached table
+ * buffer is only valid until the next await).
+ */
+import { TableCache } from '../../../cache/table-cache.js';
+import { CorruptionError } from '../../errors.js';
+import type { ImageFile } from '../../io/file.js';
+import type { AppendAllocator } from './alloc.js';
+import { QED_ZERO_CLUSTER, readEntry, writeEntry, type QedGeometry } from './header.js';
+
+export type ExtentKind = 'data' | 'unalloc' | 'zero';
+
+export interface Extent {
+  kind: ExtentKind;
+  /** host offset of the first byte (kind 'data' only; else 0) */
+  host: number;
+  bytes: number;
+}
+
+export interface FreeRun {
+  /** guest cluster index of the first cluster */
+  firstCluster: number;
+  clusters: number;
+  firstKind: 'unalloc' | 'zero';
+  lastKind: 'unalloc' | 'zero';
+  /** bytes of the request [guest, guest + bytes) inside the run */
+  bytes: number;
+}
+
+/** A data cluster offset is usable: aligned, after the header, starting inside the file. */
+export function validClusterOffset(g: QedGeometry, off: number, fileSize: number): boolean {
+  return off % g.clusterSize === 0 && off >= g.headerEnd && off < fileSize;
+}
+
+/** A table offset is usable: its first and last cluster are valid cluster offsets. */
+export function validTableOffset(g: QedGeometry, off: number, fileSize: number): boolean {
+  return validClusterOffset(g, off, fileSize) && validClusterOffset(g, off + g.tableBytes - g.clusterSize, fileSize);
+}
+
+const hex = (n: number): string => `0x${n.toString(16)}`;
+
+export class QedTables {
+  readonly l2: TableCache;
+
+  constructor(
+    private readonly file: ImageFile,
+    private readonly geo: QedGeometry,
+    /** the L1 table, in memory, kept equal to its on-disk copy */
+    readonly l1: Buffer,
+    private readonly l1Offset: number,
+    private readonly space: AppendAllocator,
+    l2CacheBytes: number,
+  ) {
+    const tableBytes = geo.tableBytes;
+    this.l2 = new TableCache({
+      name: 'qed-l2',
+      tableBytes,
+      maxBytes: l2CacheBytes,
+      store: {
+        read: async (key, into) => {
+          await file.readZeroFill(into, 0, tableBytes, key);
+        },
+        write: (key, data) => file.write('qed_l2_update', data, 0, data.length, key),
+        sync: () => file.flush(),
+      },
+    });
+  }
+
+  /** The L2 table offset for an L1 index: 0 when unallocated; throws when corrupt. */
+  private l2Offset(l1Index: number, guest: number): number {
+    const off = readEntry(this.l1, l1Index);
+    if (off === 0) return 0;
+    if (!validTableOffset(this.geo, off, this.space.fileEnd)) {
+      throw new CorruptionError(
+        `${this.file.path}: corrupt QED L1 entry ${l1Index} (L2 table offset ${hex(off)}) for guest offset ${hex(guest)}`,
+      );
+    }
+    return off;
+  }
+
+  private corruptData(entry: number, guest: number): CorruptionError {
+    const why = entry >= this.space.fileEnd ? 'past the end of the file' : 'not a valid cluster offset';
+    return new CorruptionError(`${this.file.path}: QED data cluster ${hex(entry)} for guest offset ${hex(guest)} is ${why}`);
+  }
+
+  private isDataEntry(e: number): boolean {
+    return validClusterOffset(this.geo, e, this.space.fileEnd);
+  }
+
+  /**
+   * The longest extent of one kind starting at `guest`, at most `maxBytes`,
+   * inside one L2 table; data extents are host-contiguous.
+   */
+  async map(guest: number, maxBytes: number): Promise<Extent> {
+    const g = this.geo;
+    const cs = g.clusterSize;
+    const l1Index = Math.floor(guest / g.l2Span);
+    const inSpan = guest - l1Index * g.l2Span;
+    const limit = Math.min(maxBytes, g.l2Span - inSpan);
+    const l2off = this.l2Offset(l1Index, guest);
+    if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
+    const table = await this.l2.get(l2off);
+    // From here to the return: synchronous (the table buffer is only valid until an await).
+    let idx = Math.floor(inSpan / cs);
+    const within = inSpan - idx * cs;
+    const first = readEntry(table, idx);
+    let bytes = Math.min(limit, cs - within);
+    if (first === 0 || first === QED_ZERO_CLUSTER) {
+      while (bytes < limit && readEntry(table, idx + 1) === first) {
+        idx++;
+        bytes += Math.min(cs, limit - bytes);
+      }
+      return { kind: first === 0 ? 'unalloc' : 'zero', host: 0, bytes };
+    }
+    if (!this.isDataEntry(first)) throw this.corruptData(first, guest);
+    let next = first + cs;
+    while (bytes < limit) {
+      const e = readEntry(table, idx + 1);
+      if (e !== next || !this.isDataEntry(e)) break;
+      idx++;
+      next += cs;
+      bytes += Math.min(cs, limit - bytes);
+    }
+    return { kind: 'data', host: first + within, bytes };
+  }
+
+  /**
+   * For an allocating write at `guest` (caller holds the metadata lock): the
+   * run of unallocated or zero clusters from guest's cluster, inside one L2
+   * table and the request, skipping none and stopping before a cluster that
+   * `busy` reports in flight. Null when the first cluster is now allocated.
+   */
+  async allocScan(guest: number, maxBytes: number, busy: (cluster: number) => boolean): Promise<FreeRun | null> {
+    const g = this.geo;
+    const cs = g.clusterSize;
+    const firstCluster = Math.floor(guest / cs);
+    const l1Index = Math.floor(firstCluster / g.tableEntries);
+    const idx0 = firstCluster - l1Index * g.tableEntries;
+    const within = guest - firstCluster * cs;
+    const limitClusters = Math.min(g.tableEntries - idx0, Math.ceil((within + maxBytes) / cs));
+    const l2off = this.l2Offset(l1Index, guest);
+    const table = l2off === 0 ? null : await this.l2.get(l2off);
+    // Synchronous from here.
+    const kindAt = (i: number): 'unalloc' | 'zero' | null => {
+      const e = table ? readEntry(table, idx0 + i) : 0;
+      if (e === 0) return 'unalloc';
+      if (e === QED_ZERO_CLUSTER) return 'zero';
+      return null;
+    };
+    const firstKind = kindAt(0);
+    if (firstKind === null) {
+      const e = readEntry(table!, idx0);
+      if (!this.isDataEntry(e)) throw this.corruptData(e, guest);
+      return null;
+    }
+    let n = 1;
+    let lastKind = firstKind;
+    while (n < limitClusters && !busy(firstCluster + n)) {
+      const k = kindAt(n);
+      if (k === null) break;
+      lastKind = k;
+      n++;
+    }
+    const bytes = Math.min(maxBytes, n * cs - within);
+    return { firstCluster, clusters: n, firstKind, lastKind, bytes };
+  }
+
+  /**
+   * Point guest clusters [firstCluster, +count) at host clusters from `host`
+   * (whose data is already written). Caller holds the metadata lock.
+   */
+  async link(firstCluster: number, count: number, host: number): Promise<void> {
+    const g = this.geo;
+    const cs = g.clusterSize;
+    const l1Index = Math.floor(firstCluster / g.tableEntries);
+    const idx0 = firstCluster - l1Index * g.tableEntries;
+    const l2off = this.l2Offset(l1Index, firstCluster * cs);
+    if (l2off !== 0) {
+      const table = await this.l2.get(l2off);
+      for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, host + i * cs);
+      this.l2.markDirty(l2off, table);
+      this.l2.dependOnSync();
+      return;
+    }
+    // New L2 table: written with its entries and synced (data included) before L1 points at it.
+    const table = Buffer.alloc(g.tableBytes);
+    for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, host + i * cs);
+    const off = this.space.alloc(g.tableBytes / cs);
+    await this.file.write('qed_l2_alloc', table, 0, g.tableBytes, off);
+    this.space.wrote(off + g.tableBytes);
+    await this.file.flush();
+    const entry = Buffer.alloc(8);
+    writeEntry(entry, 0, off);
+    await this.file.write('qed_l1_update', entry, 0, 8, this.l1Offset + l1Index * 8);
+    this.l2.install(off, table, false);
+    writeEntry(this.l1, l1Index, off);
+  }
+
+  /** Write dirty L2 tables (data synced first) and sync the file. */
+  flush(): Promise<void> {
+    return this.l2.flush();
+  }
+}
