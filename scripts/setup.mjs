@@ -198,7 +198,8 @@ function newestSource() {
 
 function checkBuild() {
   const stamp = mtimeMs(STAMP);
-  if (stamp >= 0 && stamp >= newestSource()) return;
+  // Equal times count as stale: file times have clock-tick granularity.
+  if (stamp >= 0 && stamp > newestSource()) return;
   say(stamp < 0 ? 'building dist/ (tsc)' : 'sources changed: rebuilding dist/ (tsc)');
   fs.rmSync(STAMP, { force: true });
   const tsc = path.join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
