@@ -9,7 +9,7 @@ import { QmountError, UnsupportedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { FormatName } from './driver.js';
 import { probeFormat } from './probe.js';
-// TODO: import { checkQcow2 } from './qcow2/check.js'; import { checkQed } from './qed/check.js'; (modules being written by others)
+import { checkQcow2 } from './qcow2/check.js';
 
 export type RepairMode = 'none' | 'leaks' | 'all';
 
@@ -43,7 +43,7 @@ export async function checkImage(path: string, opts: { repair: RepairMode; log: 
     case 'raw':
       throw new UnsupportedError(`${path}: raw images have no metadata to check`);
     case 'qcow2':
-      throw new UnsupportedError(`${path}: checking qcow2 images is not implemented yet`);
+      return checkQcow2(path, opts);
     case 'qed':
       throw new UnsupportedError(`${path}: checking QED images is not implemented yet`);
   }

@@ -23,6 +23,24 @@ import { Qcow2Writer } from './write.js';
 const KNOWN_BACKING_FORMATS: Record<string, FormatName> = { qcow2: 'qcow2', raw: 'raw', qed: 'qed', file: 'raw' };
 
 export async function openQcow2(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
+  const state = await loadQcow2(file, opts, false);
+  try {
+    const driver = new Qcow2Driver(state, opts);
+    if (!opts.readOnly) await driver.writer!.openForWrite();
+    return driver;
+  } catch (err) {
+    await state.backing?.close().catch(() => {});
+    await state.dataFile?.close().catch(() => {});
+    throw err;
+  }
+}
+
+/**
+ * Read and validate everything an open needs: header, L1, snapshots, data
+ * file, backing chain. `forCheck` lets a repairing check open an image whose
+ * corrupt bit is set.
+ */
+export async function loadQcow2(file: ImageFile, opts: DriverOpenOptions, forCheck: boolean): Promise<Qcow2State> {
   const fileSize = await file.size();
   const first = Buffer.alloc(Math.min(fileSize, 104));
   await file.read(first, 0, first.length, 0);
@@ -34,7 +52,7 @@ export async function openQcow2(file: ImageFile, opts: DriverOpenOptions): Promi
   const header = parseHeader(head, fileSize);
   const g = geometryOf(header);
 
-  if (hasBit(header.incompatible, INCOMPAT_CORRUPT) && !opts.readOnly) {
+  if (hasBit(header.incompatible, INCOMPAT_CORRUPT) && !opts.readOnly && !forCheck) {
     throw new QmountError('EROFS', 'image is marked corrupt; mount it read-only (-r) to recover data, or repair it with qemu-img check -r all');
   }
 
@@ -68,9 +86,7 @@ export async function openQcow2(file: ImageFile, opts: DriverOpenOptions): Promi
     const state = new Qcow2State(file, dataFile, header, g, l1, snaps.snapshots, backing, fileSize, opts.l2CacheBytes, opts.log);
     state.snapshotTableBytes = snaps.byteLength;
     if (dataFile) state.dataFileSize = await dataFile.size();
-    const driver = new Qcow2Driver(state, opts);
-    if (!opts.readOnly) await driver.writer!.openForWrite();
-    return driver;
+    return state;
   } catch (err) {
     for (const f of closeOnError) await f.close().catch(() => {});
     throw err;

@@ -1,0 +1,57 @@
+/**
+ * `qmount check` for qcow2: refcounts against references (snapshots,
+ * compressed clusters, bitmaps included), L1/L2 alignment and bounds, COPIED
+ * flags - see refscan.ts and repair.ts. `--repair leaks` fixes refcounts that
+ * are too high; `--repair all` also those too low and the flags, then clears
+ * the dirty and corrupt bits once nothing is left to fix.
+ */
+import { ImageFile } from '../../io/file.js';
+import type { Logger } from '../../log.js';
+import type { CheckReport, RepairMode } from '../check.js';
+import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES } from '../open.js';
+import { loadQcow2 } from './driver.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
+import { Refcounts } from './refcount.js';
+import { reconcile } from './repair.js';
+
+export async function checkQcow2(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+  const readOnly = opts.repair === 'none';
+  const file = await ImageFile.open(path, { readOnly });
+  try {
+    const s = await loadQcow2(
+      file,
+      { readOnly, l2CacheBytes: DEFAULT_L2_CACHE_BYTES, refcountCacheBytes: DEFAULT_REFCOUNT_CACHE_BYTES, log: opts.log },
+      true,
+    );
+    const table = Buffer.alloc(s.header.refcountTableClusters * s.g.clusterSize);
+    await file.read(table, 0, table.length, s.header.refcountTableOffset);
+    const rc = new Refcounts(s, table, DEFAULT_REFCOUNT_CACHE_BYTES);
+    const r = await reconcile(s, rc, { leaks: opts.repair !== 'none', corruptions: opts.repair === 'all' });
+    const corruptions = r.corruptions - r.fixedCorruptions;
+    const leaks = r.leaks - r.fixedLeaks;
+    if (!readOnly) {
+      await rc.cache.flush();
+      await s.l2Cache.flush();
+      await rc.cache.flush();
+      const bits = BigInt(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+      if (opts.repair === 'all' && corruptions === 0 && (s.header.incompatible & bits) !== 0n) {
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(s.header.incompatible & ~bits);
+        await file.write('header_update', b, 0, 8, 72);
+        await file.flush();
+      }
+    }
+    await s.dataFile?.close().catch(() => {});
+    return {
+      format: 'qcow2',
+      corruptions,
+      leaks,
+      fixedCorruptions: r.fixedCorruptions,
+      fixedLeaks: r.fixedLeaks,
+      messages: r.messages,
+      imageEndOffset: s.fileSize,
+    };
+  } finally {
+    await file.close();
+  }
+}
