@@ -22,11 +22,8 @@ const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
 const DEMO_DIR = path.join(ROOT, '.tmp', 'demo');
 const DEMO_IMAGE = path.join(DEMO_DIR, 'demo.qcow2');
 const DEMO_MNT = path.join(DEMO_DIR, 'mnt');
-/**
- * The demo mounts read-only while qcow2 writes are in progress (issue 3);
- * drop '-r' here (and the -r/ro in the hints) once they land.
- */
-const DEMO_FLAGS = ['-f', '-r'];
+/** Foreground, read-write: the hints read through a read-only loop device, and say how to write. */
+const DEMO_FLAGS = ['-f'];
 
 function fail(msg) {
   process.stderr.write(`start: ${msg}\n`);
@@ -107,7 +104,7 @@ function demo() {
   process.stdout.write(
     [
       '',
-      `qmount demo: mounting ${rel(DEMO_IMAGE)} (256 MiB qcow2 disk, GPT, one ext4 partition) read-only at ${rel(DEMO_MNT)}`,
+      `qmount demo: mounting ${rel(DEMO_IMAGE)} (256 MiB qcow2 disk, GPT, one ext4 partition) at ${rel(DEMO_MNT)}`,
       '',
       `Try, in another terminal (as root, in ${process.cwd()}):`,
       hint(`ls -l ${rel(DEMO_MNT)}`, 'one file, disk.raw: the whole guest disk'),
@@ -120,6 +117,7 @@ function demo() {
       hint('mount -o ro /dev/loop0p1 /mnt'),
       hint('(cd /mnt && ls -l && sha256sum -c SHA256SUMS)'),
       hint('umount /mnt && losetup -d /dev/loop0'),
+      hint('', 'to change the guest disk: losetup without -r, mount without -o ro'),
       '',
       'Stop: Ctrl-C here (after the umount and losetup -d above).',
       '',
