@@ -43,8 +43,9 @@ export async function reconcile(
     note(`ERROR ${p.message}`);
   }
   const cs = s.g.clusterSize;
-  const covered = rc.tableEntries * s.g.refblockEntries;
-  const total = Math.max(scan.clusters, Math.min(covered, scan.clusters + s.g.refblockEntries * blocks.length));
+  // Like qemu-img, only clusters inside the file are compared: a refcount
+  // past the end describes space that does not exist yet, which costs nothing.
+  const total = scan.clusters;
   if (fix.corruptions || fix.leaks) rc.freeHint = Math.max(rc.freeHint, total);
   for (let c = 0; c < total; c++) {
     const expected = c < scan.clusters ? scan.counts[c] : 0;
