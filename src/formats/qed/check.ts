@@ -216,7 +216,14 @@ export async function checkQed(path: string, opts: { repair: RepairMode; log: Lo
     throw new FormatError(`${path}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'EIO');
   }
   try {
-    const { header, l1, fileSize } = await readQedMeta(file);
+    let meta: Awaited<ReturnType<typeof readQedMeta>>;
+    try {
+      meta = await readQedMeta(file);
+    } catch (err) {
+      if (err instanceof FormatError) throw new FormatError(`${path}: ${err.message}`, err.errno);
+      throw err;
+    }
+    const { header, l1, fileSize } = meta;
     const r = await scanQed(file, header, l1, fileSize, opts.repair === 'all', opts.log);
     let leaks = r.leaks;
     let fixedLeaks = 0;
