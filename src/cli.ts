@@ -363,6 +363,8 @@ async function checkCommand(image: string, flags: { output: string; repair?: 'le
 function buildProgram(setResult: (p: Promise<number>) => void): Command {
   const program = new Command('qmount');
   program
+    // Options after a subcommand name belong to the subcommand (`info --format`).
+    .enablePositionalOptions()
     .exitOverride()
     .configureOutput({ outputError: () => {} }) // errors are printed once, as one line, by main()
     .version(packageVersion(), '-V, --version')

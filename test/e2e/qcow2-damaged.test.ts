@@ -387,14 +387,10 @@ describe('damaged qcow2 through `qmount info`', () => {
     }
   });
 
-  // `info --format qcow2` on a file without the qcow2 magic must fail like
-  // openImage(..., {format: 'qcow2'}) does. Known CLI bug (see the report):
-  // the program-level --format option swallows the subcommand's, so the
-  // image is probed as raw and info succeeds. Turn into it() once fixed.
-  const cliCases = HEADER_CASES.filter((c) => !c.format);
-  const knownCliBug = HEADER_CASES.filter((c) => c.format);
-  it.each(cliCases)('$name: exits non-zero with one line on stderr, no stack', (c) => cliFails(c));
-  it.fails.each(knownCliBug)('$name: exits non-zero with one line on stderr, no stack', (c) => cliFails(c));
+  // Cases with `format` run `info --format qcow2` on a file without the
+  // qcow2 magic: it must fail like openImage(..., {format: 'qcow2'}) does
+  // (once a regression: the program-level --format swallowed info's).
+  it.each(HEADER_CASES)('$name: exits non-zero with one line on stderr, no stack', (c) => cliFails(c));
 
   function cliFails(c: HeaderCase): void {
     const p = copyOf(`cli-${c.name.replace(/\W+/g, '_')}`);
