@@ -201,6 +201,8 @@ describe('opening a QED image whose need-check bit is set', () => {
     const img = makeImage();
     setNeedCheck(img);
     wr(img, l1Entry(img, 0) + 3 * 8, u64(l2Entry(img, 0, 0)));
+    wr(img, l1Entry(img, 0) + 1 * 8, u64(7)); // a fixable one too: still nothing may be written
+    wr(img, 32, u64(0x8000)); // unknown autoclear bit: not cleared either
     const hash = sha256File(img);
     let err: unknown;
     try {
@@ -217,6 +219,7 @@ describe('opening a QED image whose need-check bit is set', () => {
     // Data can still be recovered read-only.
     const d = await openRO(img);
     expect((await readGuest(d, 0, cs)).every((b) => b === 0x61)).toBe(true);
+    await expect(readGuest(d, cs, cs)).rejects.toMatchObject({ errno: 'EIO' });
   });
 
   it('after a simulated crash: fsynced data survives, read-only changes nothing, read-write repairs', async () => {

@@ -48,6 +48,10 @@ export interface ScanResult {
   trailingLeaks: number;
   imageEndOffset: number;
   messages: string[];
+  /** corruptions no repair can fix (clusters referenced more than once), included in corruptions */
+  unfixable: number;
+  /** the message of the first unfixable corruption */
+  firstUnfixable?: string;
 }
 
 const MAX_MESSAGES = 50;
@@ -65,7 +69,17 @@ class Scan {
   ) {
     this.nclusters = Math.ceil(fileSize / geo.clusterSize);
     this.used = new Uint8Array(Math.ceil(this.nclusters / 8));
-    this.result = { corruptions: 0, fixedCorruptions: 0, leaks: 0, trailingLeaks: 0, imageEndOffset: 0, messages: [] };
+    this.result = { corruptions: 0, fixedCorruptions: 0, leaks: 0, trailingLeaks: 0, imageEndOffset: 0, messages: [], unfixable: 0 };
+  }
+
+  /** A corruption left in place. */
+  corrupt(msg: string, fixable: boolean): void {
+    this.result.corruptions++;
+    if (!fixable) {
+      this.result.unfixable++;
+      this.result.firstUnfixable ??= msg;
+    }
+    this.note(msg);
   }
 
   note(msg: string): void {
@@ -130,15 +144,13 @@ export async function scanQed(
         r.fixedCorruptions++;
         scan.note(`L1 entry ${i}: invalid L2 table offset ${hex(off)}, cleared`);
       } else {
-        r.corruptions++;
-        scan.note(`L1 entry ${i}: invalid L2 table offset ${hex(off)}`);
+        scan.corrupt(`L1 entry ${i}: invalid L2 table offset ${hex(off)}`, true);
       }
       continue;
     }
     const clash = scan.mark(off, tableClusters);
     if (clash >= 0) {
-      r.corruptions++;
-      scan.note(`L1 entry ${i}: L2 table at ${hex(off)} overlaps cluster ${hex(clash * cs)} used elsewhere`);
+      scan.corrupt(`L1 entry ${i}: L2 table at ${hex(off)} overlaps cluster ${hex(clash * cs)} used elsewhere`, false);
       continue; // do not trust a table that overlaps other metadata
     }
     await file.readZeroFill(l2, 0, geo.tableBytes, off);
@@ -153,14 +165,12 @@ export async function scanQed(
           l2Changed++;
           scan.note(`guest offset ${hex(guest)}: invalid data cluster offset ${hex(e)}, cleared`);
         } else {
-          r.corruptions++;
-          scan.note(`guest offset ${hex(guest)}: invalid data cluster offset ${hex(e)}`);
+          scan.corrupt(`guest offset ${hex(guest)}: invalid data cluster offset ${hex(e)}`, true);
         }
         continue;
       }
       if (scan.mark(e, 1) >= 0) {
-        r.corruptions++;
-        scan.note(`guest offset ${hex(guest)}: data cluster ${hex(e)} is referenced more than once`);
+        scan.corrupt(`guest offset ${hex(guest)}: data cluster ${hex(e)} is referenced more than once`, false);
       }
     }
     if (l2Changed > 0) {

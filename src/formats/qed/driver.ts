@@ -83,23 +83,25 @@ async function openQedInner(file: ImageFile, opts: DriverOpenOptions): Promise<B
   }
 
   if (!opts.readOnly) {
-    // Unknown autoclear bits describe data this implementation would not keep up to date.
-    if (header.autoclearFeatures & ~QED_AUTOCLEAR_FEATURE_MASK) {
-      header.autoclearFeatures &= QED_AUTOCLEAR_FEATURE_MASK;
-      await file.write('header_update', serializeHeader(header), 0, QED_HEADER_BYTES, 0);
-      await file.flush();
-    }
     if (header.features & QED_F_NEED_CHECK) {
-      const r = await scanQed(file, header, l1, fileSize, true, log);
-      if (r.corruptions > 0) {
+      // First look without writing: an image with clusters referenced twice is refused untouched.
+      let r = await scanQed(file, header, l1, fileSize, false, log);
+      if (r.unfixable > 0) {
         throw new FormatError(
-          `QED image was not closed cleanly and has ${r.corruptions} corruptions the automatic repair cannot fix (${r.messages[0] ?? 'clusters referenced more than once'}); open it read-only to recover data`,
+          `QED image was not closed cleanly and has ${r.unfixable} corruptions no repair can fix (${r.firstUnfixable}); open it read-only to recover data`,
           'EIO',
         );
       }
-      // Repairs were synced by the scan; only then may the bit go.
-      await clearNeedCheck(file, header);
+      if (r.corruptions > 0) r = await scanQed(file, header, l1, fileSize, true, log);
+      if (r.corruptions > 0) throw new FormatError(`QED image repair left ${r.corruptions} corruptions`, 'EIO');
       log.warn({ fixed: r.fixedCorruptions, leaks: r.leaks }, 'QED image was not closed cleanly: checked and repaired');
+    }
+    // Unknown autoclear bits describe data this implementation would not keep up to date:
+    // cleared on disk (with the need-check bit, after the repairs were synced) before any write.
+    const autoclear = header.autoclearFeatures & QED_AUTOCLEAR_FEATURE_MASK;
+    if (header.features & QED_F_NEED_CHECK || autoclear !== header.autoclearFeatures) {
+      header.autoclearFeatures = autoclear;
+      await clearNeedCheck(file, header);
     }
   } else if (header.features & QED_F_NEED_CHECK) {
     log.warn('QED image was not closed cleanly; opened read-only without a consistency check');
