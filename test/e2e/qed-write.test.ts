@@ -214,6 +214,33 @@ describe('QED need-check bit', () => {
     expect(qemuCheck(img, 'qed').code).toBe(0);
   });
 
+  it('allocates after the file size rounded up to a cluster, keeping stray tail bytes', async () => {
+    const img = p('tail.qed');
+    qemuImg('create', '-f', 'qed', '-o', `cluster_size=${cs}`, img, String(4 * MiB));
+    const size0 = fs.statSync(img).size;
+    fs.appendFileSync(img, Buffer.alloc(100, 0xcd));
+    const d = await openRW(img);
+    const events: IoEvent[] = [];
+    instrumentation.record((ev) => {
+      if (ev.path === img) events.push(ev);
+    });
+    await d.write(Buffer.alloc(cs, 0x42), 0, cs, 0);
+    await d.write(Buffer.alloc(cs, 0x43), 0, cs, 2 * MiB); // same L2 table (it maps 8 MiB)
+    instrumentation.record(null);
+    const cow = events.filter((e) => e.point === 'cow_write').map((e) => e.offset);
+    const l2 = events.filter((e) => e.point === 'qed_l2_alloc').map((e) => e.offset);
+    expect(cow).toEqual([size0 + cs, size0 + cs + cs + 4 * cs]);
+    expect(l2).toEqual([size0 + 2 * cs]);
+    await closeDriver(d);
+    const raw = fs.readFileSync(img);
+    expect(raw.subarray(size0, size0 + 100).every((b) => b === 0xcd)).toBe(true);
+    const back = fs.readFileSync(convertToRaw(img, p('tail.raw')));
+    expect(back.subarray(0, cs).every((b) => b === 0x42)).toBe(true);
+    expect(back.subarray(2 * MiB, 2 * MiB + cs).every((b) => b === 0x43)).toBe(true);
+    const check = qemuCheck(img, 'qed');
+    expect(check.code, check.output).toBe(3); // the partial cluster of stray bytes is unreferenced
+  });
+
   it('a read-only open writes nothing and refuses writes', async () => {
     const img = p('ro.qed');
     qemuImg('create', '-f', 'qed', img, String(4 * MiB));
