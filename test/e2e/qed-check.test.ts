@@ -263,7 +263,7 @@ describe('hostile QED headers through openImage', () => {
   const cases: Array<[string, (img: string) => void, RegExp]> = [
     ['truncated header', (img) => fs.truncateSync(img, 40), /truncated/],
     ['bad magic', (img) => wr(img, 0, Buffer.from('QEE\0')), /bad magic/],
-    ['cluster size not a power of two', (img) => rd(img, 0, 0) && wr(img, 4, Buffer.from([0, 0x30, 0, 0])), /cluster size/],
+    ['cluster size not a power of two', (img) => wr(img, 4, Buffer.from([0, 0x30, 0, 0])), /cluster size/],
     ['cluster size too small', (img) => wr(img, 4, Buffer.from([0, 2, 0, 0])), /cluster size 512 is invalid/],
     ['table size 0', (img) => wr(img, 8, Buffer.from([0, 0, 0, 0])), /table size 0 is invalid/],
     ['table size 32', (img) => wr(img, 8, Buffer.from([32, 0, 0, 0])), /table size 32 is invalid/],

@@ -63,7 +63,7 @@ function engineTarget(d: BlockDriver): Target {
 }
 
 /** The need-check bit as it is on disk now. */
-export function needCheckOnDisk(img: string): boolean {
+function needCheckOnDisk(img: string): boolean {
   const fd = fs.openSync(img, 'r');
   try {
     const b = Buffer.alloc(8);
