@@ -10,6 +10,7 @@ import type { Logger } from '../log.js';
 import type { FormatName } from './driver.js';
 import { probeFormat } from './probe.js';
 import { checkQcow2 } from './qcow2/check.js';
+import { checkQed } from './qed/check.js';
 
 export type RepairMode = 'none' | 'leaks' | 'all';
 
@@ -45,6 +46,6 @@ export async function checkImage(path: string, opts: { repair: RepairMode; log: 
     case 'qcow2':
       return checkQcow2(path, opts);
     case 'qed':
-      throw new UnsupportedError(`${path}: checking QED images is not implemented yet`);
+      return checkQed(path, opts);
   }
 }

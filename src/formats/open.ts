@@ -35,6 +35,11 @@ type FormatOpener = (file: ImageFile, opts: DriverOpenOptions) => Promise<BlockD
 const OPENERS: Record<FormatName, FormatOpener> = { qcow2: openQcow2, qed: openQed, raw: openRaw };
 
 export async function openImage(imagePath: string, opts: OpenImageOptions): Promise<BlockDriver> {
+  if (opts.noBacking && !opts.readOnly) {
+    // A partial write into an unallocated cluster copies the rest of the
+    // cluster from the backing file; without it that would become zeros.
+    throw new QmountError('EINVAL', `${imagePath}: --no-backing is only allowed read-only (-r): writes need the backing file`);
+  }
   return openInChain(imagePath, opts.format, opts.readOnly, opts, []);
 }
 
@@ -98,8 +103,9 @@ async function openInChain(
     return await OPENERS[fmt](file, driverOpts);
   } catch (err) {
     await file.close().catch(() => {});
+    // Name the image in the message, keeping the error's class and errno.
     if (err instanceof QmountError && !err.message.includes(imagePath) && !err.message.includes(real)) {
-      throw new QmountError(err.errno, `${imagePath}: ${err.message}`);
+      err.message = `${imagePath}: ${err.message}`;
     }
     throw err;
   }
