@@ -16,7 +16,7 @@
  * Exit codes (check), as qemu-img check:
  *   0  no errors            1  the check could not complete
  *   2  corruptions remain   3  only leaked clusters remain
- *   63 the format does not support checks (raw)
+ *   63 the format has nothing to check (raw)
  * Errors print one line, `qmount: <message>`, never a stack trace.
  */
 import fs from 'node:fs';
