@@ -104,6 +104,16 @@ const KINDS: Kind[] = [
       return { image: create(d, '', 64 * MiB, ['base.raw', 'raw']), frozen: [base] };
     },
   },
+  {
+    name: 'QED backing file',
+    size: 48 * MiB,
+    build: (d) => {
+      const base = path.join(d, 'base.qed');
+      qemuImg('create', '-q', '-f', 'qed', base, String(32 * MiB));
+      qemuIo(base, 'qed', ['write -P 0x3c 0 20M']);
+      return { image: create(d, '', 48 * MiB, ['base.qed', 'qed']), frozen: [base] };
+    },
+  },
   { name: 'extended_l2 without backing', size: 64 * MiB, build: (d) => ({ image: create(d, 'extended_l2=on,cluster_size=128k'), frozen: [] }) },
   {
     name: 'extended_l2 with backing',
