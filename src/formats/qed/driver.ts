@@ -55,21 +55,8 @@ export const qedTuning = {
   needCheckIdleMs: 5000,
 };
 
-/** Errors name the image (so openImage passes them on unchanged, class included). */
-export function namingImage(err: unknown, imagePath: string): unknown {
-  if (err instanceof FormatError && !err.message.includes(imagePath)) return new FormatError(`${imagePath}: ${err.message}`, err.errno);
-  return err;
-}
-
+/** Errors that do not name the image get its name from openImage (open.ts). */
 export async function openQed(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
-  try {
-    return await openQedInner(file, opts);
-  } catch (err) {
-    throw namingImage(err, file.path);
-  }
-}
-
-async function openQedInner(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
   const log = opts.log;
   const { header, l1, fileSize } = await readQedMeta(file);
   const geo = geometryOf(header);
