@@ -9,7 +9,8 @@
  *   node scripts/setup.mjs --test    also what the test suite and benchmarks need
  *
  * Steps: Node version, Debian packages (installed with apt-get when root),
- * node_modules (npm ci), dist/ (tsc), /dev/fuse. Each failure is one line
+ * node_modules (npm ci), dist/ (tsc), the image-locking addon (node-gyp),
+ * /dev/fuse. Each failure is one line
  * saying what to do, and a non-zero exit.
  */
 import { spawnSync } from 'node:child_process';
@@ -209,7 +210,63 @@ function checkBuild() {
   fs.writeFileSync(STAMP, `${new Date().toISOString()}\n`);
 }
 
-// ---- 5. devices ----------------------------------------------------------
+// ---- 5. native addon -----------------------------------------------------
+/**
+ * native/ofd-lock: the fcntl(F_OFD_SETLK) calls image locking needs (see
+ * src/io/lock.ts). Built with the node-gyp that ships inside npm, against the
+ * headers of the Node that runs this script (nodedir), so nothing is
+ * downloaded. Rebuilt when its sources are newer than the built addon.
+ */
+const ADDON_DIR = path.join(ROOT, 'native', 'ofd-lock');
+const ADDON = path.join(ADDON_DIR, 'build', 'Release', 'ofd_lock.node');
+
+function findNodeGyp() {
+  const candidates = [];
+  if (process.env.npm_config_node_gyp) candidates.push(process.env.npm_config_node_gyp);
+  const execPath = process.env.npm_execpath;
+  if (execPath && /npm-cli\.js$/.test(execPath)) candidates.push(path.join(path.dirname(execPath), '..', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js'));
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    if (!dir) continue;
+    try {
+      const npmCli = fs.realpathSync(path.join(dir, 'npm'));
+      candidates.push(path.join(path.dirname(npmCli), '..', 'node_modules', 'node-gyp', 'bin', 'node-gyp.js'));
+    } catch {
+      // no npm here
+    }
+  }
+  candidates.push(path.join(ROOT, 'node_modules', 'node-gyp', 'bin', 'node-gyp.js'));
+  return candidates.find((c) => mtimeMs(c) >= 0);
+}
+
+/** Node's headers: npm's nodedir setting, else the prefix of the running node (/usr/bin/node -> /usr). */
+function nodeDir() {
+  const configured = process.env.npm_config_nodedir;
+  if (configured && mtimeMs(path.join(configured, 'include', 'node', 'node_api.h')) >= 0) return configured;
+  const prefix = path.resolve(path.dirname(process.execPath), '..');
+  if (mtimeMs(path.join(prefix, 'include', 'node', 'node_api.h')) >= 0) return prefix;
+  return undefined;
+}
+
+function checkAddon() {
+  if (mtimeMs(path.join(ADDON_DIR, 'binding.gyp')) < 0) return; // a checkout without the addon
+  const built = mtimeMs(ADDON);
+  const newest = Math.max(mtimeMs(path.join(ADDON_DIR, 'binding.gyp')), mtimeMs(path.join(ADDON_DIR, 'ofd_lock.c')));
+  if (built >= 0 && built > newest) return;
+  say('building native/ofd-lock (image locking) with node-gyp');
+  const gyp = findNodeGyp();
+  const needs = 'it needs python3, make, a C compiler and Node\'s headers';
+  if (!gyp) fail(`cannot build native/ofd-lock: node-gyp not found (it ships with npm; or: npm install -g node-gyp); ${needs}`);
+  const dir = nodeDir();
+  const args = [gyp, 'rebuild', ...(dir ? [`--nodedir=${dir}`] : [])];
+  const r = spawnSync(process.execPath, args, { cwd: ADDON_DIR, stdio: 'pipe', encoding: 'utf8' });
+  if (r.status !== 0 || mtimeMs(ADDON) < 0) {
+    const out = `${r.stdout ?? ''}${r.stderr ?? ''}`.trim().split('\n').slice(-15).join('\n');
+    if (out) process.stderr.write(`${out}\n`);
+    fail(`building native/ofd-lock failed (exit ${r.status ?? r.signal}); ${needs}${dir ? '' : ' (no Node headers found next to node: set npm_config_nodedir)'}`);
+  }
+}
+
+// ---- 6. devices ----------------------------------------------------------
 function checkDevices() {
   if (mtimeMs('/dev/fuse') < 0) {
     fail('/dev/fuse does not exist: load the module (modprobe fuse), or in a container run with --device /dev/fuse --cap-add SYS_ADMIN');
@@ -225,4 +282,5 @@ function checkDevices() {
 checkPackages();
 checkNodeModules();
 checkBuild();
+checkAddon();
 checkDevices();

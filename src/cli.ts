@@ -12,12 +12,15 @@
  *   1  usage or bad input: unknown option, bad value, IMAGE missing,
  *      DIR missing / not a directory / not empty / already or stale mounted
  *   2  the image cannot be opened or mounted (format error, unsupported
- *      feature, FUSE failure), or closing the image failed at unmount
+ *      feature, FUSE failure, or it is locked: a running QEMU or another
+ *      qmount uses it in a way this open conflicts with), or closing the
+ *      image failed at unmount
  * Exit codes (check), as qemu-img check:
  *   0  no errors            1  the check could not complete
  *   2  corruptions remain   3  only leaked clusters remain
  *   63 the format has nothing to check (raw)
- * Errors print one line, `qmount: <message>`, never a stack trace.
+ * Errors print one line, `qmount: <message>`, never a stack trace;
+ * warnings (e.g. --force-share on an image in use) one `qmount: warning: ...` line.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -30,7 +33,9 @@ import { QmountError, oneLine } from './errors.js';
 import { checkImage, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES, openImage } from './formats/open.js';
-import { configureLogging, logger } from './log.js';
+import { ImageFile } from './io/file.js';
+import { lockImageFile } from './io/lock.js';
+import { configureLogging, logger, type Logger } from './log.js';
 
 const EXIT_OK = 0;
 const EXIT_USAGE = 1;
@@ -55,6 +60,10 @@ const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'
 
 function printError(msg: string): void {
   process.stderr.write(`qmount: ${msg}\n`);
+}
+
+function printWarning(msg: string): void {
+  process.stderr.write(`qmount: warning: ${msg}\n`);
 }
 
 /** "32M", "1G", "512k", "1048576", "64MiB" -> bytes (binary units). */
@@ -105,6 +114,7 @@ interface MountFlags {
   format?: FormatName;
   l2CacheSize?: number;
   backing: boolean;
+  forceShare?: boolean;
   logLevel?: string;
   logFile?: string;
   pidFile?: string;
@@ -119,11 +129,14 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     throw withCode(err, EXIT_USAGE);
   }
   const readOnly = !!flags.readOnly || mountOpts.readOnly;
+  if (flags.forceShare && !readOnly) throw new CliError(EXIT_USAGE, '--force-share needs a read-only mount (-r)');
 
   if (!flags.foreground) {
     // Check here too so the common mistakes fail fast; the daemon checks again.
     await checkImagePath(image);
     await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
+    // The daemon's stderr goes nowhere: the --force-share warning is given here.
+    if (flags.forceShare) await warnIfInUse(image);
     return runDaemonParent(fileURLToPath(import.meta.url), process.argv.slice(2), printError);
   }
 
@@ -151,9 +164,12 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
       readOnly,
       format: flags.format,
       noBacking: !flags.backing,
+      forceShare: flags.forceShare,
+      onWarning: printWarning,
       l2CacheBytes: flags.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES,
       log: logger('image'),
     }).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
+    logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
       session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount') });
@@ -176,6 +192,36 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   const code = await session.done;
   if (pidFile) fs.rmSync(pidFile, { force: true });
   return code;
+}
+
+/** --force-share in daemon mode: warn (in the parent, which has a terminal) when a writer holds the image. */
+async function warnIfInUse(image: string): Promise<void> {
+  let file: ImageFile | undefined;
+  try {
+    file = await ImageFile.open(image, { readOnly: true });
+    const lock = lockImageFile(file.descriptor, path.resolve(image), image, 'shared-read');
+    if (lock.inUseBy) printWarning(`${image} is being written by ${lock.inUseBy}; --force-share: the mount may see inconsistent data`);
+  } catch {
+    // the daemon opens the image again and reports what is wrong
+  } finally {
+    await file?.close().catch(() => {});
+  }
+}
+
+/**
+ * The backing chain as opened, at info level: backing file names come from
+ * the image (untrusted data), so the log shows where they led.
+ */
+function logChain(log: Logger, top: ImageInfo, backing: boolean): void {
+  const chain: Array<{ image: string; format: string; backingName?: string }> = [];
+  for (let i: ImageInfo | undefined = top; i; i = i.backing) {
+    chain.push({ image: i.filename, format: i.format, backingName: i.backingFile });
+  }
+  log.info({ chain }, 'backing chain');
+  const last = chain[chain.length - 1]!;
+  if (!backing && last.backingName !== undefined) {
+    log.info({ image: last.image, backingName: last.backingName }, 'backing file not opened (--no-backing): unallocated clusters read as zeros');
+  }
 }
 
 // ---- info ----------------------------------------------------------------
@@ -288,10 +334,23 @@ function infoHuman(info: ImageInfo, name = info.filename): string {
   return info.backing ? `${text}\n\n${infoHuman(info.backing)}` : text;
 }
 
-async function infoCommand(image: string, flags: { output: string; format?: FormatName; backing: boolean }): Promise<number> {
+interface InfoFlags {
+  output: string;
+  format?: FormatName;
+  backing: boolean;
+  forceShare?: boolean;
+}
+
+async function infoCommand(image: string, flags: InfoFlags): Promise<number> {
   configureLogging({ level: process.env.QMOUNT_LOG_LEVEL ?? 'error' });
   await checkImagePath(image);
-  const driver = await openImage(image, { readOnly: true, format: flags.format, noBacking: !flags.backing, log: logger('image') })
+  const driver = await openImage(image, {
+    readOnly: true,
+    format: flags.format,
+    noBacking: !flags.backing,
+    forceShare: flags.forceShare,
+    log: logger('image'),
+  })
     .catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
   let info: ImageInfo;
   try {
@@ -377,6 +436,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
     .option('--l2-cache-size <size>', `L2 table cache size, e.g. 32M, 1G, bytes (default: ${DEFAULT_L2_CACHE_BYTES / 1048576}M)`, parseSize)
     .option('--no-backing', 'do not open backing files: unallocated clusters read as zeros')
+    .option('-U, --force-share', 'with -r: mount even if another process (QEMU, qmount) is writing the image; reads may then be inconsistent')
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .option('--pid-file <file>', 'write the mount process id here while mounted')
@@ -395,7 +455,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
     .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
     .option('--no-backing', 'do not open backing files')
-    .action((image: string, flags: { output: string; format?: FormatName; backing: boolean }) => setResult(infoCommand(image, flags)));
+    .option('-U, --force-share', 'open the image even if another process is writing it')
+    .action((image: string, flags: InfoFlags) => setResult(infoCommand(image, flags)));
 
   program
     .command('check')

@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { FormatError, QmountError } from '../errors.js';
 import { ImageFile } from '../io/file.js';
+import { lockImageFile, type LockMode } from '../io/lock.js';
 import { logger, type Logger } from '../log.js';
 import type { BlockDriver, DriverOpenOptions, FormatName } from './driver.js';
 import { probeFormat } from './probe.js';
@@ -20,6 +21,13 @@ export interface OpenImageOptions {
   format?: FormatName;
   /** Do not follow backing files: unallocated clusters read as zeros. */
   noBacking?: boolean;
+  /**
+   * Read-only only: lock as a reader that shares every permission (QEMU's
+   * -U), so an image another process is writing can still be opened.
+   */
+  forceShare?: boolean;
+  /** Told (one line) when --force-share let an image in use be opened. */
+  onWarning?: (message: string) => void;
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
   log?: Logger;
@@ -74,6 +82,18 @@ async function openInChain(
     throw new QmountError(code === 'EACCES' ? 'EACCES' : 'EIO', `${imagePath}: cannot open: ${code}`);
   }
   try {
+    // Image locking (src/io/lock.ts), before the driver reads or writes a
+    // byte: a writable image as a QEMU writer, read-only images and backing
+    // files as readers; --force-share as a reader that shares everything.
+    const lockMode: LockMode = !readOnly ? 'write' : opts.forceShare ? 'shared-read' : 'read';
+    const lock = lockImageFile(file.descriptor, real, imagePath, lockMode);
+    const lockLog = opts.log ?? logger('image');
+    if (!lock.locked) lockLog.warn({ image: real, reason: lock.unsupported }, 'file system does not support locks: image not locked');
+    if (lock.inUseBy) {
+      const msg = `${imagePath} is being written by ${lock.inUseBy}; --force-share: the mount may see inconsistent data`;
+      lockLog.warn({ image: real, writer: lock.inUseBy }, 'image in use by a writer; opened because of --force-share');
+      opts.onWarning?.(msg);
+    }
     let fmt = format;
     if (!fmt) {
       const head = Buffer.alloc(8);
