@@ -162,17 +162,22 @@ export function lockHolders(filePath: string, byte: number): string[] {
       }
     });
     if (holds) {
-      let comm = '?';
-      try {
-        comm = fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
-      } catch {
-        // gone meanwhile
-      }
-      out.push(`${comm} (pid ${pid})`);
+      out.push(`${processName(pid)} (pid ${pid})`);
       if (out.length >= 3) break;
     }
   }
   return out;
+}
+
+/** "qmount" for a qmount process (its comm is "node"), else the command name. */
+function processName(pid: string): string {
+  try {
+    const args = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    if (args.slice(0, 3).some((a) => /(^|\/)qmount$|\/src\/cli\.js$/.test(a))) return 'qmount';
+    return fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return '?'; // gone meanwhile
+  }
 }
 
 function byWhom(filePath: string, byte: number): string {
