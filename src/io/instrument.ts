@@ -29,6 +29,16 @@ export interface IoEvent {
   data?: Buffer;
 }
 
+/** A fault that was injected: the operation it failed (no data) and the errno. */
+export interface InjectedFault {
+  kind: IoEvent['kind'];
+  point: IoPoint;
+  path: string;
+  offset: number;
+  length: number;
+  errno: FaultRule['errno'];
+}
+
 interface ActiveRule extends FaultRule {
   seen: number;
   failed: number;
@@ -38,14 +48,22 @@ class Instrumentation {
   active = false;
   private rules: ActiveRule[] = [];
   private recorder: ((ev: IoEvent) => void) | null = null;
+  private onInject: ((f: InjectedFault) => void) | null = null;
+  /** Faults injected since the last setFaults(), in order. */
+  injected: InjectedFault[] = [];
 
-  setFaults(rules: FaultRule[]): void {
+  /** Replace the rules; `onInject` is told of each fault as it is thrown. */
+  setFaults(rules: FaultRule[], onInject?: (f: InjectedFault) => void): void {
     this.rules = rules.map((r) => ({ ...r, seen: 0, failed: 0 }));
+    this.injected = [];
+    this.onInject = onInject ?? null;
     this.update();
   }
 
+  /** Drop the rules (what was injected stays readable until the next setFaults). */
   clearFaults(): void {
     this.rules = [];
+    this.onInject = null;
     this.update();
   }
 
@@ -67,6 +85,9 @@ class Instrumentation {
       if (r.seen <= (r.skip ?? 0)) continue;
       if (r.times !== undefined && r.failed >= r.times) continue;
       r.failed++;
+      const fault: InjectedFault = { kind, point, path, offset, length, errno: r.errno };
+      this.injected.push(fault);
+      this.onInject?.(fault);
       const err = new Error(`injected ${r.errno} at ${point}`) as Error & { code: string };
       err.code = r.errno;
       throw err;
