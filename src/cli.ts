@@ -32,7 +32,7 @@ import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { QmountError, oneLine } from './errors.js';
 import { checkImage, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
-import { DEFAULT_L2_CACHE_BYTES, openImage } from './formats/open.js';
+import { DEFAULT_L2_CACHE_BYTES, openImage, printable } from './formats/open.js';
 import { ImageFile } from './io/file.js';
 import { lockImageFile } from './io/lock.js';
 import { configureLogging, logger, type Logger } from './log.js';
@@ -58,12 +58,13 @@ class CliError extends Error {
 const FORMATS = ['qcow2', 'qed', 'raw'] as const;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 
+// Messages may quote names read from an image (untrusted): printable() keeps them one line, free of terminal escapes.
 function printError(msg: string): void {
-  process.stderr.write(`qmount: ${msg}\n`);
+  process.stderr.write(`qmount: ${printable(msg)}\n`);
 }
 
 function printWarning(msg: string): void {
-  process.stderr.write(`qmount: warning: ${msg}\n`);
+  process.stderr.write(`qmount: warning: ${printable(msg)}\n`);
 }
 
 /** "32M", "1G", "512k", "1048576", "64MiB" -> bytes (binary units). */
@@ -330,7 +331,8 @@ function infoHuman(info: ImageInfo, name = info.filename): string {
   }
   if (info.features.length > 0) lines.push(`features: ${info.features.join(', ')}`);
   if (isDirty(info)) lines.push('dirty: the image was not closed cleanly');
-  const text = lines.join('\n');
+  // Backing and data file names, snapshot names come from the image: shown with control characters escaped.
+  const text = lines.map(printable).join('\n');
   return info.backing ? `${text}\n\n${infoHuman(info.backing)}` : text;
 }
 

@@ -48,7 +48,21 @@ export async function openImage(imagePath: string, opts: OpenImageOptions): Prom
     // cluster from the backing file; without it that would become zeros.
     throw new QmountError('EINVAL', `${imagePath}: --no-backing is only allowed read-only (-r): writes need the backing file`);
   }
-  return openInChain(imagePath, opts.format, opts.readOnly, opts, []);
+  if (opts.forceShare && !opts.readOnly) throw new QmountError('EINVAL', `${imagePath}: --force-share is only allowed read-only (-r)`);
+  try {
+    return await openInChain(imagePath, opts.format, opts.readOnly, opts, []);
+  } catch (err) {
+    // Names inside images (backing file, data file) are untrusted: one with
+    // control characters must not turn an error into several lines or
+    // terminal escapes, wherever in the chain or driver it was quoted.
+    if (err instanceof QmountError && err.message !== printable(err.message)) throw new QmountError(err.errno, printable(err.message));
+    throw err;
+  }
+}
+
+/** Untrusted text (a name read from an image) made safe for one line of a terminal: control characters as \xNN. */
+export function printable(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 async function openInChain(
@@ -90,7 +104,7 @@ async function openInChain(
     const lockLog = opts.log ?? logger('image');
     if (!lock.locked) lockLog.warn({ image: real, reason: lock.unsupported }, 'file system does not support locks: image not locked');
     if (lock.inUseBy) {
-      const msg = `${imagePath} is being written by ${lock.inUseBy}; --force-share: the mount may see inconsistent data`;
+      const msg = printable(`${imagePath} is being written by ${lock.inUseBy}; --force-share: the mount may see inconsistent data`);
       lockLog.warn({ image: real, writer: lock.inUseBy }, 'image in use by a writer; opened because of --force-share');
       opts.onWarning?.(msg);
     }
