@@ -28,6 +28,7 @@
  * changed for the tests.
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
 import type { BlockDriver } from '../../src/formats/driver.js';
@@ -45,6 +46,22 @@ export const quietLog = pino({ level: 'silent' });
 const KiB = 1024;
 const MiB = 1024 * 1024;
 const SECTOR = 512;
+
+/**
+ * A scratch directory on tmpfs when there is one: the engine-level tests model
+ * durability themselves, so real fdatasyncs only cost time there.
+ */
+export function fastScratch(tag: string): { dir: string; cleanup: () => void } {
+  let root = os.tmpdir();
+  try {
+    fs.accessSync('/dev/shm', fs.constants.W_OK);
+    root = '/dev/shm';
+  } catch {
+    // no tmpfs: the ordinary temporary directory
+  }
+  const dir = fs.realpathSync(fs.mkdtempSync(path.join(root, `qmount-${tag}-${process.pid}-`)));
+  return { dir, cleanup: () => fs.rmSync(dir, { recursive: true, force: true }) };
+}
 
 // ---- I/O tracking ---------------------------------------------------------
 

@@ -26,8 +26,8 @@
 import fs from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import path from 'node:path';
-import { checkState, context, crashStates, materialize, recordWorkload, SCENARIOS, type CrashState } from '../helpers/crash.js';
-import { qemuCheck, qemuCompare, scratchDir } from '../helpers/qemu.js';
+import { checkState, context, crashStates, fastScratch, materialize, recordWorkload, SCENARIOS, type CrashState } from '../helpers/crash.js';
+import { qemuCheck, qemuCompare } from '../helpers/qemu.js';
 
 const FULL = process.env.QMOUNT_CRASH_FULL === '1';
 const SEED = Number(process.env.QMOUNT_CRASH_SEED ?? 1);
@@ -36,7 +36,7 @@ afterAll(() => cleanups.forEach((c) => c()));
 
 describe(`crash points (${FULL ? 'full' : 'reduced'} run)`, () => {
   it.each(SCENARIOS.map((s) => [s.name, s] as const))('%s', async (_name, sc) => {
-    const { dir, cleanup } = scratchDir(`crash-${sc.name}`);
+    const { dir, cleanup } = fastScratch(`crash-${sc.name}`);
     cleanups.push(cleanup);
     const rec = await recordWorkload(sc, dir);
     const points = rec.ios.map((r) => r.point);
@@ -69,7 +69,7 @@ describe(`crash points (${FULL ? 'full' : 'reduced'} run)`, () => {
 // produces are rejected, through each of its two main checks.
 describe('the crash judge rejects states the write order forbids', () => {
   it('an L1 entry without its new L2 table (flushed data lost), and L2 entries without their refcounts (qemu-img check errors)', async () => {
-    const { dir, cleanup } = scratchDir('crash-judge');
+    const { dir, cleanup } = fastScratch('crash-judge');
     cleanups.push(cleanup);
     const rec = await recordWorkload(SCENARIOS.find((s) => s.name === 'l2-alloc')!, dir);
     const writes = rec.ios.filter((r) => r.kind !== 'flush');
