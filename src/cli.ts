@@ -131,6 +131,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   }
   const readOnly = !!flags.readOnly || mountOpts.readOnly;
   if (flags.forceShare && !readOnly) throw new CliError(EXIT_USAGE, '--force-share needs a read-only mount (-r)');
+  if (!flags.backing && !readOnly) throw new CliError(EXIT_USAGE, '--no-backing needs a read-only mount (-r): writes need the backing file');
 
   if (!flags.foreground) {
     // Check here too so the common mistakes fail fast; the daemon checks again.

@@ -79,7 +79,7 @@ async function openInChain(
     throw new QmountError('ENOENT', `${imagePath}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
   }
   if (chain.includes(real)) {
-    throw new QmountError('ELOOP', `${chain[0]}: backing chain loops back to ${real}`);
+    throw new QmountError('ELOOP', `${chain[0]}: backing chain loops: ${[...chain, real].join(' -> ')}`);
   }
   if (chain.length >= MAX_CHAIN_DEPTH) {
     throw new QmountError('ELOOP', `${chain[0]}: backing chain deeper than ${MAX_CHAIN_DEPTH}`);
