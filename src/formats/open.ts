@@ -52,12 +52,24 @@ export async function openImage(imagePath: string, opts: OpenImageOptions): Prom
   try {
     return await openInChain(imagePath, opts.format, opts.readOnly, opts, []);
   } catch (err) {
-    // Names inside images (backing file, data file) are untrusted: one with
-    // control characters must not turn an error into several lines or
-    // terminal escapes, wherever in the chain or driver it was quoted.
-    if (err instanceof QmountError && err.message !== printable(err.message)) throw new QmountError(err.errno, printable(err.message));
+    // Names inside images (backing file, data file, backing format) are
+    // untrusted: one with control characters must not turn an error into
+    // several lines or terminal escapes, nor a long one into a screenful,
+    // wherever in the chain or driver it was quoted.
+    if (err instanceof QmountError) {
+      const safe = bounded(printable(err.message));
+      if (safe !== err.message) throw new QmountError(err.errno, safe);
+    }
     throw err;
   }
+}
+
+/** Longest error message openImage passes on; longer ones keep their start and end (where the errno name usually is). */
+const MAX_MESSAGE = 600;
+
+function bounded(message: string): string {
+  if (message.length <= MAX_MESSAGE) return message;
+  return `${message.slice(0, MAX_MESSAGE - 201)}…${message.slice(-200)}`;
 }
 
 /** Untrusted text (a name read from an image) made safe for one line of a terminal: control characters as \xNN. */
