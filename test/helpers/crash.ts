@@ -465,6 +465,17 @@ export const SCENARIOS: Scenario[] = [
     exercised: (_b, pts) => needs(pts, ['header_update', 'l2_alloc', 'cow_write']),
   },
   {
+    name: 'lazy-reftable-grow',
+    note: 'lazy_refcounts=on with 512-byte clusters filled to just below what the refcount table covers: table growth behind the dirty bit, and repairs that must grow it',
+    build(dir) {
+      const image = qcow2(dir, 'img.qcow2', 10 * MiB, ['cluster_size=512', 'lazy_refcounts=on']);
+      qemuIo(image, 'qcow2', [`write -P 0x23 0 ${7600 * KiB}`]);
+      return { image, format: 'qcow2', written: [image], frozen: [] };
+    },
+    ops: genOps(1010, { count: 36, start: 7400 * KiB, end: 10 * MiB, maxLength: 40 * KiB, flushEvery: 7, align: 512, groups: true }),
+    exercised: (b, pts) => needs(pts, ['reftable_grow', 'header_update', 'refblock_alloc']) ?? (be32(b.image, 56) > 1 ? null : 'the refcount table did not grow'),
+  },
+  {
     name: 'external-data-file',
     note: 'data_file=data.raw, 4 KiB clusters: data goes to the data file, metadata to the image; flushes sync both',
     build(dir) {
@@ -514,6 +525,15 @@ export async function recordWorkload(sc: Scenario, dir: string): Promise<Recordi
   const initialRaw = convertToRaw(built.image, path.join(dir, 'initial.raw'));
   const initialGuest = fs.readFileSync(initialRaw);
   fs.rmSync(initialRaw);
+  return recordRun(sc, dir, built, initialGuest, sc.ops);
+}
+
+/**
+ * Record a read-write open, `ops`, and close of the image files as they are
+ * now. `initialGuest` is what the guest saw before (for a crash state, what a
+ * read-only open reads: recovery must keep it).
+ */
+export async function recordRun(sc: Scenario, dir: string, built: Built, initialGuest: Buffer, ops: Op[]): Promise<Recording> {
   const pristine = new Map(built.written.map((f) => [f, fs.readFileSync(f)] as const));
   const frozenBytes = new Map(built.frozen.map((f) => [f, fs.readFileSync(f)] as const));
   const tracker = new IoTracker(new Set(built.written));
@@ -524,7 +544,7 @@ export async function recordWorkload(sc: Scenario, dir: string): Promise<Recordi
   try {
     const d = await openImage(built.image, { readOnly: false, format: built.format, log: quietLog });
     try {
-      run = await runOps(d, sc.ops, model, tracker);
+      run = await runOps(d, ops, model, tracker);
     } finally {
       closeFlush.issued = tracker.tick();
       await d.close();
@@ -539,6 +559,16 @@ export async function recordWorkload(sc: Scenario, dir: string): Promise<Recordi
     scenario: sc, dir, built, pristine, frozenBytes, initialGuest, ios: tracker.ios,
     guestWrites: run.writes, guestFlushes: [...run.flushes, closeFlush], finalGuest: model,
   };
+}
+
+/** Read the whole guest disk of the image files as they are now, read-only. */
+export async function readImage(b: Built): Promise<Buffer> {
+  const d = await openImage(b.image, { readOnly: true, format: b.format, log: quietLog });
+  try {
+    return await readAll(d);
+  } finally {
+    await d.close();
+  }
 }
 
 // ---- crash states ---------------------------------------------------------
