@@ -27,8 +27,9 @@ const POLL_MS = 500;
 /**
  * fuse-native has no switch for big_writes, max_write, ro or direct_io: this
  * is the one place qmount adds options to the ones fuse-native builds.
+ * Exported for scripts/noop-fs.mjs (the benchmark's ceiling mounts with it).
  */
-class QmountFuse extends Fuse {
+export class QmountFuse extends Fuse {
   constructor(
     mnt: string,
     ops: FuseOps,

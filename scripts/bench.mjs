@@ -1,0 +1,594 @@
+#!/usr/bin/env node
+/**
+ * `npm run bench`: qmount side by side with the systems a user would pick
+ * instead, in one run, on copies of one image.
+ *
+ *   node scripts/bench.mjs [--quick] [--format qcow2|qed] [options]
+ *
+ * Systems (each serves DIR/disk.raw, or a file, over FUSE in its own process):
+ *   qmount   node dist/src/cli.js -f IMAGE DIR
+ *   qemu     qemu-storage-daemon's FUSE export of a copy of the same image
+ *   ceiling  scripts/noop-fs.mjs: fuse-native with qmount's FUSE options,
+ *            answering every request at once (what the binding allows)
+ *
+ * Image: 4 GiB, the first GiB written with non-zero data by qemu-io. Every
+ * write job gets a fresh copy per system, so "unallocated" holds for each.
+ * Jobs are fio (O_DIRECT, libaio), see JOBS; plus a buffered dd of the whole
+ * disk on a fresh mount, and the servers' peak RSS (VmHWM) and CPU time.
+ *
+ * Output: one table on stdout, bench-results/latest.json (and latest.md,
+ * the table as Markdown for the README). Every mount and process started
+ * here is stopped on success, failure, Ctrl-C or SIGTERM.
+ *
+ * Options:
+ *   --quick               short runs (~2 minutes)
+ *   --format F            qcow2 (default) or qed
+ *   --runtime S           seconds per time-based job (default 12, quick 4)
+ *   --jobs a,b            only these job ids (dd is a job id too)
+ *   --systems a,b         only these systems (qmount, qemu, ceiling)
+ *   --qmount-node-args S  extra node arguments for qmount, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
+ *   --qmount-env K=V,...  extra environment for qmount, e.g. UV_THREADPOOL_SIZE=4
+ *   --strace              attach `strace -c -f` to qmount during each job (slows it; numbers
+ *                         are then not comparable) and report syscalls per request
+ *   --out FILE            JSON output (default bench-results/latest.json)
+ *   --keep                keep the scratch directory
+ */
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
+const NOOP = path.join(ROOT, 'scripts', 'noop-fs.mjs');
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+const IMAGE_SIZE = 4 * GiB;
+const WRITTEN = 1 * GiB;
+const CLUSTER = 64 * 1024;
+const CLK_TCK = 100;
+/** qmount's default max_read/max_write (mount/options.ts). */
+const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).catch(() => ({ MAX_IO: 128 * 1024 }));
+
+// ---- options -----------------------------------------------------------
+
+function parseArgs(argv) {
+  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, out: null, keep: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = () => {
+      if (i + 1 >= argv.length) die(`${a} needs a value`);
+      return argv[++i];
+    };
+    switch (a) {
+      case '--quick': o.quick = true; break;
+      case '--format': o.format = next(); break;
+      case '--runtime': o.runtime = Number(next()); break;
+      case '--jobs': o.jobs = next().split(','); break;
+      case '--systems': o.systems = next().split(','); break;
+      case '--qmount-node-args': o.nodeArgs = next().split(/\s+/).filter(Boolean); break;
+      case '--qmount-env':
+        for (const kv of next().split(',')) {
+          const eq = kv.indexOf('=');
+          if (eq > 0) o.env[kv.slice(0, eq)] = kv.slice(eq + 1);
+        }
+        break;
+      case '--strace': o.strace = true; break;
+      case '--out': o.out = path.resolve(next()); break;
+      case '--keep': o.keep = true; break;
+      case '-h': case '--help':
+        process.stdout.write(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('*/')[0]);
+        process.exit(0);
+        break;
+      default: die(`unknown option ${a} (see --help)`);
+    }
+  }
+  if (!['qcow2', 'qed'].includes(o.format)) die('--format must be qcow2 or qed');
+  if (!o.runtime) o.runtime = o.quick ? 4 : 12;
+  return o;
+}
+
+function die(msg) {
+  process.stderr.write(`bench: ${msg}\n`);
+  process.exit(1);
+}
+
+const opts = parseArgs(process.argv.slice(2));
+const SYSTEMS = ['qmount', 'qemu', 'ceiling'].filter((s) => !opts.systems || opts.systems.includes(s));
+
+/**
+ * The jobs. `fresh`: a new image copy per system. Random writes into
+ * unallocated space replay a fixed list (fio iolog) of 4 KiB writes, each
+ * into a different unallocated cluster of [1 GiB, 4 GiB), so every write
+ * allocates; the other write jobs are size-capped, reads are time-based.
+ * All of them also stop at the runtime.
+ */
+const SEQ_WRITE_BYTES = opts.quick ? 512 * MiB : 2 * GiB;
+const UNALLOC_WRITES = opts.quick ? 4096 : 16384;
+const K = 1024;
+const JOBS = [
+  { id: 'dd', title: 'dd whole disk, buffered 1M', bs: MiB, dd: true },
+  { id: 'seq-read-1m', title: 'seq read 1M qd4', bs: MiB, fio: ['--rw=read', '--iodepth=4', `--size=${WRITTEN}`, '--time_based'] },
+  { id: 'rand-read-4k', title: 'rand read 4k qd16', bs: 4 * K, fio: ['--rw=randread', '--iodepth=16', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
+  { id: 'rand-read-64k', title: 'rand read 64k qd8', bs: 64 * K, fio: ['--rw=randread', '--iodepth=8', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
+  { id: 'seq-write-1m-unalloc', title: 'seq write 1M qd4 unalloc', bs: MiB, fresh: true, fio: ['--rw=write', '--iodepth=4', `--offset=${WRITTEN}`, `--size=${SEQ_WRITE_BYTES}`] },
+  { id: 'rand-write-4k-alloc', title: 'rand write 4k qd16 alloc', bs: 4 * K, fresh: true, fio: ['--rw=randwrite', '--iodepth=16', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
+  { id: 'rand-write-4k-unalloc', title: 'rand write 4k qd16 unalloc', bs: 4 * K, fresh: true, iolog: true, fio: ['--iodepth=16', '--replay_no_stall=1'] },
+]
+  .filter((j) => !opts.jobs || opts.jobs.includes(j.id))
+  // FUSE requests per fio I/O: the kernel splits at max_read/max_write (qmount's default, 128 KiB).
+  .map((j) => ({ ...j, fuseRequestsPerIo: Math.max(1, j.bs / MAX_IO) }));
+if (JOBS.length === 0) die('no job selected');
+
+// ---- processes and cleanup ---------------------------------------------
+
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qmount-bench-'));
+/** Servers still running: { name, pid, mounted: path, child } */
+const live = new Set();
+let fioChild = null;
+let interrupted = false;
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function mountedPaths() {
+  const text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  return new Set(text.split('\n').map((l) => l.split(' ')[4]).filter(Boolean));
+}
+
+function running(pid) {
+  try {
+    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return st[st.lastIndexOf(')') + 2] !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
+/** Last resort, synchronous (runs at exit): detach mounts, kill servers, remove scratch files. */
+function cleanupSync() {
+  if (fioChild) try { fioChild.kill('SIGKILL'); } catch { /* gone */ }
+  for (const s of live) {
+    spawnSync('fusermount', ['-uz', s.mounted], { stdio: 'ignore' });
+    if (running(s.pid)) try { process.kill(s.pid, 'SIGKILL'); } catch { /* gone */ }
+    live.delete(s);
+  }
+  if (!opts.keep) {
+    try {
+      fs.rmSync(work, { recursive: true, force: true });
+    } catch {
+      // a mount point still busy: reported by the next run's leftovers, nothing more to do
+    }
+  }
+}
+
+process.on('exit', cleanupSync);
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(sig, () => {
+    if (interrupted) return;
+    interrupted = true;
+    process.stderr.write(`\nbench: ${sig}: stopping every mount\n`);
+    if (fioChild) try { fioChild.kill('SIGTERM'); } catch { /* gone */ }
+    Promise.all([...live].map((s) => stopServer(s))).finally(() => process.exit(130));
+  });
+}
+
+function run(cmd, args, what) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 64 * MiB });
+  if (r.error) throw new Error(`${what}: ${r.error.code === 'ENOENT' ? `${cmd} not found` : r.error.message}`);
+  if (r.status !== 0) throw new Error(`${what} failed (exit ${r.status ?? r.signal}): ${(r.stderr || r.stdout).trim().split('\n').slice(-3).join(' / ')}`);
+  return r.stdout;
+}
+
+/** CPU seconds (user + system, all threads) and peak RSS of a process. */
+function procSample(pid) {
+  try {
+    const st = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = st.slice(st.lastIndexOf(')') + 2).split(' ');
+    const cpu = (Number(f[11]) + Number(f[12])) / CLK_TCK;
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    const kb = (name) => Number(new RegExp(`^${name}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0) * 1024;
+    return { cpu, hwm: kb('VmHWM'), rss: kb('VmRSS') };
+  } catch {
+    return { cpu: 0, hwm: 0, rss: 0 };
+  }
+}
+
+/** Wait for a child to exit; SIGKILL after `ms`. */
+async function waitExit(s, ms) {
+  const t0 = Date.now();
+  while (running(s.pid) && Date.now() - t0 < ms) await sleep(50);
+  if (running(s.pid)) {
+    try { process.kill(s.pid, 'SIGKILL'); } catch { /* gone */ }
+    await sleep(100);
+    return false;
+  }
+  return true;
+}
+
+/** Stop a server: SIGTERM (each one unmounts itself on it), then make sure the mount is gone. */
+async function stopServer(s) {
+  if (!live.has(s)) return;
+  if (running(s.pid)) try { process.kill(s.pid, 'SIGTERM'); } catch { /* gone */ }
+  const clean = await waitExit(s, 60_000);
+  if (mountedPaths().has(s.mounted)) spawnSync('fusermount', ['-uz', s.mounted], { stdio: 'ignore' });
+  live.delete(s);
+  if (!clean) process.stderr.write(`bench: ${s.name} (pid ${s.pid}) did not exit on SIGTERM; killed\n`);
+}
+
+function spawnServer(name, cmd, args, mounted, extra = {}) {
+  const child = spawn(cmd, args, { detached: true, stdio: extra.stdio ?? ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...extra.env } });
+  const s = { name, pid: child.pid, mounted, child, stderr: '' };
+  child.stderr?.setEncoding('utf8').on('data', (d) => (s.stderr = (s.stderr + d).slice(-4000)));
+  child.on('error', () => {});
+  live.add(s);
+  return s;
+}
+
+/** qmount -f with the readiness pipe (src/daemon.ts). */
+async function startQmount(image, dir, logFile) {
+  const args = [...opts.nodeArgs, CLI, '-f', '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
+  const s = spawnServer('qmount', process.execPath, args, dir, {
+    stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
+    env: { ...opts.env, QMOUNT_READY_FD: '3' },
+  });
+  let line = '';
+  const pipe = s.child.stdio[3];
+  pipe.setEncoding('utf8');
+  pipe.on('data', (d) => (line += d));
+  await new Promise((resolve) => pipe.on('end', resolve));
+  let msg = {};
+  try {
+    msg = JSON.parse(line.trim() || '{}');
+  } catch { /* below */ }
+  if (!msg.ok) {
+    await stopServer(s);
+    throw new Error(`qmount did not mount: ${msg.message ?? s.stderr.trim()}`);
+  }
+  return s;
+}
+
+async function waitMounted(s, target, what) {
+  for (let i = 0; i < 400; i++) {
+    if (mountedPaths().has(target)) return;
+    if (!running(s.pid)) break;
+    await sleep(25);
+  }
+  await stopServer(s);
+  throw new Error(`${what} did not mount ${target}: ${s.stderr.trim().split('\n').slice(-2).join(' / ')}`);
+}
+
+/** qemu-storage-daemon exporting the image on the regular file `file`. */
+async function startQemu(image, file) {
+  fs.writeFileSync(file, '');
+  const s = spawnServer('qemu', 'qemu-storage-daemon', [
+    '--blockdev', `driver=file,node-name=file,filename=${image}`,
+    '--blockdev', `driver=${opts.format},node-name=fmt,file=file`,
+    '--export', `type=fuse,id=exp,node-name=fmt,mountpoint=${file},writable=on`,
+  ], file);
+  await waitMounted(s, file, 'qemu-storage-daemon');
+  return s;
+}
+
+async function startCeiling(dir) {
+  const s = spawnServer('ceiling', process.execPath, [NOOP, dir, String(IMAGE_SIZE)], dir);
+  await waitMounted(s, dir, 'noop-fs');
+  return s;
+}
+
+// ---- images --------------------------------------------------------------
+
+function makeBaseImage() {
+  const base = path.join(work, `base.${opts.format}`);
+  run('qemu-img', ['create', '-q', '-f', opts.format, base, String(IMAGE_SIZE)], 'qemu-img create');
+  // Non-zero data, two patterns so neither half is mistaken for the other.
+  run('qemu-io', ['-f', opts.format, '-c', `write -P 0xa5 0 ${WRITTEN / 2}`, '-c', `write -P 0x5a ${WRITTEN / 2} ${WRITTEN / 2}`, base], 'qemu-io write');
+  return base;
+}
+
+function copyImage(base, name) {
+  const dst = path.join(work, name);
+  run('cp', ['--sparse=always', base, dst], 'copying the image');
+  return dst;
+}
+
+/** fio iolog: UNALLOC_WRITES 4 KiB writes, each in a different cluster of [1 GiB, 4 GiB), fixed order. */
+function makeUnallocLog() {
+  const first = WRITTEN / CLUSTER;
+  const count = (IMAGE_SIZE - WRITTEN) / CLUSTER;
+  const idx = Array.from({ length: count }, (_, i) => first + i);
+  let seed = 0x9e3779b9;
+  const rnd = () => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  for (let i = count - 1; i > 0; i--) {
+    const j = Math.floor(rnd() * (i + 1));
+    [idx[i], idx[j]] = [idx[j], idx[i]];
+  }
+  const lines = ['fio version 2 iolog', 'disk add', 'disk open'];
+  for (let i = 0; i < UNALLOC_WRITES; i++) lines.push(`disk write ${idx[i] * CLUSTER + 4096 * (i % 16)} 4096`);
+  lines.push('disk close');
+  const file = path.join(work, 'unalloc.iolog');
+  fs.writeFileSync(file, `${lines.join('\n')}\n`);
+  return file;
+}
+
+// ---- measurements --------------------------------------------------------
+
+function runFio(job, target, iolog) {
+  const args = [`--name=${job.id}`, `--filename=${target}`, '--direct=1', '--ioengine=libaio', '--numjobs=1', `--bs=${job.bs}`,
+    `--runtime=${opts.runtime}`, '--output-format=json', ...job.fio];
+  if (iolog) args.push(`--read_iolog=${iolog}`, `--replay_redirect=${target}`);
+  return new Promise((resolve, reject) => {
+    const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    fioChild = child;
+    let out = '';
+    let err = '';
+    child.stdout.setEncoding('utf8').on('data', (d) => (out += d));
+    child.stderr.setEncoding('utf8').on('data', (d) => (err += d));
+    child.on('error', (e) => reject(e));
+    child.on('exit', (code, signal) => {
+      fioChild = null;
+      if (code !== 0) return reject(new Error(`fio ${job.id} failed (${code ?? signal}): ${err.trim().split('\n').slice(-2).join(' / ')}`));
+      try {
+        const j = JSON.parse(out.slice(out.indexOf('{')));
+        const r = j.jobs[0];
+        const side = r.write.io_bytes > r.read.io_bytes ? r.write : r.read;
+        resolve({ mbps: side.bw_bytes / 1e6, iops: side.iops, ios: side.total_ios, latUs: side.lat_ns.mean / 1000, seconds: r.job_runtime / 1000 });
+      } catch (e) {
+        reject(new Error(`fio ${job.id}: unreadable output: ${e.message}`));
+      }
+    });
+  });
+}
+
+function runDd(target) {
+  const t0 = process.hrtime.bigint();
+  run('dd', [`if=${target}`, 'of=/dev/null', 'bs=1M'], 'dd');
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  return { mbps: IMAGE_SIZE / seconds / 1e6, iops: undefined, seconds };
+}
+
+function startStrace(pid, file) {
+  const child = spawn('strace', ['-c', '-f', '-p', String(pid), '-o', file], { stdio: 'ignore' });
+  child.on('error', () => {});
+  return child;
+}
+
+/** `strace -c` output: calls per syscall and the total. */
+function parseStrace(file) {
+  const text = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
+  const calls = {};
+  for (const line of text.split('\n')) {
+    // % time, seconds, usecs/call, calls, [errors], syscall
+    const m = /^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$/.exec(line);
+    if (m) calls[m[2]] = Number(m[1]);
+  }
+  return calls;
+}
+
+/** Syscalls per FUSE request: all of them, the image I/O ones, and the busiest. */
+function syscallsPerRequest(calls, requests) {
+  const per = (n) => (requests ? Number(((n ?? 0) / requests).toFixed(2)) : undefined);
+  const top = Object.entries(calls).filter(([k]) => k !== 'total').sort((a, b) => b[1] - a[1]).slice(0, 8);
+  return {
+    requests,
+    total: per(calls.total),
+    imageIo: per((calls.pread64 ?? 0) + (calls.pwrite64 ?? 0) + (calls.preadv ?? 0) + (calls.pwritev ?? 0)),
+    fdatasync: per(calls.fdatasync),
+    top: Object.fromEntries(top.map(([k, v]) => [k, per(v)])),
+  };
+}
+
+/** qmount's request statistics from its log (the 'closed' line). */
+function qmountStats(logFile) {
+  try {
+    const lines = fs.readFileSync(logFile, 'utf8').trim().split('\n');
+    for (let i = lines.length - 1; i >= 0; i--) {
+      const rec = JSON.parse(lines[i]);
+      if (rec.stats) return rec.stats;
+    }
+  } catch { /* no log */ }
+  return undefined;
+}
+
+/**
+ * One system through a list of jobs on one mount: start, run each job,
+ * sample CPU and memory around it, stop. Returns results by job id.
+ */
+async function session(system, image, jobs, tag, iolog) {
+  const dir = path.join(work, `mnt-${system}-${tag}`);
+  fs.mkdirSync(dir);
+  const logFile = path.join(work, `qmount-${tag}.log`);
+  let s;
+  let target;
+  if (system === 'qmount') {
+    s = await startQmount(image, dir, logFile);
+    target = path.join(dir, 'disk.raw');
+  } else if (system === 'qemu') {
+    target = path.join(dir, 'disk.raw');
+    s = await startQemu(image, target);
+  } else {
+    s = await startCeiling(dir);
+    target = path.join(dir, 'disk.raw');
+  }
+  const out = {};
+  try {
+    for (const job of jobs) {
+      if (interrupted) break;
+      const before = procSample(s.pid);
+      const straceFile = path.join(work, `strace-${job.id}.txt`);
+      const tracer = opts.strace && system === 'qmount' ? startStrace(s.pid, straceFile) : null;
+      if (tracer) await sleep(500);
+      let r;
+      try {
+        r = job.dd ? runDd(target) : await runFio(job, target, job.iolog ? iolog : undefined);
+      } catch (err) {
+        r = { error: err.message };
+      }
+      if (tracer) {
+        tracer.kill('SIGINT');
+        await new Promise((res) => tracer.on('exit', res));
+        r.syscallsPerRequest = syscallsPerRequest(parseStrace(straceFile), r.ios ? r.ios * job.fuseRequestsPerIo : undefined);
+      }
+      const after = procSample(s.pid);
+      r.cpuSeconds = after.cpu - before.cpu;
+      r.cpuPercent = r.seconds ? (100 * r.cpuSeconds) / r.seconds : undefined;
+      r.peakRssBytes = after.hwm;
+      out[job.id] = r;
+      report(system, job, r);
+    }
+  } finally {
+    await stopServer(s);
+  }
+  // qmount's own request counters for the whole mount (all of its jobs).
+  const stats = system === 'qmount' ? qmountStats(logFile) : undefined;
+  if (stats) for (const job of jobs) if (out[job.id]) out[job.id].mountRequestStats = stats;
+  return out;
+}
+
+function report(system, job, r) {
+  const what = r.error ? `error: ${r.error}` : `${fmt(r.mbps)} MB/s ${fmt(r.iops)} IOPS cpu ${fmt(r.cpuPercent ?? 0)}%`;
+  process.stderr.write(`  ${job.id.padEnd(22)} ${system.padEnd(8)} ${what}\n`);
+}
+
+function fmt(v) {
+  if (v === undefined || Number.isNaN(v)) return '-';
+  return v >= 100 ? String(Math.round(v)) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
+}
+
+// ---- report ----------------------------------------------------------------
+
+function machine() {
+  const cpu = /model name\s*:\s*(.*)/.exec(fs.readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? 'unknown';
+  const ver = (cmd, args) => {
+    try {
+      return execFileSync(cmd, args, { encoding: 'utf8' }).split('\n')[0].trim();
+    } catch {
+      return 'unknown';
+    }
+  };
+  return {
+    nproc: os.cpus().length, cpu, kernel: os.release(), memGiB: Math.round(os.totalmem() / GiB),
+    node: process.version, fio: ver('fio', ['--version']), qemu: ver('qemu-storage-daemon', ['--version']),
+  };
+}
+
+function ratio(a, b) {
+  return a && b ? a / b : undefined;
+}
+
+function table(result) {
+  const head = ['job', ...SYSTEMS.flatMap((s) => [`${s} MB/s`, `${s} IOPS`]), 'qmount/qemu', 'qmount/ceiling'];
+  const rows = result.jobs.map((j) => {
+    const cells = [j.title];
+    for (const s of SYSTEMS) {
+      const r = j.results[s];
+      if (!r) cells.push('', '');
+      else if (r.error) cells.push('error', '');
+      else cells.push(fmt(r.mbps), fmt(r.iops));
+    }
+    cells.push(j.ratios.qemu === undefined ? '-' : `${j.ratios.qemu.toFixed(2)}x`, j.ratios.ceiling === undefined ? '-' : `${j.ratios.ceiling.toFixed(2)}x`);
+    return cells;
+  });
+  return { head, rows };
+}
+
+function textTable({ head, rows }) {
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(w[i]) : c.padStart(w[i]))).join('  ');
+  return [line(head), w.map((n) => '-'.repeat(n)).join('  '), ...rows.map(line)].join('\n');
+}
+
+function markdownTable({ head, rows }) {
+  return [`| ${head.join(' | ')} |`, `|${head.map((_, i) => (i === 0 ? '---' : '---:')).join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
+}
+
+function summary(result) {
+  const m = result.machine;
+  const lines = [
+    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}, ${result.runtimeSeconds} s per timed job`,
+    `machine: ${m.nproc} cores, ${m.cpu}, ${m.memGiB} GiB, kernel ${m.kernel}, node ${m.node}, ${m.fio}, ${m.qemu}`,
+  ];
+  const rss = result.peakRss;
+  const mb = (b) => (b ? `${Math.round(b / MiB)} MiB` : '-');
+  lines.push(`peak RSS: qmount ${mb(rss.qmount)}, qemu-storage-daemon ${mb(rss.qemu)}, ceiling ${mb(rss.ceiling)}; load average before ${result.loadAverage.before[0].toFixed(2)}`);
+  return lines.join('\n');
+}
+
+// ---- main ----------------------------------------------------------------
+
+async function main() {
+  if (!fs.existsSync(CLI)) die(`${CLI} is missing: build first (node scripts/setup.mjs)`);
+  for (const [cmd, arg] of [['fio', '--version'], ['qemu-img', '--version'], ['qemu-storage-daemon', '--version'], ['fusermount', '-V']]) {
+    if (spawnSync(cmd, [arg], { stdio: 'ignore' }).error) die(`${cmd} not found (node scripts/setup.mjs --test installs it)`);
+  }
+  const started = Date.now();
+  const loadBefore = os.loadavg();
+  process.stderr.write(`bench: scratch ${work}, format ${opts.format}, ${opts.runtime} s per timed job\n`);
+  if (loadBefore[0] > 1) process.stderr.write(`bench: warning: load average ${loadBefore[0].toFixed(2)} before starting: other work will skew the numbers\n`);
+  const base = makeBaseImage();
+  const iolog = JOBS.some((j) => j.iolog) ? makeUnallocLog() : undefined;
+  const results = Object.fromEntries(JOBS.map((j) => [j.id, {}]));
+
+  // Read jobs share one mount per system, dd first (a fresh mount has nothing in its page cache).
+  const readJobs = JOBS.filter((j) => !j.fresh);
+  for (const system of SYSTEMS) {
+    if (interrupted || readJobs.length === 0) break;
+    const image = system === 'ceiling' ? undefined : copyImage(base, `read-${system}.${opts.format}`);
+    Object.entries(await session(system, image, readJobs, 'read', iolog)).forEach(([id, r]) => (results[id][system] = r));
+    if (image) fs.rmSync(image, { force: true });
+  }
+  for (const job of JOBS.filter((j) => j.fresh)) {
+    for (const system of SYSTEMS) {
+      if (interrupted) break;
+      const image = system === 'ceiling' ? undefined : copyImage(base, `${job.id}-${system}.${opts.format}`);
+      Object.entries(await session(system, image, [job], job.id, iolog)).forEach(([id, r]) => (results[id][system] = r));
+      if (image) fs.rmSync(image, { force: true });
+    }
+  }
+  if (interrupted) return;
+
+  const peak = (sys) => Math.max(0, ...Object.values(results).map((r) => r[sys]?.peakRssBytes ?? 0));
+  const result = {
+    date: new Date().toISOString(),
+    machine: machine(),
+    format: opts.format,
+    quick: opts.quick,
+    runtimeSeconds: opts.runtime,
+    imageBytes: IMAGE_SIZE,
+    writtenBytes: WRITTEN,
+    strace: opts.strace,
+    qmountNodeArgs: opts.nodeArgs,
+    qmountEnv: opts.env,
+    peakRss: Object.fromEntries(SYSTEMS.map((s) => [s, peak(s)])),
+    jobs: JOBS.map((j) => {
+      const r = results[j.id];
+      const q = r.qmount && !r.qmount.error ? r.qmount.mbps : undefined;
+      return {
+        id: j.id,
+        title: j.title,
+        results: r,
+        ratios: { qemu: ratio(q, r.qemu?.error ? undefined : r.qemu?.mbps), ceiling: ratio(q, r.ceiling?.error ? undefined : r.ceiling?.mbps) },
+      };
+    }),
+    wallSeconds: Math.round((Date.now() - started) / 1000),
+    loadAverage: { before: loadBefore, after: os.loadavg() },
+  };
+  const t = table(result);
+  const outFile = opts.out ?? path.join(ROOT, 'bench-results', 'latest.json');
+  fs.mkdirSync(path.dirname(outFile), { recursive: true });
+  fs.writeFileSync(outFile, `${JSON.stringify(result, null, 2)}\n`);
+  fs.writeFileSync(outFile.replace(/\.json$/, '') + '.md', `${summary(result)}\n\n${markdownTable(t)}\n`);
+  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\nratios are MB/s; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
+}
+
+main().then(
+  () => {
+    cleanupSync();
+    process.exit(interrupted ? 130 : 0);
+  },
+  (err) => {
+    process.stderr.write(`bench: ${err.message}\n`);
+    cleanupSync();
+    process.exit(1);
+  },
+);

@@ -1,0 +1,91 @@
+#!/usr/bin/env node
+/**
+ * The benchmark's ceiling: a fuse-native file system showing one file,
+ * DIR/disk.raw of SIZE bytes, that answers every read and write at once
+ * without doing anything (read buffers are left as FUSE hands them over).
+ * Whatever it reaches is the most the binding allows; qmount cannot beat it.
+ *
+ *   node scripts/noop-fs.mjs DIR SIZE [--read-only]
+ *
+ * Comparable with qmount: it mounts through qmount's own QmountFuse class
+ * with qmount's default option list (big_writes, max_read/max_write,
+ * kernel_cache, fsname/subtype; imported from dist/mount/), implements the
+ * same operations, and runs as its own Node process like `qmount -f`.
+ * Prints "ready <pid>" on stdout once mounted. SIGINT/SIGTERM unmount and
+ * exit 0; so does an unmount from outside (fusermount -u), noticed by polling.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+
+function fail(msg) {
+  process.stderr.write(`noop-fs: ${msg}\n`);
+  process.exit(1);
+}
+
+const args = process.argv.slice(2);
+const readOnly = args.includes('--read-only');
+const [dirArg, sizeArg] = args.filter((a) => !a.startsWith('--'));
+if (!dirArg || !sizeArg || !/^\d+$/.test(sizeArg)) fail('usage: noop-fs.mjs DIR SIZE [--read-only]');
+const size = Number(sizeArg);
+const dir = fs.realpathSync(dirArg);
+
+let session;
+let options;
+try {
+  session = await import(path.join(ROOT, 'dist/mount/session.js'));
+  options = await import(path.join(ROOT, 'dist/mount/options.js'));
+} catch (err) {
+  fail(`cannot load dist/mount (build first: npx tsc -p .): ${err.message}`);
+}
+
+const FILE = '/disk.raw';
+const ENOENT = -2;
+const now = Date.now();
+const fileStat = { mode: 0o100600, uid: process.getuid(), gid: process.getgid(), size, nlink: 1, blksize: 65536, blocks: Math.ceil(size / 512), atime: now, mtime: now, ctime: now };
+const dirStat = { mode: 0o040700, uid: process.getuid(), gid: process.getgid(), size: 4096, nlink: 2, atime: now, mtime: now, ctime: now };
+
+// The same operations DiskFs implements (mount/disk-fs.ts), each answered at once.
+const ops = {
+  getattr: (p, cb) => (p === '/' ? cb(0, dirStat) : p === FILE ? cb(0, fileStat) : cb(ENOENT)),
+  fgetattr: (p, _fd, cb) => (p === FILE ? cb(0, fileStat) : cb(0, dirStat)),
+  readdir: (p, cb) => (p === '/' ? cb(0, ['.', '..', 'disk.raw']) : cb(ENOENT)),
+  statfs: (_p, cb) => cb(0, { bsize: 4096, frsize: 4096, blocks: Math.ceil(size / 4096), bfree: 0, bavail: 0, files: 2, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 }),
+  open: (_p, _flags, cb) => cb(0, 0),
+  release: (_p, _fd, cb) => cb(0),
+  flush: (_p, _fd, cb) => cb(0),
+  read: (_p, _fd, _buf, len, pos, cb) => cb(pos >= size ? 0 : Math.min(len, size - pos)),
+  write: (_p, _fd, _buf, len, _pos, cb) => cb(len),
+  fsync: (_p, _ds, _fd, cb) => cb(0),
+  truncate: (_p, _size, cb) => cb(0),
+  ftruncate: (_p, _fd, _size, cb) => cb(0),
+  utimens: (_p, _a, _m, cb) => cb(0),
+  chmod: (_p, _m, cb) => cb(-95),
+  chown: (_p, _u, _g, cb) => cb(-95),
+};
+
+const fuse = new session.QmountFuse(dir, ops, options.fuseOptionList(options.defaultMountOptions(), readOnly));
+
+let closing = false;
+function close(code) {
+  if (closing) return;
+  closing = true;
+  fuse.unmount(() => process.exit(code));
+  setTimeout(() => process.exit(code), 5000).unref();
+}
+
+fuse.mount((err) => {
+  if (err) fail(`cannot mount ${dir}: ${err.message}`);
+  process.stdout.write(`ready ${process.pid}\n`);
+  // Like qmount's session: notice an unmount from outside and leave.
+  setInterval(() => {
+    const mounted = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
+    if (!mounted) {
+      closing = true;
+      process.exit(0);
+    }
+  }, 500);
+});
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(sig, () => close(0));

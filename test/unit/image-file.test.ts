@@ -1,0 +1,161 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ReadOnlyError } from '../../src/errors.js';
+import { ImageFile, InlinePolicy, ioTuning } from '../../src/io/file.js';
+import { instrumentation } from '../../src/io/instrument.js';
+
+/** A clock the test moves by hand; `step` is added on every reading. */
+function fakeClock(step = 0): { now: () => number; t: number; step: number } {
+  const c = {
+    t: 1000,
+    step,
+    now: () => {
+      const v = c.t;
+      c.t += c.step;
+      return v;
+    },
+  };
+  return c;
+}
+
+describe('InlinePolicy', () => {
+  it('stays inline while calls are fast', () => {
+    const clock = fakeClock(0.05);
+    const p = new InlinePolicy(clock.now);
+    for (let i = 0; i < 100; i++) {
+      expect(p.allowed()).toBe(true);
+      p.done(clock.now());
+    }
+    expect(p.stats).toEqual({ inline: 100, pooled: 0, slow: 0 });
+  });
+
+  it('a slow call sends calls to the pool for a back-off that doubles while probes stay slow, and a fast probe ends it', () => {
+    const clock = fakeClock();
+    const p = new InlinePolicy(clock.now);
+    const call = (ms: number): void => {
+      const start = clock.now();
+      clock.t += ms;
+      p.done(start);
+    };
+    call(5); // slow: 20 ms back-off
+    expect(p.allowed()).toBe(false);
+    clock.t += 19;
+    expect(p.allowed()).toBe(false);
+    clock.t += 1;
+    expect(p.allowed()).toBe(true);
+    call(5); // slow probe: 40 ms
+    clock.t += 39;
+    expect(p.allowed()).toBe(false);
+    clock.t += 1;
+    expect(p.allowed()).toBe(true);
+    call(0.1); // fast probe: inline again, back-off forgotten
+    expect(p.allowed()).toBe(true);
+    call(5);
+    clock.t += 20;
+    expect(p.allowed()).toBe(true); // 20 ms again, not 80
+    expect(p.stats.slow).toBe(3);
+  });
+
+  it('the back-off is capped', () => {
+    const clock = fakeClock();
+    const p = new InlinePolicy(clock.now);
+    for (let i = 0; i < 20; i++) {
+      while (!p.allowed()) clock.t += 1;
+      const start = clock.now();
+      clock.t += 10;
+      p.done(start);
+    }
+    clock.t += 2000;
+    expect(p.allowed()).toBe(true);
+  });
+
+  it('QMOUNT_INLINE_IO=0 (ioTuning.inline false) never allows inline calls', () => {
+    const p = new InlinePolicy(fakeClock().now);
+    ioTuning.inline = false;
+    try {
+      expect(p.allowed()).toBe(false);
+    } finally {
+      ioTuning.inline = true;
+    }
+  });
+});
+
+describe('ImageFile', () => {
+  let dir: string;
+  let file: string;
+
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmount-imagefile-'));
+    file = path.join(dir, 'f.bin');
+    fs.writeFileSync(file, Buffer.from('0123456789abcdef'));
+  });
+  afterEach(() => {
+    instrumentation.clearFaults();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  /** Both ways of doing I/O must behave the same. */
+  for (const mode of ['inline', 'pooled'] as const) {
+    describe(mode, () => {
+      async function open(readOnly = false): Promise<ImageFile> {
+        const f = await ImageFile.open(file, { readOnly });
+        if (mode === 'pooled') f.policy = Object.assign(new InlinePolicy(), { allowed: () => false });
+        return f;
+      }
+
+      it('reads and writes at positions; short read at end of file; zero fill past it', async () => {
+        const f = await open();
+        try {
+          await f.write('data_write', Buffer.from('XYZ'), 0, 3, 4);
+          await f.write('data_write', Buffer.from('--tail'), 2, 4, 14); // extends the file to 18
+          const buf = Buffer.alloc(24, 0xee);
+          expect(await f.read(buf, 1, 20, 0)).toBe(18);
+          expect(buf.subarray(1, 19).toString()).toBe('0123XYZ789abcdtail');
+          expect(buf[0]).toBe(0xee);
+          const z = Buffer.alloc(8, 0xee);
+          expect(await f.readZeroFill(z, 0, 8, 14)).toBe(4);
+          expect(z).toEqual(Buffer.from([...Buffer.from('tail'), 0, 0, 0, 0]));
+          expect(await f.read(Buffer.alloc(4), 0, 4, 100)).toBe(0);
+          expect(mode === 'pooled' ? f.ioStats.inline : f.ioStats.pooled).toBe(0);
+          expect(mode === 'pooled' ? f.ioStats.pooled : f.ioStats.inline).toBe(5);
+        } finally {
+          await f.close();
+        }
+        expect(fs.readFileSync(file).toString()).toBe('0123XYZ789abcdtail');
+      });
+
+      it('errors arrive as rejected promises, never as synchronous throws', async () => {
+        const ro = await open(true);
+        try {
+          let p: Promise<void> | undefined;
+          expect(() => (p = ro.write('data_write', Buffer.from('x'), 0, 1, 0))).not.toThrow();
+          await expect(p).rejects.toBeInstanceOf(ReadOnlyError);
+        } finally {
+          await ro.close();
+        }
+        const rw = await open();
+        try {
+          instrumentation.setFaults([{ point: 'data_write', errno: 'EIO' }]);
+          let p: Promise<void> | undefined;
+          expect(() => (p = rw.write('data_write', Buffer.from('x'), 0, 1, 0))).not.toThrow();
+          await expect(p).rejects.toMatchObject({ code: 'EIO' });
+        } finally {
+          await rw.close();
+        }
+        // the kernel's errors too: reading a directory is EISDIR
+        const d = await ImageFile.open(dir, { readOnly: true });
+        if (mode === 'pooled') d.policy = Object.assign(new InlinePolicy(), { allowed: () => false });
+        try {
+          let r: Promise<number> | undefined;
+          expect(() => (r = d.read(Buffer.alloc(1), 0, 1, 0))).not.toThrow();
+          await expect(r).rejects.toMatchObject({ code: 'EISDIR' });
+        } finally {
+          await d.close();
+        }
+        expect(fs.readFileSync(file).toString()).toBe('0123456789abcdef');
+      });
+    });
+  }
+});
