@@ -84,11 +84,17 @@ function u64(buf: Buffer, off: number, what: string): number {
 /** Names of incompatible bits that are set and unknown to us, named from the image's table. */
 function unknownIncompatNames(mask: bigint, names: FeatureName[]): string[] {
   const out: string[] = [];
+  let more = 0;
   for (let bit = 0; bit < 64; bit++) {
     if (!((mask >> BigInt(bit)) & 1n)) continue;
+    if (out.length === 4) {
+      more++;
+      continue;
+    }
     const n = names.find((f) => f.kind === 0 && f.bit === bit);
-    out.push(n ? `"${n.name}" (bit ${bit})` : `unknown feature bit ${bit}`);
+    out.push(n ? `"${n.name.replace(/[\x00-\x1f\x7f]/g, '?')}" (bit ${bit})` : `unknown feature bit ${bit}`);
   }
+  if (more > 0) out.push(`and ${more} more`);
   return out;
 }
 

@@ -11,6 +11,17 @@ import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './m
 import { decompressCluster } from './compress.js';
 import type { Qcow2State } from './state.js';
 
+/**
+ * Add an I/O promise to a batch that is awaited later. The promise gets a
+ * handler at once: if it rejects while the caller is still awaiting
+ * something else (the next L2 table), that is not an unhandled rejection;
+ * the batch's Promise.all still sees the error.
+ */
+export function track(ios: Promise<unknown>[], p: Promise<unknown>): void {
+  p.catch(() => {});
+  ios.push(p);
+}
+
 /** Read guest bytes into buf; see BlockDriver.read. */
 export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
   if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
@@ -30,13 +41,13 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
     if (runLen === 0) return;
     switch (runKind) {
       case ExtentKind.Data:
-        ios.push(readData(s, s.file, s.fileSize, buf, runBuf, runLen, runHost, runGuest));
+        track(ios, readData(s, s.file, s.fileSize, buf, runBuf, runLen, runHost, runGuest));
         break;
       case ExtentKind.ExternalData:
-        ios.push(readData(s, s.dataFile!, s.dataFileSize, buf, runBuf, runLen, runHost, runGuest));
+        track(ios, readData(s, s.dataFile!, s.dataFileSize, buf, runBuf, runLen, runHost, runGuest));
         break;
       case ExtentKind.Backing:
-        ios.push(readFromBacking(s.backing, buf, runBuf, runLen, runGuest));
+        track(ios, readFromBacking(s.backing, buf, runBuf, runLen, runGuest));
         break;
       case ExtentKind.Zero:
         buf.fill(0, runBuf, runBuf + runLen);
@@ -68,7 +79,7 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
             classify(g, entry, pos - clusterIndex * g.clusterSize, remaining, piece);
             if (piece.kind === ExtentKind.Compressed) {
               flushRun();
-              ios.push(readCompressed(s, entry.hi, entry.lo, buf, out, piece.length, pos - clusterIndex * g.clusterSize, pos));
+              track(ios, readCompressed(s, entry.hi, entry.lo, buf, out, piece.length, pos - clusterIndex * g.clusterSize, pos));
               pos += piece.length;
               out += piece.length;
             } else {

@@ -55,7 +55,7 @@ import {
 } from './header.js';
 import { decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO, writeEntry } from './layout.js';
 import { readL2Entry, type L2Entry } from './map.js';
-import { readGuest } from './read.js';
+import { readGuest, track } from './read.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
 import type { Qcow2State } from './state.js';
@@ -410,7 +410,7 @@ export class Qcow2Writer {
     const s = this.s;
     const cs = s.g.clusterSize;
     const file = s.dataFile ?? s.file;
-    const ios: Promise<void>[] = [];
+    const ios: Promise<unknown>[] = [];
     // Coalesce: consecutive pieces contiguous on the host become one write.
     let runHost = -1;
     let runLen = 0;
@@ -431,7 +431,7 @@ export class Qcow2Writer {
           o += p.len;
         }
       }
-      ios.push(file.write(point, data, 0, len, host).then(() => {
+      track(ios, file.write(point, data, 0, len, host).then(() => {
         if (file === s.file) s.noteFileEnd(host + len);
         else if (host + len > s.dataFileSize) s.dataFileSize = host + len;
       }));
