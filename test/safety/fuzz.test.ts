@@ -1,14 +1,15 @@
 /**
  * Hostile images: a seeded, structure-aware mutator over valid images that
  * qemu-img makes here at test time, each mutant opened read-only with
- * openImage(), described with info(), read whole, and closed.
+ * openImage(), described with info(), read whole, and closed, then checked
+ * with checkImage() (`qmount check` without repair).
  *
  *   npm test                                   300 cases, seed 1 (well under a minute)
  *   QMOUNT_FUZZ_CASES=20000 npx vitest run test/safety/fuzz.test.ts
  *   QMOUNT_FUZZ_SEED=7 ...                     another deterministic sequence
  *
  * A case fails when
- *  - anything thrown (open, info, read, close) is not a QmountError with a
+ *  - anything thrown (open, info, read, close, check) is not a QmountError with a
  *    known errno and a one-line message, or an exception escapes (uncaught
  *    exception or unhandled rejection in the worker);
  *  - it runs longer than CASE_TIMEOUT_MS (a hang: the worker is terminated,
@@ -484,7 +485,9 @@ process.on('unhandledRejection', (e) => st && st.bugs.push('unhandled rejection:
 
 (async () => {
   const load = (rel) => import(pathToFileURL(workerData.root + '/dist/' + rel).href);
-  const [open, errors, file, log] = await Promise.all([load('src/formats/open.js'), load('src/errors.js'), load('src/io/file.js'), load('src/log.js')]);
+  const [open, errors, file, log, checker] = await Promise.all([
+    load('src/formats/open.js'), load('src/errors.js'), load('src/io/file.js'), load('src/log.js'), load('src/formats/check.js'),
+  ]);
   log.configureLogging({ level: 'silent' });
   for (const m of ['write', 'truncate']) {
     const orig = file.ImageFile.prototype[m];
@@ -554,6 +557,12 @@ process.on('unhandledRejection', (e) => st && st.bugs.push('unhandled rejection:
       } catch (e) {
         check('close', e);
       }
+    }
+    // qmount check (no repair) reads every table of the same hostile file.
+    try {
+      await checker.checkImage(c.path, { repair: 'none', log: log.logger('check') });
+    } catch (e) {
+      check('check', e);
     }
     // Let stray promises settle so their rejections count for this case.
     await new Promise((r) => setTimeout(r, 0));
