@@ -35,7 +35,7 @@ import type { BlockDriver } from '../../src/formats/driver.js';
 import { openImage } from '../../src/formats/open.js';
 import { errnoOf } from '../../src/errors.js';
 import { ImageFile } from '../../src/io/file.js';
-import { instrumentation } from '../../src/io/instrument.js';
+import { instrumentation, type FaultRule } from '../../src/io/instrument.js';
 import type { IoPoint } from '../../src/io/points.js';
 import { convertToRaw, patternBytes, qemuCheck, qemuImg, qemuIo } from './qemu.js';
 import { rng } from './workload.js';
@@ -533,7 +533,14 @@ export async function recordWorkload(sc: Scenario, dir: string): Promise<Recordi
  * now. `initialGuest` is what the guest saw before (for a crash state, what a
  * read-only open reads: recovery must keep it).
  */
-export async function recordRun(sc: Scenario, dir: string, built: Built, initialGuest: Buffer, ops: Op[]): Promise<Recording> {
+export async function recordRun(
+  sc: Scenario,
+  dir: string,
+  built: Built,
+  initialGuest: Buffer,
+  ops: Op[],
+  faults?: FaultRule[],
+): Promise<Recording> {
   const pristine = new Map(built.written.map((f) => [f, fs.readFileSync(f)] as const));
   const frozenBytes = new Map(built.frozen.map((f) => [f, fs.readFileSync(f)] as const));
   const tracker = new IoTracker(new Set(built.written));
@@ -544,7 +551,12 @@ export async function recordRun(sc: Scenario, dir: string, built: Built, initial
   try {
     const d = await openImage(built.image, { readOnly: false, format: built.format, log: quietLog });
     try {
-      run = await runOps(d, ops, model, tracker);
+      if (faults) instrumentation.setFaults(faults);
+      try {
+        run = await runOps(d, ops, model, tracker);
+      } finally {
+        instrumentation.clearFaults();
+      }
     } finally {
       closeFlush.issued = tracker.tick();
       await d.close();
@@ -554,7 +566,8 @@ export async function recordRun(sc: Scenario, dir: string, built: Built, initial
     tracker.stop();
   }
   const failed = run.writes.filter((w) => w.errno).length + run.flushes.filter((f) => f.errno).length;
-  if (failed) throw new Error(`${sc.name}: ${failed} requests failed while recording`);
+  if (failed && !faults) throw new Error(`${sc.name}: ${failed} requests failed while recording`);
+  if (faults && instrumentation.injected.length === 0) throw new Error(`${sc.name}: the injected fault never fired`);
   return {
     scenario: sc, dir, built, pristine, frozenBytes, initialGuest, ios: tracker.ios,
     guestWrites: run.writes, guestFlushes: [...run.flushes, closeFlush], finalGuest: model,
