@@ -9,22 +9,22 @@ export type IoPoint =
   | 'data_write' // guest data into an already-mapped cluster
   | 'cow_write' // guest data plus copied-on-write head/tail into a new cluster
   | 'flush' // fdatasync of the file
-  | 'truncate' // file size change
+  | 'truncate' // file size change (today only `qmount check --repair` of QED truncates)
   // qcow2
   | 'l1_update'
-  | 'l1_grow'
+  | 'l1_grow' // reserved: the engine never resizes an L1 table (no disk resize)
   | 'l2_alloc' // a new L2 table written before L1 points at it
   | 'l2_update'
   | 'refblock_alloc' // a new refcount block written before the table points at it
   | 'refblock_update'
   | 'reftable_update' // one entry of the current refcount table
   | 'reftable_grow' // the new table and its blocks, before the header switch
-  | 'snapshot_update'
+  | 'snapshot_update' // reserved: the engine never writes the snapshot table
   // qed
   | 'qed_l1_update'
   | 'qed_l2_alloc'
   | 'qed_l2_update'
-  | 'qed_check_repair';
+  | 'qed_check_repair'; // repairs of a need-check open, and `qmount check --repair`
 
 export const ALL_WRITE_POINTS: readonly IoPoint[] = [
   'header_update', 'data_write', 'cow_write', 'truncate',

@@ -30,7 +30,7 @@ import { errnoOf } from '../../src/errors.js';
 import { instrumentation, type FaultRule } from '../../src/io/instrument.js';
 import { ALL_WRITE_POINTS, type IoPoint } from '../../src/io/points.js';
 import {
-  fastScratch, flaggedUnclean, guestMismatch, quietLog, readAll, runOps, SCENARIOS, SimpleClock,
+  expectation, fastScratch, flaggedUnclean, guestMismatch, quietLog, readAll, runOps, SCENARIOS, SimpleClock,
   type Built, type GuestWriteOp, type Op, type Scenario,
 } from '../helpers/crash.js';
 import { mountImage } from '../helpers/mount.js';
@@ -194,6 +194,76 @@ describe('EIO and ENOSPC at every write point of the crash workloads', () => {
     const missing = ALL_WRITE_POINTS.filter((p) => !hitPoints.has(p) && !(p in UNREACHED));
     expect(missing).toEqual([]);
     expect(hitPoints.has('flush')).toBe(true);
+  });
+});
+
+// A failure while closing must be reported, never swallowed: close() rejects
+// with the errno. The image is then what a crash would leave (what was flushed
+// before is intact) and the next read-write open + close makes it clean.
+describe('EIO and ENOSPC while closing', () => {
+  it.each(SCENARIOS.map((s) => [s.name, s] as const))('%s', async (_name, sc) => {
+    const { dir, cleanup } = fastScratch(`faults-close-${sc.name}`);
+    cleanups.push(cleanup);
+    const b = sc.build(fs.realpathSync(dir));
+    const pristine = new Map(b.written.map((f) => [f, fs.readFileSync(f)] as const));
+    const initialRaw = convertToRaw(b.image, path.join(dir, 'initial.raw'));
+    const initial = fs.readFileSync(initialRaw);
+    fs.rmSync(initialRaw);
+
+    // Discovery: the points close() reaches, and how often each was seen before.
+    const seen = new Map<string, number>();
+    const inClose: string[] = [];
+    let closing = false;
+    const d0 = await openImage(b.image, { readOnly: false, format: b.format, log: quietLog });
+    instrumentation.record((ev) => {
+      if (!b.written.includes(ev.path)) return;
+      const key = `${ev.point} ${path.basename(ev.path)}`;
+      if (closing && !inClose.includes(key)) inClose.push(key);
+      if (!closing) seen.set(key, (seen.get(key) ?? 0) + 1);
+    });
+    await runOps(d0, sc.ops, Buffer.from(initial), new SimpleClock());
+    closing = true;
+    await d0.close();
+    instrumentation.record(null);
+    expect(inClose.length).toBeGreaterThan(0);
+
+    const failures: string[] = [];
+    for (const [i, key] of inClose.entries()) {
+      const [point, file] = key.split(' ') as [IoPoint, string];
+      const errno = i % 2 === 0 ? 'EIO' : 'ENOSPC';
+      for (const [f, bytes] of pristine) fs.writeFileSync(f, bytes);
+      const clock = new SimpleClock();
+      const model = Buffer.from(initial);
+      const d = await openImage(b.image, { readOnly: false, format: b.format, log: quietLog });
+      instrumentation.setFaults([{ point, errno, skip: seen.get(key) ?? 0, times: 1, pathSuffix: `/${file}` }]);
+      const run = await runOps(d, sc.ops, model, clock);
+      const err = await d.close().then(() => null, (e: unknown) => e);
+      instrumentation.clearFaults();
+      const problems: string[] = [];
+      if (run.writes.some((w) => w.errno) || run.flushes.some((f) => f.errno)) problems.push('a request before close failed');
+      if (instrumentation.injected.length !== 1) problems.push(`the fault fired ${instrumentation.injected.length} times`);
+      if (err === null) problems.push('close() succeeded although a write of it failed');
+      else if (errnoOf(err) !== errno) problems.push(`close() rejected with ${errnoOf(err)}, not ${errno}`);
+      // What a crash at this point guarantees: flushed data; later writes old or new.
+      const want = expectation(initial, run.writes, run.flushes, Infinity);
+      try {
+        const again = await openImage(b.image, { readOnly: false, format: b.format, log: quietLog });
+        try {
+          const bad = guestMismatch(await readAll(again), want.base, want.later);
+          if (bad) problems.push(`after reopening: ${bad}`);
+        } finally {
+          await again.close();
+        }
+        const c = qemuCheck(b.image, b.format);
+        if (c.code !== 0 && c.code !== 3) problems.push(`qemu-img check exit ${c.code}: ${c.output.split('\n').slice(0, 3).join(' | ')}`);
+        if (flaggedUnclean(b.image, b.format)) problems.push('dirty/need-check bit left set');
+      } catch (e) {
+        problems.push(`reopening failed: ${(e as Error).message}`);
+      }
+      if (problems.length) failures.push(`${errno} at ${key} during close: ${problems.join('; ')}`);
+    }
+    console.log(`${sc.name}: close reaches ${inClose.join(', ')}`);
+    expect(failures).toEqual([]);
   });
 });
 
