@@ -9,6 +9,7 @@ import { QmountError, UnsupportedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { FormatName } from './driver.js';
 import { probeFormat } from './probe.js';
+import { safeError } from './open.js';
 import { checkQcow2 } from './qcow2/check.js';
 import { checkQed } from './qed/check.js';
 
@@ -25,6 +26,15 @@ export interface CheckReport {
 }
 
 export async function checkImage(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+  try {
+    return await checkFormat(path, opts);
+  } catch (err) {
+    // Messages may quote names from the image (untrusted): see safeError.
+    throw safeError(err);
+  }
+}
+
+async function checkFormat(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
   let head: Buffer;
   try {
     const fh = await fs.promises.open(path, 'r');

@@ -56,12 +56,17 @@ export async function openImage(imagePath: string, opts: OpenImageOptions): Prom
     // untrusted: one with control characters must not turn an error into
     // several lines or terminal escapes, nor a long one into a screenful,
     // wherever in the chain or driver it was quoted.
-    if (err instanceof QmountError) {
-      const safe = bounded(printable(err.message));
-      if (safe !== err.message) throw new QmountError(err.errno, safe);
-    }
-    throw err;
+    throw safeError(err);
   }
+}
+
+/**
+ * Make a QmountError's message fit one terminal line: control characters
+ * escaped, length bounded. Keeps the error's class and errno.
+ */
+export function safeError(err: unknown): unknown {
+  if (err instanceof QmountError) err.message = bounded(printable(err.message));
+  return err;
 }
 
 /** Longest error message openImage passes on; longer ones keep their start and end (where the errno name usually is). */
