@@ -19,6 +19,9 @@
  *   read-only open    holds consistent read (100), shares all but write and
  *   and backing files resize (201, 203): a reader keeps writers away
  *   --force-share     holds consistent read (100), shares everything (QEMU -U)
+ *   qcow2 external data file (QEMU shares write on it, not resize):
+ *     read-write      holds consistent read, write, resize (100, 101, 103), 203
+ *     read-only       holds consistent read (100), 203
  * So a running QEMU or qmount that writes an image makes a read-write qmount
  * fail ("write" is not shared) and a read-only one too (it would not share
  * write); --force-share lets the read-only one proceed, seeing whatever the
@@ -56,7 +59,7 @@ export const PERM_RESIZE = 0x8;
 const PERM_ALL = 0xf;
 const PERM_NAMES = ['consistent read', 'write', 'write unchanged', 'resize'];
 
-export type LockMode = 'write' | 'read' | 'shared-read';
+export type LockMode = 'write' | 'read' | 'shared-read' | 'data-write' | 'data-read';
 
 interface Permissions {
   /** permissions this process holds */
@@ -69,6 +72,8 @@ const MODES: Record<LockMode, Permissions> = {
   write: { perm: PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED },
   read: { perm: PERM_CONSISTENT_READ, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED },
   'shared-read': { perm: PERM_CONSISTENT_READ, shared: PERM_ALL },
+  'data-write': { perm: PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, shared: PERM_ALL & ~PERM_RESIZE },
+  'data-read': { perm: PERM_CONSISTENT_READ, shared: PERM_ALL & ~PERM_RESIZE },
 };
 
 /** The bytes a mode holds (for tests and logs). */

@@ -10,7 +10,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { lockImageFile } from '../../src/io/lock.js';
+import { lockBytes, lockImageFile } from '../../src/io/lock.js';
 import { CLI, detach, isMounted, makeMountDir, mountImage, processRunning, type MountedImage } from '../helpers/mount.js';
 import { patternBytes, qemuImg, qemuIo, run, scratchDir } from '../helpers/qemu.js';
 
@@ -188,6 +188,26 @@ describe('lock bytes: qmount takes what qemu-io takes', () => {
       });
     });
   }
+
+  it('the data-file modes are the bytes qemu-io takes on a qcow2 external data file (read-write and read-only)', async () => {
+    const dir = path.join(scratch.dir, 'df');
+    fs.mkdirSync(dir);
+    spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'data_file=df.data', 'df.qcow2', '1M'], { cwd: dir });
+    const image = path.join(dir, 'df.qcow2');
+    const data = path.join(dir, 'df.data');
+    for (const [args, mode] of [[[], 'data-write'], [['-r'], 'data-read']] as const) {
+      // qemu-io resolves the data file name against its working directory: open it from there.
+      const child = spawn('qemu-io', ['-f', 'qcow2', ...args, 'df.qcow2'], { cwd: dir, stdio: ['pipe', 'ignore', 'ignore'] });
+      holders.add(child);
+      for (let i = 0; i < 250 && heldBytes(child.pid!, data).length === 0; i++) await sleep(20);
+      const seen = heldBytes(child.pid!, data);
+      child.stdin!.end('quit\n');
+      await new Promise((r) => child.on('exit', r));
+      holders.delete(child);
+      expect(seen, mode).toEqual(lockBytes(mode));
+    }
+    expect(heldBytes(process.pid, image)).toEqual([]);
+  });
 
   it('QED images are locked the same way (locking is below the format)', async () => {
     await withMount(await mountImage(qed), (m) => expect(heldBytes(m.pid, qed)).toEqual([100, 101, 103, 201, 203]));
