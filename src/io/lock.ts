@@ -120,8 +120,9 @@ export interface LockResult {
   /** false when the file system does not support locks (the image is used unlocked) */
   locked: boolean;
   /**
-   * Set in 'shared-read' mode when another process holds the image for
-   * writing: the caller proceeds but should warn that reads may be inconsistent.
+   * Set when another process holds the file for writing and this mode shares
+   * write ('shared-read', the data-file modes): the caller proceeds, and for
+   * --force-share warns that reads may be inconsistent.
    */
   inUseBy?: string;
   /** Set when locked is false: why. */
