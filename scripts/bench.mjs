@@ -28,6 +28,8 @@
  *   --systems a,b         only these systems (qmount, qemu, ceiling)
  *   --qmount-node-args S  extra node arguments for qmount, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
  *   --qmount-env K=V,...  extra environment for qmount, e.g. UV_THREADPOOL_SIZE=4
+ *   --cold                drop the image file's page cache before each job (reads then
+ *                         come from the disk; qmount and qemu alike)
  *   --strace              attach `strace -c -f` to qmount during each job (slows it; numbers
  *                         are then not comparable) and report syscalls per request
  *   --out FILE            JSON output (default bench-results/latest.json)
@@ -54,7 +56,7 @@ const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, out: null, keep: false };
+  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -75,6 +77,7 @@ function parseArgs(argv) {
         }
         break;
       case '--strace': o.strace = true; break;
+      case '--cold': o.cold = true; break;
       case '--out': o.out = path.resolve(next()); break;
       case '--keep': o.keep = true; break;
       case '-h': case '--help':
@@ -347,6 +350,12 @@ function runDd(target) {
   return { mbps: IMAGE_SIZE / seconds / 1e6, iops: undefined, seconds };
 }
 
+/** Write the file's dirty pages back, then drop its cached pages (GNU dd: nocache with count=0). */
+function dropCache(file) {
+  run('sync', [file], 'sync');
+  run('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none'], 'dropping the page cache');
+}
+
 function startStrace(pid, file) {
   const child = spawn('strace', ['-c', '-f', '-p', String(pid), '-o', file], { stdio: 'ignore' });
   child.on('error', () => {});
@@ -414,6 +423,7 @@ async function session(system, image, jobs, tag, iolog) {
   try {
     for (const job of jobs) {
       if (interrupted) break;
+      if (opts.cold && image) dropCache(image);
       const before = procSample(s.pid);
       const straceFile = path.join(work, `strace-${job.id}.txt`);
       const tracer = opts.strace && system === 'qmount' ? startStrace(s.pid, straceFile) : null;
@@ -432,6 +442,7 @@ async function session(system, image, jobs, tag, iolog) {
       const after = procSample(s.pid);
       r.cpuSeconds = after.cpu - before.cpu;
       r.cpuPercent = r.seconds ? (100 * r.cpuSeconds) / r.seconds : undefined;
+      r.cpuMicrosPerIo = r.ios ? (1e6 * r.cpuSeconds) / r.ios : undefined;
       r.peakRssBytes = after.hwm;
       out[job.id] = r;
       report(system, job, r);
@@ -505,7 +516,7 @@ function markdownTable({ head, rows }) {
 function summary(result) {
   const m = result.machine;
   const lines = [
-    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}, ${result.runtimeSeconds} s per timed job`,
+    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}${result.coldCache ? ', cold page cache' : ''}, ${result.runtimeSeconds} s per timed job`,
     `machine: ${m.nproc} cores, ${m.cpu}, ${m.memGiB} GiB, kernel ${m.kernel}, node ${m.node}, ${m.fio}, ${m.qemu}`,
   ];
   const rss = result.peakRss;
@@ -557,6 +568,7 @@ async function main() {
     imageBytes: IMAGE_SIZE,
     writtenBytes: WRITTEN,
     strace: opts.strace,
+    coldCache: opts.cold,
     qmountNodeArgs: opts.nodeArgs,
     qmountEnv: opts.env,
     peakRss: Object.fromEntries(SYSTEMS.map((s) => [s, peak(s)])),

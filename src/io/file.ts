@@ -34,18 +34,23 @@ function pwriteOnce(fd: number, buf: Buffer, off: number, len: number, pos: numb
  * more crossings (event loop -> worker -> event loop), which on a small
  * machine is most of a request's latency. A call the page cache satisfies
  * takes microseconds, so reads and writes run synchronously on the event
- * loop instead. What that risks is a call that waits for the disk and stalls
- * the loop, and every other request with it: each inline call is timed, and
- * one slower than SLOW_MS sends this file's calls to the thread pool for a
- * back-off period that doubles while the probing inline calls stay slow (at
- * most one stall per period) and ends with the first fast one. fdatasync,
- * fstat, ftruncate always use the thread pool.
+ * loop instead. What that risks is a call that waits for the disk: it stalls
+ * the loop, and every other request with it, and calls that wait for the
+ * disk one at a time lose the parallelism a disk needs. So each inline call
+ * is timed, and one slower than a page-cache copy could be (SLOW_BASE_MS
+ * plus the bytes at COPY_BYTES_PER_MS) sends this file's calls to the thread
+ * pool for a back-off period that doubles while the probing inline calls
+ * stay slow (at most one stall per period) and ends with the first fast one.
+ * fdatasync, fstat, ftruncate (except extend()) always use the thread pool.
  */
 export const ioTuning = {
   /** QMOUNT_INLINE_IO=0 turns inline calls off (every call on the thread pool). */
   inline: process.env.QMOUNT_INLINE_IO !== '0',
 };
-const SLOW_MS = 1;
+/** Faster than any disk read or write that is not a page-cache hit (NVMe: ~80 µs). */
+const SLOW_BASE_MS = 0.05;
+/** 1 GB/s: a page-cache copy is several times faster. */
+const COPY_BYTES_PER_MS = 1e6;
 const BACKOFF_MIN_MS = 20;
 const BACKOFF_MAX_MS = 2000;
 
@@ -64,11 +69,11 @@ export class InlinePolicy {
     return this.asyncUntil === 0 || this.now() >= this.asyncUntil;
   }
 
-  /** An inline call that started at `start` (this.now()) is over. */
-  done(start: number): void {
+  /** An inline call of `bytes` that started at `start` (this.now()) is over. */
+  done(start: number, bytes: number): void {
     this.stats.inline++;
     const end = this.now();
-    if (end - start <= SLOW_MS) {
+    if (end - start <= SLOW_BASE_MS + bytes / COPY_BYTES_PER_MS) {
       this.backoffMs = 0;
       this.asyncUntil = 0;
       return;
@@ -83,22 +88,45 @@ export interface OpenOptions {
   readOnly: boolean;
 }
 
+/** Source of zeros for writeZeroes (never written to). */
+const ZEROES = Buffer.alloc(1024 * 1024);
+
 export class ImageFile {
   private closed = false;
   /** Replaceable by tests (fake clock). */
   policy = new InlinePolicy();
+  /**
+   * No byte at or after this offset was ever written through this object
+   * since open, nor existed at open: they read as zeros. Raised before a
+   * write or resize is issued (not when it completes), so it is never below
+   * the end of anything that may have reached the file; too high only costs
+   * writeZeroes a real write.
+   */
+  private zeroFrom: number;
 
   private constructor(
     readonly path: string,
     private readonly fd: number,
     readonly readOnly: boolean,
-  ) {}
+    sizeAtOpen: number,
+  ) {
+    this.zeroFrom = sizeAtOpen;
+  }
 
   static async open(path: string, opts: OpenOptions): Promise<ImageFile> {
     const fd = await new Promise<number>((resolve, reject) => {
       fs.open(path, opts.readOnly ? 'r' : 'r+', (err, f) => (err ? reject(err) : resolve(f)));
     });
-    return new ImageFile(path, fd, opts.readOnly);
+    let size: number;
+    try {
+      const st = await new Promise<fs.Stats>((resolve, reject) => fs.fstat(fd, (err, s) => (err ? reject(err) : resolve(s))));
+      // A block device has no holes (and fstat says size 0): nothing is known to be zero there.
+      size = st.isFile() ? st.size : Infinity;
+    } catch (err) {
+      fs.close(fd, () => {});
+      throw err;
+    }
+    return new ImageFile(path, fd, opts.readOnly, size);
   }
 
   /** The OS file descriptor (for locking). */
@@ -125,7 +153,7 @@ export class ImageFile {
         if (n === 0) break;
         done += n;
       }
-      this.policy.done(start);
+      this.policy.done(start, done);
       return Promise.resolve(done);
     } catch (err) {
       return Promise.reject(err);
@@ -157,12 +185,7 @@ export class ImageFile {
       if (instrumentation.active) {
         instrumentation.check('write', point, this.path, position, length, buf.subarray(bufOffset, bufOffset + length));
       }
-      if (!this.policy.allowed()) return this.writePooled(buf, bufOffset, length, position);
-      const start = this.policy.now();
-      let done = 0;
-      while (done < length) done += fs.writeSync(this.fd, buf, bufOffset + done, length - done, position + done);
-      this.policy.done(start);
-      return Promise.resolve();
+      return this.writeRaw(buf, bufOffset, length, position);
     } catch (err) {
       return Promise.reject(err);
     }
@@ -173,6 +196,67 @@ export class ImageFile {
     let done = 0;
     while (done < length) {
       done += await pwriteOnce(this.fd, buf, bufOffset + done, length - done, position + done);
+    }
+  }
+
+  /**
+   * Make [position, position + length) read as zeros, as a write of zeros
+   * would (also for fault injection and the crash recorder). Bytes from
+   * zeroFrom on are zeros already: a range reaching past it costs one byte
+   * written at its end (the file grows, the rest is a hole) instead of the
+   * whole range; only the part below zeroFrom is really written.
+   */
+  writeZeroes(point: IoPoint, position: number, length: number): Promise<void> {
+    try {
+      if (this.readOnly) throw new ReadOnlyError(`refusing to write ${this.path}: opened read-only`);
+      if (length <= 0) return Promise.resolve();
+      if (instrumentation.active) instrumentation.check('write', point, this.path, position, length, Buffer.alloc(length));
+      const end = position + length;
+      const real = Math.min(end, this.zeroFrom) - position;
+      const ios: Promise<void>[] = [];
+      for (let done = 0; done < real; done += ZEROES.length) {
+        const n = Math.min(ZEROES.length, real - done);
+        ios.push(this.writeRaw(ZEROES, 0, n, position + done));
+      }
+      if (end > this.zeroFrom) ios.push(this.extend(end));
+      return ios.length === 1 ? ios[0]! : Promise.all(ios).then(() => undefined);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /**
+   * Grow the file to `end` (> zeroFrom), the new part a hole. Inline, an
+   * ftruncate: it cannot shrink the file, because every write issued so far
+   * ends at or below zeroFrom, and no later write can be issued before it
+   * returns. On the thread pool it could run after a later write that grew
+   * the file further, so there it is a one-byte write at end - 1 instead.
+   */
+  private extend(end: number): Promise<void> {
+    if (!this.policy.allowed()) return this.writeRaw(ZEROES, 0, 1, end - 1);
+    try {
+      const start = this.policy.now();
+      fs.ftruncateSync(this.fd, end);
+      this.policy.done(start, 0);
+      this.zeroFrom = end;
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(err);
+    }
+  }
+
+  /** write() without the read-only and instrumentation checks (the caller made them). */
+  private writeRaw(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
+    if (position + length > this.zeroFrom) this.zeroFrom = position + length;
+    if (!this.policy.allowed()) return this.writePooled(buf, bufOffset, length, position);
+    try {
+      const start = this.policy.now();
+      let done = 0;
+      while (done < length) done += fs.writeSync(this.fd, buf, bufOffset + done, length - done, position + done);
+      this.policy.done(start, length);
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(err);
     }
   }
 
@@ -193,6 +277,9 @@ export class ImageFile {
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`refusing to resize ${this.path}: opened read-only`);
     if (instrumentation.active) instrumentation.check('truncate', 'truncate', this.path, size, 0);
+    // Growing makes zeros (zeroFrom may stay); shrinking and regrowing would too, but a
+    // write in flight beyond `size` may still land: zeroFrom never goes down.
+    if (size > this.zeroFrom) this.zeroFrom = size;
     await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(err) : resolve())));
   }
 

@@ -22,11 +22,11 @@ function fakeClock(step = 0): { now: () => number; t: number; step: number } {
 
 describe('InlinePolicy', () => {
   it('stays inline while calls are fast', () => {
-    const clock = fakeClock(0.05);
+    const clock = fakeClock(0.01);
     const p = new InlinePolicy(clock.now);
     for (let i = 0; i < 100; i++) {
       expect(p.allowed()).toBe(true);
-      p.done(clock.now());
+      p.done(clock.now(), 4096);
     }
     expect(p.stats).toEqual({ inline: 100, pooled: 0, slow: 0 });
   });
@@ -37,7 +37,7 @@ describe('InlinePolicy', () => {
     const call = (ms: number): void => {
       const start = clock.now();
       clock.t += ms;
-      p.done(start);
+      p.done(start, 4096);
     };
     call(5); // slow: 20 ms back-off
     expect(p.allowed()).toBe(false);
@@ -50,12 +50,26 @@ describe('InlinePolicy', () => {
     expect(p.allowed()).toBe(false);
     clock.t += 1;
     expect(p.allowed()).toBe(true);
-    call(0.1); // fast probe: inline again, back-off forgotten
+    call(0.02); // fast probe: inline again, back-off forgotten
     expect(p.allowed()).toBe(true);
     call(5);
     clock.t += 20;
     expect(p.allowed()).toBe(true); // 20 ms again, not 80
     expect(p.stats.slow).toBe(3);
+  });
+
+  it('what counts as slow grows with the size of the call (a page-cache copy of 128 KiB takes longer than one of 4 KiB)', () => {
+    const clock = fakeClock();
+    const p = new InlinePolicy(clock.now);
+    const call = (ms: number, bytes: number): void => {
+      const start = clock.now();
+      clock.t += ms;
+      p.done(start, bytes);
+    };
+    call(0.15, 128 * 1024);
+    expect(p.allowed()).toBe(true);
+    call(0.15, 4096); // a disk read, not a copy
+    expect(p.allowed()).toBe(false);
   });
 
   it('the back-off is capped', () => {
@@ -65,7 +79,7 @@ describe('InlinePolicy', () => {
       while (!p.allowed()) clock.t += 1;
       const start = clock.now();
       clock.t += 10;
-      p.done(start);
+      p.done(start, 4096);
     }
     clock.t += 2000;
     expect(p.allowed()).toBe(true);
@@ -101,7 +115,8 @@ describe('ImageFile', () => {
     describe(mode, () => {
       async function open(readOnly = false): Promise<ImageFile> {
         const f = await ImageFile.open(file, { readOnly });
-        if (mode === 'pooled') f.policy = Object.assign(new InlinePolicy(), { allowed: () => false });
+        // Deterministic: inline calls always look fast (a stopped clock), or never run inline.
+        f.policy = mode === 'pooled' ? Object.assign(new InlinePolicy(), { allowed: () => false }) : new InlinePolicy(() => 0);
         return f;
       }
 
@@ -158,4 +173,72 @@ describe('ImageFile', () => {
       });
     });
   }
+});
+
+describe('ImageFile.writeZeroes', () => {
+  let dir: string;
+  let file: string;
+
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmount-zeroes-'));
+    file = path.join(dir, 'f.bin');
+    fs.writeFileSync(file, Buffer.alloc(8192, 0xaa));
+  });
+  afterEach(() => {
+    instrumentation.clearFaults();
+    instrumentation.record(null);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('zeros data below the end of the file and grows it past the end without writing the hole', async () => {
+    const f = await ImageFile.open(file, { readOnly: false });
+    try {
+      await f.writeZeroes('cow_write', 4096, 4096 + 4 * 1024 * 1024);
+    } finally {
+      await f.close();
+    }
+    const st = fs.statSync(file);
+    expect(st.size).toBe(8192 + 4 * 1024 * 1024);
+    const data = fs.readFileSync(file);
+    expect(data.subarray(0, 4096).every((b) => b === 0xaa)).toBe(true);
+    expect(data.subarray(4096).every((b) => b === 0)).toBe(true);
+    // 4 MiB of zeros past the old end cost about one block, not 4 MiB
+    expect(st.blocks * 512).toBeLessThan(1024 * 1024);
+  });
+
+  it('bytes written since open are not taken for zeros, whatever the file size says', async () => {
+    const f = await ImageFile.open(file, { readOnly: false });
+    try {
+      await f.write('data_write', Buffer.alloc(4096, 0xbb), 0, 4096, 65536); // the file now ends at 69632
+      await f.writeZeroes('cow_write', 60000, 20000); // overlaps the written block and goes past it
+      await f.writeZeroes('cow_write', 100000, 10); // past everything: only the end byte
+      const buf = Buffer.alloc(100010 + 10, 0xee);
+      expect(await f.read(buf, 0, buf.length, 0)).toBe(100010);
+      expect(buf.subarray(0, 8192).every((b) => b === 0xaa)).toBe(true);
+      expect(buf.subarray(8192, 100010).every((b) => b === 0)).toBe(true);
+    } finally {
+      await f.close();
+    }
+  });
+
+  it('is a write of zeros to fault injection and the recorder; refused on a read-only file', async () => {
+    const events: Array<{ point: string; offset: number; length: number; zero: boolean }> = [];
+    instrumentation.record((ev) => events.push({ point: ev.point, offset: ev.offset, length: ev.length, zero: !!ev.data && ev.data.every((b) => b === 0) && ev.data.length === ev.length }));
+    const f = await ImageFile.open(file, { readOnly: false });
+    try {
+      await f.writeZeroes('cow_write', 10000, 5000);
+      expect(events).toEqual([{ point: 'cow_write', offset: 10000, length: 5000, zero: true }]);
+      instrumentation.setFaults([{ point: 'cow_write', errno: 'ENOSPC' }]);
+      await expect(f.writeZeroes('cow_write', 20000, 100)).rejects.toMatchObject({ code: 'ENOSPC' });
+    } finally {
+      await f.close();
+    }
+    expect(fs.statSync(file).size).toBe(15000);
+    const ro = await ImageFile.open(file, { readOnly: true });
+    try {
+      await expect(ro.writeZeroes('cow_write', 0, 1)).rejects.toBeInstanceOf(ReadOnlyError);
+    } finally {
+      await ro.close();
+    }
+  });
 });
