@@ -2,8 +2,9 @@
  * The crash-point and fault-injection workloads: each builds an image with
  * qemu-img/qemu-io that puts one risky engine path in play (refcount block
  * allocation, refcount table growth, L2 allocation, snapshot COW, compressed
- * overwrite, backing COW, lazy refcounts, external data file, QED need-check)
- * and carries a fixed, seeded list of guest writes and flushes for it.
+ * overwrite, backing COW, extended L2 subclusters, lazy refcounts, external
+ * data file, QED need-check) and carries a fixed, seeded list of guest writes
+ * and flushes for it.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -170,6 +171,19 @@ export const SCENARIOS: Scenario[] = [
     },
     ops: genOps(606, { count: 30, start: 0, end: 8 * MiB, maxLength: 30 * KiB, flushEvery: 5, align: 65536, groups: true }),
     exercised: (_b, pts) => needs(pts, ['cow_write', 'l2_alloc', 'l1_update']),
+  },
+  {
+    name: 'extended-l2-backing',
+    note: 'extended_l2=on, 64 KiB clusters (2 KiB subclusters) over a qcow2 backing file: subcluster allocation, zero and unallocated subclusters, COW from the backing file',
+    build(dir) {
+      const base = qcow2(dir, 'base.qcow2', 8 * MiB, []);
+      qemuIo(base, 'qcow2', [`write -P 0x46 0 ${6 * MiB}`]);
+      const image = qcow2(dir, 'img.qcow2', 8 * MiB, ['extended_l2=on', 'cluster_size=65536'], ['base.qcow2', 'qcow2']);
+      qemuIo(image, 'qcow2', ['write -P 0x47 2048 2048', 'write -z 8192 4096', 'write -P 0x48 65536 70000', 'discard 69632 2048']);
+      return { image, format: 'qcow2', written: [image], frozen: [base] };
+    },
+    ops: genOps(1111, { count: 36, start: 0, end: 8 * MiB, maxLength: 20 * KiB, flushEvery: 5, align: 2048, groups: true }),
+    exercised: (_b, pts) => needs(pts, ['cow_write', 'data_write', 'l2_update']),
   },
   {
     name: 'lazy-refcounts',
