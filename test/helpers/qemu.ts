@@ -37,9 +37,10 @@ export function qemuCheck(image: string, format?: string): { code: number; outpu
   return { code: r.code, output: r.stdout + r.stderr };
 }
 
-/** qemu-img compare; true when identical. */
-export function qemuCompare(a: string, b: string, fmtA?: string, fmtB?: string): { same: boolean; output: string } {
+/** qemu-img compare; true when identical. `forceShare` (-U) reads an image qmount still holds open. */
+export function qemuCompare(a: string, b: string, fmtA?: string, fmtB?: string, forceShare = false): { same: boolean; output: string } {
   const args = ['compare'];
+  if (forceShare) args.push('-U');
   if (fmtA) args.push('-f', fmtA);
   if (fmtB) args.push('-F', fmtB);
   args.push(a, b);
