@@ -180,3 +180,49 @@ describe('qmount check agrees with qemu-img check', () => {
     });
   }
 });
+
+describe('locks held by check and on external data files', () => {
+  const log = logger('test');
+  /** A qemu-io holding `file` open read-write (format fmt) until killed. */
+  async function qemuHolds(file: string, fmt: string): Promise<() => void> {
+    const { spawn } = await import('node:child_process');
+    // Interactive qemu-io keeps the image open while its standard input is.
+    const p = spawn('qemu-io', ['-f', fmt, file], { stdio: ['pipe', 'ignore', 'ignore'] });
+    // Wait until its OFD locks on the file show in /proc/locks.
+    const ino = fs.statSync(file).ino;
+    const locked = (): boolean => fs.readFileSync('/proc/locks', 'utf8').split('\n').some((l) => l.includes('OFDLCK') && l.includes(`:${ino} `));
+    for (let i = 0; i < 200 && !locked(); i++) await new Promise((r) => setTimeout(r, 25));
+    if (!locked()) throw new Error('qemu-io took no lock');
+    return () => p.kill('SIGKILL');
+  }
+
+  it('check --repair is refused while QEMU writes the image; a plain check is refused too, like qemu-img check', async () => {
+    const image = create('cluster_size=4k');
+    const release = await qemuHolds(image, 'qcow2');
+    try {
+      await expect(checkImage(image, { repair: 'all', log })).rejects.toMatchObject({ errno: 'EBUSY' });
+      await expect(checkImage(image, { repair: 'none', log })).rejects.toMatchObject({ errno: 'EBUSY' });
+    } finally {
+      release();
+    }
+    await new Promise((r) => setTimeout(r, 200));
+    expect((await checkImage(image, { repair: 'none', log })).corruptions).toBe(0);
+  });
+
+  it('an external data file in use by a QEMU writer of another image keeps a read-write open out', async () => {
+    // Two qcow2 images naming one data file: QEMU locks the data file as a
+    // data child (it does not share resize), and so does qmount.
+    const data = path.join(s.dir, `shared-${n}.data`);
+    const a = create(`data_file=${data}`);
+    const b = create(`data_file=${data}`);
+    const release = await qemuHolds(a, 'qcow2');
+    try {
+      await expect(openImage(b, { readOnly: false })).rejects.toMatchObject({ errno: 'EBUSY' });
+    } finally {
+      release();
+    }
+    await new Promise((r) => setTimeout(r, 200));
+    const d = await openImage(b, { readOnly: false });
+    await d.close();
+  });
+});

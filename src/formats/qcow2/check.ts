@@ -6,6 +6,7 @@
  * the dirty and corrupt bits once nothing is left to fix.
  */
 import { ImageFile } from '../../io/file.js';
+import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
 import type { CheckReport, RepairMode } from '../check.js';
 import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES } from '../open.js';
@@ -18,6 +19,8 @@ export async function checkQcow2(path: string, opts: { repair: RepairMode; log: 
   const readOnly = opts.repair === 'none';
   const file = await ImageFile.open(path, { readOnly });
   try {
+    // Like qemu-img check: a repair is a writer, a check a reader.
+    lockImageFile(file.descriptor, path, path, readOnly ? 'read' : 'write');
     const s = await loadQcow2(
       file,
       { readOnly, l2CacheBytes: DEFAULT_L2_CACHE_BYTES, refcountCacheBytes: DEFAULT_REFCOUNT_CACHE_BYTES, log: opts.log },

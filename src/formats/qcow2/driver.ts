@@ -5,6 +5,7 @@
 import path from 'node:path';
 import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
+import { lockImageFile } from '../../io/lock.js';
 import type { BlockDriver, DriverOpenOptions, FormatName, ImageInfo } from '../driver.js';
 import {
   featureList,
@@ -68,6 +69,8 @@ export async function loadQcow2(file: ImageFile, opts: DriverOpenOptions, forChe
         throw new QmountError('ENOENT', `external data file ${resolved} cannot be opened: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
       }
       closeOnError.push(dataFile);
+      // Locked like QEMU locks a data file (src/io/lock.ts).
+      lockImageFile(dataFile.descriptor, resolved, name, opts.readOnly ? 'data-read' : 'data-write');
     }
     const l1 = Buffer.alloc(header.l1Size * 8);
     if (header.l1Size > 0) await file.read(l1, 0, l1.length, header.l1TableOffset);

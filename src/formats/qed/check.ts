@@ -19,6 +19,7 @@
  */
 import { FormatError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
+import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
 import type { CheckReport as GenericCheckReport, RepairMode } from '../check.js';
 import {
@@ -226,6 +227,8 @@ export async function checkQed(path: string, opts: { repair: RepairMode; log: Lo
     throw new FormatError(`${path}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'EIO');
   }
   try {
+    // Like qemu-img check: a repair is a writer, a check a reader.
+    lockImageFile(file.descriptor, path, path, repairing ? 'write' : 'read');
     let meta: Awaited<ReturnType<typeof readQedMeta>>;
     try {
       meta = await readQedMeta(file);
