@@ -345,6 +345,9 @@ describe('a qmount writer keeps QEMU and other qmounts out', () => {
       expect(qemuIoWrite(plain)).toMatch(/Failed to get "write" lock/);
       m.kill('SIGKILL');
       for (let i = 0; i < 100 && processRunning(m.pid); i++) await sleep(50);
+      // The thread-group leader can look gone while its other threads are
+      // still exiting and holding the file table: give the kernel a moment.
+      for (let i = 0; i < 100 && anyLocks(plain).length > 0; i++) await sleep(50);
       expect(anyLocks(plain)).toEqual([]);
       expect(qemuIoWrite(plain)).toBe('');
     } finally {
