@@ -13,19 +13,28 @@
  * guest data that was flushed (bytes written after the last flush may be old
  * or new).
  *
+ * Also: crashes during recovery (the repairing open of a dirty or
+ * need-check state is recorded and enumerated in turn), crashes after an
+ * injected I/O error, and a check that the judge rejects states the engine's
+ * write order forbids (so a pass means something).
+ *
  * Runs:
  *   npm test / npx vitest run test/safety/crash-points.test.ts
- *       reduced: per workload ~10 crash points (before and after the first
- *       and one later occurrence of every write point, plus random ones),
- *       each with all, none and 2 random subsets of the unflushed writes.
+ *       reduced (under a minute): per workload ~10 crash points (before and
+ *       after the first and one later occurrence of every write point, plus
+ *       random ones), each with all, none and 2 random subsets of the
+ *       unflushed writes; 2 recoveries per unclean kind; 5 error-then-crash
+ *       cases.
  *   QMOUNT_CRASH_FULL=1 npx vitest run test/safety/crash-points.test.ts
- *       full: every recorded write is a crash point, each with all, none and
- *       3 random subsets (tens of minutes).
+ *       full (about 20 minutes on 2 cores): every recorded write is a crash
+ *       point, each with all, none and 3 random subsets; 8 recoveries per
+ *       unclean kind; all 10 error-then-crash cases. The same variable makes
+ *       faults.test.ts inject both errnos at both occurrences.
  *   QMOUNT_CRASH_SEED=N changes the random choices (default 1).
  */
 import fs from 'node:fs';
-import { afterAll, describe, expect, it } from 'vitest';
 import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
 import {
   checkState, context, crashStates, fastScratch, flaggedUnclean, materialize, readImage, recordRun, recordWorkload, SCENARIOS,
   type CrashState,
