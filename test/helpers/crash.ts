@@ -23,9 +23,9 @@
  * bytes a later write touched read as either their flushed value or a value
  * one of those later writes carried.
  *
- * Completion times come from wrapping ImageFile's write/flush/truncate here
- * (the recorder only sees requests as they are issued); file.ts is not
- * changed for the tests.
+ * Completion times come from wrapping ImageFile's write/writeZeroes/flush/
+ * truncate here (the recorder only sees requests as they are issued); file.ts
+ * is not changed for the tests.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -104,8 +104,10 @@ export class IoTracker implements Clock {
     });
     const proto = ImageFile.prototype as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
     const saved: Array<[string, (...args: unknown[]) => Promise<unknown>]> = [];
-    for (const name of ['write', 'flush', 'truncate']) {
+    // Every ImageFile method that records an event (writeZeroes records a 'write' of zeros).
+    for (const name of ['write', 'writeZeroes', 'flush', 'truncate']) {
       const orig = proto[name];
+      if (typeof orig !== 'function') continue;
       saved.push([name, orig]);
       const tracker = this;
       proto[name] = function (this: ImageFile, ...args: unknown[]): Promise<unknown> {

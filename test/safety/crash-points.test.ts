@@ -54,6 +54,8 @@ describe(`crash points (${FULL ? 'full' : 'reduced'} run)`, () => {
     cleanups.push(cleanup);
     const rec = await recordWorkload(sc, dir);
     const points = rec.ios.map((r) => r.point);
+    // Every recorded request was seen to complete (an unwrapped ImageFile method would show here).
+    expect(rec.ios.filter((r) => r.done === Infinity).map((r) => `${r.kind} ${r.point}`)).toEqual([]);
     expect(sc.exercised?.(rec.built, points) ?? null, sc.note).toBeNull();
 
     // The uncrashed run is the reference: clean, and the guest sees the model.
