@@ -14,7 +14,6 @@
  *  - with an external data file, data clusters are not counted;
  *  - consistent persistent bitmaps: directory, tables and data clusters.
  */
-import type { ImageFile } from '../../io/file.js';
 import { bitmapRanges } from './bitmaps.js';
 import { AUTOCLEAR_BITMAPS, hasBit } from './header.js';
 import { compressedClusters, decodeCompressed, entryOffset, L2E_COMPRESSED } from './layout.js';
