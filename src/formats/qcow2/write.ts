@@ -34,10 +34,13 @@
  *
  * Metadata ordering is declared to the caches (cache/table-cache.ts):
  * refcount raised before an L2 entry points at the cluster
- * (l2.dependOn(refblocks)), new data durable before the L2 entry points at
- * it (l2.dependOnSync()), and an L2/L1 entry changed durably before the
- * refcount of what it pointed at drops (refblocks.dependOn(l2), or a sync
- * for direct L1 writes). With lazy_refcounts the dirty bit stands in for the
+ * (l2.dependOn(refblocks)), and new data durable before the L2 entry points
+ * at it (l2.dependOnSync()). References dropped by a link (the old cluster
+ * of a copy-on-write, a replaced L2 table) are not released at once but
+ * queued in `pendingReleases` and released by the next flush, after the L2
+ * tables and L1 entries that stopped pointing at them are durable: "pointer
+ * cleared before refcount drops" without a flush per request, and a crash in
+ * between only leaks. With lazy_refcounts the dirty bit stands in for the
  * refcount ordering.
  */
 import { CorruptionError, FormatError, QmountError, ReadOnlyError } from '../../errors.js';
@@ -101,6 +104,10 @@ export class Qcow2Writer {
   private lazy = false;
   /** we set the dirty bit on disk and must clear it on clean close */
   private dirtySet = false;
+  /** References to drop at the next flush: [hostOffset, bytes] (see the ordering note above). */
+  private pendingReleases: Array<[number, number]> = [];
+  /** Past this many queued releases a link flushes. */
+  private static readonly MAX_PENDING_RELEASES = 4096;
 
   constructor(
     private readonly s: Qcow2State,
@@ -161,7 +168,12 @@ export class Qcow2Writer {
 
   private async flushLocked(): Promise<void> {
     await this.refcounts.cache.flush();
-    await this.s.l2Cache.flush();
+    await this.s.l2Cache.flush(); // ends with a sync: every L2 and L1 change so far is durable
+    if (this.pendingReleases.length > 0) {
+      const releases = this.pendingReleases;
+      this.pendingReleases = [];
+      for (const [off, len] of releases) await this.refcounts.release(off, len);
+    }
     await this.refcounts.cache.flush();
     if (this.activeReads === 0) this.refcounts.releaseQuarantine();
   }
@@ -511,11 +523,14 @@ export class Qcow2Writer {
         }
         this.finish([op]);
       }
-      if (releases.length > 0) {
-        if (!this.lazy) await this.refcounts.cache.dependOn(s.l2Cache);
-        for (const [off, len] of releases) await this.refcounts.release(off, len);
+      for (const r of releases) this.pendingReleases.push(r);
+      if (
+        s.l2Cache.underPressure ||
+        this.refcounts.cache.underPressure ||
+        this.pendingReleases.length > Qcow2Writer.MAX_PENDING_RELEASES
+      ) {
+        await this.flushLocked();
       }
-      if (s.l2Cache.underPressure || this.refcounts.cache.underPressure) await this.flushLocked();
     } catch (err) {
       await this.undo(ops.slice(i));
       throw err;
@@ -549,8 +564,8 @@ export class Qcow2Writer {
    * The L2 table for L1 index `l1i`, ready to be modified: allocated if
    * missing, copied if shared with a snapshot (no COPIED flag). The new
    * table is written and, with the refcount of its cluster, durable before
-   * the L1 entry points at it; the old table's reference is dropped only
-   * after the L1 entry that replaced it is durable.
+   * the L1 entry points at it; the old table's reference is queued and
+   * dropped by the next flush, after the L1 entry that replaced it is durable.
    */
   private async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
     const s = this.s;
@@ -570,10 +585,7 @@ export class Qcow2Writer {
     e.copy(s.l1, l1i * 8);
     s.l2Cache.install(offset, table, false);
     s.l2Tables.add(offset);
-    if (old !== 0) {
-      if (!this.lazy) this.refcounts.cache.dependOnSync();
-      await this.refcounts.change(Math.floor(old / cs), -1);
-    }
+    if (old !== 0) this.pendingReleases.push([old, cs]);
     s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
     return { table, offset };
   }
