@@ -14,6 +14,7 @@ import fs from 'node:fs';
 import Fuse, { type FuseOps } from 'fuse-native';
 import { QmountError, oneLine } from '../src/errors.js';
 import type { BlockDriver } from '../src/formats/driver.js';
+import { ioCounters } from '../src/io/file.js';
 import type { Logger } from '../src/log.js';
 import { DiskFs, FILE_NAME } from './disk-fs.js';
 import { findMount, readMounts, readMountsSync } from './mountinfo.js';
@@ -159,7 +160,8 @@ export class MountSession {
       this.log.error({ err: oneLine(err) }, 'closing the image failed');
       code = 2;
     }
-    this.log.info({ stats: this.fs.stats }, 'closed');
+    // io: image calls made inline on the event loop vs on the thread pool (src/io/file.ts).
+    this.log.info({ stats: this.fs.stats, io: ioCounters }, 'closed');
     return code;
   }
 

@@ -32,6 +32,7 @@
  *                         come from the disk; qmount and qemu alike)
  *   --strace              attach `strace -c -f` to qmount during each job (slows it; numbers
  *                         are then not comparable) and report syscalls per request
+ *   --scale               instead: the scale check (scripts/bench-scale.mjs, bench-results/scale.json)
  *   --out FILE            JSON output (default bench-results/latest.json)
  *   --keep                keep the scratch directory
  */
@@ -56,7 +57,7 @@ const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, out: null, keep: false };
+  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, scale: false, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -78,6 +79,7 @@ function parseArgs(argv) {
         break;
       case '--strace': o.strace = true; break;
       case '--cold': o.cold = true; break;
+      case '--scale': o.scale = true; break;
       case '--out': o.out = path.resolve(next()); break;
       case '--keep': o.keep = true; break;
       case '-h': case '--help':
@@ -393,7 +395,7 @@ function qmountStats(logFile) {
     const lines = fs.readFileSync(logFile, 'utf8').trim().split('\n');
     for (let i = lines.length - 1; i >= 0; i--) {
       const rec = JSON.parse(lines[i]);
-      if (rec.stats) return rec.stats;
+      if (rec.stats) return { ...rec.stats, imageCalls: rec.io };
     }
   } catch { /* no log */ }
   return undefined;
@@ -529,6 +531,11 @@ function summary(result) {
 
 async function main() {
   if (!fs.existsSync(CLI)) die(`${CLI} is missing: build first (node scripts/setup.mjs)`);
+  if (opts.scale) {
+    const { runScale } = await import('./bench-scale.mjs');
+    await runScale();
+    return;
+  }
   for (const [cmd, arg] of [['fio', '--version'], ['qemu-img', '--version'], ['qemu-storage-daemon', '--version'], ['fusermount', '-V']]) {
     if (spawnSync(cmd, [arg], { stdio: 'ignore' }).error) die(`${cmd} not found (node scripts/setup.mjs --test installs it)`);
   }

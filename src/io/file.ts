@@ -37,11 +37,13 @@ function pwriteOnce(fd: number, buf: Buffer, off: number, len: number, pos: numb
  * loop instead. What that risks is a call that waits for the disk: it stalls
  * the loop, and every other request with it, and calls that wait for the
  * disk one at a time lose the parallelism a disk needs. So each inline call
- * is timed, and one slower than a page-cache copy could be (SLOW_BASE_MS
- * plus the bytes at COPY_BYTES_PER_MS) sends this file's calls to the thread
- * pool for a back-off period that doubles while the probing inline calls
- * stay slow (at most one stall per period) and ends with the first fast one.
- * fdatasync, fstat, ftruncate (except extend()) always use the thread pool.
+ * is timed against what a page-cache copy could take (SLOW_BASE_MS plus the
+ * bytes at COPY_BYTES_PER_MS). SLOW_STRIKES slow calls in a row (one alone is
+ * usually the event loop losing its CPU for a moment, not the disk) send this
+ * file's calls to the thread pool for a back-off period; then one call probes
+ * inline again: slow, the period doubles (at most one stall per period); fast,
+ * calls stay inline. fdatasync, fstat, ftruncate (except extend()) always use
+ * the thread pool.
  */
 export const ioTuning = {
   /** QMOUNT_INLINE_IO=0 turns inline calls off (every call on the thread pool). */
@@ -51,12 +53,18 @@ export const ioTuning = {
 const SLOW_BASE_MS = 0.05;
 /** 1 GB/s: a page-cache copy is several times faster. */
 const COPY_BYTES_PER_MS = 1e6;
+const SLOW_STRIKES = 2;
 const BACKOFF_MIN_MS = 20;
 const BACKOFF_MAX_MS = 2000;
+
+/** Totals over every ImageFile of the process (logged when a mount closes). */
+export const ioCounters = { inline: 0, pooled: 0, slow: 0 };
 
 export class InlinePolicy {
   private asyncUntil = 0;
   private backoffMs = 0;
+  /** Slow inline calls in a row (a probe after a back-off starts at SLOW_STRIKES - 1). */
+  private slowRun = 0;
   /** Counters for tests and benchmarks. */
   readonly stats = { inline: 0, pooled: 0, slow: 0 };
 
@@ -72,13 +80,18 @@ export class InlinePolicy {
   /** An inline call of `bytes` that started at `start` (this.now()) is over. */
   done(start: number, bytes: number): void {
     this.stats.inline++;
+    ioCounters.inline++;
     const end = this.now();
     if (end - start <= SLOW_BASE_MS + bytes / COPY_BYTES_PER_MS) {
+      this.slowRun = 0;
       this.backoffMs = 0;
       this.asyncUntil = 0;
       return;
     }
     this.stats.slow++;
+    ioCounters.slow++;
+    if (++this.slowRun < SLOW_STRIKES) return;
+    this.slowRun = SLOW_STRIKES - 1;
     this.backoffMs = Math.min(BACKOFF_MAX_MS, this.backoffMs === 0 ? BACKOFF_MIN_MS : this.backoffMs * 2);
     this.asyncUntil = end + this.backoffMs;
   }
@@ -162,6 +175,7 @@ export class ImageFile {
 
   private async readPooled(buf: Buffer, bufOffset: number, length: number, position: number): Promise<number> {
     this.policy.stats.pooled++;
+    ioCounters.pooled++;
     let done = 0;
     while (done < length) {
       const n = await preadOnce(this.fd, buf, bufOffset + done, length - done, position + done);
@@ -193,6 +207,7 @@ export class ImageFile {
 
   private async writePooled(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
     this.policy.stats.pooled++;
+    ioCounters.pooled++;
     let done = 0;
     while (done < length) {
       done += await pwriteOnce(this.fd, buf, bufOffset + done, length - done, position + done);

@@ -31,7 +31,7 @@ describe('InlinePolicy', () => {
     expect(p.stats).toEqual({ inline: 100, pooled: 0, slow: 0 });
   });
 
-  it('a slow call sends calls to the pool for a back-off that doubles while probes stay slow, and a fast probe ends it', () => {
+  it('two slow calls in a row send calls to the pool for a back-off that doubles while probes stay slow; a fast probe ends it', () => {
     const clock = fakeClock();
     const p = new InlinePolicy(clock.now);
     const call = (ms: number): void => {
@@ -39,7 +39,12 @@ describe('InlinePolicy', () => {
       clock.t += ms;
       p.done(start, 4096);
     };
-    call(5); // slow: 20 ms back-off
+    call(5); // one slow call: a hiccup, still inline
+    expect(p.allowed()).toBe(true);
+    call(0.01);
+    call(5); // the fast call between broke the run
+    expect(p.allowed()).toBe(true);
+    call(5); // two in a row: 20 ms back-off
     expect(p.allowed()).toBe(false);
     clock.t += 19;
     expect(p.allowed()).toBe(false);
@@ -53,9 +58,12 @@ describe('InlinePolicy', () => {
     call(0.02); // fast probe: inline again, back-off forgotten
     expect(p.allowed()).toBe(true);
     call(5);
+    expect(p.allowed()).toBe(true); // a single slow call again
+    call(5);
+    expect(p.allowed()).toBe(false);
     clock.t += 20;
     expect(p.allowed()).toBe(true); // 20 ms again, not 80
-    expect(p.stats.slow).toBe(3);
+    expect(p.stats.slow).toBe(6);
   });
 
   it('what counts as slow grows with the size of the call (a page-cache copy of 128 KiB takes longer than one of 4 KiB)', () => {
@@ -67,8 +75,10 @@ describe('InlinePolicy', () => {
       p.done(start, bytes);
     };
     call(0.15, 128 * 1024);
+    call(0.15, 128 * 1024);
     expect(p.allowed()).toBe(true);
     call(0.15, 4096); // a disk read, not a copy
+    call(0.15, 4096);
     expect(p.allowed()).toBe(false);
   });
 
