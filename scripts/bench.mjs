@@ -13,6 +13,9 @@
  *
  * Image: 4 GiB, the first GiB written with non-zero data by qemu-io. Every
  * write job gets a fresh copy per system, so "unallocated" holds for each.
+ * The systems take turns job by job (read jobs on three mounts side by side),
+ * each round in another order, so load that drifts during a run (this is a
+ * shared 2-core machine) hits all of them alike; --repeat N takes the median.
  * Jobs are fio (O_DIRECT, libaio), see JOBS; plus a buffered dd of the whole
  * disk on a fresh mount, and the servers' peak RSS (VmHWM) and CPU time.
  *
@@ -23,7 +26,8 @@
  * Options:
  *   --quick               short runs (~2 minutes)
  *   --format F            qcow2 (default) or qed
- *   --runtime S           seconds per time-based job (default 12, quick 4)
+ *   --runtime S           seconds per time-based job (default 8, quick 4)
+ *   --repeat N            run every job N times per system, report the median (default 2, quick 1)
  *   --jobs a,b            only these job ids (dd is a job id too)
  *   --systems a,b         only these systems (qmount, qemu, ceiling)
  *   --qmount-node-args S  extra node arguments for qmount, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
@@ -57,7 +61,7 @@ const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, scale: false, out: null, keep: false };
+  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, scale: false, repeat: 0, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -80,6 +84,7 @@ function parseArgs(argv) {
       case '--strace': o.strace = true; break;
       case '--cold': o.cold = true; break;
       case '--scale': o.scale = true; break;
+      case '--repeat': o.repeat = Number(next()); break;
       case '--out': o.out = path.resolve(next()); break;
       case '--keep': o.keep = true; break;
       case '-h': case '--help':
@@ -90,7 +95,9 @@ function parseArgs(argv) {
     }
   }
   if (!['qcow2', 'qed'].includes(o.format)) die('--format must be qcow2 or qed');
-  if (!o.runtime) o.runtime = o.quick ? 4 : 12;
+  if (!o.runtime) o.runtime = o.quick ? 4 : 8;
+  if (!o.repeat) o.repeat = o.quick ? 1 : 2;
+  if (!(o.repeat >= 1 && o.runtime >= 1)) die('--repeat and --runtime need a positive number');
   return o;
 }
 
@@ -401,64 +408,55 @@ function qmountStats(logFile) {
   return undefined;
 }
 
-/**
- * One system through a list of jobs on one mount: start, run each job,
- * sample CPU and memory around it, stop. Returns results by job id.
- */
-async function session(system, image, jobs, tag, iolog) {
+/** Mount one system on a fresh directory: { system, s (the server), target, image, logFile }. */
+async function mountSystem(system, image, tag) {
   const dir = path.join(work, `mnt-${system}-${tag}`);
   fs.mkdirSync(dir);
+  const target = path.join(dir, 'disk.raw');
   const logFile = path.join(work, `qmount-${tag}.log`);
   let s;
-  let target;
-  if (system === 'qmount') {
-    s = await startQmount(image, dir, logFile);
-    target = path.join(dir, 'disk.raw');
-  } else if (system === 'qemu') {
-    target = path.join(dir, 'disk.raw');
-    s = await startQemu(image, target);
-  } else {
-    s = await startCeiling(dir);
-    target = path.join(dir, 'disk.raw');
-  }
-  const out = {};
+  if (system === 'qmount') s = await startQmount(image, dir, logFile);
+  else if (system === 'qemu') s = await startQemu(image, target);
+  else s = await startCeiling(dir);
+  return { system, s, target, image, logFile };
+}
+
+/** Unmount; returns qmount's request counters for the whole mount (undefined for the others). */
+async function unmountSystem(m) {
+  await stopServer(m.s);
+  if (m.image) fs.rmSync(m.image, { force: true });
+  return m.system === 'qmount' ? qmountStats(m.logFile) : undefined;
+}
+
+/** One job on one mounted system, with the server's CPU time and peak RSS around it. */
+async function runJob(m, job, iolog) {
+  if (opts.cold && m.image) dropCache(m.image);
+  const before = procSample(m.s.pid);
+  const straceFile = path.join(work, `strace-${job.id}.txt`);
+  const tracer = opts.strace && m.system === 'qmount' ? startStrace(m.s.pid, straceFile) : null;
+  if (tracer) await sleep(500);
+  let r;
   try {
-    for (const job of jobs) {
-      if (interrupted) break;
-      if (opts.cold && image) dropCache(image);
-      const before = procSample(s.pid);
-      const straceFile = path.join(work, `strace-${job.id}.txt`);
-      const tracer = opts.strace && system === 'qmount' ? startStrace(s.pid, straceFile) : null;
-      if (tracer) await sleep(500);
-      let r;
-      try {
-        r = job.dd ? runDd(target) : await runFio(job, target, job.iolog ? iolog : undefined);
-      } catch (err) {
-        r = { error: err.message };
-      }
-      if (tracer) {
-        tracer.kill('SIGINT');
-        await new Promise((res) => tracer.on('exit', res));
-        r.syscallsPerRequest = syscallsPerRequest(parseStrace(straceFile), r.ios ? r.ios * job.fuseRequestsPerIo : undefined);
-      }
-      const after = procSample(s.pid);
-      r.cpuSeconds = after.cpu - before.cpu;
-      r.cpuPercent = r.seconds ? (100 * r.cpuSeconds) / r.seconds : undefined;
-      r.cpuMicrosPerIo = r.ios ? (1e6 * r.cpuSeconds) / r.ios : undefined;
-      r.peakRssBytes = after.hwm;
-      out[job.id] = r;
-      report(system, job, r);
-    }
-  } finally {
-    await stopServer(s);
+    r = job.dd ? runDd(m.target) : await runFio(job, m.target, job.iolog ? iolog : undefined);
+  } catch (err) {
+    r = { error: err.message };
   }
-  // qmount's own request counters for the whole mount (all of its jobs).
-  const stats = system === 'qmount' ? qmountStats(logFile) : undefined;
-  if (stats) for (const job of jobs) if (out[job.id]) out[job.id].mountRequestStats = stats;
-  return out;
+  if (tracer) {
+    tracer.kill('SIGINT');
+    await new Promise((res) => tracer.on('exit', res));
+    r.syscallsPerRequest = syscallsPerRequest(parseStrace(straceFile), r.ios ? r.ios * job.fuseRequestsPerIo : undefined);
+  }
+  const after = procSample(m.s.pid);
+  r.cpuSeconds = after.cpu - before.cpu;
+  r.cpuPercent = r.seconds ? (100 * r.cpuSeconds) / r.seconds : undefined;
+  r.cpuMicrosPerIo = r.ios ? (1e6 * r.cpuSeconds) / r.ios : undefined;
+  r.peakRssBytes = after.hwm;
+  report(m.system, job, r);
+  return r;
 }
 
 function report(system, job, r) {
+  if (interrupted) return;
   const what = r.error ? `error: ${r.error}` : `${fmt(r.mbps)} MB/s ${fmt(r.iops)} IOPS cpu ${fmt(r.cpuPercent ?? 0)}%`;
   process.stderr.write(`  ${job.id.padEnd(22)} ${system.padEnd(8)} ${what}\n`);
 }
@@ -518,7 +516,7 @@ function markdownTable({ head, rows }) {
 function summary(result) {
   const m = result.machine;
   const lines = [
-    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}${result.coldCache ? ', cold page cache' : ''}, ${result.runtimeSeconds} s per timed job`,
+    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}${result.coldCache ? ', cold page cache' : ''}, ${result.runtimeSeconds} s per timed job, median of ${result.repeat}`,
     `machine: ${m.nproc} cores, ${m.cpu}, ${m.memGiB} GiB, kernel ${m.kernel}, node ${m.node}, ${m.fio}, ${m.qemu}`,
   ];
   const rss = result.peakRss;
@@ -545,33 +543,73 @@ async function main() {
   if (loadBefore[0] > 1) process.stderr.write(`bench: warning: load average ${loadBefore[0].toFixed(2)} before starting: other work will skew the numbers\n`);
   const base = makeBaseImage();
   const iolog = JOBS.some((j) => j.iolog) ? makeUnallocLog() : undefined;
-  const results = Object.fromEntries(JOBS.map((j) => [j.id, {}]));
+  /** job id -> system -> every run's result (--repeat) */
+  const samples = Object.fromEntries(JOBS.map((j) => [j.id, Object.fromEntries(SYSTEMS.map((sys) => [sys, []]))]));
+  /** Each round runs the systems in another order, so drifting load favours none of them. */
+  const order = (round) => SYSTEMS.map((_, i) => SYSTEMS[(i + round) % SYSTEMS.length]);
 
-  // Read jobs share one mount per system, dd first (a fresh mount has nothing in its page cache).
+  // Read jobs: all systems mounted side by side; dd first (fresh mounts have nothing in their
+  // page cache), then every job on every system in turn.
   const readJobs = JOBS.filter((j) => !j.fresh);
-  for (const system of SYSTEMS) {
-    if (interrupted || readJobs.length === 0) break;
-    const image = system === 'ceiling' ? undefined : copyImage(base, `read-${system}.${opts.format}`);
-    Object.entries(await session(system, image, readJobs, 'read', iolog)).forEach(([id, r]) => (results[id][system] = r));
-    if (image) fs.rmSync(image, { force: true });
-  }
-  for (const job of JOBS.filter((j) => j.fresh)) {
-    for (const system of SYSTEMS) {
-      if (interrupted) break;
-      const image = system === 'ceiling' ? undefined : copyImage(base, `${job.id}-${system}.${opts.format}`);
-      Object.entries(await session(system, image, [job], job.id, iolog)).forEach(([id, r]) => (results[id][system] = r));
-      if (image) fs.rmSync(image, { force: true });
+  if (readJobs.length > 0) {
+    const mounts = [];
+    try {
+      for (const system of SYSTEMS) {
+        const image = system === 'ceiling' ? undefined : copyImage(base, `read-${system}.${opts.format}`);
+        mounts.push(await mountSystem(system, image, 'read'));
+      }
+      for (const job of readJobs.filter((j) => j.dd)) for (const m of mounts) if (!interrupted) samples[job.id][m.system].push(await runJob(m, job, iolog));
+      for (let round = 0; round < opts.repeat; round++) {
+        for (const job of readJobs.filter((j) => !j.dd)) {
+          for (const system of order(round)) {
+            if (interrupted) break;
+            const m = mounts.find((x) => x.system === system);
+            samples[job.id][system].push(await runJob(m, job, iolog));
+          }
+        }
+      }
+    } finally {
+      for (const m of mounts) {
+        const stats = await unmountSystem(m);
+        if (stats) for (const job of readJobs) for (const r of samples[job.id][m.system]) r.mountRequestStats = stats;
+      }
     }
   }
+  // Write jobs: a fresh copy and a fresh mount for every run.
+  for (let round = 0; round < opts.repeat; round++) {
+    for (const job of JOBS.filter((j) => j.fresh)) {
+      for (const system of order(round)) {
+        if (interrupted) break;
+        const image = system === 'ceiling' ? undefined : copyImage(base, `${job.id}-${system}.${opts.format}`);
+        const m = await mountSystem(system, image, `${job.id}-${round}`);
+        let r;
+        try {
+          r = await runJob(m, job, iolog);
+        } finally {
+          const stats = await unmountSystem(m);
+          if (r && stats) r.mountRequestStats = stats;
+        }
+        samples[job.id][system].push(r);
+      }
+    }
+  }
+  /** The run with the median MB/s stands for a job on a system; all runs stay in the JSON. */
+  const results = Object.fromEntries(JOBS.map((j) => [j.id, Object.fromEntries(SYSTEMS.filter((sys) => samples[j.id][sys].length > 0).map((sys) => {
+    const runs = samples[j.id][sys];
+    const ok = runs.filter((r) => !r.error).sort((a, b) => a.mbps - b.mbps);
+    const median = ok.length > 0 ? ok[Math.floor((ok.length - 1) / 2)] : runs[0];
+    return [sys, { ...median, runs: runs.map((r) => (r.error ? { error: r.error } : { mbps: r.mbps, iops: r.iops })) }];
+  }))]));
   if (interrupted) return;
 
-  const peak = (sys) => Math.max(0, ...Object.values(results).map((r) => r[sys]?.peakRssBytes ?? 0));
+  const peak = (sys) => Math.max(0, ...Object.values(samples).flatMap((bySys) => bySys[sys].map((r) => r.peakRssBytes ?? 0)));
   const result = {
     date: new Date().toISOString(),
     machine: machine(),
     format: opts.format,
     quick: opts.quick,
     runtimeSeconds: opts.runtime,
+    repeat: opts.repeat,
     imageBytes: IMAGE_SIZE,
     writtenBytes: WRITTEN,
     strace: opts.strace,
