@@ -455,7 +455,10 @@ export class Qcow2Writer {
       if (len <= 0) return;
       if (runLen > 0 && runHost + runLen !== host) flushRun();
       if (runLen === 0) runHost = host;
-      parts.push({ src, at, len });
+      // Consecutive slices of one buffer stay one part: written without a copy.
+      const last = parts[parts.length - 1];
+      if (last && last.src === src && last.at + last.len === at) last.len += len;
+      else parts.push({ src, at, len });
       runLen += len;
     };
 
