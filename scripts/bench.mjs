@@ -34,6 +34,8 @@
  *   --qmount-env K=V,...  extra environment for qmount, e.g. UV_THREADPOOL_SIZE=4
  *   --cold                drop the image file's page cache before each job (reads then
  *                         come from the disk; qmount and qemu alike)
+ *   --pin CPU             run every server, fio and dd on this one CPU (shows what
+ *                         cross-CPU wake-ups cost; not how anyone runs it)
  *   --strace              attach `strace -c -f` to qmount during each job (slows it; numbers
  *                         are then not comparable) and report syscalls per request
  *   --scale               instead: the scale check (scripts/bench-scale.mjs, bench-results/scale.json)
@@ -61,7 +63,7 @@ const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, scale: false, repeat: 0, out: null, keep: false };
+  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -85,6 +87,7 @@ function parseArgs(argv) {
       case '--cold': o.cold = true; break;
       case '--scale': o.scale = true; break;
       case '--repeat': o.repeat = Number(next()); break;
+      case '--pin': o.pin = Number(next()); break;
       case '--out': o.out = path.resolve(next()); break;
       case '--keep': o.keep = true; break;
       case '-h': case '--help':
@@ -229,6 +232,8 @@ async function stopServer(s) {
 }
 
 function spawnServer(name, cmd, args, mounted, extra = {}) {
+  // taskset execs the server: the pid stays the server's.
+  if (opts.pin !== null) [cmd, args] = ['taskset', ['-c', String(opts.pin), cmd, ...args]];
   const child = spawn(cmd, args, { detached: true, stdio: extra.stdio ?? ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...extra.env } });
   const s = { name, pid: child.pid, mounted, child, stderr: '' };
   child.stderr?.setEncoding('utf8').on('data', (d) => (s.stderr = (s.stderr + d).slice(-4000)));
@@ -329,6 +334,7 @@ function runFio(job, target, iolog) {
   const args = [`--name=${job.id}`, `--filename=${target}`, '--direct=1', '--ioengine=libaio', '--numjobs=1', `--bs=${job.bs}`,
     `--runtime=${opts.runtime}`, '--output-format=json', ...job.fio];
   if (iolog) args.push(`--read_iolog=${iolog}`, `--replay_redirect=${target}`);
+  if (opts.pin !== null) args.push(`--cpus_allowed=${opts.pin}`);
   return new Promise((resolve, reject) => {
     const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     fioChild = child;
@@ -354,7 +360,8 @@ function runFio(job, target, iolog) {
 
 function runDd(target) {
   const t0 = process.hrtime.bigint();
-  run('dd', [`if=${target}`, 'of=/dev/null', 'bs=1M'], 'dd');
+  if (opts.pin !== null) run('taskset', ['-c', String(opts.pin), 'dd', `if=${target}`, 'of=/dev/null', 'bs=1M'], 'dd');
+  else run('dd', [`if=${target}`, 'of=/dev/null', 'bs=1M'], 'dd');
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   return { mbps: IMAGE_SIZE / seconds / 1e6, iops: undefined, seconds };
 }
@@ -516,7 +523,7 @@ function markdownTable({ head, rows }) {
 function summary(result) {
   const m = result.machine;
   const lines = [
-    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}${result.coldCache ? ', cold page cache' : ''}, ${result.runtimeSeconds} s per timed job, median of ${result.repeat}`,
+    `qmount benchmark, ${result.date}, format ${result.format}${result.quick ? ' (--quick)' : ''}${result.coldCache ? ', cold page cache' : ''}${result.pinnedCpu !== null ? `, all on CPU ${result.pinnedCpu}` : ''}, ${result.runtimeSeconds} s per timed job, median of ${result.repeat}`,
     `machine: ${m.nproc} cores, ${m.cpu}, ${m.memGiB} GiB, kernel ${m.kernel}, node ${m.node}, ${m.fio}, ${m.qemu}`,
   ];
   const rss = result.peakRss;
@@ -614,6 +621,7 @@ async function main() {
     writtenBytes: WRITTEN,
     strace: opts.strace,
     coldCache: opts.cold,
+    pinnedCpu: opts.pin,
     qmountNodeArgs: opts.nodeArgs,
     qmountEnv: opts.env,
     peakRss: Object.fromEntries(SYSTEMS.map((s) => [s, peak(s)])),
