@@ -15,32 +15,12 @@ import { QmountError } from '../../src/errors.js';
 import type { BlockDriver } from '../../src/formats/driver.js';
 import { openImage } from '../../src/formats/open.js';
 import { hashFiles, MiB } from '../helpers/images.js';
-import { convertToRaw, patternBytes, qemuImg, qemuIo, scratchDir, sha256File } from '../helpers/qemu.js';
+import { convertToRaw, patternBytes, qemuImg, qemuIo, scratchDir, sha256File, readAt, writeAt } from '../helpers/qemu.js';
 
 const CLUSTER = 65536;
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', 'dist', 'src', 'cli.js');
 
 // ---- byte-level access to a qcow2 file ------------------------------------
-
-function readAt(p: string, off: number, len: number): Buffer {
-  const fd = fs.openSync(p, 'r');
-  try {
-    const b = Buffer.alloc(len);
-    fs.readSync(fd, b, 0, len, off);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function writeAt(p: string, off: number, data: Buffer): void {
-  const fd = fs.openSync(p, 'r+');
-  try {
-    fs.writeSync(fd, data, 0, data.length, off);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 const u32 = (v: number) => {
   const b = Buffer.alloc(4);

@@ -9,7 +9,7 @@ import { openImage } from '../../src/formats/open.js';
 import { checkImage } from '../../src/formats/check.js';
 import { parseHeader, serializeHeader } from '../../src/formats/qcow2/header.js';
 import { logger } from '../../src/log.js';
-import { qemuCheck, qemuImg, qemuIo, run, scratchDir, sha256File } from '../helpers/qemu.js';
+import { qemuCheck, qemuImg, qemuIo, run, scratchDir, sha256File, readAt, writeAt } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
 let s: { dir: string; cleanup: () => void };
@@ -21,18 +21,6 @@ function create(opts = '', size = 16 * MiB): string {
   const image = path.join(s.dir, `f${n++}.qcow2`);
   qemuImg('create', '-q', '-f', 'qcow2', ...(opts ? ['-o', opts] : []), image, String(size));
   return image;
-}
-function readAt(file: string, at: number, len: number): Buffer {
-  const fd = fs.openSync(file, 'r');
-  const b = Buffer.alloc(len);
-  fs.readSync(fd, b, 0, len, at);
-  fs.closeSync(fd);
-  return b;
-}
-function writeAt(file: string, at: number, data: Buffer): void {
-  const fd = fs.openSync(file, 'r+');
-  fs.writeSync(fd, data, 0, data.length, at);
-  fs.closeSync(fd);
 }
 const incompat = (f: string): bigint => readAt(f, 72, 8).readBigUInt64BE();
 const autoclear = (f: string): bigint => readAt(f, 88, 8).readBigUInt64BE();

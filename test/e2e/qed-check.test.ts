@@ -13,7 +13,7 @@ import type { BlockDriver } from '../../src/formats/driver.js';
 import { openImage } from '../../src/formats/open.js';
 import { checkQed, type CheckReport } from '../../src/formats/qed/check.js';
 import { logger } from '../../src/log.js';
-import { qemuCheck, qemuImg, qemuIo, scratchDir, sha256File } from '../helpers/qemu.js';
+import { qemuCheck, qemuImg, qemuIo, scratchDir, sha256File, readAt, writeAt } from '../helpers/qemu.js';
 
 let dir: string;
 let cleanup: () => void;
@@ -39,39 +39,19 @@ function makeImage(name = 'd.qed'): string {
   return img;
 }
 
-function rd(img: string, off: number, len: number): Buffer {
-  const fd = fs.openSync(img, 'r');
-  try {
-    const b = Buffer.alloc(len);
-    fs.readSync(fd, b, 0, len, off);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function wr(img: string, off: number, data: Buffer): void {
-  const fd = fs.openSync(img, 'r+');
-  try {
-    fs.writeSync(fd, data, 0, data.length, off);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 const u64 = (v: number | bigint): Buffer => {
   const b = Buffer.alloc(8);
   b.writeBigUInt64LE(BigInt(v));
   return b;
 };
 
-const l1Offset = (img: string): number => Number(rd(img, 40, 8).readBigUInt64LE(0));
-const l1Entry = (img: string, i: number): number => Number(rd(img, l1Offset(img) + i * 8, 8).readBigUInt64LE(0));
-const l2Entry = (img: string, l1i: number, j: number): number => Number(rd(img, l1Entry(img, l1i) + j * 8, 8).readBigUInt64LE(0));
-const features = (img: string): bigint => rd(img, 16, 8).readBigUInt64LE(0);
+const l1Offset = (img: string): number => Number(readAt(img, 40, 8).readBigUInt64LE(0));
+const l1Entry = (img: string, i: number): number => Number(readAt(img, l1Offset(img) + i * 8, 8).readBigUInt64LE(0));
+const l2Entry = (img: string, l1i: number, j: number): number => Number(readAt(img, l1Entry(img, l1i) + j * 8, 8).readBigUInt64LE(0));
+const features = (img: string): bigint => readAt(img, 16, 8).readBigUInt64LE(0);
 
 function setNeedCheck(img: string): void {
-  wr(img, 16, u64(features(img) | 2n));
+  writeAt(img, 16, u64(features(img) | 2n));
 }
 
 async function check(img: string, repair: 'none' | 'leaks' | 'all' = 'none'): Promise<CheckReport> {
@@ -115,10 +95,10 @@ describe('checkQed', () => {
     const img = makeImage();
     // An interior leak: drop the reference to the second data cluster.
     const host1 = l2Entry(img, 0, 1);
-    wr(img, l1Entry(img, 0) + 8, u64(0));
+    writeAt(img, l1Entry(img, 0) + 8, u64(0));
     // Three leaked clusters at the end.
     const size = fs.statSync(img).size;
-    wr(img, size, Buffer.alloc(3 * cs, 0xab));
+    writeAt(img, size, Buffer.alloc(3 * cs, 0xab));
     const r = await check(img);
     expect(r).toMatchObject({ corruptions: 0, leaks: 4, fixedLeaks: 0 });
     expect(qemuCheck(img, 'qed').code).toBe(3);
@@ -133,8 +113,8 @@ describe('checkQed', () => {
     const img = makeImage();
     setNeedCheck(img);
     const size = fs.statSync(img).size;
-    wr(img, l1Offset(img) + 5 * 8, u64(size + 64 * cs)); // L2 table past EOF
-    wr(img, l1Entry(img, 0) + 2 * 8, u64(cs * 3 + 512)); // unaligned data cluster
+    writeAt(img, l1Offset(img) + 5 * 8, u64(size + 64 * cs)); // L2 table past EOF
+    writeAt(img, l1Entry(img, 0) + 2 * 8, u64(cs * 3 + 512)); // unaligned data cluster
     const hash = sha256File(img);
     const r = await check(img);
     expect(r).toMatchObject({ corruptions: 2, fixedCorruptions: 0 });
@@ -156,7 +136,7 @@ describe('checkQed', () => {
 
   it('reports a cluster referenced twice and never "repairs" it', async () => {
     const img = makeImage();
-    wr(img, l1Entry(img, 0) + 3 * 8, u64(l2Entry(img, 0, 1)));
+    writeAt(img, l1Entry(img, 0) + 3 * 8, u64(l2Entry(img, 0, 1)));
     const r = await check(img, 'all');
     expect(r.corruptions).toBe(1);
     expect(r.messages[0]).toMatch(/referenced more than once/);
@@ -168,7 +148,7 @@ describe('opening a QED image whose need-check bit is set', () => {
   it('read-only: no check, no byte written, intact data readable, damaged range EIO', async () => {
     const img = makeImage();
     setNeedCheck(img);
-    wr(img, l1Offset(img) + 8, u64(fs.statSync(img).size + 8 * cs)); // L2 of [8 MiB, 16 MiB) past EOF
+    writeAt(img, l1Offset(img) + 8, u64(fs.statSync(img).size + 8 * cs)); // L2 of [8 MiB, 16 MiB) past EOF
     const hash = sha256File(img);
     const d = await openRO(img);
     expect(d.info().features).toContain('need_check');
@@ -182,8 +162,8 @@ describe('opening a QED image whose need-check bit is set', () => {
   it('read-write: repairs bad offsets, clears the bit, mounts', async () => {
     const img = makeImage();
     setNeedCheck(img);
-    wr(img, l1Offset(img) + 8, u64(fs.statSync(img).size + 8 * cs));
-    wr(img, l1Entry(img, 0) + 3 * 8, u64(7)); // garbage data pointer
+    writeAt(img, l1Offset(img) + 8, u64(fs.statSync(img).size + 8 * cs));
+    writeAt(img, l1Entry(img, 0) + 3 * 8, u64(7)); // garbage data pointer
     const d = await openRW(img);
     expect(features(img) & 2n).toBe(0n);
     expect(d.info().features).not.toContain('need_check');
@@ -200,9 +180,9 @@ describe('opening a QED image whose need-check bit is set', () => {
   it('read-write: a double reference refuses the open with one clear line and writes nothing', async () => {
     const img = makeImage();
     setNeedCheck(img);
-    wr(img, l1Entry(img, 0) + 3 * 8, u64(l2Entry(img, 0, 0)));
-    wr(img, l1Entry(img, 0) + 1 * 8, u64(7)); // a fixable one too: still nothing may be written
-    wr(img, 32, u64(0x8000)); // unknown autoclear bit: not cleared either
+    writeAt(img, l1Entry(img, 0) + 3 * 8, u64(l2Entry(img, 0, 0)));
+    writeAt(img, l1Entry(img, 0) + 1 * 8, u64(7)); // a fixable one too: still nothing may be written
+    writeAt(img, 32, u64(0x8000)); // unknown autoclear bit: not cleared either
     const hash = sha256File(img);
     let err: unknown;
     try {
@@ -251,7 +231,7 @@ describe('opening a QED image whose need-check bit is set', () => {
   it('a leak-only image opens read-write and the bit is cleared', async () => {
     const img = makeImage();
     setNeedCheck(img);
-    wr(img, fs.statSync(img).size, Buffer.alloc(cs, 1));
+    writeAt(img, fs.statSync(img).size, Buffer.alloc(cs, 1));
     await openRW(img);
     expect(features(img) & 2n).toBe(0n);
     await closeAll();
@@ -262,17 +242,17 @@ describe('opening a QED image whose need-check bit is set', () => {
 describe('hostile QED headers through openImage', () => {
   const cases: Array<[string, (img: string) => void, RegExp]> = [
     ['truncated header', (img) => fs.truncateSync(img, 40), /truncated/],
-    ['bad magic', (img) => wr(img, 0, Buffer.from('QEE\0')), /bad magic/],
-    ['cluster size not a power of two', (img) => wr(img, 4, Buffer.from([0, 0x30, 0, 0])), /cluster size/],
-    ['cluster size too small', (img) => wr(img, 4, Buffer.from([0, 2, 0, 0])), /cluster size 512 is invalid/],
-    ['table size 0', (img) => wr(img, 8, Buffer.from([0, 0, 0, 0])), /table size 0 is invalid/],
-    ['table size 32', (img) => wr(img, 8, Buffer.from([32, 0, 0, 0])), /table size 32 is invalid/],
-    ['header size 0', (img) => wr(img, 12, Buffer.from([0, 0, 0, 0])), /header size 0/],
-    ['L1 offset past the file', (img) => wr(img, 40, u64(1 << 30)), /past the end of the file/],
-    ['L1 offset unaligned', (img) => wr(img, 40, u64(cs + 8)), /L1 table offset .* is invalid/],
-    ['image size too large', (img) => wr(img, 48, u64(2n ** 50n)), /too large for the tables/],
-    ['image size not sector aligned', (img) => wr(img, 48, u64(MiB + 1)), /multiple of 512/],
-    ['unknown incompatible feature', (img) => wr(img, 16, u64(0x100)), /unsupported incompatible features/],
+    ['bad magic', (img) => writeAt(img, 0, Buffer.from('QEE\0')), /bad magic/],
+    ['cluster size not a power of two', (img) => writeAt(img, 4, Buffer.from([0, 0x30, 0, 0])), /cluster size/],
+    ['cluster size too small', (img) => writeAt(img, 4, Buffer.from([0, 2, 0, 0])), /cluster size 512 is invalid/],
+    ['table size 0', (img) => writeAt(img, 8, Buffer.from([0, 0, 0, 0])), /table size 0 is invalid/],
+    ['table size 32', (img) => writeAt(img, 8, Buffer.from([32, 0, 0, 0])), /table size 32 is invalid/],
+    ['header size 0', (img) => writeAt(img, 12, Buffer.from([0, 0, 0, 0])), /header size 0/],
+    ['L1 offset past the file', (img) => writeAt(img, 40, u64(1 << 30)), /past the end of the file/],
+    ['L1 offset unaligned', (img) => writeAt(img, 40, u64(cs + 8)), /L1 table offset .* is invalid/],
+    ['image size too large', (img) => writeAt(img, 48, u64(2n ** 50n)), /too large for the tables/],
+    ['image size not sector aligned', (img) => writeAt(img, 48, u64(MiB + 1)), /multiple of 512/],
+    ['unknown incompatible feature', (img) => writeAt(img, 16, u64(0x100)), /unsupported incompatible features/],
   ];
 
   it.each(cases)('%s: one-line FormatError, nothing written', async (_name, damage, re) => {
@@ -303,15 +283,15 @@ describe('hostile QED headers through openImage', () => {
 
   it('unknown autoclear bits are cleared by a read-write open only; compat bits are kept', async () => {
     const img = makeImage();
-    wr(img, 24, u64(0x40)); // compat
-    wr(img, 32, u64(0x8000)); // autoclear
+    writeAt(img, 24, u64(0x40)); // compat
+    writeAt(img, 32, u64(0x8000)); // autoclear
     const hash = sha256File(img);
     await openRO(img);
     await closeAll();
     expect(sha256File(img)).toBe(hash);
     await openRW(img);
-    expect(rd(img, 32, 8).readBigUInt64LE(0)).toBe(0n);
-    expect(rd(img, 24, 8).readBigUInt64LE(0)).toBe(0x40n);
+    expect(readAt(img, 32, 8).readBigUInt64LE(0)).toBe(0n);
+    expect(readAt(img, 24, 8).readBigUInt64LE(0)).toBe(0x40n);
     await closeAll();
   });
 });

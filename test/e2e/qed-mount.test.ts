@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { detach, mountImage, type MountedImage } from '../helpers/mount.js';
-import { convertToRaw, patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo, scratchDir, sha256File } from '../helpers/qemu.js';
+import { convertToRaw, patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo, scratchDir, sha256File, readAt } from '../helpers/qemu.js';
 import { compareAll, fileTarget, randomWrites } from '../helpers/workload.js';
 
 const MiB = 1024 * 1024;
@@ -45,17 +45,6 @@ function needCheck(img: string): boolean {
   fs.readSync(fd, b, 0, 8, 16);
   fs.closeSync(fd);
   return (b.readBigUInt64LE(0) & 2n) !== 0n;
-}
-
-function readAt(p: string, off: number, len: number): Buffer {
-  const fd = fs.openSync(p, 'r');
-  try {
-    const b = Buffer.alloc(len);
-    fs.readSync(fd, b, 0, len, off);
-    return b;
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 describe.each([4096, 65536])('QED through a mount, cluster size %i', (cs) => {

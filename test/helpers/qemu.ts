@@ -88,3 +88,25 @@ export function have(cmd: string): boolean {
     return false;
   }
 }
+
+/** `len` bytes of file `p` at offset `off` (tests poke at image headers and tables). */
+export function readAt(p: string, off: number, len: number): Buffer {
+  const fd = fs.openSync(p, 'r');
+  try {
+    const b = Buffer.alloc(len);
+    fs.readSync(fd, b, 0, len, off);
+    return b;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Overwrite bytes of file `p` at offset `off` (to damage images on purpose). */
+export function writeAt(p: string, off: number, data: Buffer): void {
+  const fd = fs.openSync(p, 'r+');
+  try {
+    fs.writeSync(fd, data, 0, data.length, off);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
