@@ -63,8 +63,3 @@ export async function decompressCluster(type: number, input: Buffer, clusterSize
   }
   return Buffer.from(out.buffer, out.byteOffset, clusterSize);
 }
-
-/** Raw deflate of one cluster, as QEMU writes it (window bits -12). */
-export function compressDeflate(data: Buffer): Buffer {
-  return zlib.deflateRawSync(data, { windowBits: 12, level: 6 });
-}

@@ -65,11 +65,6 @@ export function entryOffset(hi: number, lo: number): number {
   return (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
 }
 
-/** Bits of an L1 entry that must be zero. */
-export function l1Reserved(hi: number, lo: number): boolean {
-  return (hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0;
-}
-
 export function writeEntry(buf: Buffer, at: number, hiFlags: number, offset: number, loFlags: number): void {
   const hi = (hiFlags | Math.floor(offset / TWO32)) >>> 0;
   const lo = ((offset % TWO32) | loFlags) >>> 0;
@@ -90,12 +85,6 @@ export function decodeCompressed(g: Geometry, hi: number, lo: number): Compresse
   const hostOffset = Number(v & ((1n << shift) - 1n));
   const sectors = Number(v >> shift) + 1;
   return { hostOffset, length: sectors * 512 - (hostOffset & 511) };
-}
-
-export function encodeCompressed(g: Geometry, hostOffset: number, length: number): { hi: number; lo: number } {
-  const sectors = Math.ceil(((hostOffset & 511) + length) / 512) - 1;
-  const v = (BigInt(sectors) << BigInt(g.csizeShift)) | BigInt(hostOffset);
-  return { hi: (Number(v >> 32n) | L2E_COMPRESSED) >>> 0, lo: Number(v & 0xffffffffn) >>> 0 };
 }
 
 /** Host clusters a compressed descriptor touches: [first, last] cluster byte offsets. */

@@ -11,7 +11,7 @@ import type { ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import type { BlockDriver } from '../driver.js';
 import type { Qcow2Header } from './header.js';
-import { entryOffset, l1Reserved, type Geometry } from './layout.js';
+import { entryOffset, type Geometry } from './layout.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 
 export class Qcow2State {
@@ -142,11 +142,5 @@ export class Qcow2State {
     this.corrupt = true;
     this.onCorrupt?.(msg);
     throw new CorruptionError(`metadata overlap: ${msg}; image marked corrupt`);
-  }
-
-  /** L1 entries with reserved bits set are reported, not fatal. */
-  l1EntryReserved(l1Index: number): boolean {
-    const at = l1Index * 8;
-    return l1Reserved(this.l1.readUInt32BE(at), this.l1.readUInt32BE(at + 4));
   }
 }

@@ -43,7 +43,7 @@
  * between only leaks. With lazy_refcounts the dirty bit stands in for the
  * refcount ordering.
  */
-import { CorruptionError, FormatError, QmountError, ReadOnlyError } from '../../errors.js';
+import { CorruptionError, FormatError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
 import { bitmapRanges } from './bitmaps.js';
 import {
@@ -594,4 +594,3 @@ export class Qcow2Writer {
   }
 }
 
-export { QmountError, ReadOnlyError };
