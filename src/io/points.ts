@@ -7,7 +7,7 @@ export type IoPoint =
   // shared
   | 'header_update' // header fields (features, table switch)
   | 'data_write' // guest data only: into a mapped cluster, or (qcow2) a whole new cluster with nothing to copy
-  | 'cow_write' // guest data plus copied-on-write head/tail (QED: every allocating write)
+  | 'cow_write' // a new or rewritten cluster with a head/tail to fill: the guest data and the fill (QED: every allocating write)
   | 'flush' // fdatasync of the file
   | 'truncate' // file size change (today only `qmount check --repair` of QED truncates)
   // qcow2

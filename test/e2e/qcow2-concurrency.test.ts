@@ -20,7 +20,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 
 const proto = ImageFile.prototype as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>;
-const originals = { read: proto.read, write: proto.write, flush: proto.flush };
+const originals = { read: proto.read, write: proto.write, writeZeroes: proto.writeZeroes, flush: proto.flush };
 let rand = rng(1);
 
 function yieldRandomly(): Promise<void> {
@@ -32,7 +32,7 @@ function yieldRandomly(): Promise<void> {
 
 function interleave(seed: number): void {
   rand = rng(seed);
-  for (const k of ['read', 'write', 'flush'] as const) {
+  for (const k of ['read', 'write', 'writeZeroes', 'flush'] as const) {
     const orig = originals[k];
     proto[k] = async function (this: unknown, ...args: unknown[]) {
       await yieldRandomly();

@@ -57,7 +57,7 @@ import {
   serializeHeader,
 } from './header.js';
 import { decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO, writeEntry } from './layout.js';
-import { readL2Entry, type L2Entry } from './map.js';
+import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { readGuest, track } from './read.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
@@ -106,6 +106,10 @@ export class Qcow2Writer {
   private dirtySet = false;
   /** References to drop at the next flush: [hostOffset, bytes] (see the ordering note above). */
   private pendingReleases: Array<[number, number]> = [];
+  /** directWrite's L2 entry (used synchronously only). */
+  private readonly scratch: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+  /** readsAsZero's piece (used synchronously only). */
+  private readonly piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
   /** Past this many queued releases a link flushes. */
   private static readonly MAX_PENDING_RELEASES = 4096;
 
@@ -259,6 +263,8 @@ export class Qcow2Writer {
     }
     if (length === 0) return;
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
+    const direct = this.directWrite(buf, bufOffset, length, guestOffset);
+    if (direct) return direct;
     const cs = s.g.clusterSize;
     // Split large writes so one request never holds many clusters in flight.
     const maxChunk = Math.max(cs, 4 * 1024 * 1024);
@@ -269,6 +275,39 @@ export class Qcow2Writer {
       await this.writeChunk(buf, bufOffset + done, chunkEnd - pos, pos);
       done = chunkEnd - guestOffset;
     }
+  }
+
+  /**
+   * The fast path: a write inside one cluster that is not in flight, whose
+   * L2 table is cached and whose entry says "direct" (directHost) goes in
+   * place without the metadata lock. The decision is synchronous - no await
+   * between reading the entry and issuing the write - so it sees the same
+   * state plan() would under the lock: a link or an in-flight registration
+   * happens entirely before or after it. Returns null when the request needs
+   * the planned path.
+   */
+  private directWrite(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> | null {
+    const s = this.s;
+    const g = s.g;
+    if (!this.prepared) return null;
+    const cs = g.clusterSize;
+    const gc = Math.floor(guestOffset / cs);
+    const writeStart = guestOffset - gc * cs;
+    if (writeStart + length > cs || this.inflight.has(gc)) return null;
+    const l2Offset = s.l2OffsetOf(Math.floor(gc / g.l2Entries));
+    const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
+    if (!table) return null;
+    readL2Entry(g, table, gc % g.l2Entries, this.scratch);
+    const host = this.directHost(gc, writeStart, writeStart + length, this.scratch);
+    if (host < 0) return null;
+    const at = host + writeStart;
+    if (g.hasDataFile) {
+      return s.dataFile!.write('data_write', buf, bufOffset, length, at).then(() => {
+        if (at + length > s.dataFileSize) s.dataFileSize = at + length;
+      });
+    }
+    s.checkOverlap(at, length, 'data write');
+    return s.file.write('data_write', buf, bufOffset, length, at).then(() => s.noteFileEnd(at + length));
   }
 
   private async writeChunk(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
@@ -344,6 +383,31 @@ export class Qcow2Writer {
     return { ops };
   }
 
+  /**
+   * Where a write of [writeStart, writeEnd) into guest cluster `gc` can go
+   * in place, or -1. In place ("direct") means: the cluster has a host
+   * cluster of its own (COPIED: refcount 1; with a data file, any allocated
+   * cluster), no zero flag, and with extended L2 every touched subcluster is
+   * allocated. Such a write changes no metadata. The one rule for both the
+   * planned path and the unlocked fast path in write().
+   */
+  private directHost(gc: number, writeStart: number, writeEnd: number, old: L2Entry): number {
+    const g = this.s.g;
+    if (old.hi & L2E_COMPRESSED) return -1;
+    const host = entryOffset(old.hi, old.lo);
+    const copied = (old.hi & L2E_COPIED) !== 0;
+    if (!g.extL2 && g.v3 && (old.lo & L2E_ZERO) !== 0) return -1;
+    if (g.extL2) {
+      const sc = g.subclusterSize;
+      const firstSc = Math.floor(writeStart / sc);
+      const lastSc = Math.floor((writeEnd - 1) / sc);
+      const touched = (2 ** (lastSc + 1) - 2 ** firstSc) >>> 0;
+      if ((old.alloc & touched) !== touched) return -1;
+    }
+    if (g.hasDataFile) return copied || host !== 0 ? gc * g.clusterSize : -1;
+    return host !== 0 && copied ? host : -1;
+  }
+
   /** How one cluster is written, from its current L2 entry. */
   private classify(gc: number, writeStart: number, writeEnd: number, bufAt: number, old: L2Entry): ClusterOp {
     const g = this.s.g;
@@ -351,13 +415,19 @@ export class Qcow2Writer {
     const op: ClusterOp = {
       gc, writeStart, writeEnd, bufAt, rewrite: true, host: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
     };
+    const direct = this.directHost(gc, writeStart, writeEnd, old);
+    if (direct >= 0) {
+      op.rewrite = false;
+      op.fresh = false;
+      op.host = direct;
+      return op;
+    }
     const sc = g.subclusterSize;
     const firstSc = Math.floor(writeStart / sc);
     const lastSc = Math.floor((writeEnd - 1) / sc);
     const touched = g.extL2 ? ((2 ** (lastSc + 1) - 2 ** firstSc) >>> 0) : 0;
     const host = entryOffset(old.hi, old.lo);
     const copied = (old.hi & L2E_COPIED) !== 0;
-    const zeroFlag = !g.extL2 && g.v3 && (old.lo & L2E_ZERO) !== 0;
 
     if (old.hi & L2E_COMPRESSED) {
       op.newAlloc = g.extL2 ? ALL_SUBCLUSTERS : 0;
@@ -367,23 +437,15 @@ export class Qcow2Writer {
       // Host offset is the guest offset; nothing is refcounted or allocated.
       op.host = gc * cs;
       op.fresh = false;
-      const allocated = copied || host !== 0;
-      if (allocated && !zeroFlag && (!g.extL2 || (old.alloc & touched) === touched)) {
-        op.rewrite = false;
-        return op;
-      }
-      if (g.extL2) this.subclusterSegments(op, touched, allocated ? old.alloc : 0);
+      if (g.extL2) this.subclusterSegments(op, touched, copied || host !== 0 ? old.alloc : 0);
       return op;
     }
     if (host !== 0 && copied) {
+      // Our own cluster with a zero flag or unallocated subclusters: rewritten in place.
       op.host = host;
       op.fresh = false;
-      if (!zeroFlag && (!g.extL2 || (old.alloc & touched) === touched)) {
-        op.rewrite = false;
-        return op;
-      }
       if (g.extL2) this.subclusterSegments(op, touched, old.alloc);
-      return op; // zero flag on a preallocated cluster: rewrite it whole, in place
+      return op;
     }
     // Unallocated, zero without a private cluster, or shared: a new cluster.
     if (g.extL2) {
@@ -423,15 +485,20 @@ export class Qcow2Writer {
     const cs = s.g.clusterSize;
     const file = s.dataFile ?? s.file;
     const ios: Promise<unknown>[] = [];
+    const noteEnd = (end: number): void => {
+      if (file === s.file) s.noteFileEnd(end);
+      else if (end > s.dataFileSize) s.dataFileSize = end;
+    };
     // Coalesce: consecutive pieces contiguous on the host become one write.
     let runHost = -1;
     let runLen = 0;
+    let runCow = false;
     let parts: Array<{ src: Buffer; at: number; len: number }> = [];
     const flushRun = (): void => {
       if (runLen === 0) return;
       const host = runHost;
       const len = runLen;
-      const point = parts.some((p) => p.src !== buf) ? 'cow_write' : 'data_write';
+      const point = runCow ? 'cow_write' : 'data_write';
       let data: Buffer;
       if (parts.length === 1) {
         data = parts[0].src.subarray(parts[0].at, parts[0].at + parts[0].len);
@@ -443,18 +510,18 @@ export class Qcow2Writer {
           o += p.len;
         }
       }
-      track(ios, file.write(point, data, 0, len, host).then(() => {
-        if (file === s.file) s.noteFileEnd(host + len);
-        else if (host + len > s.dataFileSize) s.dataFileSize = host + len;
-      }));
+      track(ios, file.write(point, data, 0, len, host).then(() => noteEnd(host + len)));
       runHost = -1;
       runLen = 0;
+      runCow = false;
       parts = [];
     };
-    const add = (host: number, src: Buffer, at: number, len: number): void => {
+    /** `cow`: part of a segment with a head or tail to fill (IoPoint 'cow_write'). */
+    const add = (host: number, src: Buffer, at: number, len: number, cow: boolean): void => {
       if (len <= 0) return;
       if (runLen > 0 && runHost + runLen !== host) flushRun();
       if (runLen === 0) runHost = host;
+      if (cow) runCow = true;
       // Consecutive slices of one buffer stay one part: written without a copy.
       const last = parts[parts.length - 1];
       if (last && last.src === src && last.at + last.len === at) last.len += len;
@@ -462,10 +529,17 @@ export class Qcow2Writer {
       runLen += len;
     };
 
+    // A head or tail that the old mapping reads as zeros: zeros written without
+    // a buffer, and past the end of the file only a resize (ImageFile.writeZeroes).
+    const zeroes = (host: number, len: number): void => {
+      flushRun();
+      track(ios, file.writeZeroes('cow_write', host, len).then(() => noteEnd(host + len)));
+    };
+
     try {
       for (const op of ops) {
         if (!op.rewrite) {
-          add(op.host + op.writeStart, buf, op.bufAt, op.writeEnd - op.writeStart);
+          add(op.host + op.writeStart, buf, op.bufAt, op.writeEnd - op.writeStart, false);
           continue;
         }
         for (const [start, end] of op.segments) {
@@ -473,15 +547,23 @@ export class Qcow2Writer {
           const dataStart = Math.min(Math.max(start, op.writeStart), end);
           const dataEnd = Math.max(Math.min(end, op.writeEnd), dataStart);
           if (dataStart > start) {
-            const head = Buffer.allocUnsafe(dataStart - start);
-            await readGuest(s, head, 0, head.length, op.gc * cs + start);
-            add(op.host + start, head, 0, head.length);
+            if (this.readsAsZero(op.old, start, dataStart)) {
+              zeroes(op.host + start, dataStart - start);
+            } else {
+              const head = Buffer.allocUnsafe(dataStart - start);
+              await readGuest(s, head, 0, head.length, op.gc * cs + start);
+              add(op.host + start, head, 0, head.length, true);
+            }
           }
-          add(op.host + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart);
+          add(op.host + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart, dataStart > start || end > dataEnd);
           if (end > dataEnd) {
-            const tail = Buffer.allocUnsafe(end - dataEnd);
-            await readGuest(s, tail, 0, tail.length, op.gc * cs + dataEnd);
-            add(op.host + dataEnd, tail, 0, tail.length);
+            if (this.readsAsZero(op.old, dataEnd, end)) {
+              zeroes(op.host + dataEnd, end - dataEnd);
+            } else {
+              const tail = Buffer.allocUnsafe(end - dataEnd);
+              await readGuest(s, tail, 0, tail.length, op.gc * cs + dataEnd);
+              add(op.host + dataEnd, tail, 0, tail.length, true);
+            }
           }
         }
       }
@@ -491,6 +573,17 @@ export class Qcow2Writer {
       throw err;
     }
     await Promise.all(ios);
+  }
+
+  /** Does the guest see zeros in [start, end) of a cluster mapped by `old` (no I/O)? */
+  private readsAsZero(old: L2Entry, start: number, end: number): boolean {
+    const s = this.s;
+    for (let at = start; at < end; at += this.piece.length) {
+      classify(s.g, old, at, end - at, this.piece);
+      const k = this.piece.kind;
+      if (!(k === ExtentKind.Zero || (k === ExtentKind.Backing && s.backing === null))) return false;
+    }
+    return true;
   }
 
   /** Phase 3 (under the lock): point L2 entries at the new data, then drop what they pointed at. */

@@ -233,8 +233,15 @@ class QedDriver implements BlockDriver {
     const end = start + run.clusters * cs;
     const head = g - start;
     const tail = end - (g + run.bytes);
-    if (head === 0 && tail === 0) {
-      await this.file.write('cow_write', buf, at, run.bytes, host);
+    const zeroHead = run.firstKind === 'zero' || !this.backing;
+    const zeroTail = run.lastKind === 'zero' || !this.backing;
+    if ((head === 0 || zeroHead) && (tail === 0 || zeroTail)) {
+      // Fill that reads as zeros is written as zeros without a buffer; past
+      // the end of the file that is only a resize (ImageFile.writeZeroes).
+      const ios: Promise<void>[] = [this.file.write('cow_write', buf, at, run.bytes, host + head)];
+      if (head > 0) ios.push(this.file.writeZeroes('cow_write', host, head));
+      if (tail > 0) ios.push(this.file.writeZeroes('cow_write', host + head + run.bytes, tail));
+      for (const r of await Promise.allSettled(ios)) if (r.status === 'rejected') throw r.reason;
     } else {
       const out = Buffer.alloc(run.clusters * cs);
       if (head > 0) await this.fill(run.firstKind, out, 0, head, start);

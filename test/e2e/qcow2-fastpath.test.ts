@@ -1,0 +1,171 @@
+/**
+ * The qcow2 engine's fast paths, each shown to be taken and to be right:
+ *  - a write into a cluster the image owns (COPIED, no zero flag) goes in
+ *    place without the metadata lock: it completes while another request
+ *    holds the lock; writes that need metadata (unallocated, shared with a
+ *    snapshot, zero flag) still wait for it;
+ *  - the head and tail of a new cluster that read as zeros are not written
+ *    as data: past the end of the file they stay a hole;
+ *  - a zero-flagged cluster that keeps its host cluster gets real zeros
+ *    around the new data (its old bytes never show through);
+ *  - single-cluster reads of data and zero clusters equal qemu's view.
+ * Every image is judged by qemu-img check and compare against a raw model.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openImage } from '../../src/formats/open.js';
+import type { BlockDriver } from '../../src/formats/driver.js';
+import type { Qcow2State } from '../../src/formats/qcow2/state.js';
+import { qemuCheck, qemuCompare, qemuImg, qemuIo, scratchDir, writeAt } from '../helpers/qemu.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+function stateOf(d: BlockDriver): Qcow2State {
+  return (d as unknown as { s: Qcow2State }).s;
+}
+
+/** Resolves to true if p settles within a few event-loop turns. */
+async function settlesSoon(p: Promise<unknown>): Promise<boolean> {
+  let done = false;
+  p.then(() => (done = true), () => (done = true));
+  for (let i = 0; i < 20 && !done; i++) await new Promise((r) => setImmediate(r));
+  return done;
+}
+
+/** Hold the metadata lock until the returned function is called. */
+function holdMetaLock(d: BlockDriver): () => Promise<void> {
+  let release!: () => void;
+  const gate = new Promise<void>((r) => (release = r));
+  const held = stateOf(d).meta.run(() => gate);
+  return async () => {
+    release();
+    await held;
+  };
+}
+
+describe('qcow2 fast paths', () => {
+  let s: { dir: string; cleanup: () => void };
+  beforeAll(() => (s = scratchDir('qfast')));
+  afterAll(() => s.cleanup());
+
+  it('in-place writes into owned clusters skip the metadata lock; writes that need metadata wait', async () => {
+    const image = path.join(s.dir, 'lock.qcow2');
+    const model = path.join(s.dir, 'lock.raw');
+    qemuImg('create', '-q', '-f', 'qcow2', image, String(8 * MiB));
+    qemuIo(image, 'qcow2', ['write -P 0x11 0 2M']);
+    qemuImg('snapshot', '-c', 'snap', image);
+    qemuIo(image, 'qcow2', ['write -P 0x22 1M 1M']); // [1M, 2M) owned again, [0, 1M) shared with the snapshot
+    qemuImg('convert', '-O', 'raw', image, model);
+
+    const d = await openImage(image, { readOnly: false });
+    const write = (off: number, len: number, byte: number): Promise<void> => {
+      const b = Buffer.alloc(len, byte);
+      writeAt(model, off, b);
+      return d.write(b, 0, len, off);
+    };
+    await write(1 * MiB + 512, 512, 0x33); // the first write prepares the image under the lock
+
+    const unlock = holdMetaLock(d);
+    const owned = write(1 * MiB + 64 * KiB + 4 * KiB, 4 * KiB, 0x44);
+    const shared = write(128 * KiB, 4 * KiB, 0x55);
+    const unallocated = write(4 * MiB, 4 * KiB, 0x66);
+    const crossing = write(2 * MiB - 2 * KiB, 4 * KiB, 0x77); // two clusters: planned
+    expect(await settlesSoon(owned)).toBe(true);
+    expect(await settlesSoon(shared)).toBe(false);
+    expect(await settlesSoon(unallocated)).toBe(false);
+    expect(await settlesSoon(crossing)).toBe(false);
+    await unlock();
+    await Promise.all([owned, shared, unallocated, crossing]);
+
+    // Once linked, the new clusters are owned: in place from now on.
+    const unlock2 = holdMetaLock(d);
+    const again = write(4 * MiB + 8 * KiB, 1 * KiB, 0x88);
+    const sharedAgain = write(128 * KiB + 512, 512, 0x99);
+    expect(await settlesSoon(again)).toBe(true);
+    expect(await settlesSoon(sharedAgain)).toBe(true);
+    await unlock2();
+    await Promise.all([again, sharedAgain]);
+
+    const got = Buffer.alloc(8 * MiB);
+    await d.read(got, 0, got.length, 0);
+    await d.close();
+    expect(got.equals(fs.readFileSync(model))).toBe(true);
+    const check = qemuCheck(image);
+    expect(check.code, check.output).toBe(0);
+    expect(qemuCompare(image, model, 'qcow2', 'raw').same).toBe(true);
+    // The snapshot still holds the old bytes.
+    const snapRaw = path.join(s.dir, 'lock-snap.raw');
+    qemuImg('convert', '-O', 'raw', '-l', 'snapshot.name=snap', image, snapRaw);
+    expect(fs.readFileSync(snapRaw).subarray(0, 2 * MiB).equals(Buffer.alloc(2 * MiB, 0x11))).toBe(true);
+  });
+
+  it('a small write into a new cluster at the end of the file leaves the rest of the cluster a hole', async () => {
+    const image = path.join(s.dir, 'hole.qcow2');
+    const model = path.join(s.dir, 'hole.raw');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=1M', image, String(64 * MiB));
+    qemuImg('create', '-q', '-f', 'raw', model, String(64 * MiB));
+    const d = await openImage(image, { readOnly: false });
+    const before = fs.statSync(image).blocks * 512;
+    // 8 writes of 4 KiB, each in the middle of its own 1 MiB cluster.
+    for (let i = 0; i < 8; i++) {
+      const b = Buffer.alloc(4 * KiB, i + 1);
+      const off = i * 4 * MiB + 300 * KiB;
+      writeAt(model, off, b);
+      await d.write(b, 0, b.length, off);
+    }
+    await d.close();
+    const grown = fs.statSync(image).blocks * 512 - before;
+    // One new L2 table (1 MiB, written whole) and 8 x 4 KiB of data; writing
+    // the zero fill would have added 8 MiB.
+    expect(grown).toBeLessThan(2 * MiB);
+    expect(fs.statSync(image).size).toBeGreaterThanOrEqual(9 * MiB);
+    const check = qemuCheck(image);
+    expect(check.code, check.output).toBe(0);
+    expect(qemuCompare(image, model, 'qcow2', 'raw').same).toBe(true);
+  });
+
+  it('a zero-flagged cluster that keeps its host cluster is rewritten with real zeros around the data', async () => {
+    const image = path.join(s.dir, 'zflag.qcow2');
+    const model = path.join(s.dir, 'zflag.raw');
+    qemuImg('create', '-q', '-f', 'qcow2', image, String(4 * MiB));
+    qemuIo(image, 'qcow2', ['write -P 0xaa 0 1M']);
+    // Zero writes without unmapping keep the host clusters and set the zero flag.
+    qemuIo(image, 'qcow2', ['write -z 0 256k']);
+    const map = JSON.parse(qemuImg('map', '--output=json', image)) as Array<{ start: number; zero: boolean; data: boolean; offset?: number }>;
+    expect(map.some((m) => m.start === 0 && m.zero && m.offset !== undefined)).toBe(true);
+    qemuImg('convert', '-O', 'raw', image, model);
+
+    const d = await openImage(image, { readOnly: false });
+    const b = Buffer.alloc(4 * KiB, 0x5c);
+    writeAt(model, 70 * KiB, b);
+    await d.write(b, 0, b.length, 70 * KiB);
+    const got = Buffer.alloc(256 * KiB);
+    await d.read(got, 0, got.length, 0);
+    await d.close();
+    expect(got.equals(fs.readFileSync(model).subarray(0, 256 * KiB))).toBe(true);
+    const check = qemuCheck(image);
+    expect(check.code, check.output).toBe(0);
+    expect(qemuCompare(image, model, 'qcow2', 'raw').same).toBe(true);
+  });
+
+  it('single-cluster reads (data, zero flag, unallocated, backing) equal qemu', async () => {
+    const base = path.join(s.dir, 'rbase.raw');
+    const image = path.join(s.dir, 'r.qcow2');
+    const raw = path.join(s.dir, 'r.raw');
+    qemuImg('create', '-q', '-f', 'raw', base, String(2 * MiB));
+    qemuIo(base, 'raw', ['write -P 0x3c 0 2M']);
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', image, String(2 * MiB));
+    qemuIo(image, 'qcow2', ['write -P 0x12 0 512k', 'write -z 512k 256k']);
+    qemuImg('convert', '-O', 'raw', image, raw);
+    const want = fs.readFileSync(raw);
+    const d = await openImage(image, { readOnly: true });
+    for (const [off, len] of [[0, 4096], [60 * KiB, 4 * KiB], [512 * KiB + 100, 1000], [900 * KiB, 64 * KiB], [448 * KiB, 128 * KiB]]) {
+      const got = Buffer.alloc(len, 0xee);
+      await d.read(got, 0, len, off);
+      expect(got.equals(want.subarray(off, off + len)), `read at ${off}`).toBe(true);
+    }
+    await d.close();
+  });
+});
