@@ -306,6 +306,9 @@ function makeBaseImage() {
 function copyImage(base, name) {
   const dst = path.join(work, name);
   run('cp', ['--sparse=always', base, dst], 'copying the image');
+  // The copy's dirty pages are set-up, not the system's work: write them back
+  // now, or the first fdatasync of whoever runs next pays for a gigabyte.
+  run('sync', [dst], 'sync');
   return dst;
 }
 
