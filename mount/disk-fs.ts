@@ -16,6 +16,7 @@
  *   has them, so there is nothing deferred to report. fsync -> driver.flush().
  */
 import os from 'node:os';
+import { performance } from 'node:perf_hooks';
 import type { FuseOps, FuseStat, FuseStatfs } from 'fuse-native';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { BlockDriver } from '../src/formats/driver.js';
@@ -63,12 +64,15 @@ export interface IoStats {
   smallWrites: number;
   readErrors: number;
   writeErrors: number;
+  /** Time the driver took, from the call to its promise settling (microseconds, summed). */
+  readMicros: number;
+  writeMicros: number;
 }
 
 export class DiskFs {
   readonly stats: IoStats = {
     reads: 0, readBytes: 0, maxRead: 0, writes: 0, writeBytes: 0, maxWrite: 0, smallWrites: 0,
-    readErrors: 0, writeErrors: 0,
+    readErrors: 0, writeErrors: 0, readMicros: 0, writeMicros: 0,
   };
   private readonly size: number;
   private readonly fileMode: number;
@@ -193,12 +197,15 @@ export class DiskFs {
         s.reads++;
         s.readBytes += n;
         if (n > s.maxRead) s.maxRead = n;
+        const t0 = performance.now();
         this.driver.read(buf, 0, n, pos).then(
           () => {
+            s.readMicros += (performance.now() - t0) * 1000;
             this.leave();
             cb(n);
           },
           (err: unknown) => {
+            s.readMicros += (performance.now() - t0) * 1000;
             this.leave();
             cb(this.readFailed(err, pos, n));
           },
@@ -216,13 +223,16 @@ export class DiskFs {
         s.writeBytes += n;
         if (n > s.maxWrite) s.maxWrite = n;
         if (n <= 4096) s.smallWrites++;
+        const t0 = performance.now();
         this.driver.write(buf, 0, n, pos).then(
           () => {
+            s.writeMicros += (performance.now() - t0) * 1000;
             this.mtime = Date.now();
             this.leave();
             cb(n);
           },
           (err: unknown) => {
+            s.writeMicros += (performance.now() - t0) * 1000;
             this.leave();
             s.writeErrors++;
             const code = errnoOf(err);

@@ -165,6 +165,11 @@ export class MountSession {
     return code;
   }
 
+  /** Log the request counters so far (SIGUSR1; `npm run bench` reads them around each job). */
+  logStats(): void {
+    this.log.warn({ stats: this.fs.stats, io: ioCounters, live: true }, 'request counters');
+  }
+
   /** Unmount; when busy (a file still open), detach lazily: remaining requests then get EIO. */
   private async unmountKernel(): Promise<void> {
     if (!findMount(await readMounts(), this.mountPoint)) return;

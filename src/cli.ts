@@ -156,6 +156,8 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
       else interrupted ??= sig;
     });
   }
+  // SIGUSR1 logs the request counters (like dd's progress signal); it never ends the mount.
+  process.on('SIGUSR1', () => liveSession?.logStats());
   const pidFile = flags.pidFile ? path.resolve(flags.pidFile) : undefined;
   try {
     configureLogging({ level: flags.logLevel, file: flags.logFile ? path.resolve(flags.logFile) : undefined });

@@ -142,6 +142,15 @@ export class ImageFile {
     return new ImageFile(path, fd, opts.readOnly, size);
   }
 
+  /**
+   * True when nothing was ever written at or after `position` through this
+   * object, and the file did not reach there at open: those bytes read as
+   * zeros without being written (a hole, or past the end of the file).
+   */
+  neverWritten(position: number): boolean {
+    return position >= this.zeroFrom;
+  }
+
   /** The OS file descriptor (for locking). */
   get descriptor(): number {
     return this.fd;

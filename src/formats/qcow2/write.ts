@@ -185,11 +185,24 @@ export class Qcow2Writer {
   async close(): Promise<void> {
     await this.s.meta.run(async () => {
       await this.flushLocked();
+      await this.growToWholeClusters();
       if (this.dirtySet) {
         await this.writeIncompatible(this.s.header.incompatible & ~BigInt(INCOMPAT_DIRTY));
         this.dirtySet = false;
       }
     });
+  }
+
+  /**
+   * The last cluster may end past the end of the file (writeData skips zero
+   * tails there); a clean close grows the file over it, as qemu leaves its
+   * images. A file left short (a crash, or this failing) is valid as it is.
+   */
+  private async growToWholeClusters(): Promise<void> {
+    const s = this.s;
+    for (const [file, end] of [[s.file, s.fileSize], [s.dataFile, s.dataFileSize]] as const) {
+      if (file && !file.readOnly && (await file.size()) < end) await file.truncate(end);
+    }
   }
 
   private async writeIncompatible(v: bigint): Promise<void> {
@@ -529,9 +542,18 @@ export class Qcow2Writer {
       runLen += len;
     };
 
-    // A head or tail that the old mapping reads as zeros: zeros written without
-    // a buffer, and past the end of the file only a resize (ImageFile.writeZeroes).
+    // A head or tail that the old mapping reads as zeros. Where nothing was
+    // ever written (a new cluster past the end of the file) it already reads
+    // as zeros and costs nothing: the data write or a later one grows the
+    // file over it, and a cluster that ends past the end of the file reads
+    // as zeros there (qemu too); close() grows the file to whole clusters.
+    // Elsewhere (a reused cluster, a zero-flagged one kept in place) zeros
+    // are written, without a buffer (ImageFile.writeZeroes).
     const zeroes = (host: number, len: number): void => {
+      if (file.neverWritten(host)) {
+        noteEnd(host + len);
+        return;
+      }
       flushRun();
       track(ios, file.writeZeroes('cow_write', host, len).then(() => noteEnd(host + len)));
     };
