@@ -40,10 +40,14 @@ function pwriteOnce(fd: number, buf: Buffer, off: number, len: number, pos: numb
  * is timed against what a page-cache copy could take (SLOW_BASE_MS plus the
  * bytes at COPY_BYTES_PER_MS). SLOW_STRIKES slow calls in a row (one alone is
  * usually the event loop losing its CPU for a moment, not the disk) send this
- * file's calls to the thread pool for a back-off period; then one call probes
- * inline again: slow, the period doubles (at most one stall per period); fast,
- * calls stay inline. fdatasync, fstat, ftruncate (except extend()) always use
- * the thread pool.
+ * file's calls to the thread pool for a back-off period. Then a probe: the
+ * next PROBE_CALLS calls run inline; if more than half of them are slow the
+ * period doubles (so the disk stalls the loop for at most a few calls per
+ * period), else calls stay inline. A probe is several calls, not one,
+ * because the first inline call after a stretch on the thread pool is often
+ * slow by itself (cold caches, a CPU waking up): judged alone it kept a busy
+ * mount on the thread pool for good. fdatasync, fstat, ftruncate (except
+ * extend()) always use the thread pool.
  */
 export const ioTuning = {
   /** QMOUNT_INLINE_IO=0 turns inline calls off (every call on the thread pool). */
@@ -54,6 +58,7 @@ const SLOW_BASE_MS = 0.05;
 /** 1 GB/s: a page-cache copy is several times faster. */
 const COPY_BYTES_PER_MS = 1e6;
 const SLOW_STRIKES = 2;
+const PROBE_CALLS = 8;
 const BACKOFF_MIN_MS = 20;
 const BACKOFF_MAX_MS = 2000;
 
@@ -61,10 +66,14 @@ const BACKOFF_MAX_MS = 2000;
 export const ioCounters = { inline: 0, pooled: 0, slow: 0 };
 
 export class InlinePolicy {
+  /** 0: inline. Else calls go to the pool until this time, then a probe runs. */
   private asyncUntil = 0;
   private backoffMs = 0;
-  /** Slow inline calls in a row (a probe after a back-off starts at SLOW_STRIKES - 1). */
+  /** Slow inline calls in a row (outside a probe). */
   private slowRun = 0;
+  /** The probe after a back-off: calls left in it, and how many were slow. */
+  private probeLeft = 0;
+  private probeSlow = 0;
   /** Counters for tests and benchmarks. */
   readonly stats = { inline: 0, pooled: 0, slow: 0 };
 
@@ -82,18 +91,40 @@ export class InlinePolicy {
     this.stats.inline++;
     ioCounters.inline++;
     const end = this.now();
-    if (end - start <= SLOW_BASE_MS + bytes / COPY_BYTES_PER_MS) {
-      this.slowRun = 0;
-      this.backoffMs = 0;
-      this.asyncUntil = 0;
+    const slow = end - start > SLOW_BASE_MS + bytes / COPY_BYTES_PER_MS;
+    if (slow) {
+      this.stats.slow++;
+      ioCounters.slow++;
+    }
+    if (this.asyncUntil !== 0) {
+      // A probe call (allowed() let it through after the back-off period).
+      if (slow) this.probeSlow++;
+      this.probeLeft--;
+      if (this.probeSlow > PROBE_CALLS / 2) this.backOff(end);
+      else if (this.probeLeft <= 0) this.reset();
       return;
     }
-    this.stats.slow++;
-    ioCounters.slow++;
-    if (++this.slowRun < SLOW_STRIKES) return;
-    this.slowRun = SLOW_STRIKES - 1;
+    if (!slow) {
+      this.slowRun = 0;
+      return;
+    }
+    if (++this.slowRun >= SLOW_STRIKES) this.backOff(end);
+  }
+
+  private backOff(now: number): void {
     this.backoffMs = Math.min(BACKOFF_MAX_MS, this.backoffMs === 0 ? BACKOFF_MIN_MS : this.backoffMs * 2);
-    this.asyncUntil = end + this.backoffMs;
+    this.asyncUntil = now + this.backoffMs;
+    this.slowRun = 0;
+    this.probeLeft = PROBE_CALLS;
+    this.probeSlow = 0;
+  }
+
+  private reset(): void {
+    this.asyncUntil = 0;
+    this.backoffMs = 0;
+    this.slowRun = 0;
+    this.probeLeft = 0;
+    this.probeSlow = 0;
   }
 }
 

@@ -31,7 +31,7 @@ describe('InlinePolicy', () => {
     expect(p.stats).toEqual({ inline: 100, pooled: 0, slow: 0 });
   });
 
-  it('two slow calls in a row send calls to the pool for a back-off that doubles while probes stay slow; a fast probe ends it', () => {
+  it('two slow calls in a row send calls to the pool for a back-off; a probe of 8 calls, mostly slow, doubles it; mostly fast, ends it', () => {
     const clock = fakeClock();
     const p = new InlinePolicy(clock.now);
     const call = (ms: number): void => {
@@ -49,13 +49,24 @@ describe('InlinePolicy', () => {
     clock.t += 19;
     expect(p.allowed()).toBe(false);
     clock.t += 1;
-    expect(p.allowed()).toBe(true);
-    call(5); // slow probe: 40 ms
+    // The probe: 5 slow calls of 8 fail it at the fifth; the back-off doubles to 40 ms.
+    for (let i = 0; i < 5; i++) {
+      expect(p.allowed()).toBe(true);
+      call(i === 2 ? 0.01 : 5);
+      if (i < 4) expect(p.allowed()).toBe(true);
+    }
+    call(5);
+    expect(p.allowed()).toBe(false);
     clock.t += 39;
     expect(p.allowed()).toBe(false);
     clock.t += 1;
-    expect(p.allowed()).toBe(true);
-    call(0.02); // fast probe: inline again, back-off forgotten
+    // A probe whose first call is slow (as the first call after the pool often is) but
+    // most are fast: inline again, back-off forgotten.
+    call(5);
+    for (let i = 0; i < 7; i++) {
+      expect(p.allowed()).toBe(true);
+      call(i % 3 === 0 ? 5 : 0.01);
+    }
     expect(p.allowed()).toBe(true);
     call(5);
     expect(p.allowed()).toBe(true); // a single slow call again
@@ -63,7 +74,7 @@ describe('InlinePolicy', () => {
     expect(p.allowed()).toBe(false);
     clock.t += 20;
     expect(p.allowed()).toBe(true); // 20 ms again, not 80
-    expect(p.stats.slow).toBe(6);
+    expect(p.stats.slow).toBe(14);
   });
 
   it('what counts as slow grows with the size of the call (a page-cache copy of 128 KiB takes longer than one of 4 KiB)', () => {
