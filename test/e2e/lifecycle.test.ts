@@ -178,6 +178,28 @@ describe('reading and writing disk.raw', () => {
     expect(readAll(img).subarray(MiB, 2 * MiB).equals(fs.readFileSync(src))).toBe(true);
   });
 
+  it('SIGUSR1 logs the request counters so far (with the engine time) and the mount goes on', async () => {
+    const img = makeImage('usr1.raw');
+    const log = path.join(scratch.dir, 'usr1.log');
+    await withMount(await mountImage(img, { format: 'raw', extraArgs: ['--log-file', log] }), async (m) => {
+      expect(pread(m.rawPath, 65536, 0).equals(original.subarray(0, 65536))).toBe(true);
+      m.kill('SIGUSR1');
+      let live: Record<string, unknown> | undefined;
+      for (let i = 0; i < 200 && !live; i++) {
+        await new Promise((r) => setTimeout(r, 25));
+        live = fs.existsSync(log) ? logLines(log).find((l) => l.live === true) : undefined;
+      }
+      const stats = live?.stats as { reads: number; readBytes: number; readMicros: number; writes: number } | undefined;
+      expect(stats, 'no counters line in the log').toBeDefined();
+      expect(stats!.reads).toBeGreaterThan(0);
+      expect(stats!.readBytes).toBeGreaterThanOrEqual(65536);
+      expect(stats!.readMicros).toBeGreaterThan(0);
+      expect(stats!.writes).toBe(0);
+      expect(isMounted(m.dir)).toBe(true);
+      expect(pread(m.rawPath, 4096, 8192).equals(original.subarray(8192, 12288))).toBe(true);
+    });
+  });
+
   it('a failing write answers that request with EIO; the mount goes on working', async () => {
     const img = makeImage('fault.raw');
     const env = { QMOUNT_FAULTS: JSON.stringify([{ point: 'data_write', errno: 'EIO', times: 1 }]) };
