@@ -44,6 +44,8 @@ export class Qcow2State {
   readonly metaRanges: Array<{ start: number; end: number; what: string }> = [];
   readonly l2Tables = new Set<number>();
   readonly refBlocks = new Set<number>();
+  /** New L2 tables not written yet (they live dirty in l2Cache). */
+  readonly unwrittenL2 = new Set<number>();
 
   constructor(
     readonly file: ImageFile,
@@ -69,7 +71,17 @@ export class Qcow2State {
           const n = await file.read(into, 0, g.clusterSize, offset);
           if (n < g.clusterSize) into.fill(0, n);
         },
-        write: (offset, data) => file.write('l2_update', data, 0, data.length, offset),
+        write: (offset, data) => {
+          // The first write of a new table is 'l2_alloc' (fault injection and the crash harness tell them apart).
+          const fresh = this.unwrittenL2.delete(offset);
+          return file.write(fresh ? 'l2_alloc' : 'l2_update', data, 0, data.length, offset).then(
+            () => undefined,
+            (err: unknown) => {
+              if (fresh) this.unwrittenL2.add(offset);
+              throw err;
+            },
+          );
+        },
         sync: () => this.syncAll(),
       },
     });

@@ -104,6 +104,8 @@ export class Qcow2Writer {
   private lazy = false;
   /** we set the dirty bit on disk and must clear it on clean close */
   private dirtySet = false;
+  /** L1 indexes whose in-memory entry is newer than the disk's (l2ForWrite, writeL1). */
+  private readonly dirtyL1 = new Set<number>();
   /** References to drop at the next flush: [hostOffset, bytes] (see the ordering note above). */
   private pendingReleases: Array<[number, number]> = [];
   /** directWrite's L2 entry (used synchronously only). */
@@ -172,7 +174,8 @@ export class Qcow2Writer {
 
   private async flushLocked(): Promise<void> {
     await this.refcounts.cache.flush();
-    await this.s.l2Cache.flush(); // ends with a sync: every L2 and L1 change so far is durable
+    await this.s.l2Cache.flush(); // ends with a sync: every L2 change so far is durable
+    await this.writeL1(); // then the L1 entries pointing at new tables, synced
     if (this.pendingReleases.length > 0) {
       const releases = this.pendingReleases;
       this.pendingReleases = [];
@@ -681,9 +684,12 @@ export class Qcow2Writer {
   /**
    * The L2 table for L1 index `l1i`, ready to be modified: allocated if
    * missing, copied if shared with a snapshot (no COPIED flag). The new
-   * table is written and, with the refcount of its cluster, durable before
-   * the L1 entry points at it; the old table's reference is queued and
-   * dropped by the next flush, after the L1 entry that replaced it is durable.
+   * table goes into the cache dirty and the in-memory L1 entry points at it
+   * at once (reads and writes find it there); the on-disk L1 entry is
+   * written by the next flush, after the table and the refcount of its
+   * cluster are durable (writeL1). Until then the old mapping stays on disk,
+   * so a crash only leaks. The old table's reference is queued and dropped
+   * by that flush after the L1 entry that replaced it is durable.
    */
   private async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
     const s = this.s;
@@ -693,19 +699,35 @@ export class Qcow2Writer {
     const table = old !== 0 ? Buffer.from(await s.l2Table(old)) : Buffer.alloc(cs);
     const offset = await this.refcounts.allocate(1);
     s.checkOverlap(offset, cs, 'new L2 table');
-    await s.file.write('l2_alloc', table, 0, cs, offset);
-    s.noteFileEnd(offset + cs);
-    if (this.lazy) await s.syncAll();
-    else await this.refcounts.cache.flush();
-    const e = Buffer.alloc(8);
-    writeEntry(e, 0, L2E_COPIED, offset, 0);
-    await s.file.write('l1_update', e, 0, 8, s.header.l1TableOffset + l1i * 8);
-    e.copy(s.l1, l1i * 8);
-    s.l2Cache.install(offset, table, false);
+    if (!this.lazy) await s.l2Cache.dependOn(this.refcounts.cache);
+    s.unwrittenL2.add(offset);
+    s.l2Cache.install(offset, table, true);
+    s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
+    writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
+    this.dirtyL1.add(l1i);
     s.l2Tables.add(offset);
     if (old !== 0) this.pendingReleases.push([old, cs]);
     s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
     return { table, offset };
   }
+
+  /**
+   * Write the L1 entries changed since the last flush (caller: flushLocked,
+   * after the L2 cache flush made every table they point at durable), then
+   * sync. One write covers the span of changed entries: the entries between
+   * them are unchanged in memory, so rewriting them is harmless.
+   */
+  private async writeL1(): Promise<void> {
+    if (this.dirtyL1.size === 0) return;
+    const s = this.s;
+    const dirty = [...this.dirtyL1];
+    const first = Math.min(...dirty);
+    const last = Math.max(...dirty);
+    const span = Buffer.from(s.l1.subarray(first * 8, (last + 1) * 8));
+    await s.file.write('l1_update', span, 0, span.length, s.header.l1TableOffset + first * 8);
+    await s.syncAll();
+    for (const i of dirty) this.dirtyL1.delete(i);
+  }
+
 }
 
