@@ -561,6 +561,18 @@ export class Qcow2Writer {
       track(ios, file.writeZeroes('cow_write', host, len).then(() => noteEnd(host + len)));
     };
 
+    // [from, to) of a rewritten cluster, outside the guest data: what the old mapping shows there.
+    const fill = async (op: ClusterOp, from: number, to: number): Promise<void> => {
+      if (to <= from) return;
+      if (this.readsAsZero(op.old, from, to)) {
+        zeroes(op.host + from, to - from);
+        return;
+      }
+      const old = Buffer.allocUnsafe(to - from);
+      await readGuest(s, old, 0, old.length, op.gc * cs + from);
+      add(op.host + from, old, 0, old.length, true);
+    };
+
     try {
       for (const op of ops) {
         if (!op.rewrite) {
@@ -571,25 +583,9 @@ export class Qcow2Writer {
           // Head [start, dataStart) and tail [dataEnd, end) come from the old mapping.
           const dataStart = Math.min(Math.max(start, op.writeStart), end);
           const dataEnd = Math.max(Math.min(end, op.writeEnd), dataStart);
-          if (dataStart > start) {
-            if (this.readsAsZero(op.old, start, dataStart)) {
-              zeroes(op.host + start, dataStart - start);
-            } else {
-              const head = Buffer.allocUnsafe(dataStart - start);
-              await readGuest(s, head, 0, head.length, op.gc * cs + start);
-              add(op.host + start, head, 0, head.length, true);
-            }
-          }
+          await fill(op, start, dataStart);
           add(op.host + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart, dataStart > start || end > dataEnd);
-          if (end > dataEnd) {
-            if (this.readsAsZero(op.old, dataEnd, end)) {
-              zeroes(op.host + dataEnd, end - dataEnd);
-            } else {
-              const tail = Buffer.allocUnsafe(end - dataEnd);
-              await readGuest(s, tail, 0, tail.length, op.gc * cs + dataEnd);
-              add(op.host + dataEnd, tail, 0, tail.length, true);
-            }
-          }
+          await fill(op, dataEnd, end);
         }
       }
       flushRun();
