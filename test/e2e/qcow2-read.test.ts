@@ -12,18 +12,8 @@ import { openImage } from '../../src/formats/open.js';
 import { hashFiles, MiB, QCOW2_KINDS, qemuInfo, type ImageKind, type QemuInfo, type TestImage } from '../helpers/images.js';
 import { mountImage } from '../helpers/mount.js';
 import { convertToRaw, scratchDir } from '../helpers/qemu.js';
+import { mulberry32 } from '../helpers/workload.js';
 
-/** Deterministic PRNG (mulberry32) so a failing offset reproduces. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Pread exactly `len` bytes of the oracle file (it is exactly virtualSize long). */
 function oracleRead(fd: number, buf: Buffer, len: number, off: number): void {
@@ -65,7 +55,7 @@ async function checkSequential(drv: BlockDriver, oracleFd: number, size: number)
 }
 
 async function checkRandom(drv: BlockDriver, oracleFd: number, size: number, seed: number, count: number): Promise<void> {
-  const rnd = prng(seed);
+  const rnd = mulberry32(seed);
   const got = Buffer.alloc(MiB + 16);
   const want = Buffer.alloc(MiB + 16);
   for (let i = 0; i < count; i++) {
@@ -82,7 +72,7 @@ async function checkRandom(drv: BlockDriver, oracleFd: number, size: number, see
 
 /** Several reads in flight at once, as FUSE issues them. */
 async function checkConcurrent(drv: BlockDriver, oracleFd: number, size: number, seed: number): Promise<void> {
-  const rnd = prng(seed);
+  const rnd = mulberry32(seed);
   for (let round = 0; round < 8; round++) {
     const reqs = Array.from({ length: 8 }, () => {
       const len = Math.min(1 + Math.floor(rnd() * 300_000), size);
@@ -218,7 +208,7 @@ describe.each(QCOW2_KINDS)('qcow2 read $name', (kind: ImageKind) => {
 });
 
 async function checkRandomFd(fd: number, ofd: number, size: number): Promise<void> {
-  const rnd = prng(9);
+  const rnd = mulberry32(9);
   const got = Buffer.alloc(65536 + 512);
   const want = Buffer.alloc(65536 + 512);
   for (let i = 0; i < 40; i++) {

@@ -232,6 +232,30 @@ process.on('exit', () => {
 });
 
 /** fusermount -uz a directory (for tests that make stale mounts on purpose). */
+/**
+ * Run the CLI in daemon mode with `args` on IMAGE and a fresh mount point
+ * (failures come back as exit code + stderr). A mount it makes is unmounted
+ * afterwards and its daemon waited for, so its locks are gone when this
+ * returns.
+ */
+export async function qmountDaemon(args: string[], image: string): Promise<{ code: number; stderr: string }> {
+  const dir = makeMountDir();
+  const pidFile = `${dir}.pid`;
+  try {
+    const r = spawnSync(process.execPath, [CLI, '--pid-file', pidFile, ...args, image, dir], { encoding: 'utf8', timeout: 60_000 });
+    return { code: r.status ?? -1, stderr: r.stderr };
+  } finally {
+    const pid = fs.existsSync(pidFile) ? Number(fs.readFileSync(pidFile, 'utf8')) : 0;
+    for (let i = 0; i < 50 && isMounted(dir); i++) {
+      if (spawnSync('fusermount', ['-u', dir]).status === 0) break;
+      await sleep(100);
+    }
+    for (let i = 0; i < 200 && pid && processRunning(pid); i++) await sleep(50);
+    fs.rmSync(pidFile, { force: true });
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 export function detach(dir: string): void {
   try {
     execFileSync('fusermount', ['-uz', dir], { stdio: 'ignore' });

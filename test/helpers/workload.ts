@@ -25,6 +25,18 @@ export interface Target {
   read(buf: Buffer, offset: number): Promise<void> | void;
 }
 
+/** mulberry32: a deterministic PRNG with another sequence than rng(), for picking offsets and mutations. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 export function rng(seed: number): () => number {
   let x = seed >>> 0 || 1;
   return () => {

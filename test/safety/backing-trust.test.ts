@@ -10,12 +10,11 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, isMounted, makeMountDir, mountImage, processRunning, type MountedImage } from '../helpers/mount.js';
+import { CLI, mountImage, qmountDaemon, type MountedImage } from '../helpers/mount.js';
 import { patternBytes, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 2 * MiB;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 let scratch: { dir: string; cleanup: () => void };
 let base: string;
@@ -26,25 +25,6 @@ const chainFiles: string[] = [];
 function qmount(args: string[]): { code: number; stdout: string; stderr: string } {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 60_000 });
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
-}
-
-/** A mount attempt in daemon mode that is expected to fail (unmounted and waited for if it does not). */
-async function mountFails(args: string[], image: string): Promise<{ code: number; stderr: string }> {
-  const dir = makeMountDir();
-  const pidFile = `${dir}.pid`;
-  try {
-    const r = qmount(['--pid-file', pidFile, ...args, image, dir]);
-    return { code: r.code, stderr: r.stderr };
-  } finally {
-    const pid = fs.existsSync(pidFile) ? Number(fs.readFileSync(pidFile, 'utf8')) : 0;
-    for (let i = 0; i < 50 && isMounted(dir); i++) {
-      if (spawnSync('fusermount', ['-u', dir]).status === 0) break;
-      await sleep(100);
-    }
-    for (let i = 0; i < 200 && pid && processRunning(pid); i++) await sleep(50);
-    fs.rmSync(pidFile, { force: true });
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
 }
 
 async function withMount<T>(m: MountedImage, fn: (m: MountedImage) => Promise<T> | T): Promise<T> {
@@ -160,7 +140,7 @@ describe('--no-backing', () => {
     const lone = overlayNaming(path.join(dir, 'lone.qcow2'), 'gone.qcow2');
     qemuIo(lone, 'qcow2', ['write -P 0x66 0 4096']);
     fs.rmSync(gone);
-    const followed = await mountFails(['-r'], lone);
+    const followed = await qmountDaemon(['-r'], lone);
     expect(followed.code).toBe(2);
     expect(followed.stderr).toMatch(/^qmount: .*gone\.qcow2: cannot open: ENOENT\n$/);
     await withMount(await mountImage(lone, { readOnly: true, extraArgs: ['--no-backing'] }), (m) => {
@@ -188,7 +168,7 @@ describe('--no-backing', () => {
   });
 
   it('is refused for a read-write mount (a usage error: writes need the backing data)', async () => {
-    expect(await mountFails(['--no-backing'], top)).toEqual({ code: 1, stderr: 'qmount: --no-backing needs a read-only mount (-r): writes need the backing file\n' });
+    expect(await qmountDaemon(['--no-backing'], top)).toEqual({ code: 1, stderr: 'qmount: --no-backing needs a read-only mount (-r): writes need the backing file\n' });
   });
 });
 
@@ -203,7 +183,7 @@ describe('hostile backing names', () => {
       const want = `qmount: ${image}: backing chain loops: ${loop.join(' -> ')}\n`;
       const info = qmount(['info', image]);
       expect(info).toMatchObject({ code: 2, stderr: want });
-      const m = await mountFails(['-r'], image);
+      const m = await qmountDaemon(['-r'], image);
       expect(m).toEqual({ code: 2, stderr: want });
       expect(qmount(['info', '--no-backing', image]).code).toBe(0);
     }

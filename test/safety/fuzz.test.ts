@@ -40,6 +40,7 @@ import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { patternBytes, scratchDir } from '../helpers/qemu.js';
+import { mulberry32 } from '../helpers/workload.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const FIXTURES = path.join(ROOT, 'test', 'fixtures', 'fuzz');
@@ -357,18 +358,6 @@ export interface Recipe {
   truncate?: number;
 }
 
-/** mulberry32: small, seedable, good enough to pick mutations. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 function readValue(b: Buffer, off: number, kind: Exclude<Kind, 'bytes'>): bigint {
   switch (kind) {
     case 'u8': return BigInt(b[off]!);
@@ -411,7 +400,7 @@ function interesting(orig: bigint, kind: Exclude<Kind, 'bytes'>, fileSize: numbe
 }
 
 function mutate(base: Base, bytes: Buffer, targets: Target[], seed: number): Recipe {
-  const r = rng(seed);
+  const r = mulberry32(seed);
   const pick = <T>(a: readonly T[]): T => a[Math.floor(r() * a.length)]!;
   const cluster = base.format === 'qed' ? bytes.readUInt32LE(4) : 2 ** bytes.readUInt32BE(20);
   const mutations: Array<[number, string]> = [];

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { lockBytes, lockImageFile } from '../../src/io/lock.js';
-import { CLI, detach, isMounted, makeMountDir, mountImage, processRunning, type MountedImage } from '../helpers/mount.js';
+import { CLI, detach, mountImage, processRunning, qmountDaemon, type MountedImage } from '../helpers/mount.js';
 import { patternBytes, qemuImg, qemuIo, run, scratchDir } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -93,29 +93,6 @@ async function holdWithQemuIo(image: string, format: string, extra: string[] = [
       holders.delete(child);
     },
   };
-}
-
-/**
- * Run the CLI in daemon mode (failures come back as exit code + one line). A
- * mount it makes is unmounted afterwards and its daemon waited for, so its
- * locks are gone when this returns.
- */
-async function qmountDaemon(args: string[], image: string): Promise<{ code: number; stderr: string }> {
-  const dir = makeMountDir();
-  const pidFile = `${dir}.pid`;
-  try {
-    const r = spawnSync(process.execPath, [CLI, '--pid-file', pidFile, ...args, image, dir], { encoding: 'utf8', timeout: 60_000 });
-    return { code: r.status ?? -1, stderr: r.stderr };
-  } finally {
-    const pid = fs.existsSync(pidFile) ? Number(fs.readFileSync(pidFile, 'utf8')) : 0;
-    for (let i = 0; i < 50 && isMounted(dir); i++) {
-      if (spawnSync('fusermount', ['-u', dir]).status === 0) break;
-      await sleep(100);
-    }
-    for (let i = 0; i < 200 && pid && processRunning(pid); i++) await sleep(50);
-    fs.rmSync(pidFile, { force: true });
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
 }
 
 function qmountInfo(args: string[]): { code: number; stdout: string; stderr: string } {
