@@ -128,6 +128,12 @@ export class Qcow2State {
     if (end > this.fileSize) this.fileSize = end;
   }
 
+  /** A guest-data write reached `end` in `file`: the image file or the external data file. */
+  noteDataEnd(file: ImageFile, end: number): void {
+    if (file === this.file) this.noteFileEnd(end);
+    else if (end > this.dataFileSize) this.dataFileSize = end;
+  }
+
   refblockAdded(offset: number): void {
     this.refBlocks.add(offset);
   }

@@ -317,13 +317,9 @@ export class Qcow2Writer {
     const host = this.directHost(gc, writeStart, writeStart + length, this.scratch);
     if (host < 0) return null;
     const at = host + writeStart;
-    if (g.hasDataFile) {
-      return s.dataFile!.write('data_write', buf, bufOffset, length, at).then(() => {
-        if (at + length > s.dataFileSize) s.dataFileSize = at + length;
-      });
-    }
-    s.checkOverlap(at, length, 'data write');
-    return s.file.write('data_write', buf, bufOffset, length, at).then(() => s.noteFileEnd(at + length));
+    const file = s.dataFile ?? s.file;
+    if (!g.hasDataFile) s.checkOverlap(at, length, 'data write');
+    return file.write('data_write', buf, bufOffset, length, at).then(() => s.noteDataEnd(file, at + length));
   }
 
   private async writeChunk(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
@@ -501,10 +497,6 @@ export class Qcow2Writer {
     const cs = s.g.clusterSize;
     const file = s.dataFile ?? s.file;
     const ios: Promise<unknown>[] = [];
-    const noteEnd = (end: number): void => {
-      if (file === s.file) s.noteFileEnd(end);
-      else if (end > s.dataFileSize) s.dataFileSize = end;
-    };
     // Coalesce: consecutive pieces contiguous on the host become one write.
     let runHost = -1;
     let runLen = 0;
@@ -526,7 +518,7 @@ export class Qcow2Writer {
           o += p.len;
         }
       }
-      track(ios, file.write(point, data, 0, len, host).then(() => noteEnd(host + len)));
+      track(ios, file.write(point, data, 0, len, host).then(() => s.noteDataEnd(file, host + len)));
       runHost = -1;
       runLen = 0;
       runCow = false;
@@ -554,11 +546,11 @@ export class Qcow2Writer {
     // are written, without a buffer (ImageFile.writeZeroes).
     const zeroes = (host: number, len: number): void => {
       if (file.neverWritten(host)) {
-        noteEnd(host + len);
+        s.noteDataEnd(file, host + len);
         return;
       }
       flushRun();
-      track(ios, file.writeZeroes('cow_write', host, len).then(() => noteEnd(host + len)));
+      track(ios, file.writeZeroes('cow_write', host, len).then(() => s.noteDataEnd(file, host + len)));
     };
 
     // [from, to) of a rewritten cluster, outside the guest data: what the old mapping shows there.
