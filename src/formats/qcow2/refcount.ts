@@ -311,6 +311,7 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.s.header.refcountTableOffset = newTableOffset;
     this.s.header.refcountTableClusters = tableClusters;
+    this.s.refcountTableMoved(newTableOffset, tableClusters * cs);
     indices.forEach((_, b) => {
       const off = (metaStart + b) * cs;
       this.cache.install(off, Buffer.from(blocksBuf.subarray(b * cs, (b + 1) * cs)), false);

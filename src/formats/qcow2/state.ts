@@ -14,6 +14,9 @@ import type { Qcow2Header } from './header.js';
 import { entryOffset, type Geometry } from './layout.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 
+/** metaRanges' name for the refcount table. */
+export const REFCOUNT_TABLE = 'refcount table';
+
 export class Qcow2State {
   /** Current file size in bytes: the end of allocated space as far as reads are concerned. */
   fileSize: number;
@@ -38,8 +41,11 @@ export class Qcow2State {
   /**
    * Metadata clusters for the overlap check (QEMU's "cached" mode): fixed
    * ranges (header, L1, refcount table, snapshot table and snapshot L1s) and
-   * the sets of L2 tables and refcount blocks known to be in use. Maintained
-   * by the writer; only consulted before writes.
+   * the sets of L2 tables of the active L1 and of refcount blocks. Maintained
+   * by the writer, and kept current when metadata moves (the refcount table
+   * grows, an L2 table is copied away from a snapshot): a stale entry would
+   * call a healthy reuse of a freed cluster an overlap. Only consulted before
+   * writes.
    */
   readonly metaRanges: Array<{ start: number; end: number; what: string }> = [];
   readonly l2Tables = new Set<number>();
@@ -136,6 +142,22 @@ export class Qcow2State {
 
   refblockAdded(offset: number): void {
     this.refBlocks.add(offset);
+  }
+
+  /**
+   * The refcount table now lives at [offset, offset + bytes). Its old
+   * clusters are released and may be reused: the overlap check must stop
+   * guarding them (else it calls a healthy reuse an overlap and marks the
+   * image corrupt) and guard the new place instead.
+   */
+  refcountTableMoved(offset: number, bytes: number): void {
+    const r = this.metaRanges.find((m) => m.what === REFCOUNT_TABLE);
+    if (r) {
+      r.start = offset;
+      r.end = offset + bytes;
+    } else {
+      this.metaRanges.push({ start: offset, end: offset + bytes, what: REFCOUNT_TABLE });
+    }
   }
 
   /**

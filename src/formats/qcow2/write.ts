@@ -149,7 +149,7 @@ export class Qcow2Writer {
     s.metaRanges.push({ start: 0, end: cs, what: 'header' });
     s.metaRanges.push({ start: s.header.l1TableOffset, end: s.header.l1TableOffset + Math.max(s.l1.length, 1), what: 'active L1 table' });
     const rtOff = this.refcounts.tableOffset;
-    s.metaRanges.push({ start: rtOff, end: rtOff + this.refcounts.tableClusters * cs, what: 'refcount table' });
+    s.refcountTableMoved(rtOff, this.refcounts.tableClusters * cs);
     if (s.header.nbSnapshots > 0) {
       s.metaRanges.push({ start: s.header.snapshotsOffset, end: s.header.snapshotsOffset + s.snapshotTableBytes, what: 'snapshot table' });
     }
@@ -694,7 +694,12 @@ export class Qcow2Writer {
     writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
     this.dirtyL1.add(l1i);
     s.l2Tables.add(offset);
-    if (old !== 0) this.pendingReleases.push([old, cs]);
+    if (old !== 0) {
+      // No longer a table of the active L1 (what s.l2Tables indexes): once
+      // released it may be reused like any free cluster.
+      s.l2Tables.delete(old);
+      this.pendingReleases.push([old, cs]);
+    }
     s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
     return { table, offset };
   }
