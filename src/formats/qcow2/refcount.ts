@@ -28,7 +28,7 @@
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError, QmountError } from '../../errors.js';
-import { MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
+import { hexOffset, MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
 import { MAX_REFTABLE_BYTES } from './header.js';
 import { entryOffset } from './layout.js';
 import type { Qcow2State } from './state.js';
@@ -87,10 +87,13 @@ export class Refcounts {
   private async loadBlock(i: number): Promise<Buffer | null> {
     const off = this.blockOffset(i);
     if (off === 0) return null;
-    if (off % this.cs !== 0 || off >= this.s.fileSize) {
-      throw new CorruptionError(`refcount block ${i} at offset ${off} is invalid`);
-    }
+    if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(i, off);
     return this.cache.get(off);
+  }
+
+  /** A refcount table entry that names no usable block: nothing may be allocated or freed by it (QEMU too marks the image corrupt). */
+  private badBlock(i: number, off: number): never {
+    this.s.corruptionFound(`refcount table entry ${i} names refcount block ${hexOffset(off)}, which is unaligned or outside the file`);
   }
 
   /** Read entry `idx` of a refcount block. */
@@ -238,7 +241,7 @@ export class Refcounts {
     if (i >= this.tableEntries) await this.growTable(i);
     const off = this.blockOffset(i);
     if (off !== 0) {
-      if (off % this.cs !== 0 || off >= this.s.fileSize) throw new CorruptionError(`refcount block ${i} at offset ${off} is invalid`);
+      if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(i, off);
       return off;
     }
     return this.allocBlock(i);
