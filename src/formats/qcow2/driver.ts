@@ -3,10 +3,10 @@
  * (read.ts) and writes (write.ts) over one Qcow2State.
  */
 import path from 'node:path';
-import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
+import { FormatError, QmountError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
-import type { BlockDriver, DriverOpenOptions, FormatName, ImageInfo } from '../driver.js';
+import { checkRequest, type BlockDriver, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
 import {
   featureList,
   hasBit,
@@ -119,16 +119,26 @@ class Qcow2Driver implements BlockDriver {
   }
 
   read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    try {
+      checkRequest(this, 'read', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (this.writer) return this.writer.read(buf, bufOffset, length, guestOffset);
     return readGuest(this.s, buf, bufOffset, length, guestOffset);
   }
 
   write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
-    if (!this.writer) return Promise.reject(new ReadOnlyError());
-    return this.writer.write(buf, bufOffset, length, guestOffset);
+    try {
+      checkRequest(this, 'write', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.writer!.write(buf, bufOffset, length, guestOffset);
   }
 
   async flush(): Promise<void> {
+    if (this.closed) throw new QmountError('EBADF', `${this.filename}: flush after close`);
     if (this.writer) await this.writer.flush();
   }
 

@@ -43,7 +43,7 @@
  * between only leaks. With lazy_refcounts the dirty bit stands in for the
  * refcount ordering.
  */
-import { CorruptionError, FormatError } from '../../errors.js';
+import { CorruptionError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
 import { bitmapRanges } from './bitmaps.js';
 import {
@@ -61,6 +61,7 @@ import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './m
 import { readGuest, track } from './read.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
+import { settleAll } from '../../io/file.js';
 import type { Qcow2State } from './state.js';
 
 interface Deferred {
@@ -271,11 +272,9 @@ export class Qcow2Writer {
 
   // ---- writes ------------------------------------------------------------
 
+  /** The request was checked by the driver (checkRequest in ../driver.ts). */
   async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     const s = this.s;
-    if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
-      throw new FormatError(`write [${guestOffset}, +${length}) outside the disk`, 'EINVAL');
-    }
     if (length === 0) return;
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
     const direct = this.directWrite(buf, bufOffset, length, guestOffset);
@@ -611,7 +610,7 @@ export class Qcow2Writer {
       await Promise.allSettled(ios);
       throw err;
     }
-    await Promise.all(ios);
+    await settleAll(ios);
   }
 
   /** Does the guest see zeros in [start, end) of a cluster mapped by `old` (no I/O)? */
