@@ -14,8 +14,9 @@ export interface SnapshotInfo {
   name: string;
   /** bytes */
   vmStateSize: number;
-  /** seconds since the epoch */
+  /** seconds since the epoch, and the nanoseconds after them */
   dateSec: number;
+  dateNsec: number;
   /** bytes; undefined for v2 snapshots that do not record it */
   guestSize?: number;
   /** guest run time: whole seconds, and the nanoseconds after them (0..999999999) */

@@ -7,10 +7,10 @@
 import { CorruptionError, FormatError } from '../../errors.js';
 import { settleAll } from '../../io/file.js';
 import { readFromBacking } from '../driver.js';
-import { decodeCompressed } from './layout.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { decompressCluster } from './compress.js';
 import type { Qcow2State } from './state.js';
+import { decodeCompressed } from './spec.js';
 
 /**
  * Add an I/O promise to a batch that is awaited later. The promise gets a
