@@ -3,17 +3,14 @@
  * blocks), keyed by the table's byte offset in its file. It knows nothing of
  * formats: a TableStore supplied by the driver reads, writes and syncs.
  *
- * Ordering invariants (the only place they are kept; callers declare, the
- * cache enforces):
+ * The mechanism of write ordering (callers declare, the cache enforces;
+ * which orders a format needs is the format's to say - qcow2: commit.ts):
  *
  *  - `dependOn(other)`: before any dirty table of this cache is written,
- *    every dirty table of `other` is written AND synced. qcow2 uses it both
- *    ways: "refcount increase durable before an L2 entry points at the new
- *    cluster" (l2.dependOn(refcounts)) and "L2 entry cleared durably before
- *    the refcount drops" (refcounts.dependOn(l2)). A cache depends on at most
- *    one other cache; declaring a new dependency first flushes whatever would
- *    otherwise form a chain or cycle, so the dependency graph never has a
- *    cycle and a flush always terminates.
+ *    every dirty table of `other` is written AND synced. A cache depends on
+ *    at most one other cache; declaring a new dependency first flushes
+ *    whatever would otherwise form a chain or cycle, so the dependency graph
+ *    never has a cycle and a flush always terminates.
  *  - `dependOnSync()`: before any dirty table of this cache is written, the
  *    store is synced (data written by the caller, e.g. a copy-on-write, is
  *    durable before the table entry pointing at it).

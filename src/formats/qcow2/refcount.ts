@@ -24,7 +24,7 @@
  *     the request before anything is changed.
  *
  * Ordering against L2 tables (raise before link, unlink before drop) is
- * declared by callers through the TableCache dependencies (cache/).
+ * stated and kept in commit.ts.
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError, QmountError } from '../../errors.js';

@@ -32,16 +32,9 @@
  * the guest data. Head and tail are computed for every segment, and may be
  * empty; their offsets are relative to the cluster, never assumed.
  *
- * Metadata ordering is declared to the caches (cache/table-cache.ts):
- * refcount raised before an L2 entry points at the cluster
- * (l2.dependOn(refblocks)), and new data durable before the L2 entry points
- * at it (l2.dependOnSync()). References dropped by a link (the old cluster
- * of a copy-on-write, a replaced L2 table) are not released at once but
- * queued in `pendingReleases` and released by the next flush, after the L2
- * tables and L1 entries that stopped pointing at them are durable: "pointer
- * cleared before refcount drops" without a flush per request, and a crash in
- * between only leaks. With lazy_refcounts the dirty bit stands in for the
- * refcount ordering.
+ * The order in which metadata reaches the disk is stated and kept in
+ * commit.ts; this file declares its steps (dependOn, dependOnSync,
+ * l1Changed, queueRelease) where a link makes them necessary.
  */
 import { CorruptionError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
@@ -49,11 +42,13 @@ import { bitmapRanges } from './bitmaps.js';
 import { serializeHeader } from './header.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { readGuest, track } from './read.js';
+import { CommitQueue } from './commit.js';
+import { badOldMapping, directHost, planCluster, type ClusterOp } from './plan.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
 import { settleAll } from '../../io/file.js';
 import type { Qcow2State } from './state.js';
-import { ALL_SUBCLUSTERS, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, badClusterOffset, badCompressed, clusterType, ClusterType, COMPAT_LAZY_REFCOUNTS, compressedExtent, decodeCompressed, entryOffset, EXT_BITMAPS, hasBit, hasHostCluster, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, compressedExtent, decodeCompressed, entryOffset, EXT_BITMAPS, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
 
 interface Deferred {
   promise: Promise<void>;
@@ -66,26 +61,6 @@ function deferred(): Deferred {
   return { promise, resolve };
 }
 
-/** One guest cluster touched by a write. Offsets in bytes within the cluster unless named otherwise. */
-interface ClusterOp {
-  /** guest cluster index */
-  gc: number;
-  writeStart: number;
-  writeEnd: number;
-  /** offset into the caller's buffer of writeStart */
-  bufAt: number;
-  rewrite: boolean;
-  /** host byte offset of the target cluster (in the data file when there is one) */
-  host: number;
-  /** host cluster newly allocated by this request */
-  fresh: boolean;
-  old: L2Entry;
-  /** rewrite: segments of the cluster to write, each [start, end) */
-  segments: Array<[number, number]>;
-  newAlloc: number;
-  newZero: number;
-}
-
 export class Qcow2Writer {
   private refcounts!: Refcounts;
   private readonly inflight = new Map<number, Deferred>();
@@ -94,16 +69,12 @@ export class Qcow2Writer {
   private lazy = false;
   /** we set the dirty bit on disk and must clear it on clean close */
   private dirtySet = false;
-  /** L1 indexes whose in-memory entry is newer than the disk's (l2ForWrite, writeL1). */
-  private readonly dirtyL1 = new Set<number>();
-  /** References to drop at the next flush: [hostOffset, bytes] (see the ordering note above). */
-  private pendingReleases: Array<[number, number]> = [];
+  /** The commit ordering (commit.ts). */
+  private commit!: CommitQueue;
   /** directWrite's L2 entry (used synchronously only). */
   private readonly scratch: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
   /** readsAsZero's piece (used synchronously only). */
   private readonly piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
-  /** Past this many queued releases a link flushes. */
-  private static readonly MAX_PENDING_RELEASES = 4096;
 
   constructor(
     private readonly s: Qcow2State,
@@ -118,6 +89,7 @@ export class Qcow2Writer {
     const table = Buffer.alloc(h.refcountTableClusters * s.g.clusterSize);
     await s.file.read(table, 0, table.length, h.refcountTableOffset);
     this.refcounts = new Refcounts(s, table, this.opts.refcountCacheBytes);
+    this.commit = new CommitQueue(s, this.refcounts);
     this.lazy = hasBit(h.compatible, COMPAT_LAZY_REFCOUNTS);
     this.rebuildMetadataIndex();
     s.onCorrupt = (msg) => this.markCorrupt(msg);
@@ -153,17 +125,8 @@ export class Qcow2Writer {
     await this.s.meta.run(() => this.flushLocked());
   }
 
-  private async flushLocked(): Promise<void> {
-    await this.refcounts.cache.flush();
-    await this.s.l2Cache.flush(); // ends with a sync: every L2 change so far is durable
-    await this.writeL1(); // then the L1 entries pointing at new tables, synced
-    if (this.pendingReleases.length > 0) {
-      const releases = this.pendingReleases;
-      this.pendingReleases = [];
-      for (const [off, len] of releases) await this.refcounts.release(off, len);
-    }
-    await this.refcounts.cache.flush();
-    if (this.activeReads === 0) this.refcounts.releaseQuarantine();
+  private flushLocked(): Promise<void> {
+    return this.commit.flush(this.activeReads);
   }
 
   async close(): Promise<void> {
@@ -292,7 +255,7 @@ export class Qcow2Writer {
     const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
     if (!table) return null;
     readL2Entry(g, table, gc % g.l2Entries, this.scratch);
-    const host = this.directHost(gc, writeStart, writeStart + length, this.scratch);
+    const host = directHost(g, gc, writeStart, writeStart + length, this.scratch);
     if (host < 0) return null;
     const at = host + writeStart;
     const file = s.dataFile ?? s.file;
@@ -354,7 +317,9 @@ export class Qcow2Writer {
         tableL1 = l1i;
       }
       if (table) readL2Entry(g, table, gc % g.l2Entries, old);
-      ops.push(this.classify(gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
+      const bad = g.hasDataFile ? null : badOldMapping(g, s.fileSize, old);
+      if (bad) s.corruptionFound(`a write to guest offset ${clusterStart} needs its L2 entry, whose ${bad}`);
+      ops.push(planCluster(g, gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
     }
     const rewrites = ops.filter((o) => o.rewrite);
     for (const op of rewrites) this.inflight.set(op.gc, deferred());
@@ -373,128 +338,6 @@ export class Qcow2Writer {
       throw err;
     }
     return { ops };
-  }
-
-  /**
-   * Where a write of [writeStart, writeEnd) into guest cluster `gc` can go
-   * in place, or -1. In place ("direct") means: the cluster has a host
-   * cluster of its own (COPIED: refcount 1; with a data file, any allocated
-   * cluster), no zero flag, and with extended L2 every touched subcluster is
-   * allocated. Such a write changes no metadata. The one rule for both the
-   * planned path and the unlocked fast path in write().
-   */
-  private directHost(gc: number, writeStart: number, writeEnd: number, old: L2Entry): number {
-    const g = this.s.g;
-    if (clusterType(g, old.hi, old.lo) !== ClusterType.Normal) return -1; // compressed, zero or unallocated
-    const host = entryOffset(old.hi, old.lo);
-    if (host !== 0 && badClusterOffset(g, host) !== null) return -1; // classify() reports it
-    const copied = (old.hi & L2E_COPIED) !== 0;
-    if (g.extL2) {
-      const sc = g.subclusterSize;
-      const firstSc = Math.floor(writeStart / sc);
-      const lastSc = Math.floor((writeEnd - 1) / sc);
-      const touched = (2 ** (lastSc + 1) - 2 ** firstSc) >>> 0;
-      if ((old.alloc & touched) !== touched) return -1;
-    }
-    // With a data file, every cluster with a host cluster is its own (refcount 1, host offset = guest offset).
-    if (g.hasDataFile) return gc * g.clusterSize;
-    return copied ? host : -1;
-  }
-
-  /** How one cluster is written, from its current L2 entry. */
-  private classify(gc: number, writeStart: number, writeEnd: number, bufAt: number, old: L2Entry): ClusterOp {
-    const g = this.s.g;
-    const cs = g.clusterSize;
-    const op: ClusterOp = {
-      gc, writeStart, writeEnd, bufAt, rewrite: true, host: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
-    };
-    if (!g.hasDataFile) {
-      const bad = this.badOldMapping(old);
-      if (bad) this.s.corruptionFound(`a write to guest offset ${gc * cs} needs its L2 entry, whose ${bad}`);
-    }
-    const direct = this.directHost(gc, writeStart, writeEnd, old);
-    if (direct >= 0) {
-      op.rewrite = false;
-      op.fresh = false;
-      op.host = direct;
-      return op;
-    }
-    const sc = g.subclusterSize;
-    const firstSc = Math.floor(writeStart / sc);
-    const lastSc = Math.floor((writeEnd - 1) / sc);
-    const touched = g.extL2 ? ((2 ** (lastSc + 1) - 2 ** firstSc) >>> 0) : 0;
-    const type = clusterType(g, old.hi, old.lo);
-    const copied = (old.hi & L2E_COPIED) !== 0;
-
-    if (type === ClusterType.Compressed) {
-      op.newAlloc = g.extL2 ? ALL_SUBCLUSTERS : 0;
-      return op;
-    }
-    if (g.hasDataFile) {
-      // Host offset is the guest offset; nothing is refcounted or allocated.
-      op.host = gc * cs;
-      op.fresh = false;
-      if (g.extL2) this.subclusterSegments(op, touched, type === ClusterType.Normal ? old.alloc : 0);
-      return op;
-    }
-    const host = entryOffset(old.hi, old.lo);
-    if (hasHostCluster(type) && copied) {
-      // Our own cluster with a zero flag or unallocated subclusters: rewritten in place.
-      op.host = host;
-      op.fresh = false;
-      if (g.extL2) this.subclusterSegments(op, touched, old.alloc);
-      return op;
-    }
-    // Unallocated, zero without a private cluster, or shared: a new cluster.
-    if (g.extL2) {
-      op.newAlloc = (old.alloc | touched) >>> 0;
-      op.newZero = (old.zero & ~touched) >>> 0;
-      if (type === ClusterType.Unallocated || old.alloc === 0) op.segments = [[firstSc * sc, (lastSc + 1) * sc]];
-    }
-    return op;
-  }
-
-  /**
-   * Why the current mapping of a cluster cannot be written through or
-   * replaced (null when it can): the host cluster it names is written in
-   * place or has its reference dropped, so it must be a real cluster of this
-   * file. A direct write may still grow the file over a cluster past its end.
-   */
-  private badOldMapping(old: L2Entry): string | null {
-    const s = this.s;
-    if (old.hi & L2E_COMPRESSED) {
-      const bad = badCompressed(s.g, decodeCompressed(s.g, old.hi, old.lo), s.fileSize);
-      return bad ? `compressed cluster: ${bad}` : null;
-    }
-    const host = entryOffset(old.hi, old.lo);
-    if (host === 0) return null;
-    const bad = badClusterOffset(s.g, host);
-    if (bad) return `data cluster offset ${bad}`;
-    if ((old.hi & L2E_COPIED) === 0 && host >= s.fileSize) return `shared data cluster 0x${host.toString(16)} lies past the end of the file`;
-    return null;
-  }
-
-  /**
-   * Extended L2, target cluster kept: touched subclusters that are already
-   * allocated get only the guest bytes (no read-modify-write, so a
-   * concurrent direct write elsewhere in them is never overwritten with
-   * stale data); unallocated or zero ones are written whole.
-   */
-  private subclusterSegments(op: ClusterOp, touched: number, allocated: number): void {
-    const sc = this.s.g.subclusterSize;
-    const segs: Array<[number, number]> = [];
-    for (let j = 0; j < 32; j++) {
-      if (!((touched >>> j) & 1)) continue;
-      const seg: [number, number] = (allocated >>> j) & 1
-        ? [Math.max(op.writeStart, j * sc), Math.min(op.writeEnd, (j + 1) * sc)]
-        : [j * sc, (j + 1) * sc];
-      const last = segs[segs.length - 1];
-      if (last && last[1] === seg[0]) last[1] = seg[1];
-      else segs.push(seg);
-    }
-    op.segments = segs;
-    op.newAlloc = (op.old.alloc | touched) >>> 0;
-    op.newZero = (op.old.zero & ~touched) >>> 0;
   }
 
   /** Phase 2 (no lock): direct writes in place, rewrites as whole segments with their COW head and tail. */
@@ -637,12 +480,8 @@ export class Qcow2Writer {
         }
         this.finish([op]);
       }
-      for (const r of releases) this.pendingReleases.push(r);
-      if (
-        s.l2Cache.underPressure ||
-        this.refcounts.cache.underPressure ||
-        this.pendingReleases.length > Qcow2Writer.MAX_PENDING_RELEASES
-      ) {
+      for (const [off, len] of releases) this.commit.queueRelease(off, len);
+      if (s.l2Cache.underPressure || this.refcounts.cache.underPressure || this.commit.tooManyPending) {
         await this.flushLocked();
       }
     } catch (err) {
@@ -680,7 +519,7 @@ export class Qcow2Writer {
    * table goes into the cache dirty and the in-memory L1 entry points at it
    * at once (reads and writes find it there); the on-disk L1 entry is
    * written by the next flush, after the table and the refcount of its
-   * cluster are durable (writeL1). Until then the old mapping stays on disk,
+   * cluster are durable (commit.ts, step 3). Until then the old mapping stays on disk,
    * so a crash only leaks. The old table's reference is queued and dropped
    * by that flush after the L1 entry that replaced it is durable.
    */
@@ -697,34 +536,14 @@ export class Qcow2Writer {
     s.l2Cache.install(offset, table, true);
     s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
     writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
-    this.dirtyL1.add(l1i);
+    this.commit.l1Changed(l1i);
     s.overlap.l2Allocated(offset);
     if (old !== 0) {
       // No longer a table of the active L1: once released it may be reused like any free cluster.
       s.overlap.l2Dropped(old);
-      this.pendingReleases.push([old, cs]);
+      this.commit.queueRelease(old, cs);
     }
     s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
     return { table, offset };
   }
-
-  /**
-   * Write the L1 entries changed since the last flush (caller: flushLocked,
-   * after the L2 cache flush made every table they point at durable), then
-   * sync. One write covers the span of changed entries: the entries between
-   * them are unchanged in memory, so rewriting them is harmless.
-   */
-  private async writeL1(): Promise<void> {
-    if (this.dirtyL1.size === 0) return;
-    const s = this.s;
-    const dirty = [...this.dirtyL1];
-    const first = Math.min(...dirty);
-    const last = Math.max(...dirty);
-    const span = Buffer.from(s.l1.subarray(first * 8, (last + 1) * 8));
-    await s.file.write('l1_update', span, 0, span.length, s.header.l1TableOffset + first * 8);
-    await s.syncAll();
-    for (const i of dirty) this.dirtyL1.delete(i);
-  }
-
 }
-

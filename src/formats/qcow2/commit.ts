@@ -1,0 +1,96 @@
+/**
+ * Commit ordering: the one statement of the order in which qcow2 metadata
+ * reaches the disk, and the code that keeps it. A crash at any instant may
+ * leak clusters; it never leaves a pointer to a cluster whose refcount is 0,
+ * nor a pointer to data or a table that is not on disk yet.
+ *
+ *  1. Refcount raised before anything points at a cluster. A link that
+ *     points an L2 entry at a new cluster declares l2.dependOn(refcounts):
+ *     the table cache writes and syncs dirty refcount blocks before it writes
+ *     any dirty L2 table (cache/table-cache.ts is the mechanism).
+ *  2. Data durable before the entry pointing at it: every link declares
+ *     l2.dependOnSync(), so the image (and data file) is synced before a
+ *     dirty L2 table is written.
+ *  3. A new L2 table durable before its L1 entry: the in-memory L1 entry
+ *     points at it at once (reads and writes find it), the on-disk one is
+ *     written by flush() after the L2 cache flush, then synced. Until then
+ *     the old mapping stays on disk.
+ *  4. Pointer cleared before its refcount drops: references a link drops
+ *     (the old cluster of a copy-on-write, a replaced L2 table) are queued
+ *     (queueRelease) and released by flush() after steps 1-3 made the tables
+ *     that stopped pointing at them durable - one sync per flush, not one
+ *     per request. The refcount blocks are then written again.
+ *  5. Freed clusters are reused only after that: quarantine (refcount.ts,
+ *     invariant 3) ends at a flush with no read in flight.
+ *  Refcount blocks and the refcount table themselves: refcount.ts,
+ *  invariants 1 and 2 (a new block describes itself or is counted and
+ *  flushed before the table points at it; a grown table is switched in by
+ *  one header write between syncs).
+ *  With lazy_refcounts the dirty bit stands in for 1 and 4 (set before the
+ *  first write, refcounts rebuilt when an image is found dirty).
+ *
+ * flush() runs under the metadata lock; nothing else writes L1 entries of an
+ * open image or releases the references queued here.
+ */
+import type { Refcounts } from './refcount.js';
+import { L1E_BYTES } from './spec.js';
+import type { Qcow2State } from './state.js';
+
+export class CommitQueue {
+  /** L1 indexes whose in-memory entry is newer than the disk's (step 3). */
+  private readonly dirtyL1 = new Set<number>();
+  /** References to drop at the next flush: [hostOffset, bytes] (step 4). */
+  private pendingReleases: Array<[number, number]> = [];
+  /** Past this many queued releases a link flushes. */
+  static readonly MAX_PENDING_RELEASES = 4096;
+
+  constructor(
+    private readonly s: Qcow2State,
+    private readonly refcounts: Refcounts,
+  ) {}
+
+  /** The in-memory L1 entry `l1Index` now points at a table the disk's does not (step 3). */
+  l1Changed(l1Index: number): void {
+    this.dirtyL1.add(l1Index);
+  }
+
+  /** Drop a reference to [hostOffset, hostOffset + bytes) once the pointer's removal is durable (step 4). */
+  queueRelease(hostOffset: number, bytes: number): void {
+    this.pendingReleases.push([hostOffset, bytes]);
+  }
+
+  get tooManyPending(): boolean {
+    return this.pendingReleases.length > CommitQueue.MAX_PENDING_RELEASES;
+  }
+
+  /** The whole sequence, steps 1 to 5. `readsInFlight`: reads that may still target quarantined clusters. */
+  async flush(readsInFlight: number): Promise<void> {
+    await this.refcounts.cache.flush(); // 1
+    await this.s.l2Cache.flush(); // 2 and 1 again; ends with a sync: every L2 change so far is durable
+    await this.writeL1(); // 3, synced
+    if (this.pendingReleases.length > 0) {
+      const releases = this.pendingReleases;
+      this.pendingReleases = [];
+      for (const [off, len] of releases) await this.refcounts.release(off, len); // 4
+    }
+    await this.refcounts.cache.flush();
+    if (readsInFlight === 0) this.refcounts.releaseQuarantine(); // 5
+  }
+
+  /**
+   * Write the L1 entries changed since the last flush, then sync. One write
+   * covers the span of changed entries: the entries between them are
+   * unchanged in memory, so rewriting them is harmless.
+   */
+  private async writeL1(): Promise<void> {
+    if (this.dirtyL1.size === 0) return;
+    const s = this.s;
+    const dirty = [...this.dirtyL1];
+    const first = Math.min(...dirty);
+    const last = Math.max(...dirty);
+    const span = Buffer.from(s.l1.subarray(first * L1E_BYTES, (last + 1) * L1E_BYTES));
+    await s.file.write('l1_update', span, 0, span.length, s.header.l1TableOffset + first * L1E_BYTES);
+    await s.syncAll();
+    for (const i of dirty) this.dirtyL1.delete(i);
+  }
+}
