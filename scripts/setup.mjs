@@ -71,6 +71,7 @@ const TEST_PACKAGES = {
 const ALTERNATIVES = { fuse: ['fuse3'] };
 
 function installedPackages(names) {
+  // eslint-disable-next-line no-template-curly-in-string -- dpkg-query's own ${field} syntax
   const r = spawnSync('dpkg-query', ['-W', '-f=${Package}|${Status}\\n', ...names], { encoding: 'utf8' });
   if (r.error) return null; // not a dpkg system
   const have = new Set();

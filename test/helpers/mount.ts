@@ -250,7 +250,7 @@ export async function qmountDaemon(args: string[], image: string): Promise<{ cod
       if (spawnSync('fusermount', ['-u', dir]).status === 0) break;
       await sleep(100);
     }
-    for (let i = 0; i < 200 && pid && processRunning(pid); i++) await sleep(50);
+    if (pid) for (let i = 0; i < 200 && processRunning(pid); i++) await sleep(50);
     fs.rmSync(pidFile, { force: true });
     fs.rmSync(dir, { recursive: true, force: true });
   }
