@@ -29,7 +29,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
-import { QmountError, oneLine } from './errors.js';
+import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES, openImage, printable } from './formats/open.js';
