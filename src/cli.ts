@@ -274,7 +274,7 @@ function infoJson(info: ImageInfo, name = info.filename): Record<string, unknown
       name: s.name,
       'vm-state-size': s.vmStateSize,
       'date-sec': s.dateSec,
-      'date-nsec': 0,
+      'date-nsec': s.dateNsec,
       'vm-clock-sec': s.vmClockSec,
       'vm-clock-nsec': s.vmClockNsec,
       'guest-size': s.guestSize,
