@@ -1,7 +1,9 @@
 /**
  * Which directories are mount points, from /proc/self/mountinfo. fuse-native
  * does not tell when the kernel unmounts us (umount, fusermount -u), so the
- * mount session polls this.
+ * mount session polls this. The project's only mountinfo parser: the test
+ * helpers import it, the scripts (which run after the build) import
+ * dist/mount/mountinfo.js.
  */
 import fs from 'node:fs';
 

@@ -144,7 +144,7 @@ export class MountSession {
       return this.closing;
     }
     this.closing = this.doClose(reason);
-    this.closing.then((code) => this.resolveDone(code));
+    void this.closing.then((code) => this.resolveDone(code));
     return this.closing;
   }
 

@@ -59,6 +59,10 @@ const CLUSTER = 64 * 1024;
 const CLK_TCK = 100;
 /** qmount's default max_read/max_write (mount/options.ts). */
 const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).catch(() => ({ MAX_IO: 128 * 1024 }));
+/** The one mountinfo parser (mount/mountinfo.ts); the benchmark runs after the build. */
+const { readMountsSync } = await import(path.join(ROOT, 'dist', 'mount', 'mountinfo.js')).catch((err) =>
+  die(`cannot load dist/mount/mountinfo.js (build first: node scripts/setup.mjs --test): ${err.message}`),
+);
 
 // ---- options -----------------------------------------------------------
 
@@ -147,8 +151,7 @@ let interrupted = false;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function mountedPaths() {
-  const text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
-  return new Set(text.split('\n').map((l) => l.split(' ')[4]).filter(Boolean));
+  return new Set(readMountsSync().map((e) => e.mountPoint));
 }
 
 function running(pid) {

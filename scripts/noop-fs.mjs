@@ -34,9 +34,11 @@ const dir = fs.realpathSync(dirArg);
 
 let session;
 let options;
+let mountinfo;
 try {
   session = await import(path.join(ROOT, 'dist/mount/session.js'));
   options = await import(path.join(ROOT, 'dist/mount/options.js'));
+  mountinfo = await import(path.join(ROOT, 'dist/mount/mountinfo.js'));
 } catch (err) {
   fail(`cannot load dist/mount (build first: npx tsc -p .): ${err.message}`);
 }
@@ -81,7 +83,7 @@ fuse.mount((err) => {
   process.stdout.write(`ready ${process.pid}\n`);
   // Like qmount's session: notice an unmount from outside and leave.
   setInterval(() => {
-    const mounted = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').some((l) => l.split(' ')[4] === dir);
+    const mounted = mountinfo.findMount(mountinfo.readMountsSync(), dir) !== undefined;
     if (!mounted) {
       closing = true;
       process.exit(0);

@@ -71,6 +71,7 @@ const TEST_PACKAGES = {
 const ALTERNATIVES = { fuse: ['fuse3'] };
 
 function installedPackages(names) {
+  // eslint-disable-next-line no-template-curly-in-string -- dpkg-query's own ${field} syntax
   const r = spawnSync('dpkg-query', ['-W', '-f=${Package}|${Status}\\n', ...names], { encoding: 'utf8' });
   if (r.error) return null; // not a dpkg system
   const have = new Set();
@@ -131,7 +132,7 @@ function npm(args, quiet) {
 }
 
 /** Commands the npm scripts run from node_modules/.bin. */
-const REQUIRED_BINS = ['vitest', 'tsc'];
+const REQUIRED_BINS = ['vitest', 'tsc', 'eslint'];
 
 function checkNodeModules() {
   const lock = path.join(ROOT, 'package-lock.json');
@@ -155,13 +156,11 @@ function checkNodeModules() {
   );
   const out = npm(['ci', ...flags], true);
   if (out === null) return;
-  // npm ci checks the lock before it touches node_modules. It rejects a lock
-  // that lacks optional packages the registry in use does not serve (other
-  // platforms' binaries behind a mirror); npm install accepts it unchanged.
+  // No fallback to npm install: it would rewrite the tracked lock file. npm ci
+  // checks the lock before it touches node_modules, so a rejected lock is
+  // left as it was.
   if (/package\.json and package-lock\.json .*in sync/s.test(out)) {
-    say('npm ci rejected package-lock.json as out of sync: running npm install instead');
-    if (npm(['install', ...flags], false) !== null) fail('npm install failed');
-    return;
+    fail('npm ci refused package-lock.json: it does not match package.json. Run npm install, check the change to package-lock.json and commit it');
   }
   process.stderr.write(`${out.trim().split('\n').slice(-15).join('\n')}\n`);
   fail('npm ci failed');

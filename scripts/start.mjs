@@ -53,23 +53,30 @@ function signalNumber(name) {
   return { SIGHUP: 1, SIGINT: 2, SIGKILL: 9, SIGTERM: 15 }[name];
 }
 
-/** Mount points in /proc/self/mountinfo (field 5, octal escapes decoded). */
-function isMountPoint(dir) {
-  let text;
+/**
+ * The one mountinfo parser, mount/mountinfo.ts, as built into dist/ (the demo
+ * needs the built CLI anyway; setup.mjs builds both before this script runs).
+ */
+async function loadMountinfo() {
   try {
-    text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+    return await import(path.join(ROOT, 'dist', 'mount', 'mountinfo.js'));
+  } catch (err) {
+    return fail(`cannot load dist/mount/mountinfo.js: the CLI has not been built (node scripts/setup.mjs): ${err.message}`);
+  }
+}
+
+/** Whether `dir` is a mount point, per /proc/self/mountinfo (false when it cannot be read). */
+function isMountPoint(mountinfo, dir) {
+  try {
+    return mountinfo.findMount(mountinfo.readMountsSync(), dir) !== undefined;
   } catch {
     return false;
   }
-  return text.split('\n').some((line) => {
-    const field = line.split(' ')[4];
-    return field !== undefined && field.replace(/\\([0-7]{3})/g, (_, o) => String.fromCharCode(parseInt(o, 8))) === dir;
-  });
 }
 
 /** An empty, unmounted directory; a dead FUSE mount left by a killed run is detached. */
-function prepareMountPoint(dir) {
-  if (isMountPoint(dir)) {
+function prepareMountPoint(mountinfo, dir) {
+  if (isMountPoint(mountinfo, dir)) {
     let alive = true;
     try {
       fs.readdirSync(dir);
@@ -79,12 +86,12 @@ function prepareMountPoint(dir) {
     }
     if (alive) fail(`${dir} is already mounted (another npm start?); stop that one first, or: fusermount -u ${dir}`);
     spawnSync('fusermount', ['-uz', dir], { stdio: 'ignore' });
-    if (isMountPoint(dir)) fail(`${dir} holds a dead mount that could not be detached; try: umount -l ${dir}`);
+    if (isMountPoint(mountinfo, dir)) fail(`${dir} holds a dead mount that could not be detached; try: umount -l ${dir}`);
   }
   fs.mkdirSync(dir, { recursive: true });
 }
 
-function demo() {
+async function demo() {
   requireCli();
   fs.mkdirSync(DEMO_DIR, { recursive: true });
   if (fs.existsSync(DEMO_IMAGE)) {
@@ -97,7 +104,7 @@ function demo() {
       fail(`cannot build the demo image: ${err instanceof Error ? err.message : String(err)}`);
     }
   }
-  prepareMountPoint(DEMO_MNT);
+  prepareMountPoint(await loadMountinfo(), DEMO_MNT);
   const raw = path.join(DEMO_MNT, 'disk.raw');
   const rel = (p) => path.relative(process.cwd(), p) || '.';
   const hint = (cmd, note) => (note ? `  ${cmd.padEnd(36)} # ${note}` : `  ${cmd}`);
@@ -127,5 +134,5 @@ function demo() {
 }
 
 const args = process.argv.slice(2);
-if (args.length === 0) demo();
+if (args.length === 0) await demo();
 else runCli(args);

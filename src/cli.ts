@@ -488,7 +488,9 @@ function fatal(err: unknown): void {
 
 async function main(argv: string[]): Promise<number> {
   let result: Promise<number> = Promise.resolve(EXIT_OK);
-  const program = buildProgram((p) => (result = p));
+  const program = buildProgram((p) => {
+    result = p;
+  });
   try {
     program.parse(argv);
   } catch (err) {

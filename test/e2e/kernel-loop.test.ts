@@ -177,7 +177,8 @@ describe('kernel ext4 on a loop device over qmount', () => {
       await withUndo(async (writes) => {
         const m = await mountQmount(image, false, writes);
         sh('sfdisk', ['--no-reread', '--no-tell-kernel', m.rawPath], false, 'label: gpt\nstart=2048, type=linux\n');
-        const p1 = JSON.parse(sh('sfdisk', ['-J', m.rawPath]).out).partitiontable.partitions[0];
+        const table = JSON.parse(sh('sfdisk', ['-J', m.rawPath]).out) as { partitiontable: { partitions: Array<{ start: number; size: number }> } };
+        const p1 = table.partitiontable.partitions[0]!;
         partition = { offset: p1.start * 512, size: p1.size * 512 };
         expect(partition.offset).toBe(1024 * 1024);
         const part = await attachPartition(m.rawPath, partition, false, writes);

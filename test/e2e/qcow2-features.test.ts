@@ -83,7 +83,8 @@ describe('header features on write', () => {
     expect(after.extensions.some((e) => e.type === 0x23852875)).toBe(false);
     const c = qemuCheck(image);
     expect(c.code, c.output).toBe(0);
-    expect(JSON.parse(qemuImg('info', '--output=json', image))['format-specific'].data.bitmaps ?? []).toEqual([]);
+    const info = JSON.parse(qemuImg('info', '--output=json', image)) as { 'format-specific': { data: { bitmaps?: unknown[] } } };
+    expect(info['format-specific'].data.bitmaps ?? []).toEqual([]);
   });
 });
 
@@ -147,7 +148,7 @@ describe('qmount check agrees with qemu-img check', () => {
   const log = logger('test');
   function qemuCounts(image: string): { code: number; leaks: number; errors: number } {
     const r = run('qemu-img', ['check', '--output=json', image], { allowFail: true });
-    const j = JSON.parse(r.stdout);
+    const j = JSON.parse(r.stdout) as { leaks?: number; corruptions?: number };
     return { code: r.code, leaks: j.leaks ?? 0, errors: j.corruptions ?? 0 };
   }
   function damaged(kind: 'leak' | 'low' | 'copied'): string {

@@ -185,7 +185,7 @@ describe.each(KINDS)('qcow2 writes through a mount: $name', (kind) => {
     expect(check.code).toBe(0);
     const cmp = qemuCompare(built.image, model, 'qcow2', 'raw');
     expect(cmp.output).toContain('Images are identical');
-    const info = JSON.parse(qemuImg('info', '--output=json', built.image));
+    const info = JSON.parse(qemuImg('info', '--output=json', built.image)) as { 'dirty-flag'?: boolean; 'format-specific'?: { data?: { corrupt?: boolean } } };
     expect(info['dirty-flag']).toBe(false);
     expect(info['format-specific']?.data?.corrupt ?? false).toBe(false);
     expect(built.frozen.map(sha256File)).toEqual(frozenHashes);

@@ -38,7 +38,7 @@ ${body}
 `;
 }
 
-function runSetup(args: string[] = [], env: Record<string, string> = {}, asNobody = false): { code: number; out: string; ms: number } {
+function runSetup(args: string[] = [], env: Record<string, string> = {}, asNobody = false): { code: number; out: string; stderr: string; ms: number } {
   const cmd = asNobody ? 'setpriv' : process.execPath;
   const cmdArgs = asNobody
     ? ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, 'scripts/setup.mjs', ...args]
@@ -56,7 +56,7 @@ function runSetup(args: string[] = [], env: Record<string, string> = {}, asNobod
       ...env,
     },
   });
-  return { code: r.status ?? -1, out: `${r.stdout}${r.stderr}`, ms: Date.now() - t0 };
+  return { code: r.status ?? -1, out: `${r.stdout}${r.stderr}`, stderr: r.stderr, ms: Date.now() - t0 };
 }
 
 function readCalls(): string[] {
@@ -81,6 +81,7 @@ beforeEach(() => {
   write('node_modules/.package-lock.json', '{}\n');
   write('node_modules/.bin/vitest', '#!/bin/sh\n', 0o755);
   write('node_modules/.bin/tsc', '#!/bin/sh\n', 0o755);
+  write('node_modules/.bin/eslint', '#!/bin/sh\n', 0o755);
   // fake tsc: writes dist/, fails when FAKE_TSC_FAIL is set
   write(
     'node_modules/typescript/bin/tsc',
@@ -90,16 +91,28 @@ beforeEach(() => {
 if (process.env.FAKE_TSC_FAIL) { console.error('a.ts(1,1): error TS2322: fake'); process.exit(2); }`,
     ),
   );
-  // fake npm: "ci" fails like a mirror-made lock when FAKE_CI_EUSAGE is set
+  // fake npm: "ci" fails like a lock that does not match package.json when
+  // FAKE_CI_EUSAGE is set, or like a network failure with FAKE_CI_FAIL;
+  // "install" rewrites package-lock.json, as the real one does.
   fs.mkdirSync(path.join(sandbox.dir, 'npm', 'bin'), { recursive: true });
   fs.writeFileSync(
     path.join(sandbox.dir, 'npm', 'bin', 'npm-cli.js'),
     fakeScript(
       'npm',
       `if (process.argv[2] === 'ci' && process.env.FAKE_CI_EUSAGE) {
-  console.error('npm error \`npm ci\` can only install packages when your package.json and package-lock.json or npm-shrinkwrap.json are in sync.');
+  console.error('npm error code EUSAGE');
+  console.error('npm error');
+  console.error('npm error \`npm ci\` can only install packages when your package.json and package-lock.json or npm-shrinkwrap.json are in sync. Please update your lock file with \`npm install\` before continuing.');
+  console.error('npm error Missing: eslint@9.39.5 from lock file');
   process.exit(1);
 }
+if (process.argv[2] === 'ci' && process.env.FAKE_CI_FAIL) {
+  console.error('npm error code ECONNRESET');
+  console.error('npm error network aborted');
+  process.exit(1);
+}
+if (process.argv[2] === 'install') fs.writeFileSync('package-lock.json', '{"rewritten":true}\\n');
+fs.mkdirSync('node_modules', { recursive: true });
 fs.writeFileSync('node_modules/.package-lock.json', '{}');`,
     ),
   );
@@ -191,13 +204,31 @@ describe('scripts/setup.mjs', () => {
     expect(readCalls().some((c) => c.startsWith('npm ci'))).toBe(true);
   });
 
-  it('falls back to npm install when npm ci rejects the lock file', () => {
+  it('npm ci refusing the lock file: one line saying what to do, exit 1, no npm install, lock file untouched', () => {
     fs.rmSync(path.join(repo, 'node_modules'), { recursive: true });
-    fs.mkdirSync(path.join(repo, 'node_modules', 'typescript', 'bin'), { recursive: true });
+    const lock = path.join(repo, 'package-lock.json');
+    const before = { text: fs.readFileSync(lock, 'utf8'), mtimeMs: fs.statSync(lock).mtimeMs };
     const r = runSetup([], { FAKE_CI_EUSAGE: '1' });
+    expect(r.code).toBe(1);
     expect(r.out).toContain('node_modules missing: running npm ci');
-    expect(r.out).toContain('running npm install instead');
-    expect(readCalls().filter((c) => c.startsWith('npm')).map((c) => c.split(' ')[1])).toEqual(['ci', 'install']);
+    expect(r.stderr).toBe(
+      'setup: npm ci refused package-lock.json: it does not match package.json. Run npm install, check the change to package-lock.json and commit it\n',
+    );
+    expect(readCalls().filter((c) => c.startsWith('npm')).map((c) => c.split(' ')[1])).toEqual(['ci']);
+    expect(fs.readFileSync(lock, 'utf8')).toBe(before.text);
+    expect(fs.statSync(lock).mtimeMs).toBe(before.mtimeMs);
+    expect(fs.existsSync(path.join(repo, 'dist', 'src', 'a.js'))).toBe(false); // stopped before the build
+  });
+
+  it('npm ci failing otherwise: its last lines, then one setup line, exit 1', () => {
+    age('node_modules/.package-lock.json', 200);
+    const r = runSetup([], { FAKE_CI_FAIL: '1' });
+    expect(r.code).toBe(1);
+    const lines = r.stderr.trim().split('\n');
+    expect(lines.at(-1)).toBe('setup: npm ci failed');
+    expect(lines.filter((l) => l.startsWith('setup:'))).toHaveLength(1);
+    expect(r.stderr).toContain('npm error network aborted');
+    expect(readCalls().filter((c) => c.startsWith('npm')).map((c) => c.split(' ')[1])).toEqual(['ci']);
   });
 
   it('not root and a package missing: names it and the apt-get command, exits 1, installs nothing', () => {

@@ -109,6 +109,7 @@ export class IoTracker implements Clock {
       const orig = proto[name];
       if (typeof orig !== 'function') continue;
       saved.push([name, orig]);
+      // eslint-disable-next-line @typescript-eslint/no-this-alias -- the patched method's own `this` is the ImageFile
       const tracker = this;
       proto[name] = function (this: ImageFile, ...args: unknown[]): Promise<unknown> {
         const before = tracker.ios.length;

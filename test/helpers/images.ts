@@ -7,7 +7,7 @@
  * sparse) so the whole matrix builds and reads in seconds.
  *
  * Usage:
- *   const img = buildImage('v3-64k', dir);   // or QCOW2_KINDS.map(k => k.build(dir))
+ *   const img = kind.build(dir);   // for each kind of QCOW2_KINDS
  *   img.path, img.format, img.files (image + backing chain + data file)
  */
 import fs from 'node:fs';
@@ -362,17 +362,6 @@ export const QCOW2_KINDS: ImageKind[] = [
   dataFile(false),
   lazyDirty(),
 ];
-
-export function kindByName(name: string): ImageKind {
-  const k = QCOW2_KINDS.find((x) => x.name === name);
-  if (!k) throw new Error(`no image kind "${name}"`);
-  return k;
-}
-
-/** Build one kind into `dir`. */
-export function buildImage(name: string, dir: string): TestImage {
-  return kindByName(name).build(dir);
-}
 
 /** sha256 of each file, keyed by path (to prove a read-only open wrote nothing). */
 export function hashFiles(files: string[]): Record<string, string> {

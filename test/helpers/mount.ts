@@ -20,6 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll } from 'vitest';
+import { findMount, readMountsSync } from '../../mount/mountinfo.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
@@ -60,12 +61,8 @@ export interface MountedImage {
 const live = new Set<{ dir: string; pid: number; ownDir: boolean }>();
 
 export function isMounted(dir: string): boolean {
-  const text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
   const real = fs.existsSync(dir) ? safeRealpath(dir) : dir;
-  return text.split('\n').some((l) => {
-    const mp = l.split(' ')[4];
-    return mp !== undefined && mp.replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8))) === real;
-  });
+  return findMount(readMountsSync(), real) !== undefined;
 }
 
 function safeRealpath(p: string): string {
@@ -250,7 +247,7 @@ export async function qmountDaemon(args: string[], image: string): Promise<{ cod
       if (spawnSync('fusermount', ['-u', dir]).status === 0) break;
       await sleep(100);
     }
-    for (let i = 0; i < 200 && pid && processRunning(pid); i++) await sleep(50);
+    if (pid) for (let i = 0; i < 200 && processRunning(pid); i++) await sleep(50);
     fs.rmSync(pidFile, { force: true });
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -85,7 +85,7 @@ describe('the backing chain is shown', () => {
     const r = qmount(['info', '--output', 'json', chainTop]);
     expect(r.code).toBe(0);
     const got: Array<Record<string, unknown>> = [];
-    for (let i: Record<string, unknown> | undefined = JSON.parse(r.stdout); i; i = i['backing-image'] as Record<string, unknown> | undefined) got.push(i);
+    for (let i = JSON.parse(r.stdout) as Record<string, unknown> | undefined; i; i = i['backing-image'] as Record<string, unknown> | undefined) got.push(i);
     const pick = (i: Record<string, unknown>) => [i['backing-filename'], i.format];
     expect(got.map(pick)).toEqual(want.map(pick));
     // Resolved to the real path (qemu-img shows the unnormalised join, c/upper/../mid.qcow2).
@@ -212,7 +212,7 @@ describe('hostile backing names', () => {
     expect(info.stdout).not.toContain('\u001b');
     expect(info.stdout).toContain('backing file: evil\\x0a\\x1b[31mRED\\x1b[0m.qcow2\n');
     // JSON keeps the exact name (escaped by JSON itself).
-    expect(JSON.parse(qmount(['info', '--no-backing', '--output', 'json', p]).stdout)['backing-filename']).toBe(name);
+    expect((JSON.parse(qmount(['info', '--no-backing', '--output', 'json', p]).stdout) as Record<string, unknown>)['backing-filename']).toBe(name);
   });
 });
 

@@ -296,7 +296,7 @@ describe('ImageFile positions and lengths', () => {
   for (const mode of ['inline', 'pooled'] as const) {
     it(`refuses bad positions and lengths with a typed error before any syscall or record (${mode})`, async () => {
       const events: string[] = [];
-      instrumentation.record((ev) => events.push(`${ev.op} ${ev.point}`));
+      instrumentation.record((ev) => events.push(`${ev.kind} ${ev.point}`));
       const f = await ImageFile.open(file, { readOnly: false });
       if (mode === 'pooled') f.policy = Object.assign(new InlinePolicy(), { allowed: () => false });
       try {

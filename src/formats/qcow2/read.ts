@@ -57,6 +57,9 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
           case ExtentKind.Zero:
             buf.fill(0, bufOffset, bufOffset + length);
             return;
+          case ExtentKind.Backing:
+          case ExtentKind.Compressed:
+            break; // the general path below
         }
       }
     }
@@ -65,7 +68,7 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
   const entry: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
   const piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
   // The pending run being coalesced.
-  let runKind = -1;
+  let runKind: ExtentKind | -1 = -1;
   let runHost = 0;
   let runGuest = 0;
   let runBuf = 0;
@@ -84,6 +87,9 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
         break;
       case ExtentKind.Zero:
         buf.fill(0, runBuf, runBuf + runLen);
+        break;
+      case ExtentKind.Compressed: // read on its own, never part of a run
+      case -1:
         break;
     }
     runLen = 0;

@@ -174,7 +174,7 @@ export class Refcounts {
   /** Set a cluster's refcount to `v` (repair: the stored value may be unreadable). */
   async set(cluster: number, v: number): Promise<void> {
     const blockOff = await this.ensureBlock(Math.floor(cluster / this.entries));
-    await this.store(blockOff, await this.cache.get(blockOff), cluster, v);
+    this.store(blockOff, await this.cache.get(blockOff), cluster, v);
   }
 
   private store(blockOff: number, block: Buffer, cluster: number, v: number): number {
