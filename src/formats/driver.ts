@@ -17,7 +17,8 @@ export interface SnapshotInfo {
   dateSec: number;
   /** bytes; undefined for v2 snapshots that do not record it */
   guestSize?: number;
-  /** guest run time in nanoseconds */
+  /** guest run time: whole seconds, and the nanoseconds after them (0..999999999) */
+  vmClockSec: number;
   vmClockNsec: number;
 }
 

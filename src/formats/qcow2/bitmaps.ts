@@ -10,6 +10,8 @@ import { CorruptionError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
 import type { Qcow2Header } from './header.js';
 import { EXT_BITMAPS } from './header.js';
+import { entryOffset } from './layout.js';
+import { u64BE } from '../u64.js';
 
 export interface BitmapRange {
   offset: number;
@@ -23,8 +25,8 @@ export async function bitmapRanges(file: ImageFile, h: Qcow2Header, fileSize: nu
   if (!ext || ext.data.length < 24) return { names: [], ranges: [] };
   const cs = 2 ** h.clusterBits;
   const nb = ext.data.readUInt32BE(0);
-  const dirSize = Number(ext.data.readBigUInt64BE(8));
-  const dirOffset = Number(ext.data.readBigUInt64BE(16));
+  const dirSize = u64BE(ext.data, 8);
+  const dirOffset = u64BE(ext.data, 16);
   if (dirOffset % cs !== 0 || dirOffset + dirSize > fileSize || dirSize > 64 * 1024 * 1024 || nb > 65535) {
     throw new CorruptionError('bitmap directory is invalid');
   }
@@ -35,7 +37,7 @@ export async function bitmapRanges(file: ImageFile, h: Qcow2Header, fileSize: nu
   let pos = 0;
   for (let i = 0; i < nb; i++) {
     if (pos + 24 > dirSize) throw new CorruptionError('bitmap directory entry past its end');
-    const tableOffset = Number(dir.readBigUInt64BE(pos));
+    const tableOffset = u64BE(dir, pos);
     const tableSize = dir.readUInt32BE(pos + 8);
     const nameSize = dir.readUInt16BE(pos + 18);
     const extraSize = dir.readUInt32BE(pos + 20);
@@ -45,8 +47,10 @@ export async function bitmapRanges(file: ImageFile, h: Qcow2Header, fileSize: nu
     const table = Buffer.alloc(tableSize * 8);
     await file.read(table, 0, table.length, tableOffset);
     for (let j = 0; j < tableSize; j++) {
-      const off = Number(table.readBigUInt64BE(j * 8) & 0x00fffffffffffe00n);
-      if (off !== 0) ranges.push({ offset: off, length: cs });
+      const off = entryOffset(table.readUInt32BE(j * 8), table.readUInt32BE(j * 8 + 4));
+      if (off === 0) continue;
+      if (off % cs !== 0 || off >= fileSize) throw new CorruptionError('bitmap data cluster is invalid');
+      ranges.push({ offset: off, length: cs });
     }
     pos += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
   }

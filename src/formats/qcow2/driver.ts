@@ -157,8 +157,8 @@ class Qcow2Driver implements BlockDriver {
       backingPath: this.s.backing?.filename,
       backingFormat: h.backingFormat,
       features: featureList(h),
-      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, guestSize, vmClockNsec }) => ({
-        id, name, vmStateSize, dateSec, guestSize, vmClockNsec,
+      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, guestSize, vmClockSec, vmClockNsec }) => ({
+        id, name, vmStateSize, dateSec, guestSize, vmClockSec, vmClockNsec,
       })),
       refcountBits: 2 ** h.refcountOrder,
       compressionType: h.compressionType === 1 ? 'zstd' : 'zlib',

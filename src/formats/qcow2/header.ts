@@ -8,6 +8,7 @@
  */
 import { FormatError, UnsupportedError } from '../../errors.js';
 import { QCOW2_MAGIC } from '../probe.js';
+import { headerU64BE } from '../u64.js';
 
 export const INCOMPAT_DIRTY = 1 << 0;
 export const INCOMPAT_CORRUPT = 1 << 1;
@@ -75,12 +76,6 @@ export interface Qcow2Header {
   featureNames: FeatureName[];
 }
 
-function u64(buf: Buffer, off: number, what: string): number {
-  const v = buf.readBigUInt64BE(off);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new FormatError(`${what} is too large (${v})`);
-  return Number(v);
-}
-
 /** Names of incompatible bits that are set and unknown to us, named from the image's table. */
 function unknownIncompatNames(mask: bigint, names: FeatureName[]): string[] {
   const out: string[] = [];
@@ -114,17 +109,17 @@ export function parseHeader(head: Buffer, fileSize: number): Qcow2Header {
   const clusterSize = 2 ** clusterBits;
   const h: Qcow2Header = {
     version,
-    backingFileOffset: u64(head, 8, 'backing_file_offset'),
+    backingFileOffset: headerU64BE(head, 8, 'backing_file_offset'),
     backingFileSize: head.readUInt32BE(16),
     clusterBits,
-    size: u64(head, 24, 'virtual size'),
+    size: headerU64BE(head, 24, 'virtual size'),
     cryptMethod: head.readUInt32BE(32),
     l1Size: head.readUInt32BE(36),
-    l1TableOffset: u64(head, 40, 'l1_table_offset'),
-    refcountTableOffset: u64(head, 48, 'refcount_table_offset'),
+    l1TableOffset: headerU64BE(head, 40, 'l1_table_offset'),
+    refcountTableOffset: headerU64BE(head, 48, 'refcount_table_offset'),
     refcountTableClusters: head.readUInt32BE(56),
     nbSnapshots: head.readUInt32BE(60),
-    snapshotsOffset: u64(head, 64, 'snapshots_offset'),
+    snapshotsOffset: headerU64BE(head, 64, 'snapshots_offset'),
     incompatible: 0n,
     compatible: 0n,
     autoclear: 0n,

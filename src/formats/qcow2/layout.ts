@@ -1,10 +1,11 @@
 /**
  * qcow2 geometry and table-entry codecs. Pure; no I/O.
  *
- * 64-bit entries are decoded as two 32-bit halves (hi, lo) on the hot path:
- * host offsets fit in 56 bits, so `hi & 0x00ffffff` times 2^32 plus the low
- * half stays an exact JavaScript number.
+ * 64-bit entries are decoded as two 32-bit halves (hi, lo) on the hot path,
+ * through ../u64.ts: a host offset at or above 2^52 decodes as
+ * INVALID_OFFSET, which no bounds or alignment check accepts.
  */
+import { hexOffset, INVALID_OFFSET, MAX_DISK_BYTES, u64Of } from '../u64.js';
 import { hasBit, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, type Qcow2Header } from './header.js';
 
 export const L1E_COPIED = 0x80000000; // bit 63, in hi
@@ -60,9 +61,21 @@ export function geometryOf(h: Qcow2Header): Geometry {
   };
 }
 
-/** Host offset in bits 9..55 of an L1/L2 entry split as (hi, lo). */
+/** Host offset in bits 9..55 of an L1/L2 entry split as (hi, lo); INVALID_OFFSET at or above 2^52. */
 export function entryOffset(hi: number, lo: number): number {
-  return (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+  return u64Of(hi & 0x00ffffff, (lo & 0xfffffe00) >>> 0);
+}
+
+/**
+ * Why a data or table cluster offset from an L1/L2 entry cannot be used
+ * (null when it can): unrepresentable, or not aligned to the cluster size.
+ * Offsets past the end of the file are the caller's to judge (a write may
+ * grow the file over them; a read or a release may not).
+ */
+export function badClusterOffset(g: Geometry, offset: number): string | null {
+  if (offset === INVALID_OFFSET) return 'is at or above 2^52';
+  if (offset % g.clusterSize !== 0) return `${hexOffset(offset)} is not aligned to the cluster size`;
+  return null;
 }
 
 export function writeEntry(buf: Buffer, at: number, hiFlags: number, offset: number, loFlags: number): void {
@@ -79,12 +92,30 @@ export interface CompressedDescriptor {
   length: number;
 }
 
+/**
+ * A compressed L2 entry: bits 0..x-1 the byte offset, bits x..61 the number
+ * of additional 512-byte sectors (x = 62 - (cluster_bits - 8)). An offset at
+ * or above 2^52 decodes as INVALID_OFFSET (length then means nothing).
+ */
 export function decodeCompressed(g: Geometry, hi: number, lo: number): CompressedDescriptor {
   const v = ((BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo >>> 0));
   const shift = BigInt(g.csizeShift);
-  const hostOffset = Number(v & ((1n << shift) - 1n));
+  const offsetBits = v & ((1n << shift) - 1n);
   const sectors = Number(v >> shift) + 1;
-  return { hostOffset, length: sectors * 512 - (hostOffset & 511) };
+  if (offsetBits >= BigInt(MAX_DISK_BYTES)) return { hostOffset: INVALID_OFFSET, length: sectors * 512 };
+  const hostOffset = Number(offsetBits);
+  return { hostOffset, length: sectors * 512 - (hostOffset % 512) };
+}
+
+/**
+ * Why a compressed descriptor cannot be read or released (null when it can):
+ * its sectors must lie after the header cluster and inside the file.
+ */
+export function badCompressed(g: Geometry, d: CompressedDescriptor, fileSize: number): string | null {
+  if (d.hostOffset === INVALID_OFFSET) return 'its offset is at or above 2^52';
+  if (d.hostOffset < g.clusterSize) return 'its data lies in the header cluster';
+  if (d.hostOffset >= fileSize) return 'its data lies past the end of the file';
+  return null;
 }
 
 /** Host clusters a compressed descriptor touches: [first, last] cluster byte offsets. */

@@ -10,7 +10,7 @@
  * Refcounts.quarantine).
  */
 import { CorruptionError } from '../../errors.js';
-import { entryOffset, L2E_COMPRESSED, L2E_ZERO, type Geometry } from './layout.js';
+import { badClusterOffset, entryOffset, L2E_COMPRESSED, L2E_ZERO, type Geometry } from './layout.js';
 
 export const enum ExtentKind {
   Data = 0, // host bytes in the image file
@@ -62,6 +62,11 @@ export function classify(g: Geometry, e: L2Entry, inCluster: number, maxLen: num
     return;
   }
   const host = entryOffset(e.hi, e.lo);
+  if (host !== 0) {
+    // QEMU too fails the request (and calls the image corrupt) on such an entry.
+    const bad = badClusterOffset(g, host);
+    if (bad) throw new CorruptionError(`L2 entry's data cluster offset ${bad}`);
+  }
   const dataKind = g.hasDataFile ? ExtentKind.ExternalData : ExtentKind.Data;
   if (!g.extL2) {
     piece.length = Math.min(maxLen, g.clusterSize - inCluster);

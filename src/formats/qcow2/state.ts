@@ -11,7 +11,7 @@ import type { ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import type { BlockDriver } from '../driver.js';
 import type { Qcow2Header } from './header.js';
-import { entryOffset, type Geometry } from './layout.js';
+import { badClusterOffset, entryOffset, type Geometry } from './layout.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 
 /** metaRanges' name for the refcount table. */
@@ -121,11 +121,19 @@ export class Qcow2State {
     return (this.l1.readUInt32BE(l1Index * 8) & 0x80000000) !== 0;
   }
 
+  /** Why an L1 entry's L2 table offset cannot be used (null when it can). */
+  badL2Offset(offset: number): string | null {
+    const bad = badClusterOffset(this.g, offset);
+    if (bad) return bad;
+    if (offset < this.g.clusterSize) return 'is in the header cluster';
+    if (offset >= this.fileSize) return `0x${offset.toString(16)} lies past the end of the file`;
+    return null;
+  }
+
   /** The L2 table at `offset`, validated and loaded through the cache. */
   async l2Table(offset: number): Promise<Buffer> {
-    if (offset % this.g.clusterSize !== 0 || offset < this.g.clusterSize || offset >= this.fileSize) {
-      throw new CorruptionError(`L2 table offset ${offset} is invalid (unaligned, in the header, or past the end of the file)`);
-    }
+    const bad = this.badL2Offset(offset);
+    if (bad) throw new CorruptionError(`L2 table offset ${bad}`);
     return this.l2Cache.get(offset);
   }
 
@@ -179,8 +187,18 @@ export class Qcow2State {
   }
 
   private overlapFound(msg: string): never {
+    this.corruptionFound(`metadata overlap: ${msg}`);
+  }
+
+  /**
+   * A write found metadata it must not act on (an overlap, a mapping that
+   * points nowhere valid): the request fails with EIO, later writes are
+   * refused, and the corrupt bit goes to disk (onCorrupt) so no later writer
+   * trusts the image. Nothing is written for the request.
+   */
+  corruptionFound(msg: string): never {
     this.corrupt = true;
     this.onCorrupt?.(msg);
-    throw new CorruptionError(`metadata overlap: ${msg}; image marked corrupt`);
+    throw new CorruptionError(`${msg}; image marked corrupt`);
   }
 }

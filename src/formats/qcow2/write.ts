@@ -56,7 +56,7 @@ import {
   INCOMPAT_DIRTY,
   serializeHeader,
 } from './header.js';
-import { decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO, writeEntry } from './layout.js';
+import { badClusterOffset, badCompressed, decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO, writeEntry } from './layout.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { readGuest, track } from './read.js';
 import { Refcounts } from './refcount.js';
@@ -132,7 +132,6 @@ export class Qcow2Writer {
     this.rebuildMetadataIndex();
     s.onCorrupt = (msg) => this.markCorrupt(msg);
     if (hasBit(h.incompatible, INCOMPAT_DIRTY)) {
-      s.log.warn({}, 'image was not closed cleanly (dirty bit set): rebuilding refcounts');
       await this.s.meta.run(async () => {
         await repairRefcounts(s, this.refcounts);
         await this.flushLocked();
@@ -218,7 +217,7 @@ export class Qcow2Writer {
 
   /** Overlap found: set the corrupt bit on disk (best effort) so no later writer trusts the image. */
   private markCorrupt(msg: string): void {
-    this.s.log.error({ problem: msg }, 'metadata overlap: marking the image corrupt');
+    this.s.log.error({ problem: msg }, 'marking the image corrupt');
     if (this.s.header.version !== 3) return;
     const v = this.s.header.incompatible | BigInt(INCOMPAT_CORRUPT);
     void this.writeIncompatible(v).catch(() => {});
@@ -370,6 +369,8 @@ export class Qcow2Writer {
       const l1i = Math.floor(gc / g.l2Entries);
       if (l1i !== tableL1) {
         const l2off = s.l2OffsetOf(l1i);
+        const bad = l2off ? s.badL2Offset(l2off) : null;
+        if (bad) s.corruptionFound(`a write to guest offset ${gc * cs} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
         table = l2off ? await s.l2Table(l2off) : null;
         tableL1 = l1i;
       }
@@ -407,6 +408,7 @@ export class Qcow2Writer {
     const g = this.s.g;
     if (old.hi & L2E_COMPRESSED) return -1;
     const host = entryOffset(old.hi, old.lo);
+    if (host !== 0 && badClusterOffset(g, host) !== null) return -1; // classify() reports it
     const copied = (old.hi & L2E_COPIED) !== 0;
     if (!g.extL2 && g.v3 && (old.lo & L2E_ZERO) !== 0) return -1;
     if (g.extL2) {
@@ -427,6 +429,10 @@ export class Qcow2Writer {
     const op: ClusterOp = {
       gc, writeStart, writeEnd, bufAt, rewrite: true, host: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
     };
+    if (!g.hasDataFile) {
+      const bad = this.badOldMapping(old);
+      if (bad) this.s.corruptionFound(`a write to guest offset ${gc * cs} needs its L2 entry, whose ${bad}`);
+    }
     const direct = this.directHost(gc, writeStart, writeEnd, old);
     if (direct >= 0) {
       op.rewrite = false;
@@ -466,6 +472,26 @@ export class Qcow2Writer {
       if (host === 0 || old.alloc === 0) op.segments = [[firstSc * sc, (lastSc + 1) * sc]];
     }
     return op;
+  }
+
+  /**
+   * Why the current mapping of a cluster cannot be written through or
+   * replaced (null when it can): the host cluster it names is written in
+   * place or has its reference dropped, so it must be a real cluster of this
+   * file. A direct write may still grow the file over a cluster past its end.
+   */
+  private badOldMapping(old: L2Entry): string | null {
+    const s = this.s;
+    if (old.hi & L2E_COMPRESSED) {
+      const bad = badCompressed(s.g, decodeCompressed(s.g, old.hi, old.lo), s.fileSize);
+      return bad ? `compressed cluster: ${bad}` : null;
+    }
+    const host = entryOffset(old.hi, old.lo);
+    if (host === 0) return null;
+    const bad = badClusterOffset(s.g, host);
+    if (bad) return `data cluster offset ${bad}`;
+    if ((old.hi & L2E_COPIED) === 0 && host >= s.fileSize) return `shared data cluster 0x${host.toString(16)} lies past the end of the file`;
+    return null;
   }
 
   /**
