@@ -1,25 +1,91 @@
 /**
  * Hostile images: a seeded, structure-aware mutator over valid images that
- * qemu-img makes here at test time, each mutant opened read-only with
- * openImage(), described with info(), read whole, and closed, then checked
- * with checkImage() (`qmount check` without repair).
+ * qemu-img makes here at test time. Two modes:
  *
- *   npm test                                   300 cases, seed 1 (well under a minute)
- *   QMOUNT_FUZZ_CASES=20000 npx vitest run test/safety/fuzz.test.ts
+ *  - read-only: each mutant opened read-only with openImage(), described with
+ *    info(), read whole, and closed, then checked with checkImage() (`qmount
+ *    check` without repair);
+ *  - read-write: each mutant opened read-write with openImage(), a short
+ *    deterministic write workload through the engine (first a partial and a
+ *    whole-cluster write at the guest offset each mutated L1/L2 entry or
+ *    compressed descriptor maps, then the base's own list: writes over
+ *    allocated, unallocated, zero, compressed, subcluster, backing-file and
+ *    snapshot-shared clusters; each write's bytes are one value), a flush,
+ *    every successful write read back, close, then checkImage() read-only.
+ *
+ *   npm test                                   300 read-only + 120 read-write cases, seed 1 (about 30 s)
+ *   QMOUNT_FUZZ_CASES=20000 npx vitest run test/safety/fuzz.test.ts     (read-write: 40 % of it)
+ *   QMOUNT_FUZZ_RW_CASES=N                     read-write cases on their own
  *   QMOUNT_FUZZ_SEED=7 ...                     another deterministic sequence
  *
- * A case fails when
- *  - anything thrown (open, info, read, close, check) is not a QmountError with a
- *    known errno and a one-line message, or an exception escapes (uncaught
- *    exception or unhandled rejection in the worker);
+ * Mutations: header fields, header extensions, backing file name, L1/L2
+ * entries (standard and extended), compressed descriptors and their streams,
+ * refcount table and blocks, snapshot table and the snapshots' L1/L2 tables,
+ * QED header and tables; bit flips, boundary values, values copied from other
+ * fields (aliasing), random values, truncation. Plus the class "offset at or
+ * above 2^53" (bigValues(): 2^52 as the decoder's own limit, 2^53, 2^54,
+ * 2^55, the top of the offset field, the old value with bit 53 set, 2^63,
+ * 2^64 - cluster): flags kept for L1/L2/refcount-table entries and snapshot
+ * L1 offsets; for compressed descriptors the host-offset field at 2^53 (where
+ * the cluster size leaves it that wide) or ending past it; plain for the
+ * header offsets (l1_table_offset, refcount_table_offset, snapshots_offset,
+ * backing_file_offset), QED header offsets and L1/L2 entries; sizes and
+ * counts (virtual size, snapshot sizes, 64-bit refcounts) too. One read-only
+ * case in five and every other read-write case is of that class.
+ *
+ * Any case fails when
+ *  - anything thrown (open, info, read, write, flush, close, check) is not a
+ *    QmountError with a known errno and a one-line message, or an exception
+ *    escapes (uncaught exception or unhandled rejection in the worker);
  *  - it runs longer than CASE_TIMEOUT_MS (a hang: the worker is terminated,
  *    which also stops a synchronous endless loop);
  *  - one Buffer allocation exceeds MAX_ALLOC_BYTES, or the process RSS grows
  *    by more than MAX_RSS_GROWTH during the case, or the worker runs out of
  *    heap: memory in proportion to a size the file claims, not its real size
  *    (every base file is under 4 MiB);
- *  - ImageFile.write/truncate is called at all on the read-only open, or the
- *    sha256 of the image or a companion file (backing, data file) changes.
+ *  - a position or length that is not a safe non-negative integer reaches
+ *    ImageFile (read, write, writeZeroes, truncate): the engine's decoding of
+ *    on-disk fields must stop it first; ImageFile's own refusal is the last
+ *    line of defence, not the check;
+ *  - a backing file changes (sha256).
+ * A read-only case also fails when ImageFile.write/truncate is called at all,
+ * or the image or its data file changes.
+ * A read-write case also fails when
+ *  - anything but header_update writes the image's first cluster (the header,
+ *    its extensions, the backing name: QEMU's overlap check guards it too);
+ *  - the header no longer identifies the format: bytes no write may change
+ *    (qcow2: magic, version, backing file, cluster_bits, size, crypt_method,
+ *    l1_size, l1_table_offset, nb_snapshots, snapshots_offset; QED: magic,
+ *    cluster/table/header size, l1_table_offset, image size, backing name)
+ *    differ from the mutant's;
+ *  - the snapshot table (where the mutant's header puts it) changed at all;
+ *  - an internal snapshot's content (qemu-img convert -l snapshot.id=N)
+ *    changed, unless it already differed in the mutant or QEMU's own writes
+ *    (the twin below) change it too: a mutant may lie about refcounts so that
+ *    QEMU writes into a snapshot's clusters as well;
+ *  - a write that succeeded does not read back (it went somewhere else);
+ *  - qemu-img check after our writes is worse than the baseline.
+ *
+ * "No worse than QEMU". The baseline is the worse of two qemu-img check
+ * results: the unwritten mutant, and a twin (a copy of the mutant and its
+ * companions in a directory of its own) after qemu-io made the same writes
+ * (same offsets, lengths and bytes, clamped to the same size, then flush),
+ * when QEMU opens it read-write (else the mutant alone). Results are ordered
+ * by exit code: 0 (clean) < 3 (leaks only) < 2 (corruptions) < 1 (the check
+ * cannot run: e.g. the header no longer parses as the format) < anything else
+ * (killed, timeout). Ours is no worse when its exit code is not later in that
+ * order, and, both being 2, its corruption count is not higher; or, same exit
+ * code with more corruptions, when every ERROR line qemu-img prints for ours
+ * is printed for the mutant or for QEMU's result too (e.g. both refused the
+ * write and set the corrupt bit, which qemu-img counts once more when a
+ * mutated L1 entry makes it read the header as an L2 table). Leak counts are
+ * not compared: the two allocators leak different clusters of a hostile image.
+ * The twin costs a qemu-io and two qemu-img runs (~30 ms), so it runs only
+ * where it can change the verdict: when our result does not check clean (a
+ * clean result cannot be worse than anything) or a snapshot changed, plus on
+ * every SAMPLE-th case, where, if both check clean and every write succeeded
+ * on both sides, the guest content must also equal QEMU's (qemu-img convert
+ * of both): that keeps the workload and its twin honest.
  *
  * Cases run in one worker thread that loads the built engine (dist/, made by
  * scripts/setup.mjs like the CLI the other tests use), with its file I/O on
@@ -27,10 +93,13 @@
  *
  * Regression inputs: test/fixtures/fuzz/*.json, each a base image name plus
  * the mutation as [offset, hex bytes] pairs and an optional truncation (small
- * text, no binaries; the base is rebuilt by the same qemu-img commands). A
- * failing random case prints its recipe in that form. A fixture with
- * "knownBug" documents an open bug: its test is `it.fails`, and random cases
- * whose every problem matches its signature are counted, not failed.
+ * text, no binaries; the base is rebuilt by the same qemu-img commands); with
+ * "mode": "rw" a read-write case, its "writes" as [guest offset, length]
+ * pairs (default: the base's workload). A failing random case prints its
+ * recipe in that form (.tmp/fuzz-failures.json, .tmp/fuzz-rw-failures.json).
+ * A fixture with "knownBug" documents an open bug: its test is `it.fails`,
+ * and random cases of the same base whose every problem matches its
+ * signature are counted, not failed.
  */
 import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -906,9 +975,29 @@ const newStats = (): Stats => ({ opened: 0, readBytes: 0, rw: 0, writesOk: 0, wr
 
 const QEMU_TIMEOUT_MS = 20_000;
 
-function tool(cmd: string, args: string[], cwd?: string): { code: number; out: string } {
-  const r = spawnSync(cmd, args, { cwd, encoding: 'utf8', timeout: QEMU_TIMEOUT_MS, maxBuffer: 64 * MiB });
+function tool(cmd: string, args: string[], cwd?: string, timeout = QEMU_TIMEOUT_MS): { code: number; out: string } {
+  const r = spawnSync(cmd, args, { cwd, encoding: 'utf8', timeout, maxBuffer: 64 * MiB });
   return { code: r.status ?? -1, out: `${r.stdout ?? ''}${r.stderr ?? ''}` };
+}
+
+/** Guest content larger than this is not converted for comparison (a mutated size may claim terabytes). */
+const MAX_CONVERT = 256 * MiB;
+
+/** qemu-img convert to raw (in the image's directory) and sha256 of the result; null when it fails or is too big. */
+function convertHash(file: string, format: string, extra: string[]): string | null {
+  const out = `${file}.raw`;
+  try {
+    const r = tool('qemu-img', ['convert', '-f', format, '-O', 'raw', ...extra, file, out], path.dirname(file), 5000);
+    if (r.code !== 0 || !fs.existsSync(out) || fs.statSync(out).size > MAX_CONVERT) return null;
+    const h = crypto.createHash('sha256');
+    const fd = fs.openSync(out, 'r');
+    const chunk = Buffer.allocUnsafe(4 * MiB);
+    for (let n; (n = fs.readSync(fd, chunk, 0, chunk.length, null)) > 0; ) h.update(chunk.subarray(0, n));
+    fs.closeSync(fd);
+    return h.digest('hex');
+  } finally {
+    fs.rmSync(out, { force: true });
+  }
 }
 
 interface Check {
@@ -959,22 +1048,13 @@ function noWorse(ours: Check, baseline: Check, named: Check[]): boolean {
 const showCheck = (c: Check): string => `exit ${c.code}${c.code === 2 || c.code === 3 ? ` (${c.corruptions} corruptions, ${c.leaks} leaks)` : c.note ? ` (${c.note})` : ''}`;
 
 /** sha256 of an internal snapshot's guest content, or null when qemu-img cannot read it. */
-function snapshotHash(file: string, format: string, id: string, out: string): string | null {
-  const r = tool('qemu-img', ['convert', '-f', format, '-O', 'raw', '-l', `snapshot.id=${id}`, file, out], path.dirname(file));
-  if (r.code !== 0) return null;
-  const h = sha(fs.readFileSync(out));
-  fs.rmSync(out, { force: true });
-  return h;
+function snapshotHash(file: string, format: string, id: string): string | null {
+  return convertHash(file, format, ['-l', `snapshot.id=${id}`]);
 }
 
 /** sha256 of an image's guest content (qemu-img convert to raw, in the image's directory), or null. */
 function rawHash(file: string, format: string): string | null {
-  const out = `${file}.raw`;
-  const r = tool('qemu-img', ['convert', '-f', format, '-O', 'raw', file, out], path.dirname(file));
-  if (r.code !== 0) return null;
-  const h = sha(fs.readFileSync(out));
-  fs.rmSync(out, { force: true });
-  return h;
+  return convertHash(file, format, []);
 }
 
 /** The qcow2 snapshot table as the (mutated) header locates it: [offset, end), or null if it does not parse. */
@@ -1029,6 +1109,9 @@ function qemuTwin(b: Built, mutant: Buffer, writes: Array<[number, number]>): { 
   return { dir, image, opened, failed: r.code !== 0 || /failed|error/i.test(r.out) };
 }
 
+/** The base's cluster size: the header cluster only header_update may write. */
+const protect = (b: Built): number => (b.base.format === 'qed' ? b.bytes.readUInt32LE(4) : 2 ** b.bytes.readUInt32BE(20));
+
 /** Every SAMPLE-th read-write case runs the twin even when our result checks clean, and compares guest content. */
 const SAMPLE = 4;
 
@@ -1042,13 +1125,12 @@ async function runRecipe(recipe: Recipe, stats?: Stats, selfTest?: string, sampl
   fs.writeFileSync(casePath, bytes);
   for (const [c, data] of Object.entries(b.writableBytes)) fs.writeFileSync(path.join(b.dir, c), data);
   const writes = rw ? (recipe.writes ?? b.base.writes) : undefined;
-  const protect = b.base.format === 'qed' ? b.bytes.readUInt32LE(4) : 2 ** b.bytes.readUInt32BE(20);
   const rssBefore = process.memoryUsage.rss();
   let rssPeak = rssBefore;
   const sampler = setInterval(() => (rssPeak = Math.max(rssPeak, process.memoryUsage.rss())), 5);
   let result: Awaited<ReturnType<FuzzRunner['run']>>;
   try {
-    result = await runner.run({ path: casePath, selfTest, mode: recipe.mode, writes, protect }, selfTest === 'hang' ? 1000 : CASE_TIMEOUT_MS);
+    result = await runner.run({ path: casePath, selfTest, mode: recipe.mode, writes, protect: protect(b) }, selfTest === 'hang' ? 1000 : CASE_TIMEOUT_MS);
   } finally {
     clearInterval(sampler);
   }
@@ -1085,7 +1167,12 @@ async function runRecipe(recipe: Recipe, stats?: Stats, selfTest?: string, sampl
 function afterWrites(b: Built, mutant: Buffer, casePath: string, writes: Array<[number, number]>, stats: Stats | undefined, sample: boolean): string[] {
   const problems: string[] = [];
   const fmt = b.base.format;
-  const after = fs.readFileSync(casePath);
+  // Not readFileSync: a hostile image may make the file grow (sparse) far past 2 GiB.
+  const size = fs.statSync(casePath).size;
+  const fd = fs.openSync(casePath, 'r');
+  const after = Buffer.alloc(Math.min(size, mutant.length));
+  fs.readSync(fd, after, 0, after.length, 0);
+  fs.closeSync(fd);
   // 1. The header still identifies the format: the fields no write changes are as in the mutant.
   for (const [from, to, what] of fixedHeaderRanges(fmt)) {
     if (mutant.length < to) continue;
@@ -1100,6 +1187,9 @@ function afterWrites(b: Built, mutant: Buffer, casePath: string, writes: Array<[
   }
   // 3. qemu-img check no worse than the mutant itself and than QEMU's own writes on a twin.
   const ours = qemuCheckOf(casePath, fmt);
+  // (and the file did not grow much further than the writes need, unless QEMU's grows as far)
+  const written = writes.reduce((n, [, len]) => n + len, 0);
+  const room = mutant.length + 64 * protect(b) + 4 * written;
   if (ours.code === 0 && stats) stats.clean++;
   if (process.env.QMOUNT_FUZZ_VERBOSE) console.log(`${b.base.name}: qemu-img check after our writes: ${showCheck(ours)}`);
   let twin: ReturnType<typeof qemuTwin> | null = null;
@@ -1114,6 +1204,11 @@ function afterWrites(b: Built, mutant: Buffer, casePath: string, writes: Array<[
     }
     return twin;
   };
+  if (size > room) {
+    const t = getTwin();
+    const theirs = t.opened ? fs.statSync(t.image).size : mutant.length;
+    if (size > Math.max(room, 2 * theirs)) problems.push(`the image file grew from ${mutant.length} to ${size} bytes (QEMU's twin: ${theirs})`);
+  }
   if (ours.code !== 0 || sample) {
     fs.writeFileSync(mutantPath, mutant);
     const before = qemuCheckOf(mutantPath, fmt);
@@ -1130,20 +1225,19 @@ function afterWrites(b: Built, mutant: Buffer, casePath: string, writes: Array<[
       const mine = rawHash(casePath, fmt);
       const qemus = rawHash(t.image, fmt);
       if (stats) stats.compared++;
-      if (mine !== qemus) problems.push(`guest content differs from QEMU's after the same writes (${mine === null ? 'ours' : 'QEMU\'s'} does not convert, or the bytes differ)`);
+      if (mine !== null && qemus !== null && mine !== qemus) problems.push(`guest content differs from QEMU's after the same writes (qemu-img convert of both)`);
     }
   }
   // 5. Internal snapshots read as before (qemu-img convert -l), unless QEMU's own writes change them too.
   if (fmt === 'qcow2') {
     for (const [id, baseHash] of Object.entries(b.snapshots)) {
-      const out = path.join(b.dir, 'snap.raw');
-      const now = snapshotHash(casePath, fmt, id, out);
+      const now = snapshotHash(casePath, fmt, id);
       if (now === baseHash) continue;
       fs.writeFileSync(mutantPath, mutant);
-      const was = snapshotHash(mutantPath, fmt, id, out);
+      const was = snapshotHash(mutantPath, fmt, id);
       if (was === null || now === was) continue;
       const t = getTwin();
-      const theirs = t.opened ? snapshotHash(t.image, fmt, id, out) : was;
+      const theirs = t.opened ? snapshotHash(t.image, fmt, id) : was;
       if (theirs !== was) {
         if (stats) stats.snapshotTolerated++;
         continue;
@@ -1196,7 +1290,7 @@ beforeAll(() => {
     const snapshots: Record<string, string> = {};
     if (base.format === 'qcow2') {
       const list = tool('qemu-img', ['snapshot', '-l', path.join(dir, base.image)]).out;
-      for (const m of list.matchAll(/^(\d+)\s+\S+/gm)) snapshots[m[1]!] = snapshotHash(path.join(dir, base.image), 'qcow2', m[1]!, path.join(dir, 'snap.raw'))!;
+      for (const m of list.matchAll(/^(\d+)\s+\S+/gm)) snapshots[m[1]!] = snapshotHash(path.join(dir, base.image), 'qcow2', m[1]!)!;
     }
     built.set(base.name, { base, dir, bytes, targets, companionHashes, writableBytes, snapshots });
   }
@@ -1305,6 +1399,18 @@ describe('hostile images: mutants of valid images opened read-write and written'
     }
     if (known > 0) console.log(`fuzz rw: ${known} cases hit known open bugs (see test/fixtures/fuzz)`);
     expect(failures, `recipes in .tmp/fuzz-rw-failures.json; first: ${JSON.stringify(failures[0])}`).toEqual([]);
+  }, 600_000);
+});
+
+// QMOUNT_FUZZ_REPLAY=.tmp/fuzz-rw-failures.json: run the recipes of a failure file again and print each one's problems.
+const REPLAY = process.env.QMOUNT_FUZZ_REPLAY;
+describe.runIf(REPLAY)('replay (QMOUNT_FUZZ_REPLAY)', () => {
+  it('replays the recipes', async () => {
+    const list = JSON.parse(fs.readFileSync(REPLAY!, 'utf8')) as Array<{ recipe: Recipe } | Recipe>;
+    for (const x of list) {
+      const recipe = 'recipe' in x ? x.recipe : x;
+      console.log(`${JSON.stringify(recipe)}\n  ${(await runRecipe(recipe, undefined, undefined, true)).join('\n  ') || 'ok'}`);
+    }
   }, 600_000);
 });
 
