@@ -29,7 +29,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
-import { QmountError, oneLine } from './errors.js';
+import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES, openImage, printable } from './formats/open.js';
@@ -274,7 +274,7 @@ function infoJson(info: ImageInfo, name = info.filename): Record<string, unknown
       name: s.name,
       'vm-state-size': s.vmStateSize,
       'date-sec': s.dateSec,
-      'date-nsec': 0,
+      'date-nsec': s.dateNsec,
       'vm-clock-sec': s.vmClockSec,
       'vm-clock-nsec': s.vmClockNsec,
       'guest-size': s.guestSize,

@@ -29,9 +29,8 @@
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError, QmountError } from '../../errors.js';
 import { hexOffset, MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
-import { MAX_REFTABLE_BYTES } from './header.js';
-import { entryOffset } from './layout.js';
 import type { Qcow2State } from './state.js';
+import { entryOffset, MAX_REFTABLE_BYTES, refcountTableFields } from './spec.js';
 
 export class Refcounts {
   /** The refcount table, big-endian u64 entries as on disk. */
@@ -269,7 +268,7 @@ export class Refcounts {
     await this.s.file.write('reftable_update', entry, 0, 8, this.tableOffset + i * 8);
     entry.copy(this.table, i * 8);
     this.cache.install(blockOff, block, false);
-    this.s.refblockAdded(blockOff);
+    this.s.overlap.refblockAdded(blockOff);
     return blockOff;
   }
 
@@ -318,10 +317,8 @@ export class Refcounts {
     await this.s.file.write('reftable_grow', newTable, 0, newTable.length, newTableOffset);
     this.s.noteFileEnd(metaEnd * cs);
     await this.s.syncAll();
-    const hdr = Buffer.alloc(12);
-    hdr.writeBigUInt64BE(BigInt(newTableOffset), 0);
-    hdr.writeUInt32BE(tableClusters, 8);
-    await this.s.file.write('header_update', hdr, 0, 12, 48);
+    const [at, fields] = refcountTableFields(newTableOffset, tableClusters);
+    await this.s.file.write('header_update', fields, 0, fields.length, at);
     await this.s.syncAll();
 
     const oldOffset = this.tableOffset;
@@ -331,11 +328,11 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.s.header.refcountTableOffset = newTableOffset;
     this.s.header.refcountTableClusters = tableClusters;
-    this.s.refcountTableMoved(newTableOffset, tableClusters * cs);
+    this.s.overlap.refcountTableMoved(newTableOffset, tableClusters * cs);
     indices.forEach((_, b) => {
       const off = (metaStart + b) * cs;
       this.cache.install(off, Buffer.from(blocksBuf.subarray(b * cs, (b + 1) * cs)), false);
-      this.s.refblockAdded(off);
+      this.s.overlap.refblockAdded(off);
     });
     this.s.log.info({ oldEntries, newEntries, newTableOffset }, 'refcount table grown');
     // The header switch is durable: the old table can go.

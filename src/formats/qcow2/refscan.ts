@@ -24,10 +24,9 @@
  * entry that breaks a rule are not counted when they cannot be located.
  */
 import { bitmapRanges } from './bitmaps.js';
-import { AUTOCLEAR_BITMAPS, hasBit } from './header.js';
 import { hexOffset, INVALID_OFFSET } from '../u64.js';
-import { badClusterOffset, compressedClusters, decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO } from './layout.js';
 import type { Qcow2State } from './state.js';
+import { AUTOCLEAR_BITMAPS, badClusterOffset, clusterType, compressedClusters, decodeCompressed, entryOffset, hasBit, hasHostCluster, L1E_RESERVED_HI, L1E_RESERVED_LO, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_RESERVED_HI, L2E_RESERVED_LO, L2E_ZERO, L2E_ZERO_BITMAP, SNAPSHOT_V3_MIN_EXTRA } from './spec.js';
 
 export interface ScanProblem {
   kind: 'corruption';
@@ -41,12 +40,6 @@ export interface RefScan {
   problems: ScanProblem[];
 }
 
-/** Bits of an L1 entry that must be zero: 0..8 and 56..62 (as (hi, lo) halves). */
-const L1E_RESERVED_HI = 0x7f000000;
-const L1E_RESERVED_LO = 0x1ff;
-/** Bits of a standard (not compressed) L2 entry that must be zero: 1..8 and 56..61. */
-const L2E_RESERVED_HI = 0x3f000000;
-const L2E_RESERVED_LO = 0x1fe;
 
 export async function scanReferences(
   s: Qcow2State,
@@ -88,7 +81,7 @@ export async function scanReferences(
   ];
   for (const [i, snap] of s.snapshots.entries()) {
     // v3 snapshots carry at least vm_state_size_large and disk_size (iotest 261).
-    if (s.g.v3 && snap.extraDataBytes < 16) bad(`snapshot table entry ${i} is incomplete (${snap.extraDataBytes} bytes of extra data, version 3 needs 16)`);
+    if (s.g.v3 && snap.extraDataBytes < SNAPSHOT_V3_MIN_EXTRA) bad(`snapshot table entry ${i} is incomplete (${snap.extraDataBytes} bytes of extra data, version 3 needs ${SNAPSHOT_V3_MIN_EXTRA})`);
     const l1 = Buffer.alloc(snap.l1Size * 8);
     await s.file.read(l1, 0, l1.length, snap.l1TableOffset);
     l1s.push({ l1, offset: snap.l1TableOffset, active: false });
@@ -131,8 +124,8 @@ function countL2(
     const at = j * g.l2EntryBytes;
     const hi = table.readUInt32BE(at);
     const lo = table.readUInt32BE(at + 4);
-    const zero = g.extL2 ? table.readUInt32BE(at + 8) : 0;
-    const alloc = g.extL2 ? table.readUInt32BE(at + 12) : 0;
+    const zero = g.extL2 ? table.readUInt32BE(at + L2E_ZERO_BITMAP) : 0;
+    const alloc = g.extL2 ? table.readUInt32BE(at + L2E_ALLOC_BITMAP) : 0;
     if (hi === 0 && lo === 0 && zero === 0 && alloc === 0) continue;
     if (hi & L2E_COMPRESSED) {
       if (hi & L2E_COPIED) bad(`compressed L2 entry ${j}: the COPIED flag must never be set`);
@@ -155,8 +148,7 @@ function countL2(
     }
     if (hi & L2E_RESERVED_HI || lo & L2E_RESERVED_LO) bad(`L2 entry ${j} has reserved bits set`);
     const host = entryOffset(hi, lo);
-    // With an external data file a cluster at host offset 0 is allocated when COPIED.
-    if (host === 0 && !(g.hasDataFile && hi & L2E_COPIED)) {
+    if (!hasHostCluster(clusterType(g, hi, lo))) {
       // Unallocated, or (v3 without extended L2) zero without a cluster.
       if (alloc !== 0) bad(`L2 entry ${j}: unallocated cluster has subclusters marked allocated`);
       continue;

@@ -11,10 +11,10 @@
  */
 import { CorruptionError } from '../../errors.js';
 import { hexOffset, INVALID_OFFSET } from '../u64.js';
-import { entryOffset, L2E_COMPRESSED, L2E_COPIED, writeEntry } from './layout.js';
 import type { Refcounts } from './refcount.js';
 import { scanReferences } from './refscan.js';
 import type { Qcow2State } from './state.js';
+import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, REFT_RESERVED_LO, writeEntry } from './spec.js';
 
 export interface RefcountReport {
   corruptions: number;
@@ -39,7 +39,7 @@ export async function reconcile(
   const badBlocks = new Set<number>();
   for (let i = 0; i < rc.tableEntries; i++) {
     const b = rc.blockOffset(i);
-    const reserved = (rc.table.readUInt32BE(i * 8 + 4) & 0x1ff) !== 0;
+    const reserved = (rc.table.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) !== 0;
     if (b === 0 && !reserved) continue;
     const why = reserved ? 'has reserved bits set' : b === INVALID_OFFSET || b % cs !== 0 ? `offset ${hexOffset(b)} is not a cluster offset` : b >= s.fileSize ? 'lies outside the image' : null;
     if (why) {
@@ -102,11 +102,12 @@ export async function reconcile(
       const at = j * s.g.l2EntryBytes;
       const hi = table.readUInt32BE(at);
       const lo = table.readUInt32BE(at + 4);
-      if (hi & L2E_COMPRESSED) continue;
+      const type = clusterType(s.g, hi, lo);
+      if (!hasHostCluster(type)) continue; // unallocated, plain zero or compressed: COPIED means nothing
       const host = entryOffset(hi, lo);
       let wantCopied: boolean;
-      if (s.g.hasDataFile) wantCopied = (hi & L2E_COPIED) !== 0 || host !== 0;
-      else if (host === 0 || host % cs !== 0 || host >= s.fileSize || badBlocks.has(Math.floor(host / cs / perBlock))) continue;
+      if (s.g.hasDataFile) wantCopied = true; // data-file clusters are never shared
+      else if ( host % cs !== 0 || host >= s.fileSize || badBlocks.has(Math.floor(host / cs / perBlock))) continue;
       else wantCopied = (await rc.get(host / cs)) === 1;
       if (wantCopied === ((hi & L2E_COPIED) !== 0)) continue;
       r.corruptions++;
