@@ -136,13 +136,18 @@ describe('qcow2 write planning', () => {
 
   it('refuses mappings no write may act on', () => {
     const fileSize = 10 * cs;
-    expect(badOldMapping(std, fileSize, entry(0, 0))).toBeNull();
-    expect(badOldMapping(std, fileSize, entry(L2E_COPIED, 20 * cs))).toBeNull(); // owned past the end: the write grows the file
-    expect(badOldMapping(std, fileSize, entry(0, 20 * cs))).toMatch(/shared data cluster .* past the end/);
-    expect(badOldMapping(std, fileSize, entry(L2E_COPIED | 0x00800000, 0))).toMatch(/2\^52/);
-    expect(badOldMapping(std, fileSize, entry(L2E_COPIED, 3 * cs + 512))).toMatch(/not aligned/);
-    expect(badOldMapping(std, fileSize, entry(L2E_COMPRESSED, 20 * cs))).toMatch(/compressed cluster: .*past the end/);
-    expect(badOldMapping(std, fileSize, entry(L2E_COMPRESSED, 100))).toMatch(/header cluster/);
+    expect(badOldMapping(std, fileSize, entry(0, 0), 0)).toBeNull();
+    expect(badOldMapping(std, fileSize, entry(L2E_COPIED, 20 * cs), 0)).toBeNull(); // owned past the end: the write grows the file
+    expect(badOldMapping(std, fileSize, entry(0, 20 * cs), 0)).toMatch(/shared data cluster .* past the end/);
+    expect(badOldMapping(std, fileSize, entry(L2E_COPIED | 0x00800000, 0), 0)).toMatch(/2\^52/);
+    expect(badOldMapping(std, fileSize, entry(L2E_COPIED, 3 * cs + 512), 0)).toMatch(/not aligned/);
+    expect(badOldMapping(std, fileSize, entry(L2E_COMPRESSED, 20 * cs), 0)).toMatch(/compressed cluster: .*past the end/);
+    expect(badOldMapping(std, fileSize, entry(L2E_COMPRESSED, 100), 0)).toMatch(/header cluster/);
+    expect(badOldMapping(ext, fileSize, entry(L2E_COPIED, 3 * cs, 0, 1, 1), 0)).toMatch(/both allocated and zero/);
+    expect(badOldMapping(ext, fileSize, entry(0, 0, 0, 1), 0)).toMatch(/unallocated cluster/);
+    expect(badOldMapping(ext, fileSize, entry(L2E_COMPRESSED, 3 * cs, 0, 0, 1), 0)).toMatch(/subcluster bitmap/);
+    expect(badOldMapping(dataFile, fileSize, entry(L2E_COPIED, 5 * cs), 5 * cs)).toBeNull();
+    expect(badOldMapping(dataFile, fileSize, entry(L2E_COPIED, 5 * cs), 7 * cs)).toMatch(/does not match/);
   });
 });
 

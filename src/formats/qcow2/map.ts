@@ -54,7 +54,12 @@ export interface Piece {
   length: number;
 }
 
-export function classify(g: Geometry, e: L2Entry, inCluster: number, maxLen: number, piece: Piece): void {
+/**
+ * `clusterOffset`: the guest offset of the cluster. With an external data
+ * file the host offset must equal it (QEMU too calls anything else corrupt:
+ * writes go to the guest offset, so reads elsewhere would lose them).
+ */
+export function classify(g: Geometry, e: L2Entry, clusterOffset: number, inCluster: number, maxLen: number, piece: Piece): void {
   const type = clusterType(g, e.hi, e.lo);
   if (type === ClusterType.Compressed) {
     piece.kind = ExtentKind.Compressed;
@@ -67,6 +72,9 @@ export function classify(g: Geometry, e: L2Entry, inCluster: number, maxLen: num
     // QEMU too fails the request (and calls the image corrupt) on such an entry.
     const bad = badClusterOffset(g, host);
     if (bad) throw new CorruptionError(`L2 entry's data cluster offset ${bad}`);
+    if (g.hasDataFile && host !== clusterOffset) {
+      throw new CorruptionError(`external data file: host cluster offset ${host} does not match guest cluster offset ${clusterOffset}`);
+    }
   }
   const dataKind = g.hasDataFile ? ExtentKind.ExternalData : ExtentKind.Data;
   if (!g.extL2) {

@@ -60,9 +60,10 @@ export function directHost(g: Geometry, gc: number, writeStart: number, writeEnd
     const lastSc = Math.floor((writeEnd - 1) / sc);
     const touched = (2 ** (lastSc + 1) - 2 ** firstSc) >>> 0;
     if ((old.alloc & touched) !== touched) return -1;
+    if ((old.alloc & old.zero) !== 0) return -1; // badOldMapping reports it
   }
   // With a data file, every cluster with a host cluster is its own (refcount 1, host offset = guest offset).
-  if (g.hasDataFile) return gc * g.clusterSize;
+  if (g.hasDataFile) return host === 0 || host === gc * g.clusterSize ? gc * g.clusterSize : -1;
   return copied ? host : -1;
 }
 
@@ -119,8 +120,24 @@ export function planCluster(g: Geometry, gc: number, writeStart: number, writeEn
  * replaced (null when it can): the host cluster it names is written in
  * place or has its reference dropped, so it must be a real cluster of this
  * file. A direct write may still grow the file over a cluster past its end.
+ * `fileSize`: the size at open (Qcow2State.fileSizeAtOpen), below which every
+ * shared or compressed cluster lies. `clusterOffset`: the cluster's guest
+ * offset (an external data file's host offset must equal it). Extended L2
+ * bitmaps that break the format's rules count too.
  */
-export function badOldMapping(g: Geometry, fileSize: number, old: L2Entry): string | null {
+export function badOldMapping(g: Geometry, fileSize: number, old: L2Entry, clusterOffset: number): string | null {
+  if (g.extL2) {
+    // Bitmaps QEMU calls corrupt on first access (iotest 271).
+    if ((old.alloc & old.zero) !== 0) return 'subclusters are both allocated and zero';
+    const type = clusterType(g, old.hi, old.lo);
+    if (type === ClusterType.Compressed && (old.alloc | old.zero) !== 0) return 'compressed cluster has a subcluster bitmap';
+    if (type === ClusterType.Unallocated && old.alloc !== 0) return 'unallocated cluster has subclusters marked allocated';
+  }
+  if (g.hasDataFile) {
+    const host = entryOffset(old.hi, old.lo);
+    if (old.hi & L2E_COMPRESSED) return 'compressed cluster in an image with an external data file';
+    return host === 0 || host === clusterOffset ? null : `data-file host offset ${host} does not match the guest offset`;
+  }
   if (old.hi & L2E_COMPRESSED) {
     const bad = badCompressed(g, decodeCompressed(g, old.hi, old.lo), fileSize);
     return bad ? `compressed cluster: ${bad}` : null;

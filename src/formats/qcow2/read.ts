@@ -45,7 +45,7 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
     const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
     if (table) {
       readL2Entry(g, table, ci % g.l2Entries, fastEntry);
-      classify(g, fastEntry, inCluster, length, fastPiece);
+      classify(g, fastEntry, ci * cs, inCluster, length, fastPiece);
       if (fastPiece.length === length) {
         switch (fastPiece.kind) {
           case ExtentKind.Data:
@@ -115,7 +115,7 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
           readL2Entry(g, table, clusterIndex % g.l2Entries, entry);
           let remaining = Math.min(spanEnd - pos, g.clusterSize - inCluster);
           while (remaining > 0) {
-            classify(g, entry, pos - clusterIndex * g.clusterSize, remaining, piece);
+            classify(g, entry, clusterIndex * g.clusterSize, pos - clusterIndex * g.clusterSize, remaining, piece);
             if (piece.kind === ExtentKind.Compressed) {
               flushRun();
               track(ios, readCompressed(s, entry.hi, entry.lo, buf, out, piece.length, pos - clusterIndex * g.clusterSize, pos));

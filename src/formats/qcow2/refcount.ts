@@ -201,7 +201,12 @@ export class Refcounts {
     this.quarantine.clear();
   }
 
-  /** First cluster of `n` contiguous free clusters at or after freeHint (refcounts untouched). */
+  /**
+   * First cluster of `n` contiguous free clusters at or after freeHint
+   * (refcounts untouched). A cluster the overlap index knows as metadata is
+   * never free, whatever its refcount says (a damaged refcount of 0 on the
+   * header would otherwise hand it out).
+   */
   async findFree(n: number): Promise<number> {
     let start = this.freeHint;
     let run = 0;
@@ -211,7 +216,10 @@ export class Refcounts {
       const block = i < this.tableEntries ? await this.loadBlock(i) : null;
       const blockEnd = (i + 1) * this.entries;
       for (; c < blockEnd && run < n; c++) {
-        const free = (block === null || this.readEntry(block, c % this.entries) === 0) && !this.quarantine.has(c);
+        const free =
+          (block === null || this.readEntry(block, c % this.entries) === 0) &&
+          !this.quarantine.has(c) &&
+          this.s.overlap.find(c * this.cs, this.cs) === null;
         if (free) {
           run++;
         } else {

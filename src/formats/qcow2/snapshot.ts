@@ -34,12 +34,22 @@ export async function readSnapshotTable(
   if (count === 0) return { snapshots: [], byteLength: 0 };
   const avail = Math.min(fileSize - offset, MAX_SNAPSHOT_TABLE_BYTES);
   if (avail < SNAPSHOT_ENTRY_MIN_BYTES * count) throw new FormatError('snapshot table lies past the end of the file');
-  const buf = Buffer.alloc(avail);
-  await file.read(buf, 0, avail, offset);
+  // Read as far as the entries reach, not all that the file could hold:
+  // a guess for typical entries first, more when one runs past it.
+  let buf = Buffer.alloc(Math.min(avail, Math.max(4096, count * 128)));
+  await file.read(buf, 0, buf.length, offset);
+  const need = async (end: number): Promise<void> => {
+    if (end <= buf.length || buf.length === avail) return;
+    const grown = Buffer.alloc(Math.min(avail, Math.max(end, buf.length * 2)));
+    buf.copy(grown);
+    await file.read(grown, buf.length, grown.length - buf.length, offset + buf.length);
+    buf = grown;
+  };
   const snapshots: Qcow2Snapshot[] = [];
   let pos = 0;
   for (let i = 0; i < count; i++) {
-    if (pos + SNAPSHOT_ENTRY_MIN_BYTES > avail) throw new FormatError(`snapshot ${i} lies past the end of the file`);
+    await need(pos + SNAPSHOT_ENTRY_MIN_BYTES);
+    if (pos + SNAPSHOT_ENTRY_MIN_BYTES > buf.length) throw new FormatError(`snapshot ${i} lies past the end of the file`);
     const l1TableOffset = headerU64BE(buf, pos + SNAP.l1TableOffset, `snapshot ${i}: l1_table_offset`);
     const l1Size = buf.readUInt32BE(pos + SNAP.l1Size);
     const idLen = buf.readUInt16BE(pos + SNAP.idSize);
@@ -53,7 +63,9 @@ export async function readSnapshotTable(
     let vmStateSize = buf.readUInt32BE(pos + SNAP.vmStateSize);
     const extraLen = buf.readUInt32BE(pos + SNAP.extraDataSize);
     const entryLen = SNAP.extra + extraLen + idLen + nameLen;
-    if (extraLen > MAX_SNAPSHOT_EXTRA || pos + entryLen > avail) throw new FormatError(`snapshot ${i} entry is malformed or past the end of the file`);
+    if (extraLen > MAX_SNAPSHOT_EXTRA) throw new FormatError(`snapshot ${i} entry is malformed or past the end of the file`);
+    await need(pos + entryLen);
+    if (pos + entryLen > buf.length) throw new FormatError(`snapshot ${i} entry is malformed or past the end of the file`);
     let guestSize: number | undefined;
     if (extraLen >= 8) vmStateSize = headerU64BE(buf, pos + SNAP.extra, `snapshot ${i}: vm_state_size_large`);
     if (extraLen >= 16) guestSize = headerU64BE(buf, pos + SNAP.extra + 8, `snapshot ${i}: disk_size`);

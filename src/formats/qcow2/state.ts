@@ -18,6 +18,13 @@ import { badClusterOffset, entryOffset, type Geometry, L1E_COPIED } from './spec
 export class Qcow2State {
   /** Current file size in bytes: the end of allocated space as far as reads are concerned. */
   fileSize: number;
+  /**
+   * The file size when the image was opened. qmount never creates shared or
+   * compressed clusters, so every such cluster an entry names must lie below
+   * it; one above was handed out by this mount's allocator (the refcounts
+   * said free) and belongs to someone else now.
+   */
+  readonly fileSizeAtOpen: number;
   dataFileSize = 0;
   /** The active L1 table, big-endian entries as on disk. */
   l1: Buffer;
@@ -54,6 +61,7 @@ export class Qcow2State {
     readonly log: Logger,
   ) {
     this.fileSize = fileSize;
+    this.fileSizeAtOpen = fileSize;
     this.l1 = l1;
     this.snapshots = snapshots;
     this.l2Cache = new TableCache({

@@ -317,10 +317,11 @@ export class Qcow2Writer {
         tableL1 = l1i;
       }
       if (table) readL2Entry(g, table, gc % g.l2Entries, old);
-      const bad = g.hasDataFile ? null : badOldMapping(g, s.fileSize, old);
+      const bad = badOldMapping(g, s.fileSizeAtOpen, old, clusterStart);
       if (bad) s.corruptionFound(`a write to guest offset ${clusterStart} needs its L2 entry, whose ${bad}`);
       ops.push(planCluster(g, gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
     }
+    if (!g.hasDataFile) for (const op of ops) if (op.fresh) await this.checkReleasable(op);
     const rewrites = ops.filter((o) => o.rewrite);
     for (const op of rewrites) this.inflight.set(op.gc, deferred());
     try {
@@ -338,6 +339,34 @@ export class Qcow2Writer {
       throw err;
     }
     return { ops };
+  }
+
+  /**
+   * A rewrite into a new cluster drops the old mapping's reference at the
+   * next flush (commit.ts, step 4). A referenced cluster whose refcount is
+   * already 0 means the refcounts lie: the allocator may hand it out (even to
+   * this very request), and the drop would leave a live COPIED cluster at
+   * refcount 0, to be handed out again. Such a write is refused and the image
+   * marked corrupt. Called under the lock, after the L2 entries were read.
+   */
+  private async checkReleasable(op: ClusterOp): Promise<void> {
+    const s = this.s;
+    const cs = s.g.clusterSize;
+    const old = op.old;
+    let start: number;
+    let bytes: number;
+    if (old.hi & L2E_COMPRESSED) {
+      ({ start, bytes } = compressedExtent(decodeCompressed(s.g, old.hi, old.lo)));
+    } else {
+      start = entryOffset(old.hi, old.lo);
+      bytes = cs;
+      if (start === 0) return;
+    }
+    for (let c = Math.floor(start / cs); c <= Math.floor((start + bytes - 1) / cs); c++) {
+      if ((await this.refcounts.get(c)) === 0) {
+        s.corruptionFound(`a write to guest offset ${op.gc * cs} replaces a mapping of host cluster ${c * cs}, whose refcount is 0`);
+      }
+    }
   }
 
   /** Phase 2 (no lock): direct writes in place, rewrites as whole segments with their COW head and tail. */
@@ -405,7 +434,7 @@ export class Qcow2Writer {
     // [from, to) of a rewritten cluster, outside the guest data: what the old mapping shows there.
     const fill = async (op: ClusterOp, from: number, to: number): Promise<void> => {
       if (to <= from) return;
-      if (this.readsAsZero(op.old, from, to)) {
+      if (this.readsAsZero(op.old, op.gc * cs, from, to)) {
         zeroes(op.host + from, to - from);
         return;
       }
@@ -438,10 +467,10 @@ export class Qcow2Writer {
   }
 
   /** Does the guest see zeros in [start, end) of a cluster mapped by `old` (no I/O)? */
-  private readsAsZero(old: L2Entry, start: number, end: number): boolean {
+  private readsAsZero(old: L2Entry, clusterOffset: number, start: number, end: number): boolean {
     const s = this.s;
     for (let at = start; at < end; at += this.piece.length) {
-      classify(s.g, old, at, end - at, this.piece);
+      classify(s.g, old, clusterOffset, at, end - at, this.piece);
       const k = this.piece.kind;
       if (!(k === ExtentKind.Zero || (k === ExtentKind.Backing && s.backing === null))) return false;
     }

@@ -9,7 +9,8 @@
  * Entry values (docs/interop/qed_spec.rst): 0 unallocated, 1 zero cluster
  * (data entries only), otherwise the cluster-aligned host offset. A value
  * that is unaligned, inside the header area, or at/after the end of the file
- * is corrupt: the request touching it fails with EIO, nothing else does.
+ * is corrupt (so is an L2 table offset overlapping the L1 table): the request
+ * touching it fails with EIO, nothing else does.
  *
  * Write ordering kept here:
  *  - a new L2 table is written (with its first entries) and synced before the
@@ -91,7 +92,9 @@ export class QedTables {
   private l2Offset(l1Index: number, guest: number): number {
     const off = readEntry(this.l1, l1Index);
     if (off === 0) return 0;
-    if (!validTableOffset(this.geo, off, this.space.fileEnd)) {
+    const tb = this.geo.tableBytes;
+    const onL1 = off < this.l1Offset + tb && this.l1Offset < off + tb; // a table over the L1 table: writes would destroy it
+    if (onL1 || !validTableOffset(this.geo, off, this.space.fileEnd)) {
       throw new CorruptionError(
         `${this.file.path}: corrupt QED L1 entry ${l1Index} (L2 table offset ${hex(off)}) for guest offset ${hex(guest)}`,
       );
