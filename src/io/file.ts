@@ -16,19 +16,36 @@
  */
 import fs from 'node:fs';
 import { performance } from 'node:perf_hooks';
-import { QmountError, ReadOnlyError } from '../errors.js';
+import { errnoOf, QmountError, ReadOnlyError } from '../errors.js';
 import { instrumentation } from './instrument.js';
 import type { IoPoint } from './points.js';
 
+/**
+ * A failed system call (or an injected fault) as a typed error: the errno
+ * name for the layers above, Node's `code` and message kept.
+ */
+export class IoError extends QmountError {
+  code = '';
+}
+
+function sysError(err: unknown): unknown {
+  if (err instanceof QmountError) return err;
+  const code = (err as { code?: unknown } | null)?.code;
+  if (typeof code !== 'string') return err;
+  const e = new IoError(errnoOf(err), (err as Error).message, { cause: err });
+  e.code = code;
+  return e;
+}
+
 function preadOnce(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => {
-    fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+    fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(sysError(err)) : resolve(n)));
   });
 }
 
 function pwriteOnce(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => {
-    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(sysError(err)) : resolve(n)));
   });
 }
 
@@ -237,7 +254,7 @@ export class ImageFile {
     try {
       checkRange(this.path, 'read', position, length, this.closed);
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(sysError(err));
     }
     if (!this.policy.allowed()) return this.readPooled(buf, bufOffset, length, position);
     try {
@@ -251,7 +268,7 @@ export class ImageFile {
       this.policy.done(start, done);
       return Promise.resolve(done);
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(sysError(err));
     }
   }
 
@@ -284,7 +301,7 @@ export class ImageFile {
       }
       return this.writeRaw(buf, bufOffset, length, position);
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(sysError(err));
     }
   }
 
@@ -320,7 +337,7 @@ export class ImageFile {
       if (end > this.zeroFrom) ios.push(this.extend(end));
       return settleAll(ios);
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(sysError(err));
     }
   }
 
@@ -340,7 +357,7 @@ export class ImageFile {
       this.zeroFrom = end;
       return Promise.resolve();
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(sysError(err));
     }
   }
 
@@ -355,7 +372,7 @@ export class ImageFile {
       this.policy.done(start, length);
       return Promise.resolve();
     } catch (err) {
-      return Promise.reject(err);
+      return Promise.reject(sysError(err));
     }
   }
 
@@ -363,8 +380,12 @@ export class ImageFile {
   async flush(): Promise<void> {
     if (this.closed) throw new QmountError('EBADF', `${this.path}: refusing to flush after close`);
     if (this.readOnly) return;
-    if (instrumentation.active) instrumentation.check('flush', 'flush', this.path, 0, 0);
-    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    try {
+      if (instrumentation.active) instrumentation.check('flush', 'flush', this.path, 0, 0);
+    } catch (err) {
+      throw sysError(err);
+    }
+    await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(sysError(err)) : resolve())));
   }
 
   async size(): Promise<number> {
@@ -377,11 +398,15 @@ export class ImageFile {
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`refusing to resize ${this.path}: opened read-only`);
     checkRange(this.path, 'truncate to', size, 0, this.closed);
-    if (instrumentation.active) instrumentation.check('truncate', 'truncate', this.path, size, 0);
+    try {
+      if (instrumentation.active) instrumentation.check('truncate', 'truncate', this.path, size, 0);
+    } catch (err) {
+      throw sysError(err);
+    }
     // Growing makes zeros (zeroFrom may stay); shrinking and regrowing would too, but a
     // write in flight beyond `size` may still land: zeroFrom never goes down.
     if (size > this.zeroFrom) this.zeroFrom = size;
-    await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(err) : resolve())));
+    await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(sysError(err)) : resolve())));
   }
 
   async close(): Promise<void> {

@@ -92,13 +92,21 @@ describe('corruption', () => {
   it('a write that would overlap metadata sets the corrupt bit, fails with EIO, and reads go on', async () => {
     const image = create('cluster_size=4k');
     qemuIo(image, 'qcow2', ['write -P 0x42 0 64k']);
-    // Lie about the L2 table: refcount 0, so the allocator offers its cluster.
+    // Lie about the L2 table: refcount 0. The allocator still never offers a
+    // cluster it knows as metadata, so a new cluster lands elsewhere.
     const h = parseHeader(readAt(image, 0, 4096), fs.statSync(image).size);
     const l2 = Number(readAt(image, h.l1TableOffset, 8).readBigUInt64BE() & 0x00fffffffffffe00n);
     const block = Number(readAt(image, h.refcountTableOffset, 8).readBigUInt64BE());
     writeAt(image, block + (l2 / 4096) * 2, Buffer.alloc(2));
+    // And an L2 entry (guest cluster 20) that names the L2 table itself as its own data cluster.
+    writeAt(image, l2 + 20 * 8, Buffer.from((0x8000000000000000n | BigInt(l2)).toString(16).padStart(16, '0'), 'hex'));
     const d = await openImage(image, { readOnly: false });
-    await expect(d.write(Buffer.alloc(4096, 9), 0, 4096, 8 * MiB)).rejects.toMatchObject({ errno: 'EIO' });
+    await d.write(Buffer.alloc(4096, 9), 0, 4096, 8 * MiB);
+    const back = Buffer.alloc(4096);
+    await d.read(back, 0, 4096, 8 * MiB);
+    expect(back.every((x) => x === 9)).toBe(true);
+    // The in-place write into "cluster 20" would overwrite the L2 table: refused, image marked corrupt.
+    await expect(d.write(Buffer.alloc(4096, 9), 0, 4096, 20 * 4096)).rejects.toMatchObject({ errno: 'EIO' });
     const b = Buffer.alloc(65536);
     await d.read(b, 0, b.length, 0);
     expect(b.every((x) => x === 0x42)).toBe(true);

@@ -83,6 +83,11 @@ export class Refcounts {
     return entryOffset(this.table.readUInt32BE(i * 8), this.table.readUInt32BE(i * 8 + 4));
   }
 
+  /** Refcount block `i` through the cache, null when the table has none (valid until the caller's next await). */
+  block(i: number): Promise<Buffer | null> {
+    return this.loadBlock(i);
+  }
+
   private async loadBlock(i: number): Promise<Buffer | null> {
     const off = this.blockOffset(i);
     if (off === 0) return null;
@@ -141,6 +146,15 @@ export class Refcounts {
         block[at] = (block[at] & ~mask) | ((v << shift) & mask);
       }
     }
+  }
+
+  /** The refcount of one cluster when its block is cached (or absent: 0), without an await; undefined otherwise. */
+  peek(cluster: number): number | undefined {
+    const i = Math.floor(cluster / this.entries);
+    const off = this.blockOffset(i);
+    if (off === 0) return 0;
+    const block = this.cache.peek(off);
+    return block ? this.readEntry(block, cluster % this.entries) : undefined;
   }
 
   /** The refcount of one cluster (by index). */
