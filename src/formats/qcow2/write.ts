@@ -40,13 +40,13 @@ import { CorruptionError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
 import { bitmapRanges } from './bitmaps.js';
 import { serializeHeader } from './header.js';
-import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
-import { readGuest, track } from './read.js';
+import { readL2Entry, type L2Entry } from './map.js';
+import { readGuest } from './read.js';
 import { CommitQueue } from './commit.js';
+import { writeClusters } from './data.js';
 import { badOldMapping, directHost, planCluster, type ClusterOp } from './plan.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
-import { settleAll } from '../../io/file.js';
 import type { Qcow2State } from './state.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, compressedExtent, decodeCompressed, entryOffset, EXT_BITMAPS, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
 
@@ -73,8 +73,6 @@ export class Qcow2Writer {
   private commit!: CommitQueue;
   /** directWrite's L2 entry (used synchronously only). */
   private readonly scratch: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-  /** readsAsZero's piece (used synchronously only). */
-  private readonly piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
 
   constructor(
     private readonly s: Qcow2State,
@@ -141,7 +139,7 @@ export class Qcow2Writer {
   }
 
   /**
-   * The last cluster may end past the end of the file (writeData skips zero
+   * The last cluster may end past the end of the file (data.ts skips zero
    * tails there); a clean close grows the file over it, as qemu leaves its
    * images. A file left short (a crash, or this failing) is valid as it is.
    */
@@ -277,7 +275,7 @@ export class Qcow2Writer {
     }
     const rewrites = ops.filter((o) => o.rewrite);
     try {
-      await this.writeData(buf, ops);
+      await writeClusters(this.s, buf, ops);
     } catch (err) {
       await s.meta.run(() => this.undo(rewrites));
       throw err;
@@ -367,114 +365,6 @@ export class Qcow2Writer {
         s.corruptionFound(`a write to guest offset ${op.gc * cs} replaces a mapping of host cluster ${c * cs}, whose refcount is 0`);
       }
     }
-  }
-
-  /** Phase 2 (no lock): direct writes in place, rewrites as whole segments with their COW head and tail. */
-  private async writeData(buf: Buffer, ops: ClusterOp[]): Promise<void> {
-    const s = this.s;
-    const cs = s.g.clusterSize;
-    const file = s.dataFile ?? s.file;
-    const ios: Promise<unknown>[] = [];
-    // Coalesce: consecutive pieces contiguous on the host become one write.
-    let runHost = -1;
-    let runLen = 0;
-    let runCow = false;
-    let parts: Array<{ src: Buffer; at: number; len: number }> = [];
-    const flushRun = (): void => {
-      if (runLen === 0) return;
-      const host = runHost;
-      const len = runLen;
-      const point = runCow ? 'cow_write' : 'data_write';
-      let data: Buffer;
-      if (parts.length === 1) {
-        data = parts[0].src.subarray(parts[0].at, parts[0].at + parts[0].len);
-      } else {
-        data = Buffer.allocUnsafe(len);
-        let o = 0;
-        for (const p of parts) {
-          p.src.copy(data, o, p.at, p.at + p.len);
-          o += p.len;
-        }
-      }
-      track(ios, file.write(point, data, 0, len, host).then(() => s.noteDataEnd(file, host + len)));
-      runHost = -1;
-      runLen = 0;
-      runCow = false;
-      parts = [];
-    };
-    /** `cow`: part of a segment with a head or tail to fill (IoPoint 'cow_write'). */
-    const add = (host: number, src: Buffer, at: number, len: number, cow: boolean): void => {
-      if (len <= 0) return;
-      if (runLen > 0 && runHost + runLen !== host) flushRun();
-      if (runLen === 0) runHost = host;
-      if (cow) runCow = true;
-      // Consecutive slices of one buffer stay one part: written without a copy.
-      const last = parts[parts.length - 1];
-      if (last && last.src === src && last.at + last.len === at) last.len += len;
-      else parts.push({ src, at, len });
-      runLen += len;
-    };
-
-    // A head or tail that the old mapping reads as zeros. Where nothing was
-    // ever written (a new cluster past the end of the file) it already reads
-    // as zeros and costs nothing: the data write or a later one grows the
-    // file over it, and a cluster that ends past the end of the file reads
-    // as zeros there (qemu too); close() grows the file to whole clusters.
-    // Elsewhere (a reused cluster, a zero-flagged one kept in place) zeros
-    // are written, without a buffer (ImageFile.writeZeroes).
-    const zeroes = (host: number, len: number): void => {
-      if (file.neverWritten(host)) {
-        s.noteDataEnd(file, host + len);
-        return;
-      }
-      flushRun();
-      track(ios, file.writeZeroes('cow_write', host, len).then(() => s.noteDataEnd(file, host + len)));
-    };
-
-    // [from, to) of a rewritten cluster, outside the guest data: what the old mapping shows there.
-    const fill = async (op: ClusterOp, from: number, to: number): Promise<void> => {
-      if (to <= from) return;
-      if (this.readsAsZero(op.old, op.gc * cs, from, to)) {
-        zeroes(op.host + from, to - from);
-        return;
-      }
-      const old = Buffer.allocUnsafe(to - from);
-      await readGuest(s, old, 0, old.length, op.gc * cs + from);
-      add(op.host + from, old, 0, old.length, true);
-    };
-
-    try {
-      for (const op of ops) {
-        if (!op.rewrite) {
-          add(op.host + op.writeStart, buf, op.bufAt, op.writeEnd - op.writeStart, false);
-          continue;
-        }
-        for (const [start, end] of op.segments) {
-          // Head [start, dataStart) and tail [dataEnd, end) come from the old mapping.
-          const dataStart = Math.min(Math.max(start, op.writeStart), end);
-          const dataEnd = Math.max(Math.min(end, op.writeEnd), dataStart);
-          await fill(op, start, dataStart);
-          add(op.host + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart, dataStart > start || end > dataEnd);
-          await fill(op, dataEnd, end);
-        }
-      }
-      flushRun();
-    } catch (err) {
-      await Promise.allSettled(ios);
-      throw err;
-    }
-    await settleAll(ios);
-  }
-
-  /** Does the guest see zeros in [start, end) of a cluster mapped by `old` (no I/O)? */
-  private readsAsZero(old: L2Entry, clusterOffset: number, start: number, end: number): boolean {
-    const s = this.s;
-    for (let at = start; at < end; at += this.piece.length) {
-      classify(s.g, old, clusterOffset, at, end - at, this.piece);
-      const k = this.piece.kind;
-      if (!(k === ExtentKind.Zero || (k === ExtentKind.Backing && s.backing === null))) return false;
-    }
-    return true;
   }
 
   /** Phase 3 (under the lock): point L2 entries at the new data, then drop what they pointed at. */
