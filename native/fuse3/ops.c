@@ -56,6 +56,8 @@ static void qf_init(void *userdata, struct fuse_conn_info *conn) {
   /* Requests are read into memory buffers (session.c), never spliced. */
   conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  /* open(O_TRUNC) then arrives as setattr(size 0): EPERM, as on fuse-native (libfuse 3 turns this on). */
+  conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
   /* libfuse clamps max_write to its own buffer size and asks for max_pages to match. */
   conn->max_write = s->a.max_write;
   /* Must equal the max_read mount option (JS passes both; libfuse refuses a mismatch). */

@@ -29,7 +29,7 @@
 #define QF_FILE_INO 2
 #define QF_FILE_NAME "disk.raw"
 
-/* Operations handed to JS (first handler argument); keep in step with mount/fuse3.ts. */
+/* Operations handed to JS (first handler argument); keep in step with mount/backend-fuse3.ts. */
 enum qf_op {
   QF_READ = 0,
   QF_WRITE = 1,
