@@ -65,6 +65,7 @@ struct qf_stats {
   double pool_full;      /* times receiving stopped because every buffer was taken */
   double interrupts;     /* INTERRUPTs for requests JS held */
   double late_replies;   /* replies that arrived after close (dropped) */
+  double max_batch;      /* most requests read in one wake-up (> 1: several were queued at once) */
 };
 
 struct qf_session {

@@ -105,7 +105,9 @@ static void mark_unmounted(struct qf_session *s, int err) {
 }
 
 static void receive(struct qf_session *s) {
+  double batch = 0;
   while (!s->closed && !s->unmounted) {
+    if (batch > s->st.max_batch) s->st.max_batch = batch;
     if (s->nfree == 0) {
       /* Every buffer is held by a request JS has not answered: stop reading until one is. */
       stop_polling(s);
@@ -126,6 +128,7 @@ static void receive(struct qf_session *s) {
       return;
     }
     s->st.received++;
+    batch++;
     sl->state = SLOT_BUSY;
     s->cur_slot = idx;
     struct fuse_buf fb;
@@ -415,6 +418,7 @@ static napi_value qf_stats(napi_env env, napi_callback_info info) {
   PUT("poolFull", s->st.pool_full);
   PUT("interrupts", s->st.interrupts);
   PUT("lateReplies", s->st.late_replies);
+  PUT("maxBatch", s->st.max_batch);
   PUT("pending", s->npending);
   PUT("buffers", s->nslots);
 #undef PUT
