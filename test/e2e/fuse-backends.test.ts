@@ -219,6 +219,51 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     for (const img of imgs) expect(qemuCheck(img).code).toBe(0);
   });
 
+  it('a request interrupted by killing its caller: the late answer is dropped, the mount goes on', async () => {
+    // In this process, over a driver whose flush waits until released: fsync(2) is a synchronous,
+    // interruptible FUSE request (unlike O_DIRECT and buffered reads, which go as background requests).
+    const { MountSession } = await import('../../mount/session.js');
+    const { configureLogging, logger } = await import('../../src/log.js');
+    const { parseMountOptions } = await import('../../mount/options.js');
+    configureLogging({ level: 'silent' });
+    let release!: () => void;
+    let flushes = 0;
+    const held = new Promise<void>((r) => (release = r));
+    const disk = Buffer.alloc(4 * MiB, 0x42);
+    const driver = {
+      format: 'raw', filename: 'fake', virtualSize: disk.length, readOnly: false,
+      read: (buf: Buffer, off: number, len: number, pos: number) => Promise.resolve(void disk.copy(buf, off, pos, pos + len)),
+      write: (buf: Buffer, off: number, len: number, pos: number) => Promise.resolve(void buf.copy(disk, pos, off, off + len)),
+      flush: () => (++flushes === 1 ? held : Promise.resolve()),
+      close: () => Promise.resolve(),
+      info: () => ({}),
+    };
+    const dir = fs.realpathSync(makeMountDir());
+    const session = await MountSession.mount(driver as never, dir, { readOnly: false, mount: parseMountOptions([]), log: logger('mount'), backend });
+    try {
+      const py = `import os\nfd = os.open(${JSON.stringify(`${dir}/disk.raw`)}, os.O_RDWR)\nprint("syncing", flush=True)\nos.fsync(fd)`;
+      const child = execFile('python3', ['-c', py]);
+      const exited = new Promise<NodeJS.Signals | null>((r) => child.on('exit', (_c, sig) => r(sig)));
+      await new Promise<void>((r) => child.stdout!.once('data', () => r()));
+      while (flushes === 0) await new Promise((r) => setTimeout(r, 10));
+      child.kill('SIGTERM');
+      if (backend === 'fuse3') {
+        const stats = () => (session as unknown as { backend: { stats(): { interrupts: number } } }).backend.stats();
+        while (stats().interrupts === 0) await new Promise((r) => setTimeout(r, 10));
+      }
+      release(); // the answer to the interrupted fsync
+      expect(await exited).toBe('SIGTERM');
+      const r = await execFileP('sh', ['-c', `dd if=${dir}/disk.raw bs=4k count=1 skip=5 iflag=direct status=none | od -An -tx1 | head -1`]);
+      expect(r.stdout.trim().split(/\s+/)[0]).toBe('42');
+      expect(await session.close('test done')).toBe(0);
+    } finally {
+      release();
+      await session.close('cleanup');
+      if (isMounted(dir)) detach(dir);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it(`fio --verify=crc32c soak, mixed sizes and depths, ${SOAK_SECONDS} s: no errors, qemu-img check clean`, async () => {
     const img = path.join(scratch.dir, `soak-${backend}.qcow2`);
     qemuImg('create', '-q', '-f', 'qcow2', img, '256M');
