@@ -101,7 +101,31 @@ export class Fuse3Backend implements FuseBackend {
     const m = this.addon.mount(mountPoint, this.options, attrs, bufferCount(), this.handler);
     this.handle = m.handle;
     this.bufs = m.buffers.map((ab) => Buffer.from(ab));
+    this.raiseReadahead(maxRead);
     return Promise.resolve();
+  }
+
+  /**
+   * The kernel's read-ahead for a FUSE mount starts at 128 KiB (the bdi
+   * default; max_readahead only caps it). Buffered sequential readers (dd,
+   * a loop device) get fewer, larger requests with it at max_read: 10-20%
+   * more on a buffered dd here. Needs root; best effort, in the background.
+   * The device number comes from mountinfo: a stat of the mount point from
+   * this process would wait for the event loop that must answer it.
+   */
+  private raiseReadahead(maxRead: number): void {
+    const kb = Math.floor(maxRead / 1024);
+    (async () => {
+      const text = await fs.promises.readFile('/proc/self/mountinfo', 'utf8');
+      let dev: string | undefined;
+      for (const line of text.split('\n')) {
+        const f = line.split(' ');
+        if (f[4] !== undefined && f[4].replace(/\\([0-7]{3})/g, (_m, o: string) => String.fromCharCode(parseInt(o, 8))) === this.ctx.mountPoint) dev = f[2];
+      }
+      if (!dev) return;
+      const file = `/sys/class/bdi/${dev}/read_ahead_kb`;
+      if (Number(await fs.promises.readFile(file, 'utf8')) < kb) await fs.promises.writeFile(file, `${kb}\n`);
+    })().catch((err: unknown) => this.ctx.log.debug({ err: oneLine(err) }, 'read-ahead not raised'));
   }
 
   private readonly handler: Fuse3Handler = (op, slot, offset, length, arg) => {

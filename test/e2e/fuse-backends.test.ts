@@ -134,6 +134,20 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     })();
   });
 
+  it('the mount\'s read-ahead is raised to the largest request on fuse3 (left at the kernel default on fuse-native)', async () => {
+    const img = makeQcow2(`ra-${backend}.qcow2`);
+    const m = await mountImage(img, { backend, readOnly: true });
+    try {
+      const dev = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n').find((l) => l.split(' ')[4] === fs.realpathSync(m.dir))!.split(' ')[2];
+      const ra = () => Number(fs.readFileSync(`/sys/class/bdi/${dev}/read_ahead_kb`, 'utf8'));
+      // Raised in the background right after mounting: wait for it (bounded by the test timeout).
+      if (backend === 'fuse3') while (ra() !== 1024) await new Promise((r) => setTimeout(r, 20));
+      else expect(ra()).toBeLessThanOrEqual(128);
+    } finally {
+      await m.unmount();
+    }
+  });
+
   it('lseek answers ENOSYS (the kernel then sees one data extent) and fallocate EOPNOTSUPP', async () => {
     const img = makeQcow2(`seek-${backend}.qcow2`);
     const m = await mountImage(img, { backend });
