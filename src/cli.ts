@@ -30,8 +30,8 @@ import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
-import { QmountError, oneLine } from './errors.js';
-import { checkImage, type CheckReport, type RepairMode } from './formats/check.js';
+import { oneLine } from './errors.js';
+import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES, openImage, printable } from './formats/open.js';
 import { ImageFile } from './io/file.js';
@@ -276,9 +276,9 @@ function infoJson(info: ImageInfo, name = info.filename): Record<string, unknown
       name: s.name,
       'vm-state-size': s.vmStateSize,
       'date-sec': s.dateSec,
-      'date-nsec': 0,
-      'vm-clock-sec': Math.floor(s.vmClockNsec / 1e9),
-      'vm-clock-nsec': s.vmClockNsec % 1e9,
+      'date-nsec': s.dateNsec,
+      'vm-clock-sec': s.vmClockSec,
+      'vm-clock-nsec': s.vmClockNsec,
       'guest-size': s.guestSize,
     }));
   }
@@ -319,8 +319,8 @@ function infoHuman(info: ImageInfo, name = info.filename): string {
     for (const s of info.snapshots) {
       const d = new Date(s.dateSec * 1000);
       const date = `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
-      const ms = Math.floor(s.vmClockNsec / 1e6);
-      const clock = `${pad2(Math.floor(ms / 3_600_000))}:${pad2(Math.floor(ms / 60_000) % 60)}:${pad2(Math.floor(ms / 1000) % 60)}.${String(ms % 1000).padStart(3, '0')}`;
+      const sec = s.vmClockSec;
+      const clock = `${pad2(Math.floor(sec / 3600))}:${pad2(Math.floor(sec / 60) % 60)}:${pad2(sec % 60)}.${String(Math.floor(s.vmClockNsec / 1e6)).padStart(3, '0')}`;
       lines.push(`${s.id.padEnd(10)}${s.name.padEnd(18)}${humanSize(s.vmStateSize).padStart(7)} ${date} ${clock}`);
     }
   }
@@ -402,8 +402,7 @@ async function checkCommand(image: string, flags: { output: string; repair?: 'le
   try {
     report = await checkImage(image, { repair, log: logger('check') });
   } catch (err) {
-    const unsupported = err instanceof QmountError && err.errno === 'ENOTSUP';
-    throw new CliError(unsupported ? EXIT_CHECK_UNSUPPORTED : EXIT_CHECK_INCOMPLETE, oneLine(err));
+    throw new CliError(err instanceof NothingToCheckError ? EXIT_CHECK_UNSUPPORTED : EXIT_CHECK_INCOMPLETE, oneLine(err));
   }
   if (flags.output === 'json') {
     const out = {

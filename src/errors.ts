@@ -18,7 +18,8 @@ export type ErrnoName =
   | 'ENOTDIR'
   | 'EEXIST'
   | 'ENOMEM'
-  | 'EOVERFLOW';
+  | 'EOVERFLOW'
+  | 'EBADF';
 
 export class QmountError extends Error {
   readonly errno: ErrnoName;
@@ -59,7 +60,7 @@ export class ReadOnlyError extends QmountError {
 
 const KNOWN = new Set<string>([
   'EIO', 'EROFS', 'ENOSPC', 'EINVAL', 'ENOENT', 'ENOTSUP', 'EBUSY', 'ELOOP', 'EACCES',
-  'EPERM', 'EFBIG', 'ENOTDIR', 'EEXIST', 'ENOMEM', 'EOVERFLOW',
+  'EPERM', 'EFBIG', 'ENOTDIR', 'EEXIST', 'ENOMEM', 'EOVERFLOW', 'EBADF',
 ]);
 
 /** The errno name of any thrown value: ours, Node's system errors, else EIO. */

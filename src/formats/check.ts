@@ -15,6 +15,13 @@ import { checkQed } from './qed/check.js';
 
 export type RepairMode = 'none' | 'leaks' | 'all';
 
+/**
+ * The image's format has no metadata to check (raw): qemu-img check's exit
+ * 63. Only this; a qcow2 or QED image that cannot be opened (an unknown
+ * feature, encryption) is a check that could not complete.
+ */
+export class NothingToCheckError extends UnsupportedError {}
+
 export interface CheckReport {
   format: FormatName;
   corruptions: number;
@@ -52,7 +59,7 @@ async function checkFormat(path: string, opts: { repair: RepairMode; log: Logger
   opts.log.debug({ path, format, repair: opts.repair }, 'checking image');
   switch (format) {
     case 'raw':
-      throw new UnsupportedError(`${path}: raw images have no metadata to check`);
+      throw new NothingToCheckError(`${path}: raw images have no metadata to check`);
     case 'qcow2':
       return checkQcow2(path, opts);
     case 'qed':

@@ -4,6 +4,7 @@
  * `guestOffset` is an address in the virtual disk, `hostOffset` one in the
  * image file.
  */
+import { QmountError, ReadOnlyError } from '../errors.js';
 import type { Logger } from '../log.js';
 
 export type FormatName = 'qcow2' | 'qed' | 'raw';
@@ -13,11 +14,13 @@ export interface SnapshotInfo {
   name: string;
   /** bytes */
   vmStateSize: number;
-  /** seconds since the epoch */
+  /** seconds since the epoch, and the nanoseconds after them */
   dateSec: number;
+  dateNsec: number;
   /** bytes; undefined for v2 snapshots that do not record it */
   guestSize?: number;
-  /** guest run time in nanoseconds */
+  /** guest run time: whole seconds, and the nanoseconds after them (0..999999999) */
+  vmClockSec: number;
   vmClockNsec: number;
 }
 
@@ -46,6 +49,26 @@ export interface ImageInfo {
   backing?: ImageInfo;
 }
 
+/**
+ * The contract every driver keeps, one errno per case
+ * (test/unit/driver-contract.test.ts runs it over every driver):
+ *
+ *  - `guestOffset` and `length` are non-negative safe integers, else EINVAL.
+ *  - read: the whole range lies in [0, virtualSize], else EINVAL (callers
+ *    clamp: the FUSE layer cuts a read at the end of the disk).
+ *  - write: a read-only driver refuses every write with EROFS, checked
+ *    first; a range reaching past virtualSize is ENOSPC, as on a block
+ *    device, and nothing of it is written.
+ *  - length 0 does nothing, anywhere in [0, virtualSize].
+ *  - Buffer lifetime: the driver uses `buf` only until the promise it
+ *    returned settles, also when it rejects (it waits for every I/O it
+ *    started). The FUSE bindings hand over their own request memory and
+ *    reuse it as soon as the request is answered.
+ *  - close() is idempotent; once it was called, read, write and flush reject
+ *    with EBADF (nothing reaches a file descriptor the process may reuse).
+ *
+ * checkRequest() is the one implementation of the range rules.
+ */
 export interface BlockDriver {
   readonly format: FormatName;
   readonly filename: string;
@@ -71,6 +94,24 @@ export interface BlockDriver {
   close(): Promise<void>;
 
   info(): ImageInfo;
+}
+
+/** Throws the contract's errno for a request a driver must refuse before doing anything (see BlockDriver). */
+export function checkRequest(
+  d: { readonly filename: string; readonly virtualSize: number; readonly readOnly: boolean },
+  op: 'read' | 'write',
+  guestOffset: number,
+  length: number,
+  closed: boolean,
+): void {
+  if (closed) throw new QmountError('EBADF', `${d.filename}: ${op} after close`);
+  if (op === 'write' && d.readOnly) throw new ReadOnlyError();
+  if (!(Number.isSafeInteger(guestOffset) && Number.isSafeInteger(length) && guestOffset >= 0 && length >= 0)) {
+    throw new QmountError('EINVAL', `${d.filename}: ${op} of ${String(length)} bytes at guest offset ${String(guestOffset)} is not a valid request`);
+  }
+  if (guestOffset + length > d.virtualSize) {
+    throw new QmountError(op === 'write' ? 'ENOSPC' : 'EINVAL', `${d.filename}: ${op} [${guestOffset}, +${length}) reaches past the end of the ${d.virtualSize}-byte disk`);
+  }
 }
 
 /** How a driver opens the image it is backed by (keeps formats free of the registry). */

@@ -7,12 +7,16 @@
  *   kernel: an image opened with -r is never written, whatever a bug above does.
  * - Reads past end of file return short counts; callers decide whether that is
  *   zeros (data) or corruption (metadata).
- * - Errors (faults, EROFS, the kernel's) always come as rejected promises,
- *   never as exceptions thrown by the call itself.
+ * - Every position and length is checked before any syscall (checkRange):
+ *   a non-negative safe integer, and their sum too. Node's fs would take an
+ *   unsafe or missing position as "the current file position" (offset 0
+ *   here, the header), and throws RangeErrors for negative ones.
+ * - Errors (faults, EROFS, bad ranges, the kernel's) always come as rejected
+ *   promises, never as exceptions thrown by the call itself.
  */
 import fs from 'node:fs';
 import { performance } from 'node:perf_hooks';
-import { ReadOnlyError } from '../errors.js';
+import { QmountError, ReadOnlyError } from '../errors.js';
 import { instrumentation } from './instrument.js';
 import type { IoPoint } from './points.js';
 
@@ -128,6 +132,39 @@ export class InlinePolicy {
   }
 }
 
+/**
+ * Wait for every I/O of a batch, then reject with the first error, if any.
+ * Promise.all would reject at the first error while the others still run -
+ * and they may still be reading the caller's buffer (BlockDriver's
+ * buffer-lifetime rule, src/formats/driver.ts).
+ */
+export async function settleAll(ios: Promise<unknown>[]): Promise<void> {
+  if (ios.length === 1) {
+    await ios[0];
+    return;
+  }
+  for (const r of await Promise.allSettled(ios)) if (r.status === 'rejected') throw r.reason;
+}
+
+/** A position or length that no file I/O may use (see checkRange). */
+export class IoRangeError extends QmountError {}
+
+/**
+ * Throws IoRangeError unless `position` and `length` are non-negative safe
+ * integers whose sum is one too: EINVAL for negative, fractional or
+ * non-number values, EFBIG for values past Number.MAX_SAFE_INTEGER.
+ */
+export function checkRange(path: string, op: string, position: number, length: number, closed = false): void {
+  // After close the descriptor number may already belong to another file.
+  if (closed) throw new QmountError('EBADF', `${path}: refusing to ${op} after close`);
+  if (Number.isSafeInteger(position) && Number.isSafeInteger(length) && position >= 0 && length >= 0 && Number.isSafeInteger(position + length)) {
+    return;
+  }
+  const tooLarge = typeof position === 'number' && typeof length === 'number' && position >= 0 && length >= 0 &&
+    Number.isInteger(position) && Number.isInteger(length);
+  throw new IoRangeError(tooLarge ? 'EFBIG' : 'EINVAL', `${path}: refusing to ${op} ${String(length)} bytes at position ${String(position)}`);
+}
+
 export interface OpenOptions {
   readOnly: boolean;
 }
@@ -197,6 +234,11 @@ export class ImageFile {
    * short reads; returns fewer than `length` only at end of file.
    */
   read(buf: Buffer, bufOffset: number, length: number, position: number): Promise<number> {
+    try {
+      checkRange(this.path, 'read', position, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (!this.policy.allowed()) return this.readPooled(buf, bufOffset, length, position);
     try {
       const start = this.policy.now();
@@ -236,6 +278,7 @@ export class ImageFile {
   write(point: IoPoint, buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
     try {
       if (this.readOnly) throw new ReadOnlyError(`refusing to write ${this.path}: opened read-only`);
+      checkRange(this.path, 'write', position, length, this.closed);
       if (instrumentation.active) {
         instrumentation.check('write', point, this.path, position, length, buf.subarray(bufOffset, bufOffset + length));
       }
@@ -264,7 +307,8 @@ export class ImageFile {
   writeZeroes(point: IoPoint, position: number, length: number): Promise<void> {
     try {
       if (this.readOnly) throw new ReadOnlyError(`refusing to write ${this.path}: opened read-only`);
-      if (length <= 0) return Promise.resolve();
+      checkRange(this.path, 'write zeroes of', position, length, this.closed);
+      if (length === 0) return Promise.resolve();
       if (instrumentation.active) instrumentation.check('write', point, this.path, position, length, Buffer.alloc(length));
       const end = position + length;
       const real = Math.min(end, this.zeroFrom) - position;
@@ -274,7 +318,7 @@ export class ImageFile {
         ios.push(this.writeRaw(ZEROES, 0, n, position + done));
       }
       if (end > this.zeroFrom) ios.push(this.extend(end));
-      return ios.length === 1 ? ios[0]! : Promise.all(ios).then(() => undefined);
+      return settleAll(ios);
     } catch (err) {
       return Promise.reject(err);
     }
@@ -317,6 +361,7 @@ export class ImageFile {
 
   /** fdatasync: everything written before is durable when this resolves. */
   async flush(): Promise<void> {
+    if (this.closed) throw new QmountError('EBADF', `${this.path}: refusing to flush after close`);
     if (this.readOnly) return;
     if (instrumentation.active) instrumentation.check('flush', 'flush', this.path, 0, 0);
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
@@ -331,6 +376,7 @@ export class ImageFile {
 
   async truncate(size: number): Promise<void> {
     if (this.readOnly) throw new ReadOnlyError(`refusing to resize ${this.path}: opened read-only`);
+    checkRange(this.path, 'truncate to', size, 0, this.closed);
     if (instrumentation.active) instrumentation.check('truncate', 'truncate', this.path, size, 0);
     // Growing makes zeros (zeroFrom may stay); shrinking and regrowing would too, but a
     // write in flight beyond `size` may still land: zeroFrom never goes down.

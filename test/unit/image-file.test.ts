@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ReadOnlyError } from '../../src/errors.js';
-import { ImageFile, InlinePolicy, ioTuning } from '../../src/io/file.js';
+import { checkRange, ImageFile, InlinePolicy, IoRangeError, ioTuning } from '../../src/io/file.js';
 import { instrumentation } from '../../src/io/instrument.js';
 
 /** A clock the test moves by hand; `step` is added on every reading. */
@@ -261,5 +261,82 @@ describe('ImageFile.writeZeroes', () => {
     } finally {
       await ro.close();
     }
+  });
+});
+
+describe('ImageFile positions and lengths', () => {
+  let dir: string;
+  let file: string;
+
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmount-range-'));
+    file = path.join(dir, 'f.bin');
+    fs.writeFileSync(file, Buffer.from('0123456789abcdef'));
+  });
+  afterEach(() => {
+    instrumentation.record(null);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  // Node's fs takes an unsafe or missing position as "the current file position" (0 here):
+  // each of these would otherwise have written at the start of the file.
+  const BAD: Array<[string, number, number, string]> = [
+    ['negative position', -512, 4, 'EINVAL'],
+    ['fractional position', 0.5, 4, 'EINVAL'],
+    ['NaN position', NaN, 4, 'EINVAL'],
+    ['null position', null as unknown as number, 4, 'EINVAL'],
+    ['undefined position', undefined as unknown as number, 4, 'EINVAL'],
+    ['Infinity position', Infinity, 4, 'EINVAL'],
+    ['position 2^55', 2 ** 55, 4, 'EFBIG'],
+    ['position past MAX_SAFE_INTEGER with the length', Number.MAX_SAFE_INTEGER - 1, 4, 'EFBIG'],
+    ['negative length', 0, -1, 'EINVAL'],
+    ['fractional length', 0, 1.5, 'EINVAL'],
+  ];
+
+  for (const mode of ['inline', 'pooled'] as const) {
+    it(`refuses bad positions and lengths with a typed error before any syscall or record (${mode})`, async () => {
+      const events: string[] = [];
+      instrumentation.record((ev) => events.push(`${ev.op} ${ev.point}`));
+      const f = await ImageFile.open(file, { readOnly: false });
+      if (mode === 'pooled') f.policy = Object.assign(new InlinePolicy(), { allowed: () => false });
+      try {
+        for (const [what, pos, len, errno] of BAD) {
+          const buf = Buffer.alloc(8, 0x5a);
+          const tries: Array<[string, () => Promise<unknown>]> = [
+            ['read', () => f.read(buf, 0, len, pos)],
+            ['readZeroFill', () => f.readZeroFill(buf, 0, len, pos)],
+            ['write', () => f.write('data_write', buf, 0, len, pos)],
+            ['writeZeroes', () => f.writeZeroes('cow_write', pos, len)],
+          ];
+          for (const [op, call] of tries) {
+            let p: Promise<unknown> | undefined;
+            expect(() => (p = call()), `${op}, ${what}`).not.toThrow();
+            const err = await p!.then(() => null, (e: unknown) => e);
+            expect(err, `${op}, ${what}`).toBeInstanceOf(IoRangeError);
+            expect((err as IoRangeError).errno, `${op}, ${what}`).toBe(errno);
+          }
+          if (len === 4 && !(pos + len > Number.MAX_SAFE_INTEGER && pos <= Number.MAX_SAFE_INTEGER)) {
+            await expect(f.truncate(pos), `truncate, ${what}`).rejects.toBeInstanceOf(IoRangeError);
+          }
+        }
+      } finally {
+        await f.close();
+      }
+      expect(events).toEqual([]);
+      expect(fs.readFileSync(file).toString()).toBe('0123456789abcdef');
+    });
+  }
+
+  it('accepts the largest safe range and zero-length calls', async () => {
+    const f = await ImageFile.open(file, { readOnly: false });
+    try {
+      expect(await f.read(Buffer.alloc(1), 0, 0, 3)).toBe(0);
+      await f.write('data_write', Buffer.alloc(1), 0, 0, 5);
+      await f.writeZeroes('cow_write', 7, 0);
+      expect(() => checkRange('f', 'read', Number.MAX_SAFE_INTEGER - 4, 4)).not.toThrow();
+    } finally {
+      await f.close();
+    }
+    expect(fs.readFileSync(file).toString()).toBe('0123456789abcdef');
   });
 });

@@ -1,6 +1,7 @@
 /** QED header parsing and validation: every rule gives a one-line FormatError. */
 import { describe, expect, it } from 'vitest';
 import { FormatError } from '../../src/errors.js';
+import { INVALID_OFFSET } from '../../src/formats/u64.js';
 import {
   QED_F_BACKING_FILE,
   QED_F_NEED_CHECK,
@@ -83,7 +84,8 @@ describe('QED header', () => {
     rejects((_h, b) => b.writeBigUInt64LE(BigInt(FILE), 40), /past the end of the file/);
     // The table's last cluster must be inside the file too.
     rejects((_h, b) => b.writeBigUInt64LE(BigInt(FILE - 65536 * 2), 40), /past the end of the file/);
-    rejects((_h, b) => b.writeBigUInt64LE(1n << 62n, 40), /out of range/);
+    rejects((_h, b) => b.writeBigUInt64LE(1n << 62n, 40), /L1 table offset 0x4000000000000000 is too large/);
+    rejects((_h, b) => b.writeBigUInt64LE(1n << 52n, 40), /too large/);
   });
 
   it('refuses image sizes that are unaligned or too large for the tables', () => {
@@ -120,14 +122,16 @@ describe('QED header', () => {
     expect(() => decodeBackingName(Buffer.from([0x61, 0xff, 0x62]))).toThrow(FormatError);
   });
 
-  it('reads and writes 64-bit entries exactly up to 2^53', () => {
+  it('reads and writes 64-bit entries exactly below 2^52, and decodes larger ones as INVALID_OFFSET', () => {
     const t = Buffer.alloc(32);
-    for (const v of [0, 1, 65536, 2 ** 32, 2 ** 40 + 65536, Number.MAX_SAFE_INTEGER - 4095]) {
+    for (const v of [0, 1, 65536, 2 ** 32, 2 ** 40 + 65536, 2 ** 52 - 4096]) {
       writeEntry(t, 2, v);
       expect(readEntry(t, 2)).toBe(v);
       expect(t.readBigUInt64LE(16)).toBe(BigInt(v));
     }
-    t.writeBigUInt64LE(1n << 63n, 8);
-    expect(readEntry(t, 1)).toBeGreaterThan(Number.MAX_SAFE_INTEGER);
+    for (const big of [1n << 52n, (1n << 53n) + 4096n, 1n << 63n, 0xffffffffffffffffn]) {
+      t.writeBigUInt64LE(big, 8);
+      expect(readEntry(t, 1)).toBe(INVALID_OFFSET);
+    }
   });
 });

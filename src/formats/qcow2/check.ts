@@ -11,9 +11,9 @@ import type { Logger } from '../../log.js';
 import type { CheckReport, RepairMode } from '../check.js';
 import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES } from '../open.js';
 import { loadQcow2 } from './driver.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './header.js';
 import { Refcounts } from './refcount.js';
 import { reconcile } from './repair.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField } from './spec.js';
 
 export async function checkQcow2(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
   const readOnly = opts.repair === 'none';
@@ -38,9 +38,8 @@ export async function checkQcow2(path: string, opts: { repair: RepairMode; log: 
       await rc.cache.flush();
       const bits = BigInt(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
       if (opts.repair === 'all' && corruptions === 0 && (s.header.incompatible & bits) !== 0n) {
-        const b = Buffer.alloc(8);
-        b.writeBigUInt64BE(s.header.incompatible & ~bits);
-        await file.write('header_update', b, 0, 8, 72);
+        const [at, field] = incompatibleField(s.header.incompatible & ~bits);
+        await file.write('header_update', field, 0, field.length, at);
         await file.flush();
       }
     }

@@ -3,23 +3,16 @@
  * (read.ts) and writes (write.ts) over one Qcow2State.
  */
 import path from 'node:path';
-import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
+import { FormatError, QmountError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
-import type { BlockDriver, DriverOpenOptions, FormatName, ImageInfo } from '../driver.js';
-import {
-  featureList,
-  hasBit,
-  INCOMPAT_CORRUPT,
-  INCOMPAT_DATA_FILE,
-  parseHeader,
-  type Qcow2Header,
-} from './header.js';
-import { geometryOf } from './layout.js';
+import { checkRequest, type BlockDriver, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
+import { featureList, parseHeader, type Qcow2Header } from './header.js';
 import { readGuest } from './read.js';
 import { readSnapshotTable } from './snapshot.js';
 import { Qcow2State } from './state.js';
 import { Qcow2Writer } from './write.js';
+import { geometryOf, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, HDR, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_BYTES, V3_HEADER_BYTES } from './spec.js';
 
 const KNOWN_BACKING_FORMATS: Record<string, FormatName> = { qcow2: 'qcow2', raw: 'raw', qed: 'qed', file: 'raw' };
 
@@ -43,11 +36,12 @@ export async function openQcow2(file: ImageFile, opts: DriverOpenOptions): Promi
  */
 export async function loadQcow2(file: ImageFile, opts: DriverOpenOptions, forCheck: boolean): Promise<Qcow2State> {
   const fileSize = await file.size();
-  const first = Buffer.alloc(Math.min(fileSize, 104));
+  const first = Buffer.alloc(Math.min(fileSize, V3_HEADER_BYTES));
   await file.read(first, 0, first.length, 0);
-  if (first.length < 72) throw new FormatError('file too short for a qcow2 header');
-  const clusterBits = first.readUInt32BE(20);
-  const headLen = Math.min(fileSize, clusterBits >= 9 && clusterBits <= 21 ? 2 ** clusterBits : 104);
+  if (first.length < V2_HEADER_BYTES) throw new FormatError('file too short for a qcow2 header');
+  // The header cluster (where extensions and the backing file name live); parseHeader validates cluster_bits.
+  const clusterBits = first.readUInt32BE(HDR.clusterBits);
+  const headLen = Math.min(fileSize, clusterBits >= MIN_CLUSTER_BITS && clusterBits <= MAX_CLUSTER_BITS ? 2 ** clusterBits : V3_HEADER_BYTES);
   const head = Buffer.alloc(headLen);
   await file.read(head, 0, headLen, 0);
   const header = parseHeader(head, fileSize);
@@ -119,16 +113,26 @@ class Qcow2Driver implements BlockDriver {
   }
 
   read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    try {
+      checkRequest(this, 'read', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (this.writer) return this.writer.read(buf, bufOffset, length, guestOffset);
     return readGuest(this.s, buf, bufOffset, length, guestOffset);
   }
 
   write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
-    if (!this.writer) return Promise.reject(new ReadOnlyError());
-    return this.writer.write(buf, bufOffset, length, guestOffset);
+    try {
+      checkRequest(this, 'write', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.writer!.write(buf, bufOffset, length, guestOffset);
   }
 
   async flush(): Promise<void> {
+    if (this.closed) throw new QmountError('EBADF', `${this.filename}: flush after close`);
     if (this.writer) await this.writer.flush();
   }
 
@@ -157,8 +161,8 @@ class Qcow2Driver implements BlockDriver {
       backingPath: this.s.backing?.filename,
       backingFormat: h.backingFormat,
       features: featureList(h),
-      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, guestSize, vmClockNsec }) => ({
-        id, name, vmStateSize, dateSec, guestSize, vmClockNsec,
+      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, dateNsec, guestSize, vmClockSec, vmClockNsec }) => ({
+        id, name, vmStateSize, dateSec, dateNsec, guestSize, vmClockSec, vmClockNsec,
       })),
       refcountBits: 2 ** h.refcountOrder,
       compressionType: h.compressionType === 1 ? 'zstd' : 'zlib',

@@ -8,30 +8,39 @@
  */
 import { FormatError, UnsupportedError } from '../../errors.js';
 import { QCOW2_MAGIC } from '../probe.js';
-
-export const INCOMPAT_DIRTY = 1 << 0;
-export const INCOMPAT_CORRUPT = 1 << 1;
-export const INCOMPAT_DATA_FILE = 1 << 2;
-export const INCOMPAT_COMPRESSION = 1 << 3;
-export const INCOMPAT_EXTL2 = 1 << 4;
-const INCOMPAT_KNOWN = 0x1f;
-export const COMPAT_LAZY_REFCOUNTS = 1 << 0;
-export const AUTOCLEAR_BITMAPS = 1 << 0;
-export const AUTOCLEAR_DATA_FILE_RAW = 1 << 1;
-
-export const EXT_END = 0;
-export const EXT_BACKING_FORMAT = 0xe2792aca;
-export const EXT_FEATURE_TABLE = 0x6803f857;
-export const EXT_BITMAPS = 0x23852875;
-export const EXT_CRYPTO = 0x0537be77;
-export const EXT_DATA_FILE = 0x44415441;
-
-/** QEMU's implementation limits, which we share so images stay interchangeable. */
-export const MAX_L1_BYTES = 32 * 1024 * 1024;
-export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
-export const MAX_SNAPSHOTS = 65536;
-export const MIN_CLUSTER_BITS = 9;
-export const MAX_CLUSTER_BITS = 21;
+import { headerU64BE } from '../u64.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
+  EXT_BACKING_FORMAT,
+  EXT_DATA_FILE,
+  EXT_END,
+  EXT_FEATURE_TABLE,
+  FEATURE_NAME_BYTES,
+  FEATURE_NAME_ENTRY_BYTES,
+  hasBit,
+  HDR,
+  INCOMPAT_COMPRESSION,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+  INCOMPAT_KNOWN,
+  L1E_BYTES,
+  L2E_BYTES,
+  L2E_EXT_BYTES,
+  MAX_BACKING_NAME_BYTES,
+  MAX_CLUSTER_BITS,
+  MAX_L1_BYTES,
+  MAX_REFTABLE_BYTES,
+  MAX_SNAPSHOTS,
+  MIN_CLUSTER_BITS,
+  MIN_EXTL2_CLUSTER_BITS,
+  SNAPSHOT_ENTRY_MIN_BYTES,
+  V2_HEADER_BYTES,
+  V3_HEADER_BYTES,
+} from './spec.js';
 
 export interface HeaderExtension {
   type: number;
@@ -75,12 +84,6 @@ export interface Qcow2Header {
   featureNames: FeatureName[];
 }
 
-function u64(buf: Buffer, off: number, what: string): number {
-  const v = buf.readBigUInt64BE(off);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new FormatError(`${what} is too large (${v})`);
-  return Number(v);
-}
-
 /** Names of incompatible bits that are set and unknown to us, named from the image's table. */
 function unknownIncompatNames(mask: bigint, names: FeatureName[]): string[] {
   const out: string[] = [];
@@ -103,50 +106,50 @@ function unknownIncompatNames(mask: bigint, names: FeatureName[]): string[] {
  * cluster (or the whole file if smaller); `fileSize` bounds every table.
  */
 export function parseHeader(head: Buffer, fileSize: number): Qcow2Header {
-  if (head.length < 72) throw new FormatError('file too short for a qcow2 header');
-  if (head.readUInt32BE(0) !== QCOW2_MAGIC) throw new FormatError('not a qcow2 image (bad magic)');
-  const version = head.readUInt32BE(4);
+  if (head.length < V2_HEADER_BYTES) throw new FormatError('file too short for a qcow2 header');
+  if (head.readUInt32BE(HDR.magic) !== QCOW2_MAGIC) throw new FormatError('not a qcow2 image (bad magic)');
+  const version = head.readUInt32BE(HDR.version);
   if (version !== 2 && version !== 3) throw new FormatError(`unsupported qcow2 version ${version}`);
-  const clusterBits = head.readUInt32BE(20);
+  const clusterBits = head.readUInt32BE(HDR.clusterBits);
   if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
     throw new FormatError(`cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`);
   }
   const clusterSize = 2 ** clusterBits;
   const h: Qcow2Header = {
     version,
-    backingFileOffset: u64(head, 8, 'backing_file_offset'),
-    backingFileSize: head.readUInt32BE(16),
+    backingFileOffset: headerU64BE(head, HDR.backingFileOffset, 'backing_file_offset'),
+    backingFileSize: head.readUInt32BE(HDR.backingFileSize),
     clusterBits,
-    size: u64(head, 24, 'virtual size'),
-    cryptMethod: head.readUInt32BE(32),
-    l1Size: head.readUInt32BE(36),
-    l1TableOffset: u64(head, 40, 'l1_table_offset'),
-    refcountTableOffset: u64(head, 48, 'refcount_table_offset'),
-    refcountTableClusters: head.readUInt32BE(56),
-    nbSnapshots: head.readUInt32BE(60),
-    snapshotsOffset: u64(head, 64, 'snapshots_offset'),
+    size: headerU64BE(head, HDR.size, 'virtual size'),
+    cryptMethod: head.readUInt32BE(HDR.cryptMethod),
+    l1Size: head.readUInt32BE(HDR.l1Size),
+    l1TableOffset: headerU64BE(head, HDR.l1TableOffset, 'l1_table_offset'),
+    refcountTableOffset: headerU64BE(head, HDR.refcountTableOffset, 'refcount_table_offset'),
+    refcountTableClusters: head.readUInt32BE(HDR.refcountTableClusters),
+    nbSnapshots: head.readUInt32BE(HDR.nbSnapshots),
+    snapshotsOffset: headerU64BE(head, HDR.snapshotsOffset, 'snapshots_offset'),
     incompatible: 0n,
     compatible: 0n,
     autoclear: 0n,
     refcountOrder: 4,
-    headerLength: 72,
+    headerLength: V2_HEADER_BYTES,
     compressionType: 0,
     extraFields: Buffer.alloc(0),
     extensions: [],
     featureNames: [],
   };
   if (version === 3) {
-    if (head.length < 104) throw new FormatError('file too short for a qcow2 v3 header');
-    h.incompatible = head.readBigUInt64BE(72);
-    h.compatible = head.readBigUInt64BE(80);
-    h.autoclear = head.readBigUInt64BE(88);
-    h.refcountOrder = head.readUInt32BE(96);
-    h.headerLength = head.readUInt32BE(100);
-    if (h.headerLength < 104 || h.headerLength % 8 !== 0 || h.headerLength > Math.min(clusterSize, head.length)) {
+    if (head.length < V3_HEADER_BYTES) throw new FormatError('file too short for a qcow2 v3 header');
+    h.incompatible = head.readBigUInt64BE(HDR.incompatible);
+    h.compatible = head.readBigUInt64BE(HDR.compatible);
+    h.autoclear = head.readBigUInt64BE(HDR.autoclear);
+    h.refcountOrder = head.readUInt32BE(HDR.refcountOrder);
+    h.headerLength = head.readUInt32BE(HDR.headerLength);
+    if (h.headerLength < V3_HEADER_BYTES || h.headerLength % 8 !== 0 || h.headerLength > Math.min(clusterSize, head.length)) {
       throw new FormatError(`invalid header_length ${h.headerLength}`);
     }
-    if (h.headerLength > 104) h.compressionType = head[104];
-    if (h.headerLength > 105) h.extraFields = Buffer.from(head.subarray(105, h.headerLength));
+    if (h.headerLength > HDR.compressionType) h.compressionType = head[HDR.compressionType]!;
+    if (h.headerLength > HDR.compressionType + 1) h.extraFields = Buffer.from(head.subarray(HDR.compressionType + 1, h.headerLength));
   }
   if (h.refcountOrder > 6) throw new FormatError(`refcount_order ${h.refcountOrder} is above 6`);
 
@@ -165,7 +168,7 @@ export function parseHeader(head: Buffer, fileSize: number): Qcow2Header {
   if (!(incompat & INCOMPAT_COMPRESSION) && h.compressionType !== 0) {
     throw new FormatError('compression_type set without the compression type feature bit');
   }
-  if (incompat & INCOMPAT_EXTL2 && clusterBits < 14) {
+  if (incompat & INCOMPAT_EXTL2 && clusterBits < MIN_EXTL2_CLUSTER_BITS) {
     throw new FormatError('extended L2 entries need clusters of at least 16 KiB');
   }
   if (incompat & INCOMPAT_DATA_FILE && !h.dataFile) {
@@ -180,15 +183,15 @@ export function parseHeader(head: Buffer, fileSize: number): Qcow2Header {
   const inFile = (off: number, len: number, what: string): void => {
     if (off + len > fileSize) throw new FormatError(`${what} (${off}+${len}) lies past the end of the file (${fileSize})`);
   };
-  if (h.l1Size * 8 > MAX_L1_BYTES) throw new FormatError(`L1 table of ${h.l1Size} entries is larger than ${MAX_L1_BYTES} bytes`);
-  const l2Entries = clusterSize / ((incompat & INCOMPAT_EXTL2) ? 16 : 8);
+  if (h.l1Size * L1E_BYTES > MAX_L1_BYTES) throw new FormatError(`L1 table of ${h.l1Size} entries is larger than ${MAX_L1_BYTES} bytes`);
+  const l2Entries = clusterSize / ((incompat & INCOMPAT_EXTL2) ? L2E_EXT_BYTES : L2E_BYTES);
   const guestPerL1 = clusterSize * l2Entries;
   const l1Needed = Math.ceil(h.size / guestPerL1);
   if (l1Needed > h.l1Size) throw new FormatError(`L1 table (${h.l1Size} entries) too small for virtual size ${h.size}`);
   if (h.l1Size > 0) {
     align(h.l1TableOffset, 'l1_table_offset');
     if (h.l1TableOffset === 0) throw new FormatError('l1_table_offset is 0');
-    inFile(h.l1TableOffset, h.l1Size * 8, 'L1 table');
+    inFile(h.l1TableOffset, h.l1Size * L1E_BYTES, 'L1 table');
   }
   align(h.refcountTableOffset, 'refcount_table_offset');
   if (h.refcountTableOffset === 0) throw new FormatError('refcount_table_offset is 0');
@@ -200,11 +203,10 @@ export function parseHeader(head: Buffer, fileSize: number): Qcow2Header {
   if (h.nbSnapshots > MAX_SNAPSHOTS) throw new FormatError(`${h.nbSnapshots} snapshots is above the limit of ${MAX_SNAPSHOTS}`);
   if (h.nbSnapshots > 0) {
     align(h.snapshotsOffset, 'snapshots_offset');
-    // Each entry is at least 40 bytes.
-    inFile(h.snapshotsOffset, h.nbSnapshots * 40, 'snapshot table');
+    inFile(h.snapshotsOffset, h.nbSnapshots * SNAPSHOT_ENTRY_MIN_BYTES, 'snapshot table');
   }
   if (h.backingFileOffset !== 0) {
-    if (h.backingFileSize > 1023 || h.backingFileSize === 0) throw new FormatError(`invalid backing file name length ${h.backingFileSize}`);
+    if (h.backingFileSize > MAX_BACKING_NAME_BYTES || h.backingFileSize === 0) throw new FormatError(`invalid backing file name length ${h.backingFileSize}`);
     if (h.backingFileOffset + h.backingFileSize > Math.min(clusterSize, head.length)) {
       throw new FormatError('backing file name lies outside the header cluster');
     }
@@ -233,12 +235,12 @@ function parseExtensions(h: Qcow2Header, head: Buffer, clusterSize: number): voi
         h.dataFile = data.toString('utf8').replace(/\0+$/, '');
         break;
       case EXT_FEATURE_TABLE:
-        for (let i = 0; i + 48 <= len; i += 48) {
+        for (let i = 0; i + FEATURE_NAME_ENTRY_BYTES <= len; i += FEATURE_NAME_ENTRY_BYTES) {
           const kind = data[i];
           if (kind > 2) continue;
-          const nameBytes = data.subarray(i + 2, i + 48);
+          const nameBytes = data.subarray(i + 2, i + FEATURE_NAME_ENTRY_BYTES);
           const z = nameBytes.indexOf(0);
-          h.featureNames.push({ kind: kind as 0 | 1 | 2, bit: data[i + 1], name: nameBytes.toString('utf8', 0, z < 0 ? 46 : z) });
+          h.featureNames.push({ kind: kind as 0 | 1 | 2, bit: data[i + 1], name: nameBytes.toString('utf8', 0, z < 0 ? FEATURE_NAME_BYTES : z) });
         }
         break;
       default:
@@ -255,28 +257,28 @@ function parseExtensions(h: Qcow2Header, head: Buffer, clusterSize: number): voi
  */
 export function serializeHeader(h: Qcow2Header, clusterSize: number): Buffer {
   const out = Buffer.alloc(clusterSize);
-  out.writeUInt32BE(QCOW2_MAGIC, 0);
-  out.writeUInt32BE(h.version, 4);
-  out.writeBigUInt64BE(BigInt(h.backingFileOffset), 8);
-  out.writeUInt32BE(h.backingFileSize, 16);
-  out.writeUInt32BE(h.clusterBits, 20);
-  out.writeBigUInt64BE(BigInt(h.size), 24);
-  out.writeUInt32BE(h.cryptMethod, 32);
-  out.writeUInt32BE(h.l1Size, 36);
-  out.writeBigUInt64BE(BigInt(h.l1TableOffset), 40);
-  out.writeBigUInt64BE(BigInt(h.refcountTableOffset), 48);
-  out.writeUInt32BE(h.refcountTableClusters, 56);
-  out.writeUInt32BE(h.nbSnapshots, 60);
-  out.writeBigUInt64BE(BigInt(h.snapshotsOffset), 64);
-  let off = 72;
+  out.writeUInt32BE(QCOW2_MAGIC, HDR.magic);
+  out.writeUInt32BE(h.version, HDR.version);
+  out.writeBigUInt64BE(BigInt(h.backingFileOffset), HDR.backingFileOffset);
+  out.writeUInt32BE(h.backingFileSize, HDR.backingFileSize);
+  out.writeUInt32BE(h.clusterBits, HDR.clusterBits);
+  out.writeBigUInt64BE(BigInt(h.size), HDR.size);
+  out.writeUInt32BE(h.cryptMethod, HDR.cryptMethod);
+  out.writeUInt32BE(h.l1Size, HDR.l1Size);
+  out.writeBigUInt64BE(BigInt(h.l1TableOffset), HDR.l1TableOffset);
+  out.writeBigUInt64BE(BigInt(h.refcountTableOffset), HDR.refcountTableOffset);
+  out.writeUInt32BE(h.refcountTableClusters, HDR.refcountTableClusters);
+  out.writeUInt32BE(h.nbSnapshots, HDR.nbSnapshots);
+  out.writeBigUInt64BE(BigInt(h.snapshotsOffset), HDR.snapshotsOffset);
+  let off: number = V2_HEADER_BYTES;
   if (h.version === 3) {
-    out.writeBigUInt64BE(h.incompatible, 72);
-    out.writeBigUInt64BE(h.compatible, 80);
-    out.writeBigUInt64BE(h.autoclear, 88);
-    out.writeUInt32BE(h.refcountOrder, 96);
-    out.writeUInt32BE(h.headerLength, 100);
-    if (h.headerLength > 104) out[104] = h.compressionType;
-    h.extraFields.copy(out, 105);
+    out.writeBigUInt64BE(h.incompatible, HDR.incompatible);
+    out.writeBigUInt64BE(h.compatible, HDR.compatible);
+    out.writeBigUInt64BE(h.autoclear, HDR.autoclear);
+    out.writeUInt32BE(h.refcountOrder, HDR.refcountOrder);
+    out.writeUInt32BE(h.headerLength, HDR.headerLength);
+    if (h.headerLength > HDR.compressionType) out[HDR.compressionType] = h.compressionType;
+    h.extraFields.copy(out, HDR.compressionType + 1);
     off = h.headerLength;
   }
   for (const ext of h.extensions) {
@@ -295,10 +297,6 @@ export function serializeHeader(h: Qcow2Header, clusterSize: number): Buffer {
   return out;
 }
 
-/** True when `bit` (a single-bit mask below 2^31) is set in a 64-bit feature field. */
-export function hasBit(mask: bigint, bit: number): boolean {
-  return (mask & BigInt(bit)) !== 0n;
-}
 
 /** Human names of the feature bits that are set (for info and logs). */
 export function featureList(h: Qcow2Header): string[] {

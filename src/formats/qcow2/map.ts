@@ -10,7 +10,7 @@
  * Refcounts.quarantine).
  */
 import { CorruptionError } from '../../errors.js';
-import { entryOffset, L2E_COMPRESSED, L2E_ZERO, type Geometry } from './layout.js';
+import { badClusterOffset, ClusterType, clusterType, entryOffset, type Geometry, L2E_ALLOC_BITMAP, L2E_ZERO_BITMAP } from './spec.js';
 
 export const enum ExtentKind {
   Data = 0, // host bytes in the image file
@@ -34,8 +34,8 @@ export function readL2Entry(g: Geometry, table: Buffer, index: number, out: L2En
   out.hi = table.readUInt32BE(at);
   out.lo = table.readUInt32BE(at + 4);
   if (g.extL2) {
-    out.zero = table.readUInt32BE(at + 8);
-    out.alloc = table.readUInt32BE(at + 12);
+    out.zero = table.readUInt32BE(at + L2E_ZERO_BITMAP);
+    out.alloc = table.readUInt32BE(at + L2E_ALLOC_BITMAP);
   } else {
     out.zero = 0;
     out.alloc = 0;
@@ -55,19 +55,25 @@ export interface Piece {
 }
 
 export function classify(g: Geometry, e: L2Entry, inCluster: number, maxLen: number, piece: Piece): void {
-  if (e.hi & L2E_COMPRESSED) {
+  const type = clusterType(g, e.hi, e.lo);
+  if (type === ClusterType.Compressed) {
     piece.kind = ExtentKind.Compressed;
     piece.hostOffset = 0;
     piece.length = Math.min(maxLen, g.clusterSize - inCluster);
     return;
   }
   const host = entryOffset(e.hi, e.lo);
+  if (host !== 0) {
+    // QEMU too fails the request (and calls the image corrupt) on such an entry.
+    const bad = badClusterOffset(g, host);
+    if (bad) throw new CorruptionError(`L2 entry's data cluster offset ${bad}`);
+  }
   const dataKind = g.hasDataFile ? ExtentKind.ExternalData : ExtentKind.Data;
   if (!g.extL2) {
     piece.length = Math.min(maxLen, g.clusterSize - inCluster);
-    if (g.v3 && e.lo & L2E_ZERO) {
+    if (type === ClusterType.ZeroPlain || type === ClusterType.ZeroAlloc) {
       piece.kind = ExtentKind.Zero;
-    } else if (host === 0 && !(g.hasDataFile && (e.hi & 0x80000000))) {
+    } else if (type === ClusterType.Unallocated) {
       piece.kind = ExtentKind.Backing;
     } else {
       piece.kind = dataKind;
@@ -82,7 +88,7 @@ export function classify(g: Geometry, e: L2Entry, inCluster: number, maxLen: num
     (e.alloc >>> j) & 1 ? dataKind : (e.zero >>> j) & 1 ? ExtentKind.Zero : ExtentKind.Backing;
   const k = kindOf(i);
   if ((e.alloc & e.zero) !== 0) throw new CorruptionError('extended L2 entry has subclusters both allocated and zero');
-  if (k === dataKind && host === 0 && !g.hasDataFile) throw new CorruptionError('extended L2 entry allocates subclusters of an unallocated cluster');
+  if (k === dataKind && type === ClusterType.Unallocated) throw new CorruptionError('extended L2 entry allocates subclusters of an unallocated cluster');
   let end = (i + 1) * sc;
   while (end < g.clusterSize && end - inCluster < maxLen && kindOf(++i) === k) end += sc;
   piece.kind = k;

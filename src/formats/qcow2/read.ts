@@ -5,17 +5,18 @@
  * small cache of recently used clusters.
  */
 import { CorruptionError, FormatError } from '../../errors.js';
+import { settleAll } from '../../io/file.js';
 import { readFromBacking } from '../driver.js';
-import { decodeCompressed } from './layout.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { decompressCluster } from './compress.js';
 import type { Qcow2State } from './state.js';
+import { decodeCompressed } from './spec.js';
 
 /**
  * Add an I/O promise to a batch that is awaited later. The promise gets a
  * handler at once: if it rejects while the caller is still awaiting
  * something else (the next L2 table), that is not an unhandled rejection;
- * the batch's Promise.all still sees the error.
+ * the batch's settleAll still sees the error.
  */
 export function track(ios: Promise<unknown>[], p: Promise<unknown>): void {
   p.catch(() => {});
@@ -27,6 +28,7 @@ const fastPiece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
 
 /** Read guest bytes into buf; see BlockDriver.read. */
 export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+  // The driver checked the caller's request (checkRequest); this guards the internal callers (copy-on-write fills).
   if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
     throw new FormatError(`read [${guestOffset}, +${length}) outside the disk`, 'EINVAL');
   }
@@ -143,7 +145,7 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
     await Promise.allSettled(ios);
     throw err;
   }
-  await Promise.all(ios);
+  await settleAll(ios);
 }
 
 function readData(

@@ -28,8 +28,9 @@
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError, QmountError } from '../../errors.js';
-import { MAX_REFTABLE_BYTES } from './header.js';
+import { hexOffset, MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
 import type { Qcow2State } from './state.js';
+import { entryOffset, MAX_REFTABLE_BYTES, refcountTableFields } from './spec.js';
 
 export class Refcounts {
   /** The refcount table, big-endian u64 entries as on disk. */
@@ -56,7 +57,7 @@ export class Refcounts {
     this.entries = s.g.refblockEntries;
     this.cs = s.g.clusterSize;
     const bits = 2 ** s.g.refcountOrder;
-    this.maxRefcount = bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** bits - 1;
+    this.maxRefcount = bits === 64 ? MAX_DISK_BYTES - 1 : 2 ** bits - 1;
     this.cache = new TableCache({
       name: 'refblock',
       tableBytes: this.cs,
@@ -76,20 +77,22 @@ export class Refcounts {
     return this.table.length / 8;
   }
 
-  /** Offset of refcount block `i`, 0 if none. */
+  /** Offset of refcount block `i`, 0 if none; INVALID_OFFSET at or above 2^52 (../u64.ts). */
   blockOffset(i: number): number {
     if (i >= this.tableEntries) return 0;
-    const v = this.table.readBigUInt64BE(i * 8) & 0x00fffffffffffe00n;
-    return Number(v);
+    return entryOffset(this.table.readUInt32BE(i * 8), this.table.readUInt32BE(i * 8 + 4));
   }
 
   private async loadBlock(i: number): Promise<Buffer | null> {
     const off = this.blockOffset(i);
     if (off === 0) return null;
-    if (off % this.cs !== 0 || off >= this.s.fileSize) {
-      throw new CorruptionError(`refcount block ${i} at offset ${off} is invalid`);
-    }
+    if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(i, off);
     return this.cache.get(off);
+  }
+
+  /** A refcount table entry that names no usable block: nothing may be allocated or freed by it (QEMU too marks the image corrupt). */
+  private badBlock(i: number, off: number): never {
+    this.s.corruptionFound(`refcount table entry ${i} names refcount block ${hexOffset(off)}, which is unaligned or outside the file`);
   }
 
   /** Read entry `idx` of a refcount block. */
@@ -102,11 +105,9 @@ export class Refcounts {
         return block.readUInt16BE(idx * 2);
       case 5:
         return block.readUInt32BE(idx * 4);
-      case 6: {
-        const hi = block.readUInt32BE(idx * 8);
-        if (hi > 0x1fffff) throw new CorruptionError('refcount above 2^53');
-        return hi * 0x1_0000_0000 + block.readUInt32BE(idx * 8 + 4);
-      }
+      case 6:
+        // INVALID_OFFSET (Infinity) at or above 2^52: above maxRefcount, so change() refuses it.
+        return u64BE(block, idx * 8);
       default: {
         const bits = 1 << order;
         const perByte = 8 >> order;
@@ -148,9 +149,16 @@ export class Refcounts {
     return block ? this.readEntry(block, cluster % this.entries) : 0;
   }
 
-  /** Add `delta` to a cluster's refcount; allocates its refcount block if needed. Returns the new value. */
+  /**
+   * Add `delta` to a cluster's refcount; allocates its refcount block if
+   * needed (never for a decrement: a cluster without a block has refcount
+   * 0). Returns the new value.
+   */
   async change(cluster: number, delta: number): Promise<number> {
     const i = Math.floor(cluster / this.entries);
+    if (delta < 0 && this.blockOffset(i) === 0) {
+      throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero (it has no refcount block)`);
+    }
     const blockOff = await this.ensureBlock(i);
     const block = await this.cache.get(blockOff);
     const idx = cluster % this.entries;
@@ -160,7 +168,17 @@ export class Refcounts {
     if (v > this.maxRefcount) {
       throw new QmountError('EOVERFLOW', `refcount of cluster ${cluster} would exceed ${this.maxRefcount} (refcount_bits=${2 ** this.s.g.refcountOrder})`);
     }
-    this.writeEntry(block, idx, v);
+    return this.store(blockOff, block, cluster, v);
+  }
+
+  /** Set a cluster's refcount to `v` (repair: the stored value may be unreadable). */
+  async set(cluster: number, v: number): Promise<void> {
+    const blockOff = await this.ensureBlock(Math.floor(cluster / this.entries));
+    await this.store(blockOff, await this.cache.get(blockOff), cluster, v);
+  }
+
+  private store(blockOff: number, block: Buffer, cluster: number, v: number): number {
+    this.writeEntry(block, cluster % this.entries, v);
     this.cache.markDirty(blockOff, block);
     if (v === 0) {
       this.quarantine.add(cluster);
@@ -171,6 +189,7 @@ export class Refcounts {
 
   /** Drop one reference from every cluster overlapping [hostOffset, hostOffset + bytes). */
   async release(hostOffset: number, bytes: number): Promise<void> {
+    if (!representable(hostOffset + bytes)) throw new CorruptionError('refusing to release clusters at or above 2^52');
     const first = Math.floor(hostOffset / this.cs);
     const last = Math.floor((hostOffset + bytes - 1) / this.cs);
     for (let c = first; c <= last; c++) await this.change(c, -1);
@@ -221,7 +240,7 @@ export class Refcounts {
     if (i >= this.tableEntries) await this.growTable(i);
     const off = this.blockOffset(i);
     if (off !== 0) {
-      if (off % this.cs !== 0 || off >= this.s.fileSize) throw new CorruptionError(`refcount block ${i} at offset ${off} is invalid`);
+      if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(i, off);
       return off;
     }
     return this.allocBlock(i);
@@ -249,7 +268,7 @@ export class Refcounts {
     await this.s.file.write('reftable_update', entry, 0, 8, this.tableOffset + i * 8);
     entry.copy(this.table, i * 8);
     this.cache.install(blockOff, block, false);
-    this.s.refblockAdded(blockOff);
+    this.s.overlap.refblockAdded(blockOff);
     return blockOff;
   }
 
@@ -298,10 +317,8 @@ export class Refcounts {
     await this.s.file.write('reftable_grow', newTable, 0, newTable.length, newTableOffset);
     this.s.noteFileEnd(metaEnd * cs);
     await this.s.syncAll();
-    const hdr = Buffer.alloc(12);
-    hdr.writeBigUInt64BE(BigInt(newTableOffset), 0);
-    hdr.writeUInt32BE(tableClusters, 8);
-    await this.s.file.write('header_update', hdr, 0, 12, 48);
+    const [at, fields] = refcountTableFields(newTableOffset, tableClusters);
+    await this.s.file.write('header_update', fields, 0, fields.length, at);
     await this.s.syncAll();
 
     const oldOffset = this.tableOffset;
@@ -311,11 +328,11 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.s.header.refcountTableOffset = newTableOffset;
     this.s.header.refcountTableClusters = tableClusters;
-    this.s.refcountTableMoved(newTableOffset, tableClusters * cs);
+    this.s.overlap.refcountTableMoved(newTableOffset, tableClusters * cs);
     indices.forEach((_, b) => {
       const off = (metaStart + b) * cs;
       this.cache.install(off, Buffer.from(blocksBuf.subarray(b * cs, (b + 1) * cs)), false);
-      this.s.refblockAdded(off);
+      this.s.overlap.refblockAdded(off);
     });
     this.s.log.info({ oldEntries, newEntries, newTableOffset }, 'refcount table grown');
     // The header switch is durable: the old table can go.

@@ -13,11 +13,20 @@
  *  - a compressed entry references every host cluster its sectors touch;
  *  - with an external data file, data clusters are not counted;
  *  - consistent persistent bitmaps: directory, tables and data clusters.
+ *
+ * Entries that break a rule are corruptions, as in qemu-img check: reserved
+ * bits set in an L1 or L2 entry, unaligned or unrepresentable offsets (see
+ * ../u64.ts), and with extended L2 a subcluster both allocated and zero, an
+ * allocation bit in an unallocated cluster, or any bitmap bit in a
+ * compressed entry (iotest 271); a COPIED flag on a compressed entry; a
+ * compressed entry in an image with an external data file; a version 3
+ * snapshot table entry with less than 16 bytes of extra data. Clusters of an
+ * entry that breaks a rule are not counted when they cannot be located.
  */
 import { bitmapRanges } from './bitmaps.js';
-import { AUTOCLEAR_BITMAPS, hasBit } from './header.js';
-import { compressedClusters, decodeCompressed, entryOffset, L2E_COMPRESSED } from './layout.js';
+import { hexOffset, INVALID_OFFSET } from '../u64.js';
 import type { Qcow2State } from './state.js';
+import { AUTOCLEAR_BITMAPS, badClusterOffset, clusterType, compressedClusters, decodeCompressed, entryOffset, hasBit, hasHostCluster, L1E_RESERVED_HI, L1E_RESERVED_LO, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_RESERVED_HI, L2E_RESERVED_LO, L2E_ZERO, L2E_ZERO_BITMAP, SNAPSHOT_V3_MIN_EXTRA } from './spec.js';
 
 export interface ScanProblem {
   kind: 'corruption';
@@ -29,9 +38,8 @@ export interface RefScan {
   counts: Uint32Array;
   clusters: number;
   problems: ScanProblem[];
-  /** active L2 tables: offset -> L1 index */
-  activeL2: Map<number, number>;
 }
+
 
 export async function scanReferences(
   s: Qcow2State,
@@ -49,7 +57,7 @@ export async function scanReferences(
     const first = Math.floor(offset / cs);
     const last = Math.floor((offset + length - 1) / cs);
     if (last >= fileClusters) {
-      bad(`${what} at ${offset} lies past the end of the file`);
+      bad(`${what} at ${hexOffset(offset)} lies past the end of the file`);
       return;
     }
     for (let c = first; c <= last; c++) counts[c]++;
@@ -68,11 +76,12 @@ export async function scanReferences(
     }
   }
 
-  const activeL2 = new Map<number, number>();
   const l1s: Array<{ l1: Buffer; offset: number; active: boolean }> = [
     { l1: s.l1, offset: s.header.l1TableOffset, active: true },
   ];
-  for (const snap of s.snapshots) {
+  for (const [i, snap] of s.snapshots.entries()) {
+    // v3 snapshots carry at least vm_state_size_large and disk_size (iotest 261).
+    if (s.g.v3 && snap.extraDataBytes < SNAPSHOT_V3_MIN_EXTRA) bad(`snapshot table entry ${i} is incomplete (${snap.extraDataBytes} bytes of extra data, version 3 needs ${SNAPSHOT_V3_MIN_EXTRA})`);
     const l1 = Buffer.alloc(snap.l1Size * 8);
     await s.file.read(l1, 0, l1.length, snap.l1TableOffset);
     l1s.push({ l1, offset: snap.l1TableOffset, active: false });
@@ -81,22 +90,27 @@ export async function scanReferences(
   for (const { l1, offset, active } of l1s) {
     add(offset, l1.length, 'L1 table');
     for (let i = 0; i < l1.length / 8; i++) {
-      const l2 = entryOffset(l1.readUInt32BE(i * 8), l1.readUInt32BE(i * 8 + 4));
+      const hi = l1.readUInt32BE(i * 8);
+      const lo = l1.readUInt32BE(i * 8 + 4);
+      if (hi === 0 && lo === 0) continue;
+      const which = active ? 'L1' : 'snapshot L1';
+      if (hi & L1E_RESERVED_HI || lo & L1E_RESERVED_LO) bad(`${which} entry ${i} has reserved bits set`);
+      const l2 = entryOffset(hi, lo);
       if (l2 === 0) continue;
-      if (l2 % cs !== 0) {
-        bad(`L1 entry ${i} points at unaligned offset ${l2}`);
+      const badOffset = badClusterOffset(s.g, l2);
+      if (badOffset) {
+        bad(`${which} entry ${i}: L2 table offset ${badOffset}`);
         continue;
       }
       add(l2, cs, 'L2 table');
       if (l2 >= s.fileSize) continue;
-      if (active) activeL2.set(l2, i);
       const cached = s.l2Cache.peek(l2);
       if (cached) cached.copy(table);
       else await s.file.readZeroFill(table, 0, cs, l2);
       countL2(s, table, add, bad);
     }
   }
-  return { counts, clusters: fileClusters, problems, activeL2 };
+  return { counts, clusters: fileClusters, problems };
 }
 
 function countL2(
@@ -110,19 +124,43 @@ function countL2(
     const at = j * g.l2EntryBytes;
     const hi = table.readUInt32BE(at);
     const lo = table.readUInt32BE(at + 4);
-    if (hi === 0 && lo === 0) continue;
+    const zero = g.extL2 ? table.readUInt32BE(at + L2E_ZERO_BITMAP) : 0;
+    const alloc = g.extL2 ? table.readUInt32BE(at + L2E_ALLOC_BITMAP) : 0;
+    if (hi === 0 && lo === 0 && zero === 0 && alloc === 0) continue;
     if (hi & L2E_COMPRESSED) {
+      if (hi & L2E_COPIED) bad(`compressed L2 entry ${j}: the COPIED flag must never be set`);
+      if (g.hasDataFile) {
+        bad(`compressed L2 entry ${j} in an image with an external data file`);
+        continue;
+      }
+      if (zero !== 0 || alloc !== 0) {
+        bad(`compressed L2 entry ${j} has a non-zero subcluster bitmap`);
+        continue;
+      }
       const d = decodeCompressed(g, hi, lo);
+      if (d.hostOffset === INVALID_OFFSET) {
+        bad(`compressed L2 entry ${j}: data offset is at or above 2^52`);
+        continue;
+      }
       const [first, last] = compressedClusters(g, d);
       add(first, last - first + g.clusterSize, 'compressed cluster');
       continue;
     }
+    if (hi & L2E_RESERVED_HI || lo & L2E_RESERVED_LO) bad(`L2 entry ${j} has reserved bits set`);
     const host = entryOffset(hi, lo);
-    if (host === 0 || g.hasDataFile) continue;
-    if (host % g.clusterSize !== 0) {
-      bad(`L2 entry points at unaligned offset ${host}`);
+    if (!hasHostCluster(clusterType(g, hi, lo))) {
+      // Unallocated, or (v3 without extended L2) zero without a cluster.
+      if (alloc !== 0) bad(`L2 entry ${j}: unallocated cluster has subclusters marked allocated`);
       continue;
     }
+    if ((alloc & zero) !== 0) bad(`L2 entry ${j}: subclusters both allocated and zero`);
+    const badOffset = badClusterOffset(g, host);
+    if (badOffset) {
+      const preallocated = g.extL2 ? alloc === 0 : (lo & L2E_ZERO) !== 0;
+      bad(`L2 entry ${j}: ${preallocated ? 'preallocated' : 'data'} cluster offset ${badOffset}`);
+      continue;
+    }
+    if (g.hasDataFile) continue;
     add(host, g.clusterSize, 'data cluster');
   }
 }

@@ -10,10 +10,11 @@
  * New refcount blocks are placed after every referenced cluster.
  */
 import { CorruptionError } from '../../errors.js';
-import { entryOffset, L2E_COMPRESSED, L2E_COPIED, writeEntry } from './layout.js';
+import { hexOffset, INVALID_OFFSET } from '../u64.js';
 import type { Refcounts } from './refcount.js';
 import { scanReferences } from './refscan.js';
 import type { Qcow2State } from './state.js';
+import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, REFT_RESERVED_LO, writeEntry } from './spec.js';
 
 export interface RefcountReport {
   corruptions: number;
@@ -32,22 +33,38 @@ export async function reconcile(
   const note = (m: string): void => {
     if (r.messages.length < 200) r.messages.push(m);
   };
+  const cs = s.g.clusterSize;
   const blocks: number[] = [];
+  /** refcount blocks that cannot be used: their clusters' refcounts are unknown */
+  const badBlocks = new Set<number>();
   for (let i = 0; i < rc.tableEntries; i++) {
     const b = rc.blockOffset(i);
-    if (b) blocks.push(b);
+    const reserved = (rc.table.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) !== 0;
+    if (b === 0 && !reserved) continue;
+    const why = reserved ? 'has reserved bits set' : b === INVALID_OFFSET || b % cs !== 0 ? `offset ${hexOffset(b)} is not a cluster offset` : b >= s.fileSize ? 'lies outside the image' : null;
+    if (why) {
+      r.corruptions++;
+      note(`ERROR refcount table entry ${i}: refcount block ${why}`);
+      badBlocks.add(i);
+      continue;
+    }
+    blocks.push(b);
   }
   const scan = await scanReferences(s, { offset: rc.tableOffset, clusters: rc.tableClusters, blocks });
   for (const p of scan.problems) {
     r.corruptions++;
     note(`ERROR ${p.message}`);
   }
-  const cs = s.g.clusterSize;
   // Like qemu-img, only clusters inside the file are compared: a refcount
   // past the end describes space that does not exist yet, which costs nothing.
   const total = scan.clusters;
   if (fix.corruptions || fix.leaks) rc.freeHint = Math.max(rc.freeHint, total);
+  const perBlock = s.g.refblockEntries;
   for (let c = 0; c < total; c++) {
+    if (badBlocks.has(Math.floor(c / perBlock))) {
+      c = (Math.floor(c / perBlock) + 1) * perBlock - 1; // reported above; nothing in it can be compared
+      continue;
+    }
     const expected = c < scan.clusters ? scan.counts[c] : 0;
     const actual = await rc.get(c);
     if (actual === expected) continue;
@@ -55,9 +72,9 @@ export async function reconcile(
     if (leak) r.leaks++;
     else r.corruptions++;
     const doFix = leak ? fix.leaks : fix.corruptions;
-    note(`${doFix ? 'Repairing' : leak ? 'Leaked' : 'ERROR'} cluster ${c} refcount=${actual} reference=${expected}`);
+    note(`${doFix ? 'Repairing' : leak ? 'Leaked' : 'ERROR'} cluster ${c} refcount=${actual === INVALID_OFFSET ? '(2^52 or more)' : actual} reference=${expected}`);
     if (doFix) {
-      await rc.change(c, expected - actual);
+      await rc.set(c, expected);
       if (leak) r.fixedLeaks++;
       else r.fixedCorruptions++;
     }
@@ -66,7 +83,7 @@ export async function reconcile(
   // COPIED flags in the active L1 and L2 tables.
   for (let i = 0; i < s.l1Entries; i++) {
     const l2 = s.l2OffsetOf(i);
-    if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize) continue;
+    if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize || badBlocks.has(Math.floor(l2 / cs / perBlock))) continue;
     const want = (await rc.get(l2 / cs)) === 1;
     if (want !== s.l1Copied(i)) {
       r.corruptions++;
@@ -85,11 +102,12 @@ export async function reconcile(
       const at = j * s.g.l2EntryBytes;
       const hi = table.readUInt32BE(at);
       const lo = table.readUInt32BE(at + 4);
-      if (hi & L2E_COMPRESSED) continue;
+      const type = clusterType(s.g, hi, lo);
+      if (!hasHostCluster(type)) continue; // unallocated, plain zero or compressed: COPIED means nothing
       const host = entryOffset(hi, lo);
       let wantCopied: boolean;
-      if (s.g.hasDataFile) wantCopied = (hi & L2E_COPIED) !== 0 || host !== 0;
-      else if (host === 0 || host % cs !== 0 || host >= s.fileSize) continue;
+      if (s.g.hasDataFile) wantCopied = true; // data-file clusters are never shared
+      else if ( host % cs !== 0 || host >= s.fileSize || badBlocks.has(Math.floor(host / cs / perBlock))) continue;
       else wantCopied = (await rc.get(host / cs)) === 1;
       if (wantCopied === ((hi & L2E_COPIED) !== 0)) continue;
       r.corruptions++;
@@ -105,11 +123,19 @@ export async function reconcile(
   return r;
 }
 
-/** Repair a dirty image before a read-write mount; refuses what it cannot fix. */
+/**
+ * Repair a dirty image before a read-write mount; refuses what it cannot
+ * fix, with one error and no log line before it (a refused open is one
+ * line of output); a successful rebuild is logged once, as a warning.
+ */
 export async function repairRefcounts(s: Qcow2State, rc: Refcounts): Promise<void> {
+  s.log.info({}, 'image was not closed cleanly (dirty bit set): rebuilding refcounts');
   const r = await reconcile(s, rc, { leaks: true, corruptions: true });
-  s.log.warn({ fixedLeaks: r.fixedLeaks, fixedCorruptions: r.fixedCorruptions }, 'refcounts rebuilt');
   if (r.corruptions > r.fixedCorruptions) {
-    throw new CorruptionError(`image is corrupt beyond refcount repair (${r.messages[0] ?? 'unknown problem'}); mount it read-only to recover data`);
+    const first = r.messages.find((m) => m.startsWith('ERROR')) ?? r.messages[0] ?? 'unknown problem';
+    throw new CorruptionError(
+      `image was not closed cleanly and its refcounts cannot be rebuilt: ${first.replace(/^ERROR /, '')}; mount it read-only (-r) to recover data`,
+    );
   }
+  s.log.warn({ fixedLeaks: r.fixedLeaks, fixedCorruptions: r.fixedCorruptions }, 'image was not closed cleanly (dirty bit set): refcounts rebuilt');
 }

@@ -11,11 +11,9 @@ import type { ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import type { BlockDriver } from '../driver.js';
 import type { Qcow2Header } from './header.js';
-import { entryOffset, type Geometry } from './layout.js';
+import { OverlapIndex } from './overlap.js';
 import type { Qcow2Snapshot } from './snapshot.js';
-
-/** metaRanges' name for the refcount table. */
-export const REFCOUNT_TABLE = 'refcount table';
+import { badClusterOffset, entryOffset, type Geometry, L1E_COPIED } from './spec.js';
 
 export class Qcow2State {
   /** Current file size in bytes: the end of allocated space as far as reads are concerned. */
@@ -38,18 +36,8 @@ export class Qcow2State {
   corrupt = false;
   /** Called when an overlap is found; the writer sets the corrupt bit on disk. */
   onCorrupt: ((what: string) => void) | null = null;
-  /**
-   * Metadata clusters for the overlap check (QEMU's "cached" mode): fixed
-   * ranges (header, L1, refcount table, snapshot table and snapshot L1s) and
-   * the sets of L2 tables of the active L1 and of refcount blocks. Maintained
-   * by the writer, and kept current when metadata moves (the refcount table
-   * grows, an L2 table is copied away from a snapshot): a stale entry would
-   * call a healthy reuse of a freed cluster an overlap. Only consulted before
-   * writes.
-   */
-  readonly metaRanges: Array<{ start: number; end: number; what: string }> = [];
-  readonly l2Tables = new Set<number>();
-  readonly refBlocks = new Set<number>();
+  /** The overlap check's index of metadata (overlap.ts): consulted before writes. */
+  readonly overlap = new OverlapIndex();
   /** New L2 tables not written yet (they live dirty in l2Cache). */
   readonly unwrittenL2 = new Set<number>();
 
@@ -118,14 +106,22 @@ export class Qcow2State {
   }
 
   l1Copied(l1Index: number): boolean {
-    return (this.l1.readUInt32BE(l1Index * 8) & 0x80000000) !== 0;
+    return (this.l1.readUInt32BE(l1Index * 8) & L1E_COPIED) !== 0;
+  }
+
+  /** Why an L1 entry's L2 table offset cannot be used (null when it can). */
+  badL2Offset(offset: number): string | null {
+    const bad = badClusterOffset(this.g, offset);
+    if (bad) return bad;
+    if (offset < this.g.clusterSize) return 'is in the header cluster';
+    if (offset >= this.fileSize) return `0x${offset.toString(16)} lies past the end of the file`;
+    return null;
   }
 
   /** The L2 table at `offset`, validated and loaded through the cache. */
   async l2Table(offset: number): Promise<Buffer> {
-    if (offset % this.g.clusterSize !== 0 || offset < this.g.clusterSize || offset >= this.fileSize) {
-      throw new CorruptionError(`L2 table offset ${offset} is invalid (unaligned, in the header, or past the end of the file)`);
-    }
+    const bad = this.badL2Offset(offset);
+    if (bad) throw new CorruptionError(`L2 table offset ${bad}`);
     return this.l2Cache.get(offset);
   }
 
@@ -140,26 +136,6 @@ export class Qcow2State {
     else if (end > this.dataFileSize) this.dataFileSize = end;
   }
 
-  refblockAdded(offset: number): void {
-    this.refBlocks.add(offset);
-  }
-
-  /**
-   * The refcount table now lives at [offset, offset + bytes). Its old
-   * clusters are released and may be reused: the overlap check must stop
-   * guarding them (else it calls a healthy reuse an overlap and marks the
-   * image corrupt) and guard the new place instead.
-   */
-  refcountTableMoved(offset: number, bytes: number): void {
-    const r = this.metaRanges.find((m) => m.what === REFCOUNT_TABLE);
-    if (r) {
-      r.start = offset;
-      r.end = offset + bytes;
-    } else {
-      this.metaRanges.push({ start: offset, end: offset + bytes, what: REFCOUNT_TABLE });
-    }
-  }
-
   /**
    * Throws (and reports corruption) if [offset, offset + length) of the image
    * file overlaps metadata. Called before every data write and before a newly
@@ -167,20 +143,19 @@ export class Qcow2State {
    * must not lead to overwriting it.
    */
   checkOverlap(offset: number, length: number, what: string): void {
-    const end = offset + length;
-    for (const r of this.metaRanges) {
-      if (offset < r.end && r.start < end) this.overlapFound(`${what} at ${offset} overlaps the ${r.what}`);
-    }
-    const cs = this.g.clusterSize;
-    for (let c = offset - (offset % cs); c < end; c += cs) {
-      if (this.l2Tables.has(c)) this.overlapFound(`${what} at ${offset} overlaps an L2 table at ${c}`);
-      if (this.refBlocks.has(c)) this.overlapFound(`${what} at ${offset} overlaps a refcount block at ${c}`);
-    }
+    const hit = this.overlap.find(offset, length);
+    if (hit) this.corruptionFound(`metadata overlap: ${what} at ${offset} overlaps ${hit}`);
   }
 
-  private overlapFound(msg: string): never {
+  /**
+   * A write found metadata it must not act on (an overlap, a mapping that
+   * points nowhere valid): the request fails with EIO, later writes are
+   * refused, and the corrupt bit goes to disk (onCorrupt) so no later writer
+   * trusts the image. Nothing is written for the request.
+   */
+  corruptionFound(msg: string): never {
     this.corrupt = true;
     this.onCorrupt?.(msg);
-    throw new CorruptionError(`metadata overlap: ${msg}; image marked corrupt`);
+    throw new CorruptionError(`${msg}; image marked corrupt`);
   }
 }

@@ -43,25 +43,17 @@
  * between only leaks. With lazy_refcounts the dirty bit stands in for the
  * refcount ordering.
  */
-import { CorruptionError, FormatError } from '../../errors.js';
+import { CorruptionError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
 import { bitmapRanges } from './bitmaps.js';
-import {
-  AUTOCLEAR_BITMAPS,
-  AUTOCLEAR_DATA_FILE_RAW,
-  COMPAT_LAZY_REFCOUNTS,
-  EXT_BITMAPS,
-  hasBit,
-  INCOMPAT_CORRUPT,
-  INCOMPAT_DIRTY,
-  serializeHeader,
-} from './header.js';
-import { decodeCompressed, entryOffset, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO, writeEntry } from './layout.js';
+import { serializeHeader } from './header.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { readGuest, track } from './read.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
+import { settleAll } from '../../io/file.js';
 import type { Qcow2State } from './state.js';
+import { ALL_SUBCLUSTERS, AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, badClusterOffset, badCompressed, clusterType, ClusterType, COMPAT_LAZY_REFCOUNTS, compressedExtent, decodeCompressed, entryOffset, EXT_BITMAPS, hasBit, hasHostCluster, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
 
 interface Deferred {
   promise: Promise<void>;
@@ -93,8 +85,6 @@ interface ClusterOp {
   newAlloc: number;
   newZero: number;
 }
-
-const ALL_SUBCLUSTERS = 0xffffffff;
 
 export class Qcow2Writer {
   private refcounts!: Refcounts;
@@ -132,7 +122,6 @@ export class Qcow2Writer {
     this.rebuildMetadataIndex();
     s.onCorrupt = (msg) => this.markCorrupt(msg);
     if (hasBit(h.incompatible, INCOMPAT_DIRTY)) {
-      s.log.warn({}, 'image was not closed cleanly (dirty bit set): rebuilding refcounts');
       await this.s.meta.run(async () => {
         await repairRefcounts(s, this.refcounts);
         await this.flushLocked();
@@ -141,31 +130,23 @@ export class Qcow2Writer {
     }
   }
 
-  /** The overlap check's view of metadata (state.ts). */
+  /** The overlap check's view of metadata (overlap.ts), as the image is when writing starts. */
   private rebuildMetadataIndex(): void {
     const s = this.s;
     const cs = s.g.clusterSize;
-    s.metaRanges.length = 0;
-    s.metaRanges.push({ start: 0, end: cs, what: 'header' });
-    s.metaRanges.push({ start: s.header.l1TableOffset, end: s.header.l1TableOffset + Math.max(s.l1.length, 1), what: 'active L1 table' });
-    const rtOff = this.refcounts.tableOffset;
-    s.refcountTableMoved(rtOff, this.refcounts.tableClusters * cs);
-    if (s.header.nbSnapshots > 0) {
-      s.metaRanges.push({ start: s.header.snapshotsOffset, end: s.header.snapshotsOffset + s.snapshotTableBytes, what: 'snapshot table' });
-    }
-    for (const snap of s.snapshots) {
-      s.metaRanges.push({ start: snap.l1TableOffset, end: snap.l1TableOffset + Math.max(snap.l1Size * 8, 1), what: `L1 table of snapshot ${snap.name}` });
-    }
-    s.l2Tables.clear();
-    for (let i = 0; i < s.l1Entries; i++) {
-      const off = s.l2OffsetOf(i);
-      if (off) s.l2Tables.add(off);
-    }
-    s.refBlocks.clear();
-    for (let i = 0; i < this.refcounts.tableEntries; i++) {
-      const off = this.refcounts.blockOffset(i);
-      if (off) s.refBlocks.add(off);
-    }
+    const rc = this.refcounts;
+    s.overlap.build({
+      clusterSize: cs,
+      l1TableOffset: s.header.l1TableOffset,
+      l1Bytes: s.l1.length,
+      refcountTableOffset: rc.tableOffset,
+      refcountTableBytes: rc.tableClusters * cs,
+      snapshotTableOffset: s.header.snapshotsOffset,
+      snapshotTableBytes: s.header.nbSnapshots > 0 ? s.snapshotTableBytes : 0,
+      snapshots: s.snapshots,
+      l2Tables: Array.from({ length: s.l1Entries }, (_, i) => s.l2OffsetOf(i)),
+      refBlocks: Array.from({ length: rc.tableEntries }, (_, i) => rc.blockOffset(i)),
+    });
   }
 
   async flush(): Promise<void> {
@@ -209,16 +190,15 @@ export class Qcow2Writer {
   }
 
   private async writeIncompatible(v: bigint): Promise<void> {
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64BE(v);
-    await this.s.file.write('header_update', b, 0, 8, 72);
+    const [at, field] = incompatibleField(v);
+    await this.s.file.write('header_update', field, 0, field.length, at);
     await this.s.syncAll();
     this.s.header.incompatible = v;
   }
 
   /** Overlap found: set the corrupt bit on disk (best effort) so no later writer trusts the image. */
   private markCorrupt(msg: string): void {
-    this.s.log.error({ problem: msg }, 'metadata overlap: marking the image corrupt');
+    this.s.log.error({ problem: msg }, 'marking the image corrupt');
     if (this.s.header.version !== 3) return;
     const v = this.s.header.incompatible | BigInt(INCOMPAT_CORRUPT);
     void this.writeIncompatible(v).catch(() => {});
@@ -272,11 +252,9 @@ export class Qcow2Writer {
 
   // ---- writes ------------------------------------------------------------
 
+  /** The request was checked by the driver (checkRequest in ../driver.ts). */
   async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     const s = this.s;
-    if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
-      throw new FormatError(`write [${guestOffset}, +${length}) outside the disk`, 'EINVAL');
-    }
     if (length === 0) return;
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
     const direct = this.directWrite(buf, bufOffset, length, guestOffset);
@@ -370,6 +348,8 @@ export class Qcow2Writer {
       const l1i = Math.floor(gc / g.l2Entries);
       if (l1i !== tableL1) {
         const l2off = s.l2OffsetOf(l1i);
+        const bad = l2off ? s.badL2Offset(l2off) : null;
+        if (bad) s.corruptionFound(`a write to guest offset ${gc * cs} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
         table = l2off ? await s.l2Table(l2off) : null;
         tableL1 = l1i;
       }
@@ -405,10 +385,10 @@ export class Qcow2Writer {
    */
   private directHost(gc: number, writeStart: number, writeEnd: number, old: L2Entry): number {
     const g = this.s.g;
-    if (old.hi & L2E_COMPRESSED) return -1;
+    if (clusterType(g, old.hi, old.lo) !== ClusterType.Normal) return -1; // compressed, zero or unallocated
     const host = entryOffset(old.hi, old.lo);
+    if (host !== 0 && badClusterOffset(g, host) !== null) return -1; // classify() reports it
     const copied = (old.hi & L2E_COPIED) !== 0;
-    if (!g.extL2 && g.v3 && (old.lo & L2E_ZERO) !== 0) return -1;
     if (g.extL2) {
       const sc = g.subclusterSize;
       const firstSc = Math.floor(writeStart / sc);
@@ -416,8 +396,9 @@ export class Qcow2Writer {
       const touched = (2 ** (lastSc + 1) - 2 ** firstSc) >>> 0;
       if ((old.alloc & touched) !== touched) return -1;
     }
-    if (g.hasDataFile) return copied || host !== 0 ? gc * g.clusterSize : -1;
-    return host !== 0 && copied ? host : -1;
+    // With a data file, every cluster with a host cluster is its own (refcount 1, host offset = guest offset).
+    if (g.hasDataFile) return gc * g.clusterSize;
+    return copied ? host : -1;
   }
 
   /** How one cluster is written, from its current L2 entry. */
@@ -427,6 +408,10 @@ export class Qcow2Writer {
     const op: ClusterOp = {
       gc, writeStart, writeEnd, bufAt, rewrite: true, host: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
     };
+    if (!g.hasDataFile) {
+      const bad = this.badOldMapping(old);
+      if (bad) this.s.corruptionFound(`a write to guest offset ${gc * cs} needs its L2 entry, whose ${bad}`);
+    }
     const direct = this.directHost(gc, writeStart, writeEnd, old);
     if (direct >= 0) {
       op.rewrite = false;
@@ -438,10 +423,10 @@ export class Qcow2Writer {
     const firstSc = Math.floor(writeStart / sc);
     const lastSc = Math.floor((writeEnd - 1) / sc);
     const touched = g.extL2 ? ((2 ** (lastSc + 1) - 2 ** firstSc) >>> 0) : 0;
-    const host = entryOffset(old.hi, old.lo);
+    const type = clusterType(g, old.hi, old.lo);
     const copied = (old.hi & L2E_COPIED) !== 0;
 
-    if (old.hi & L2E_COMPRESSED) {
+    if (type === ClusterType.Compressed) {
       op.newAlloc = g.extL2 ? ALL_SUBCLUSTERS : 0;
       return op;
     }
@@ -449,10 +434,11 @@ export class Qcow2Writer {
       // Host offset is the guest offset; nothing is refcounted or allocated.
       op.host = gc * cs;
       op.fresh = false;
-      if (g.extL2) this.subclusterSegments(op, touched, copied || host !== 0 ? old.alloc : 0);
+      if (g.extL2) this.subclusterSegments(op, touched, type === ClusterType.Normal ? old.alloc : 0);
       return op;
     }
-    if (host !== 0 && copied) {
+    const host = entryOffset(old.hi, old.lo);
+    if (hasHostCluster(type) && copied) {
       // Our own cluster with a zero flag or unallocated subclusters: rewritten in place.
       op.host = host;
       op.fresh = false;
@@ -463,9 +449,29 @@ export class Qcow2Writer {
     if (g.extL2) {
       op.newAlloc = (old.alloc | touched) >>> 0;
       op.newZero = (old.zero & ~touched) >>> 0;
-      if (host === 0 || old.alloc === 0) op.segments = [[firstSc * sc, (lastSc + 1) * sc]];
+      if (type === ClusterType.Unallocated || old.alloc === 0) op.segments = [[firstSc * sc, (lastSc + 1) * sc]];
     }
     return op;
+  }
+
+  /**
+   * Why the current mapping of a cluster cannot be written through or
+   * replaced (null when it can): the host cluster it names is written in
+   * place or has its reference dropped, so it must be a real cluster of this
+   * file. A direct write may still grow the file over a cluster past its end.
+   */
+  private badOldMapping(old: L2Entry): string | null {
+    const s = this.s;
+    if (old.hi & L2E_COMPRESSED) {
+      const bad = badCompressed(s.g, decodeCompressed(s.g, old.hi, old.lo), s.fileSize);
+      return bad ? `compressed cluster: ${bad}` : null;
+    }
+    const host = entryOffset(old.hi, old.lo);
+    if (host === 0) return null;
+    const bad = badClusterOffset(s.g, host);
+    if (bad) return `data cluster offset ${bad}`;
+    if ((old.hi & L2E_COPIED) === 0 && host >= s.fileSize) return `shared data cluster 0x${host.toString(16)} lies past the end of the file`;
+    return null;
   }
 
   /**
@@ -585,7 +591,7 @@ export class Qcow2Writer {
       await Promise.allSettled(ios);
       throw err;
     }
-    await Promise.all(ios);
+    await settleAll(ios);
   }
 
   /** Does the guest see zeros in [start, end) of a cluster mapped by `old` (no I/O)? */
@@ -615,16 +621,15 @@ export class Qcow2Writer {
         const at = (op.gc % g.l2Entries) * g.l2EntryBytes;
         writeEntry(table, at, L2E_COPIED, op.host, 0);
         if (g.extL2) {
-          table.writeUInt32BE(op.newZero, at + 8);
-          table.writeUInt32BE(op.newAlloc, at + 12);
+          table.writeUInt32BE(op.newZero, at + L2E_ZERO_BITMAP);
+          table.writeUInt32BE(op.newAlloc, at + L2E_ALLOC_BITMAP);
         }
         s.l2Cache.markDirty(offset, table);
         if (op.fresh && !g.hasDataFile) {
           const old = op.old;
           if (old.hi & L2E_COMPRESSED) {
-            const d = decodeCompressed(g, old.hi, old.lo);
-            const start = d.hostOffset - (d.hostOffset % 512);
-            releases.push([start, d.length + (d.hostOffset - start)]);
+            const { start, bytes } = compressedExtent(decodeCompressed(g, old.hi, old.lo));
+            releases.push([start, bytes]);
           } else {
             const oldHost = entryOffset(old.hi, old.lo);
             if (oldHost !== 0) releases.push([oldHost, g.clusterSize]);
@@ -693,11 +698,10 @@ export class Qcow2Writer {
     s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
     writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
     this.dirtyL1.add(l1i);
-    s.l2Tables.add(offset);
+    s.overlap.l2Allocated(offset);
     if (old !== 0) {
-      // No longer a table of the active L1 (what s.l2Tables indexes): once
-      // released it may be reused like any free cluster.
-      s.l2Tables.delete(old);
+      // No longer a table of the active L1: once released it may be reused like any free cluster.
+      s.overlap.l2Dropped(old);
       this.pendingReleases.push([old, cs]);
     }
     s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');

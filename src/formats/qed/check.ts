@@ -18,6 +18,7 @@
  * CLI): 0 clean, 2 corruptions remain, 3 only leaks remain.
  */
 import { FormatError } from '../../errors.js';
+import { hexOffset } from '../u64.js';
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
@@ -56,7 +57,7 @@ export interface ScanResult {
 }
 
 const MAX_MESSAGES = 50;
-const hex = (n: number): string => `0x${n.toString(16)}`;
+const hex = hexOffset;
 
 class Scan {
   readonly used: Uint8Array;

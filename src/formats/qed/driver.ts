@@ -27,11 +27,11 @@
  *     and every dirty L2 table written and synced: on clean close, and by an
  *     idle timer a few seconds after the last allocating write.
  */
-import { FormatError, QmountError, ReadOnlyError } from '../../errors.js';
-import type { ImageFile } from '../../io/file.js';
+import { FormatError, QmountError } from '../../errors.js';
+import { settleAll, type ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import { Mutex } from '../../../cache/mutex.js';
-import { readFromBacking, type BlockDriver, type DriverOpenOptions, type ImageInfo } from '../driver.js';
+import { checkRequest, readFromBacking, type BlockDriver, type DriverOpenOptions, type ImageInfo } from '../driver.js';
 import { AppendAllocator } from './alloc.js';
 import { clearNeedCheck, readQedMeta, scanQed } from './check.js';
 import {
@@ -142,14 +142,8 @@ class QedDriver implements BlockDriver {
     return this.file.path;
   }
 
-  private checkRange(length: number, guestOffset: number): void {
-    if (guestOffset < 0 || length < 0 || guestOffset + length > this.virtualSize) {
-      throw new QmountError('EINVAL', `${this.file.path}: request [${guestOffset}, +${length}) outside the ${this.virtualSize}-byte disk`);
-    }
-  }
-
   async read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
-    this.checkRange(length, guestOffset);
+    checkRequest(this, 'read', guestOffset, length, this.closed);
     let done = 0;
     while (done < length) {
       const g = guestOffset + done;
@@ -168,9 +162,7 @@ class QedDriver implements BlockDriver {
   }
 
   async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError();
-    if (guestOffset + length > this.virtualSize) throw new FormatError('write past the end of the disk', 'ENOSPC');
-    this.checkRange(length, guestOffset);
+    checkRequest(this, 'write', guestOffset, length, this.closed);
     let done = 0;
     while (done < length) {
       const g = guestOffset + done;
@@ -241,7 +233,7 @@ class QedDriver implements BlockDriver {
       const ios: Promise<void>[] = [this.file.write('cow_write', buf, at, run.bytes, host + head)];
       if (head > 0) ios.push(this.file.writeZeroes('cow_write', host, head));
       if (tail > 0) ios.push(this.file.writeZeroes('cow_write', host + head + run.bytes, tail));
-      for (const r of await Promise.allSettled(ios)) if (r.status === 'rejected') throw r.reason;
+      await settleAll(ios);
     } else {
       const out = Buffer.alloc(run.clusters * cs);
       if (head > 0) await this.fill(run.firstKind, out, 0, head, start);
@@ -302,6 +294,7 @@ class QedDriver implements BlockDriver {
   }
 
   async flush(): Promise<void> {
+    if (this.closed) throw new QmountError('EBADF', `${this.file.path}: flush after close`);
     if (this.readOnly) return;
     await this.tables.flush();
   }

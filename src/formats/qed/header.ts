@@ -10,6 +10,7 @@
  * rule is a one-line FormatError and nothing is written.
  */
 import { FormatError } from '../../errors.js';
+import { headerU64LE, MAX_DISK_BYTES, u64LE } from '../u64.js';
 
 export const QED_MAGIC = 0x00444551;
 export const QED_HEADER_BYTES = 64;
@@ -70,16 +71,11 @@ const hex = (n: number | bigint): string => `0x${n.toString(16)}`;
 /** The largest guest size the tables of this geometry can map. */
 export function maxImageSize(clusterSize: number, tableSize: number): number {
   const entries = (clusterSize * tableSize) / 8;
-  // entries^2 * clusterSize may exceed 2^53; compare in bigint and clamp.
+  // entries^2 * clusterSize may exceed 2^53; compare in bigint and clamp to qmount's limit (../u64.ts).
   const max = BigInt(entries) * BigInt(entries) * BigInt(clusterSize);
-  return max > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(max);
+  return max >= BigInt(MAX_DISK_BYTES) ? MAX_DISK_BYTES - 512 : Number(max);
 }
 
-function u64(buf: Buffer, off: number, what: string): number {
-  const v = buf.readBigUInt64LE(off);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new FormatError(`QED ${what} ${hex(v)} is out of range`);
-  return Number(v);
-}
 
 /**
  * Parse and validate the fixed header. `buf` holds the file's first bytes
@@ -122,8 +118,8 @@ export function parseHeader(buf: Buffer, fileSize: number): QedHeader {
     throw new FormatError(`QED header size ${h.headerSize} clusters is invalid`);
   }
   const headerEnd = h.headerSize * cs;
-  h.l1TableOffset = u64(buf, 40, 'L1 table offset');
-  h.imageSize = u64(buf, 48, 'image size');
+  h.l1TableOffset = headerU64LE(buf, 40, 'QED L1 table offset');
+  h.imageSize = headerU64LE(buf, 48, 'QED image size');
   const l1 = h.l1TableOffset;
   if (l1 % cs !== 0 || l1 < headerEnd) {
     throw new FormatError(`QED L1 table offset ${hex(l1)} is invalid (must be cluster-aligned and after the ${headerEnd}-byte header)`);
@@ -196,10 +192,9 @@ export function featureNames(features: bigint): string[] {
   return out;
 }
 
-/** Read a little-endian 64-bit table entry as a number (values past 2^53 lose precision but stay huge, so they fail every range check). */
+/** A little-endian 64-bit table entry; INVALID_OFFSET at or above 2^52 (../u64.ts), which fails every offset check. */
 export function readEntry(table: Buffer, index: number): number {
-  const off = index * 8;
-  return table.readUInt32LE(off + 4) * 0x100000000 + table.readUInt32LE(off);
+  return u64LE(table, index * 8);
 }
 
 export function writeEntry(table: Buffer, index: number, value: number): void {

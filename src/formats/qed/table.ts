@@ -24,6 +24,7 @@
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError } from '../../errors.js';
+import { hexOffset } from '../u64.js';
 import type { ImageFile } from '../../io/file.js';
 import type { AppendAllocator } from './alloc.js';
 import { QED_ZERO_CLUSTER, readEntry, writeEntry, type QedGeometry } from './header.js';
@@ -57,7 +58,7 @@ export function validTableOffset(g: QedGeometry, off: number, fileSize: number):
   return validClusterOffset(g, off, fileSize) && validClusterOffset(g, off + g.tableBytes - g.clusterSize, fileSize);
 }
 
-const hex = (n: number): string => `0x${n.toString(16)}`;
+const hex = hexOffset;
 
 export class QedTables {
   readonly l2: TableCache;

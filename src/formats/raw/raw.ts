@@ -1,7 +1,7 @@
 /** Raw images: guest offset == file offset. Serves as backing file and as a format of its own. */
-import { ReadOnlyError, FormatError } from '../../errors.js';
+import { QmountError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
-import type { BlockDriver, DriverOpenOptions, ImageInfo } from '../driver.js';
+import { checkRequest, type BlockDriver, type DriverOpenOptions, type ImageInfo } from '../driver.js';
 
 export async function openRaw(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
   const size = await file.size();
@@ -10,6 +10,8 @@ export async function openRaw(file: ImageFile, opts: DriverOpenOptions): Promise
 
 class RawDriver implements BlockDriver {
   readonly format = 'raw' as const;
+  private closed = false;
+
   constructor(
     private readonly file: ImageFile,
     readonly virtualSize: number,
@@ -21,22 +23,30 @@ class RawDriver implements BlockDriver {
   }
 
   async read(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    if (length === 0) return;
     await this.file.readZeroFill(buf, bufOffset, length, guestOffset);
   }
 
   async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
-    if (this.readOnly) throw new ReadOnlyError();
-    if (guestOffset + length > this.virtualSize) throw new FormatError('write past the end of the disk', 'ENOSPC');
+    checkRequest(this, 'write', guestOffset, length, this.closed);
+    if (length === 0) return;
     await this.file.write('data_write', buf, bufOffset, length, guestOffset);
   }
 
-  flush(): Promise<void> {
-    return this.file.flush();
+  async flush(): Promise<void> {
+    if (this.closed) throw new QmountError('EBADF', `${this.file.path}: flush after close`);
+    await this.file.flush();
   }
 
   async close(): Promise<void> {
-    if (!this.readOnly) await this.file.flush();
-    await this.file.close();
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (!this.readOnly) await this.file.flush();
+    } finally {
+      await this.file.close();
+    }
   }
 
   info(): ImageInfo {

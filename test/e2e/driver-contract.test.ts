@@ -1,0 +1,214 @@
+/**
+ * The BlockDriver contract (src/formats/driver.ts), run over every driver:
+ * one errno per kind of bad request, zero-length requests, requests at and
+ * across the end, close twice, I/O after close, and the buffer-lifetime rule.
+ * Images are made by qemu-img; each driver gets a fresh one per test.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import pino from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { errnoOf as errnoName, QmountError } from '../../src/errors.js';
+import type { BlockDriver, FormatName } from '../../src/formats/driver.js';
+import { openImage } from '../../src/formats/open.js';
+import { ImageFile } from '../../src/io/file.js';
+import { instrumentation } from '../../src/io/instrument.js';
+import { patternBytes, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
+
+const KiB = 1024;
+const SIZE = 4 * 1024 * KiB;
+const log = pino({ level: 'silent' });
+
+interface DriverCase {
+  name: string;
+  format: FormatName;
+  build(p: string): void;
+}
+
+const DRIVERS: DriverCase[] = [
+  {
+    name: 'raw',
+    format: 'raw',
+    build: (p) => fs.writeFileSync(p, patternBytes(SIZE, 1)),
+  },
+  {
+    name: 'qcow2',
+    format: 'qcow2',
+    build: (p) => {
+      qemuImg('create', '-q', '-f', 'qcow2', p, String(SIZE));
+      qemuIo(p, 'qcow2', ['write -P 0x11 0 128k', `write -P 0x22 ${SIZE - 64 * KiB} 64k`]);
+    },
+  },
+  {
+    name: 'qcow2 v2, 512-byte clusters',
+    format: 'qcow2',
+    build: (p) => {
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'compat=0.10,cluster_size=512', p, String(SIZE));
+      qemuIo(p, 'qcow2', ['write -P 0x11 0 128k']);
+    },
+  },
+  {
+    name: 'qed',
+    format: 'qed',
+    build: (p) => {
+      qemuImg('create', '-q', '-f', 'qed', p, String(SIZE));
+      qemuIo(p, 'qed', ['write -P 0x11 0 128k', `write -P 0x22 ${SIZE - 64 * KiB} 64k`]);
+    },
+  },
+];
+
+let scratch: { dir: string; cleanup: () => void };
+let n = 0;
+beforeAll(() => (scratch = scratchDir('contract')));
+afterAll(() => {
+  instrumentation.clearFaults();
+  scratch?.cleanup();
+});
+
+/** The errno a request rejected with (a QmountError's, or an I/O error's code), null if it resolved. */
+async function errnoOf(p: Promise<unknown>): Promise<string | null> {
+  try {
+    await p;
+    return null;
+  } catch (err) {
+    expect((err as Error).message).not.toContain('\n');
+    if (err instanceof QmountError) return err.errno;
+    expect(err, String(err)).toHaveProperty('code');
+    return errnoName(err);
+  }
+}
+
+describe.each(DRIVERS)('BlockDriver contract: $name', (dc) => {
+  let image: string;
+  const open = async (readOnly: boolean): Promise<BlockDriver> =>
+    openImage(image, { readOnly, format: dc.format, log });
+
+  beforeAll(() => {
+    image = path.join(scratch.dir, `img-${n++}`);
+    dc.build(image);
+  });
+
+  it('refuses malformed requests with EINVAL, reads past the end with EINVAL and writes past it with ENOSPC, writing nothing', async () => {
+    const before = fs.readFileSync(image);
+    const d = await open(false);
+    const buf = Buffer.alloc(8192, 0x77);
+    try {
+      expect(d.virtualSize).toBe(SIZE);
+      const bad: Array<[string, number, number]> = [
+        ['negative offset', -512, 512],
+        ['fractional offset', 0.5, 512],
+        ['NaN offset', NaN, 512],
+        ['null offset', null as unknown as number, 512],
+        ['unsafe offset', 2 ** 55, 512],
+        ['negative length', 0, -1],
+        ['fractional length', 0, 1.5],
+      ];
+      for (const [what, off, len] of bad) {
+        expect(await errnoOf(d.read(buf, 0, len, off)), `read, ${what}`).toBe('EINVAL');
+        expect(await errnoOf(d.write(buf, 0, len, off)), `write, ${what}`).toBe('EINVAL');
+      }
+      expect(await errnoOf(d.read(buf, 0, 1024, SIZE - 512)), 'read crossing the end').toBe('EINVAL');
+      expect(await errnoOf(d.read(buf, 0, 512, SIZE)), 'read at the end').toBe('EINVAL');
+      expect(await errnoOf(d.write(buf, 0, 1024, SIZE - 512)), 'write crossing the end').toBe('ENOSPC');
+      expect(await errnoOf(d.write(buf, 0, 512, SIZE)), 'write at the end').toBe('ENOSPC');
+      // zero length: nothing, anywhere in [0, size]
+      for (const off of [0, 4096, SIZE]) {
+        expect(await errnoOf(d.read(buf, 0, 0, off)), `empty read at ${off}`).toBeNull();
+        expect(await errnoOf(d.write(buf, 0, 0, off)), `empty write at ${off}`).toBeNull();
+      }
+      expect(buf.every((b) => b === 0x77)).toBe(true);
+      // the last byte of the disk is readable and writable
+      const last = Buffer.alloc(512, 0x99);
+      expect(await errnoOf(d.write(last, 0, 512, SIZE - 512))).toBeNull();
+      const back = Buffer.alloc(512);
+      await d.read(back, 0, 512, SIZE - 512);
+      expect(back).toEqual(last);
+      await d.write(before.subarray(0, 0), 0, 0, 0);
+    } finally {
+      await d.close();
+    }
+    if (dc.format === 'raw') {
+      // Nothing but the one valid write reached the file (a negative offset once wrote at 0).
+      const after = fs.readFileSync(image);
+      expect(after.subarray(0, SIZE - 512).equals(before.subarray(0, SIZE - 512))).toBe(true);
+    }
+  });
+
+  it('a read-only driver refuses every write with EROFS, before looking at the range', async () => {
+    const d = await open(true);
+    try {
+      expect(d.readOnly).toBe(true);
+      for (const [off, len] of [[0, 512], [-512, 512], [SIZE, 512], [0, 0]] as const) {
+        expect(await errnoOf(d.write(Buffer.alloc(512), 0, len, off)), `write at ${off}`).toBe('EROFS');
+      }
+      expect(await errnoOf(d.flush())).toBeNull();
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('close is idempotent; read, write and flush after close reject with EBADF', async () => {
+    for (const readOnly of [true, false]) {
+      const d = await open(readOnly);
+      await d.close();
+      await d.close();
+      const buf = Buffer.alloc(512);
+      expect(await errnoOf(d.read(buf, 0, 512, 0)), 'read').toBe('EBADF');
+      expect(await errnoOf(d.write(buf, 0, 512, 0)), 'write').toBe('EBADF');
+      expect(await errnoOf(d.flush()), 'flush').toBe('EBADF');
+    }
+  });
+
+  it('uses the caller\'s buffer only until its promise settles, also when it rejects', async () => {
+    // Every file I/O is slowed down and counted: when a request settles, none of its I/O may be outstanding.
+    const proto = ImageFile.prototype;
+    const orig = { read: proto.read, write: proto.write, writeZeroes: proto.writeZeroes };
+    let outstanding = 0;
+    const slow = <T>(p: Promise<T>): Promise<T> => {
+      outstanding++;
+      const settle = (): Promise<void> => new Promise<void>((r) => setTimeout(r, 5)).then(() => void outstanding--);
+      return p.then(
+        (v) => settle().then(() => v),
+        (e: unknown) => settle().then(() => Promise.reject(e)),
+      );
+    };
+    proto.read = function (this: ImageFile, ...a: Parameters<ImageFile['read']>) {
+      return slow(orig.read.apply(this, a));
+    };
+    proto.write = function (this: ImageFile, ...a: Parameters<ImageFile['write']>) {
+      return slow(orig.write.apply(this, a));
+    };
+    proto.writeZeroes = function (this: ImageFile, ...a: Parameters<ImageFile['writeZeroes']>) {
+      return slow(orig.writeZeroes.apply(this, a));
+    };
+    let step = 0;
+    const settled = async (p: Promise<unknown>): Promise<string | null> => {
+      step++;
+      const e = await errnoOf(p);
+      expect(outstanding, `file I/O still outstanding when the request settled (${step})`).toBe(0);
+      return e;
+    };
+    const d = await open(false);
+    try {
+      const data = patternBytes(192 * KiB, 9);
+      expect(await settled(d.write(Buffer.from(data), 0, data.length, 2048 * KiB + 512))).toBeNull(); // several new clusters
+      const back = Buffer.alloc(data.length);
+      expect(await settled(d.read(back, 0, back.length, 2048 * KiB + 512))).toBeNull();
+      expect(back.equals(data)).toBe(true);
+      // The in-place part of a request fails (data_write) while its part in new
+      // clusters is written elsewhere in the file (raw: one write, failing).
+      instrumentation.setFaults([{ point: 'data_write', errno: 'EIO', times: 1 }]);
+      const doomed = patternBytes(256 * KiB, 3);
+      expect(await settled(d.write(doomed, 0, doomed.length, 128 * KiB - 4096))).toBe('EIO');
+      instrumentation.clearFaults();
+      // A read crossing data, holes and (qcow2) several L2 lookups.
+      const all = Buffer.alloc(SIZE);
+      expect(await settled(d.read(all, 0, SIZE, 0))).toBeNull();
+      expect(await settled(d.flush())).toBeNull();
+    } finally {
+      Object.assign(proto, orig);
+      instrumentation.clearFaults();
+      await d.close();
+    }
+  });
+});
