@@ -219,7 +219,7 @@ function checkBuild() {
 /**
  * native/ofd-lock: the fcntl(F_OFD_SETLK) calls image locking needs (see
  * src/io/lock.ts); native/fuse3: the libfuse 3 low-level binding (see
- * mount/fuse3.ts). Built with the node-gyp that ships inside npm, against the
+ * mount/backend-fuse3.ts). Built with the node-gyp that ships inside npm, against the
  * headers of the Node that runs this script (nodedir), so nothing is
  * downloaded. Rebuilt when their sources are newer than the built addon.
  * ofd-lock is required; without fuse3 qmount falls back to fuse-native, so a
