@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BACKENDS, detach, isMounted, makeMountDir, mountImage, processRunning } from '../helpers/mount.js';
+import { BACKENDS, detach, isMounted, makeMountDir, mountImage } from '../helpers/mount.js';
 import { convertToRaw, qemuCheck, qemuCompare, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
 import { mulberry32 } from '../helpers/workload.js';
 
@@ -308,23 +308,63 @@ describe.each(BACKENDS)('%s backend', (backend) => {
 
 describe('fuse3 request-buffer pool', () => {
   it('a pool of 2 buffers under O_DIRECT qd16: receiving pauses while it is full, every request is still answered', async () => {
-    const img = makeQcow2('pool.qcow2');
-    const log = path.join(scratch.dir, 'pool.log');
-    const m = await mountImage(img, { backend: 'fuse3', env: { QMOUNT_FUSE3_BUFFERS: '2' }, extraArgs: ['--log-level', 'info', '--log-file', log] });
+    // In this process, over a driver that holds each request until two are waiting (or 50 ms passed,
+    // for the tail), so both buffers are certainly taken at once; fio runs as a child process.
+    const { MountSession } = await import('../../mount/session.js');
+    const { configureLogging, logger } = await import('../../src/log.js');
+    const { parseMountOptions } = await import('../../mount/options.js');
+    configureLogging({ level: 'silent' });
+    const disk = Buffer.alloc(32 * MiB);
+    let waiting: Array<() => void> = [];
+    let timer: NodeJS.Timeout | undefined;
+    const releaseAll = () => {
+      clearTimeout(timer);
+      const w = waiting;
+      waiting = [];
+      for (const f of w) f();
+    };
+    const hold = (work: () => void) =>
+      new Promise<void>((resolve) => {
+        waiting.push(() => {
+          work();
+          resolve();
+        });
+        if (waiting.length >= 2) setImmediate(releaseAll);
+        else timer = setTimeout(releaseAll, 50);
+      });
+    const driver = {
+      format: 'raw', filename: 'fake', virtualSize: disk.length, readOnly: false,
+      read: (buf: Buffer, off: number, len: number, pos: number) => hold(() => disk.copy(buf, off, pos, pos + len)),
+      write: (buf: Buffer, off: number, len: number, pos: number) => hold(() => buf.copy(disk, pos, off, off + len)),
+      flush: () => Promise.resolve(),
+      close: () => Promise.resolve(),
+      info: () => ({}),
+    };
+    const dir = fs.realpathSync(makeMountDir());
+    process.env.QMOUNT_FUSE3_BUFFERS = '2';
+    let session;
     try {
-      const r = fio([
-        '--name=pool', `--filename=${m.rawPath}`, '--direct=1', '--ioengine=libaio', '--iodepth=16', '--rw=randrw',
-        '--bssplit=4k/50:1m/50', '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randseed=3',
-      ]);
-      expect(r.status, r.out).toBe(0);
-      expect(processRunning(m.pid)).toBe(true);
+      session = await MountSession.mount(driver as never, dir, { readOnly: false, mount: parseMountOptions([]), log: logger('mount'), backend: 'fuse3' });
     } finally {
-      await m.unmount();
+      delete process.env.QMOUNT_FUSE3_BUFFERS;
     }
-    const fuse = closedLine(log).fuse as { buffers: number; poolFull: number; pending: number };
-    expect(fuse.buffers).toBe(2);
-    expect(fuse.poolFull).toBeGreaterThan(0);
-    expect(fuse.pending).toBe(0);
-    expect(qemuCheck(img).code).toBe(0);
+    const stats = () => (session as unknown as { backend: { stats(): { buffers: number; poolFull: number; pending: number } } }).backend.stats();
+    try {
+      const r = await execFileP('fio', [
+        '--output-format=normal', '--verify_state_save=0', '--name=pool', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=libaio',
+        '--iodepth=16', '--rw=randwrite', '--bssplit=4k/50:1m/50', '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randseed=3',
+      ]).catch((err: { stdout?: string; stderr?: string }) => ({ stdout: `${err.stdout ?? ''}${err.stderr ?? ''}`, failed: true }));
+      expect('failed' in r, r.stdout).toBe(false);
+      expect(r.stdout).toMatch(/err= 0/);
+      expect(stats().buffers).toBe(2);
+      expect(stats().poolFull).toBeGreaterThan(0);
+      expect(await session.close('test done')).toBe(0);
+      expect(stats().pending).toBe(0);
+    } finally {
+      releaseAll();
+      await session.close('cleanup');
+      if (isMounted(dir)) detach(dir);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
