@@ -368,3 +368,42 @@ describe('fuse3 request-buffer pool', () => {
     }
   });
 });
+
+describe('--fuse-backend auto without the fuse3 addon', () => {
+  it('auto falls back to fuse-native with one warning saying why; fuse3 refuses to mount', async () => {
+    // A copy of the built tree without native/fuse3 (node_modules and the locking addon linked in).
+    const ROOT = path.resolve(import.meta.dirname, '..', '..');
+    const tree = path.join(scratch.dir, 'no-fuse3');
+    fs.mkdirSync(path.join(tree, 'native'), { recursive: true });
+    fs.cpSync(path.join(ROOT, 'dist'), path.join(tree, 'dist'), { recursive: true });
+    fs.copyFileSync(path.join(ROOT, 'package.json'), path.join(tree, 'package.json'));
+    fs.symlinkSync(path.join(ROOT, 'node_modules'), path.join(tree, 'node_modules'));
+    fs.symlinkSync(path.join(ROOT, 'native', 'ofd-lock'), path.join(tree, 'native', 'ofd-lock'));
+    const cli = path.join(tree, 'dist', 'src', 'cli.js');
+    const img = path.join(scratch.dir, 'fallback.raw');
+    fs.writeFileSync(img, Buffer.alloc(MiB, 0x61));
+    const dir = makeMountDir();
+    const log = path.join(scratch.dir, 'fallback.log');
+    const pidFile = path.join(scratch.dir, 'fallback.pid');
+    try {
+      const forced = spawnSync(process.execPath, [cli, '-f', '--fuse-backend', 'fuse3', img, dir], { encoding: 'utf8', timeout: 60_000 });
+      expect(forced.status).toBe(2);
+      expect(forced.stderr).toMatch(/^qmount: .*fuse3.*not built/m);
+      expect(isMounted(dir)).toBe(false);
+      const r = spawnSync(process.execPath, [cli, '--log-level', 'info', '--log-file', log, '--pid-file', pidFile, img, dir], { encoding: 'utf8', timeout: 60_000 });
+      expect(r.status, r.stderr).toBe(0);
+      expect(fs.readFileSync(path.join(dir, 'disk.raw')).equals(Buffer.alloc(MiB, 0x61))).toBe(true);
+      const pid = Number(fs.readFileSync(pidFile, 'utf8'));
+      expect(spawnSync('fusermount', ['-u', dir]).status).toBe(0);
+      while (fs.existsSync(`/proc/${pid}`) && !/\) Z/.test(fs.readFileSync(`/proc/${pid}/stat`, 'utf8'))) await new Promise((res) => setTimeout(res, 20));
+      const lines = logLines(log);
+      const warnings = lines.filter((l) => typeof l.msg === 'string' && l.msg.includes('fuse3 backend unavailable'));
+      expect(warnings).toHaveLength(1);
+      expect(String(warnings[0]!.why)).toMatch(/not built/);
+      expect(closedLine(log).backend).toBe('fuse-native');
+    } finally {
+      if (isMounted(dir)) detach(dir);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
