@@ -100,6 +100,8 @@ static void mark_unmounted(struct qf_session *s, int err) {
   if (s->unmounted) return;
   s->unmounted = 1;
   s->read_errno = err;
+  /* Answers still to come fail quietly (libfuse does not print write errors of an exited session). */
+  fuse_session_exit(s->se);
   stop_polling(s);
   if (!s->closed) emit(s, QF_UNMOUNTED, -1, 0, 0, err);
 }
