@@ -16,6 +16,8 @@ export interface MountEntry {
   mountPoint: string;
   fsType: string;
   source: string;
+  /** the device number, "major:minor" (the name of its /sys/class/bdi entry) */
+  device: string;
 }
 
 export function parseMountInfo(text: string): MountEntry[] {
@@ -26,7 +28,7 @@ export function parseMountInfo(text: string): MountEntry[] {
     // id parent major:minor root mountpoint options [optional...] - fstype source superopts
     const sep = fields.indexOf('-', 6);
     if (fields.length < 5 || sep < 0) continue;
-    out.push({ mountPoint: unescapeField(fields[4]!), fsType: fields[sep + 1] ?? '', source: unescapeField(fields[sep + 2] ?? '') });
+    out.push({ mountPoint: unescapeField(fields[4]!), fsType: fields[sep + 1] ?? '', source: unescapeField(fields[sep + 2] ?? ''), device: fields[2]! });
   }
   return out;
 }

@@ -5,10 +5,14 @@
 import { QmountError } from '../src/errors.js';
 
 /**
- * libfuse 2 caps max_write at its 128 KiB receive buffer, and the kernel's
- * read requests at 32 pages; larger values are accepted by nobody.
+ * Largest request per backend: libfuse 2 (fuse-native) caps max_write at its
+ * 128 KiB receive buffer and the kernel's read requests at 32 pages; the
+ * fuse3 backend negotiates max_pages for 1 MiB (native/fuse3/qfuse.h).
  */
-export const MAX_IO = 128 * 1024;
+export const MAX_IO_FUSE_NATIVE = 128 * 1024;
+export const MAX_IO_FUSE3 = 1024 * 1024;
+/** The largest -o max_read/max_write accepted (fuse-native clamps to its own). */
+export const MAX_IO = MAX_IO_FUSE3;
 const MIN_IO = 4096;
 
 export interface MountOptions {
@@ -19,8 +23,9 @@ export interface MountOptions {
   readOnly: boolean;
   /** Bypass the kernel page cache (every read/write goes to qmount). */
   directIo: boolean;
-  maxRead: number;
-  maxWrite: number;
+  /** -o max_read/max_write; undefined: the backend's largest. */
+  maxRead?: number;
+  maxWrite?: number;
   uid?: number;
   gid?: number;
   /** octal string, e.g. "022" */
@@ -34,8 +39,6 @@ export function defaultMountOptions(): MountOptions {
     defaultPermissions: false,
     readOnly: false,
     directIo: false,
-    maxRead: MAX_IO,
-    maxWrite: MAX_IO,
   };
 }
 
@@ -94,8 +97,13 @@ export function parseMountOptions(lists: string[]): MountOptions {
   return o;
 }
 
+/** max_read/max_write a backend uses: the user's, capped at the backend's largest. */
+export function ioSizes(o: MountOptions, maxIo: number): { maxRead: number; maxWrite: number } {
+  return { maxRead: Math.min(o.maxRead ?? maxIo, maxIo), maxWrite: Math.min(o.maxWrite ?? maxIo, maxIo) };
+}
+
 /**
- * The libfuse option list for a mount. Choices made here:
+ * The libfuse 2 option list for a fuse-native mount. Choices made here:
  * - big_writes + max_write: without them libfuse 2 gets 4 KiB write requests.
  * - kernel_cache: the page cache is kept across opens. This is coherent
  *   because disk.raw changes only through this mount (qmount is the image's
@@ -107,15 +115,38 @@ export function parseMountOptions(lists: string[]): MountOptions {
  * - ro on a read-only mount: the kernel refuses writes before they reach us.
  */
 export function fuseOptionList(o: MountOptions, readOnly: boolean): string[] {
-  const list = ['fsname=qmount', 'subtype=qmount', 'big_writes', `max_write=${o.maxWrite}`, `max_read=${o.maxRead}`];
+  const { maxRead, maxWrite } = ioSizes(o, MAX_IO_FUSE_NATIVE);
+  const list = ['fsname=qmount', 'subtype=qmount', 'big_writes', `max_write=${maxWrite}`, `max_read=${maxRead}`];
   if (readOnly) list.push('ro');
   if (o.directIo) list.push('direct_io');
   else list.push('kernel_cache');
-  if (o.allowOther) list.push('allow_other');
-  if (o.allowRoot) list.push('allow_root');
-  if (o.defaultPermissions || o.allowOther) list.push('default_permissions');
+  list.push(...permissionOptions(o));
   if (o.uid !== undefined) list.push(`uid=${o.uid}`);
   if (o.gid !== undefined) list.push(`gid=${o.gid}`);
   if (o.umask !== undefined) list.push(`umask=${o.umask}`);
+  return list;
+}
+
+function permissionOptions(o: MountOptions): string[] {
+  const list: string[] = [];
+  if (o.allowOther) list.push('allow_other');
+  if (o.allowRoot) list.push('allow_root');
+  if (o.defaultPermissions || o.allowOther) list.push('default_permissions');
+  return list;
+}
+
+/**
+ * The libfuse 3 option list (fuse_session_new) for a fuse3 mount: only what
+ * libfuse 3 takes as mount options. Rendered differently from libfuse 2: no
+ * big_writes (always on); max_write is negotiated in init (the addon's
+ * attrs), max_read is both a mount option and negotiated; kernel_cache is
+ * keep_cache on open, direct_io is set on open; uid/gid/umask are the
+ * attributes the addon answers getattr with (DiskService.attrs).
+ */
+export function fuse3OptionList(o: MountOptions, readOnly: boolean): string[] {
+  const { maxRead } = ioSizes(o, MAX_IO_FUSE3);
+  const list = ['fsname=qmount', 'subtype=qmount', `max_read=${maxRead}`];
+  if (readOnly) list.push('ro');
+  list.push(...permissionOptions(o));
   return list;
 }

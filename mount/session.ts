@@ -1,52 +1,26 @@
 /**
- * One mounted image: mount point checks, mounting, noticing an external
- * unmount, and the one clean close every way of ending goes through.
+ * One mounted image: mount point checks, mounting through a backend
+ * (mount/backend.ts), noticing an external unmount (the backend says so at
+ * once), and the one clean close every way of ending goes through.
  *
  * Close order (each step waits for the one before):
  *   1. take the file system off the mount point (skipped when the kernel
  *      already did: umount / fusermount -u from outside);
  *   2. stop passing requests to the driver and wait for those in flight;
- *   3. driver.close(): flush caches, clear the dirty/need-check marks.
+ *   3. release the binding (fuse3: close the session fd);
+ *   4. driver.close(): flush caches, clear the dirty/need-check marks.
  * close() is idempotent: a second signal during close only logs.
  */
 import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
-import Fuse, { type FuseOps } from 'fuse-native';
 import { QmountError, oneLine } from '../src/errors.js';
 import type { BlockDriver } from '../src/formats/driver.js';
 import { ioCounters } from '../src/io/file.js';
 import type { Logger } from '../src/log.js';
-import { DiskFs, FILE_NAME } from './disk-fs.js';
+import { createBackend, type BackendChoice, type FuseBackend } from './backend.js';
 import { findMount, readMounts, readMountsSync } from './mountinfo.js';
-import { fuseOptionList, type MountOptions } from './options.js';
-
-/** The file system type our mounts show in mountinfo (subtype=qmount, see options.ts). */
-const FS_TYPE = 'fuse.qmount';
-/** How often /proc/self/mountinfo is read to notice an external unmount. */
-const POLL_MS = 500;
-
-/**
- * fuse-native has no switch for big_writes, max_write, ro or direct_io: this
- * is the one place qmount adds options to the ones fuse-native builds.
- * Exported for scripts/noop-fs.mjs (the benchmark's ceiling mounts with it).
- */
-export class QmountFuse extends Fuse {
-  constructor(
-    mnt: string,
-    ops: FuseOps,
-    private readonly extraOptions: string[],
-  ) {
-    // timeout false: fuse-native would otherwise answer any request slower than 15 s with ETIMEDOUT.
-    super(mnt, ops, { timeout: false });
-  }
-
-  override _fuseOptions(): string {
-    const base = super._fuseOptions();
-    const extra = this.extraOptions.join(',');
-    if (!extra) return base;
-    return base ? `${base},${extra}` : `-o${extra}`;
-  }
-}
+import type { MountOptions } from './options.js';
+import { DiskService, FILE_NAME } from './service.js';
 
 function run(cmd: string, args: string[]): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -87,12 +61,13 @@ export interface MountSessionOptions {
   readOnly: boolean;
   mount: MountOptions;
   log: Logger;
+  /** --fuse-backend; default auto */
+  backend?: BackendChoice;
 }
 
 export class MountSession {
-  private readonly fs: DiskFs;
-  private readonly fuse: QmountFuse;
-  private poll: NodeJS.Timeout | undefined;
+  private readonly service: DiskService;
+  private backend!: FuseBackend;
   private closing: Promise<number> | undefined;
   private resolveDone!: (code: number) => void;
   /** Settles with the exit code once the mount is closed, however it ended. */
@@ -104,34 +79,39 @@ export class MountSession {
     private readonly log: Logger,
     opts: MountSessionOptions,
   ) {
-    this.fs = new DiskFs(driver, { readOnly: opts.readOnly, allowOther: opts.mount.allowOther, log });
-    this.fuse = new QmountFuse(mountPoint, this.fs.ops(), fuseOptionList(opts.mount, opts.readOnly));
+    const m = opts.mount;
+    this.service = new DiskService(driver, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, log });
+  }
+
+  /** The backend in use ('fuse3' or 'fuse-native'). */
+  get backendName(): string {
+    return this.backend.name;
   }
 
   /** Mount `driver` on `mountPoint` (a real path checked by checkMountPoint). Resolves once FUSE is ready. */
   static async mount(driver: BlockDriver, mountPoint: string, opts: MountSessionOptions): Promise<MountSession> {
     const log = opts.log;
     const s = new MountSession(mountPoint, driver, log, opts);
-    log.debug({ options: s.fuse._fuseOptions() }, 'mounting');
-    await new Promise<void>((resolve, reject) => {
-      s.fuse.mount((err) => {
-        if (err) reject(new QmountError('EIO', `${mountPoint}: cannot mount: ${oneLine(err)}`));
-        else resolve();
-      });
-    });
-    s.poll = setInterval(() => s.checkStillMounted(), POLL_MS);
-    log.info({ mountPoint, file: FILE_NAME, size: driver.virtualSize, readOnly: opts.readOnly }, 'mounted');
-    return s;
-  }
-
-  private checkStillMounted(): void {
-    readMounts().then(
-      (entries) => {
-        const ours = entries.some((e) => e.mountPoint === this.mountPoint && e.fsType === FS_TYPE);
-        if (!this.closing && !ours) void this.close('unmounted');
+    s.backend = await createBackend(opts.backend ?? 'auto', {
+      mountPoint,
+      service: s.service,
+      mount: opts.mount,
+      readOnly: opts.readOnly,
+      log,
+      onUnmounted: (detail) => {
+        if (detail) log.error({ detail }, 'the FUSE session ended');
+        if (!s.closing) void s.close('unmounted');
       },
-      (err: unknown) => this.log.warn({ err: oneLine(err) }, 'cannot read /proc/self/mountinfo'),
-    );
+    });
+    log.debug({ backend: s.backend.name, options: s.backend.options }, 'mounting');
+    try {
+      await s.backend.mount();
+    } catch (err) {
+      s.service.drain().catch(() => {});
+      throw new QmountError('EIO', `${mountPoint}: cannot mount: ${oneLine(err)}`);
+    }
+    log.info({ mountPoint, file: FILE_NAME, size: driver.virtualSize, readOnly: opts.readOnly, backend: s.backend.name, maxIo: s.backend.maxIo }, 'mounted');
+    return s;
   }
 
   /**
@@ -149,10 +129,10 @@ export class MountSession {
   }
 
   private async doClose(reason: string): Promise<number> {
-    clearInterval(this.poll);
     this.log.info({ reason }, 'closing');
     if (reason !== 'unmounted') await this.unmountKernel();
-    await this.fs.drain();
+    await this.service.drain();
+    this.backend.release();
     let code = 0;
     try {
       await this.driver.close();
@@ -161,13 +141,13 @@ export class MountSession {
       code = 2;
     }
     // io: image calls made inline on the event loop vs on the thread pool (src/io/file.ts).
-    this.log.info({ stats: this.fs.stats, io: ioCounters }, 'closed');
+    this.log.info({ stats: this.service.stats, io: ioCounters, backend: this.backend.name, fuse: this.backend.stats() }, 'closed');
     return code;
   }
 
   /** Log the request counters so far (SIGUSR1; `npm run bench` reads them around each job). */
   logStats(): void {
-    this.log.warn({ stats: this.fs.stats, io: ioCounters, live: true }, 'request counters');
+    this.log.warn({ stats: this.service.stats, io: ioCounters, backend: this.backend.name, fuse: this.backend.stats(), live: true }, 'request counters');
   }
 
   /** Unmount; when busy (a file still open), detach lazily: remaining requests then get EIO. */

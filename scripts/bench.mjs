@@ -6,10 +6,13 @@
  *   node scripts/bench.mjs [--quick] [--format qcow2|qed] [options]
  *
  * Systems (each serves DIR/disk.raw, or a file, over FUSE in its own process):
- *   qmount   node dist/src/cli.js -f IMAGE DIR
- *   qemu     qemu-storage-daemon's FUSE export of a copy of the same image
- *   ceiling  scripts/noop-fs.mjs: fuse-native with qmount's FUSE options,
- *            answering every request at once (what the binding allows)
+ *   qmount-fuse3        node dist/src/cli.js -f --fuse-backend fuse3 IMAGE DIR
+ *   qmount-fuse-native  the same with --fuse-backend fuse-native
+ *   qemu                qemu-storage-daemon's FUSE export of a copy of the same image
+ *   noop-fuse3          scripts/noop-fs.mjs on native/fuse3, and
+ *   noop-fuse-native    on fuse-native, each with qmount's FUSE options for
+ *                       that backend, answering every request at once: the
+ *                       ceilings (what each binding allows)
  *
  * Image: 4 GiB, the first GiB written with non-zero data by qemu-io. Every
  * write job gets a fresh copy per system, so "unallocated" holds for each.
@@ -29,7 +32,8 @@
  *   --runtime S           seconds per time-based job (default 8, quick 4)
  *   --repeat N            run every job N times per system, report the median (default 2, quick 1)
  *   --jobs a,b            only these job ids (dd is a job id too)
- *   --systems a,b         only these systems (qmount, qemu, ceiling)
+ *   --systems a,b         only these systems (qmount-fuse3, qmount-fuse-native, qemu, noop-fuse3,
+ *                         noop-fuse-native; qmount and noop name both of a kind)
  *   --qmount-node-args S  extra node arguments for qmount, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof"
  *   --qmount-env K=V,...  extra environment for qmount, e.g. UV_THREADPOOL_SIZE=4
  *   --cold                drop the image file's page cache before each job (reads then
@@ -57,8 +61,8 @@ const IMAGE_SIZE = 4 * GiB;
 const WRITTEN = 1 * GiB;
 const CLUSTER = 64 * 1024;
 const CLK_TCK = 100;
-/** qmount's default max_read/max_write (mount/options.ts). */
-const { MAX_IO } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).catch(() => ({ MAX_IO: 128 * 1024 }));
+/** Each backend's largest request (mount/options.ts): the kernel splits larger I/O. */
+const { MAX_IO_FUSE3, MAX_IO_FUSE_NATIVE } = await import(path.join(ROOT, 'dist', 'mount', 'options.js')).catch(() => ({ MAX_IO_FUSE3: MiB, MAX_IO_FUSE_NATIVE: 128 * 1024 }));
 /** The one mountinfo parser (mount/mountinfo.ts); the benchmark runs after the build. */
 const { readMountsSync } = await import(path.join(ROOT, 'dist', 'mount', 'mountinfo.js')).catch((err) =>
   die(`cannot load dist/mount/mountinfo.js (build first: node scripts/setup.mjs --test): ${err.message}`),
@@ -114,7 +118,14 @@ function die(msg) {
 }
 
 const opts = parseArgs(process.argv.slice(2));
-const SYSTEMS = ['qmount', 'qemu', 'ceiling'].filter((s) => !opts.systems || opts.systems.includes(s));
+const ALL_SYSTEMS = ['qmount-fuse3', 'qmount-fuse-native', 'qemu', 'noop-fuse3', 'noop-fuse-native'];
+const SYSTEMS = ALL_SYSTEMS.filter((s) => !opts.systems || opts.systems.includes(s) || opts.systems.includes(s.split('-')[0]));
+if (SYSTEMS.length === 0) die(`no system selected (systems: ${ALL_SYSTEMS.join(', ')})`);
+const isQmount = (system) => system.startsWith('qmount-');
+const isNoop = (system) => system.startsWith('noop-');
+/** 'fuse3' or 'fuse-native' for qmount and no-op systems. */
+const backendOf = (system) => system.replace(/^(qmount|noop)-/, '');
+const maxIoOf = (system) => (backendOf(system) === 'fuse3' ? MAX_IO_FUSE3 : MAX_IO_FUSE_NATIVE);
 
 /**
  * The jobs. `fresh`: a new image copy per system. Random writes into
@@ -129,15 +140,16 @@ const K = 1024;
 const JOBS = [
   { id: 'dd', title: 'dd whole disk, buffered 1M', bs: MiB, dd: true },
   { id: 'seq-read-1m', title: 'seq read 1M qd4', bs: MiB, fio: ['--rw=read', '--iodepth=4', `--size=${WRITTEN}`, '--time_based'] },
+  { id: 'rand-read-4k-qd1', title: 'rand read 4k qd1', bs: 4 * K, fio: ['--rw=randread', '--iodepth=1', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
   { id: 'rand-read-4k', title: 'rand read 4k qd16', bs: 4 * K, fio: ['--rw=randread', '--iodepth=16', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
   { id: 'rand-read-64k', title: 'rand read 64k qd8', bs: 64 * K, fio: ['--rw=randread', '--iodepth=8', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
   { id: 'seq-write-1m-unalloc', title: 'seq write 1M qd4 unalloc', bs: MiB, fresh: true, fio: ['--rw=write', '--iodepth=4', `--offset=${WRITTEN}`, `--size=${SEQ_WRITE_BYTES}`] },
   { id: 'rand-write-4k-alloc', title: 'rand write 4k qd16 alloc', bs: 4 * K, fresh: true, fio: ['--rw=randwrite', '--iodepth=16', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
   { id: 'rand-write-4k-unalloc', title: 'rand write 4k qd16 unalloc', bs: 4 * K, fresh: true, iolog: true, fio: ['--iodepth=16', '--replay_no_stall=1'] },
 ]
-  .filter((j) => !opts.jobs || opts.jobs.includes(j.id))
-  // FUSE requests per fio I/O: the kernel splits at max_read/max_write (qmount's default, 128 KiB).
-  .map((j) => ({ ...j, fuseRequestsPerIo: Math.max(1, j.bs / MAX_IO) }));
+  .filter((j) => !opts.jobs || opts.jobs.includes(j.id));
+/** FUSE requests per fio I/O: the kernel splits at max_read/max_write (each backend's largest by default). */
+const fuseRequestsPerIo = (job, system) => Math.max(1, job.bs / maxIoOf(system));
 if (JOBS.length === 0) die('no job selected');
 
 // ---- processes and cleanup ---------------------------------------------
@@ -246,9 +258,9 @@ function spawnServer(name, cmd, args, mounted, extra = {}) {
 }
 
 /** qmount -f with the readiness pipe (src/daemon.ts). */
-async function startQmount(image, dir, logFile) {
-  const args = [...opts.nodeArgs, CLI, '-f', '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
-  const s = spawnServer('qmount', process.execPath, args, dir, {
+async function startQmount(system, image, dir, logFile) {
+  const args = [...opts.nodeArgs, CLI, '-f', '--fuse-backend', backendOf(system), '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
+  const s = spawnServer(system, process.execPath, args, dir, {
     stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
     env: { ...opts.env, QMOUNT_READY_FD: '3' },
   });
@@ -290,8 +302,8 @@ async function startQemu(image, file) {
   return s;
 }
 
-async function startCeiling(dir) {
-  const s = spawnServer('ceiling', process.execPath, [NOOP, dir, String(IMAGE_SIZE)], dir);
+async function startCeiling(system, dir) {
+  const s = spawnServer(system, process.execPath, [NOOP, dir, String(IMAGE_SIZE), '--backend', backendOf(system)], dir);
   await waitMounted(s, dir, 'noop-fs');
   return s;
 }
@@ -426,11 +438,11 @@ async function mountSystem(system, image, tag) {
   const dir = path.join(work, `mnt-${system}-${tag}`);
   fs.mkdirSync(dir);
   const target = path.join(dir, 'disk.raw');
-  const logFile = path.join(work, `qmount-${tag}.log`);
+  const logFile = path.join(work, `${system}-${tag}.log`);
   let s;
-  if (system === 'qmount') s = await startQmount(image, dir, logFile);
+  if (isQmount(system)) s = await startQmount(system, image, dir, logFile);
   else if (system === 'qemu') s = await startQemu(image, target);
-  else s = await startCeiling(dir);
+  else s = await startCeiling(system, dir);
   return { system, s, target, image, logFile };
 }
 
@@ -438,7 +450,7 @@ async function mountSystem(system, image, tag) {
 async function unmountSystem(m) {
   await stopServer(m.s);
   if (m.image) fs.rmSync(m.image, { force: true });
-  return m.system === 'qmount' ? qmountStats(m.logFile) : undefined;
+  return isQmount(m.system) ? qmountStats(m.logFile) : undefined;
 }
 
 /**
@@ -482,10 +494,10 @@ function engineTime(before, after) {
 /** One job on one mounted system, with the server's CPU time and peak RSS around it. */
 async function runJob(m, job, iolog) {
   if (opts.cold && m.image) dropCache(m.image);
-  const statsBefore = m.system === 'qmount' ? await liveStats(m) : undefined;
+  const statsBefore = isQmount(m.system) ? await liveStats(m) : undefined;
   const before = procSample(m.s.pid);
   const straceFile = path.join(work, `strace-${job.id}.txt`);
-  const tracer = opts.strace && m.system === 'qmount' ? startStrace(m.s.pid, straceFile) : null;
+  const tracer = opts.strace && isQmount(m.system) ? startStrace(m.s.pid, straceFile) : null;
   if (tracer) await sleep(500);
   let r;
   try {
@@ -496,10 +508,10 @@ async function runJob(m, job, iolog) {
   if (tracer) {
     tracer.kill('SIGINT');
     await new Promise((res) => tracer.on('exit', res));
-    r.syscallsPerRequest = syscallsPerRequest(parseStrace(straceFile), r.ios ? r.ios * job.fuseRequestsPerIo : undefined);
+    r.syscallsPerRequest = syscallsPerRequest(parseStrace(straceFile), r.ios ? r.ios * fuseRequestsPerIo(job, m.system) : undefined);
   }
   const after = procSample(m.s.pid);
-  if (m.system === 'qmount') r.engine = engineTime(statsBefore, await liveStats(m));
+  if (isQmount(m.system)) r.engine = engineTime(statsBefore, await liveStats(m));
   if (r.engine && r.seconds) r.engine.microsPerRequest = (1e6 * r.seconds) / r.engine.requests;
   r.cpuSeconds = after.cpu - before.cpu;
   r.cpuPercent = r.seconds ? (100 * r.cpuSeconds) / r.seconds : undefined;
@@ -512,7 +524,7 @@ async function runJob(m, job, iolog) {
 function report(system, job, r) {
   if (interrupted) return;
   const what = r.error ? `error: ${r.error}` : `${fmt(r.mbps)} MB/s ${fmt(r.iops)} IOPS cpu ${fmt(r.cpuPercent ?? 0)}%`;
-  process.stderr.write(`  ${job.id.padEnd(22)} ${system.padEnd(8)} ${what}\n`);
+  process.stderr.write(`  ${job.id.padEnd(22)} ${system.padEnd(18)} ${what}\n`);
 }
 
 function fmt(v) {
@@ -541,38 +553,62 @@ function ratio(a, b) {
   return a && b ? a / b : undefined;
 }
 
+/** Throughput in the unit that fits the job: IOPS for small blocks, MB/s for large ones. */
+const unitOf = (job) => (job.bs <= 64 * K ? 'IOPS' : 'MB/s');
+const valueOf = (job, r) => (unitOf(job) === 'IOPS' ? r.iops : r.mbps);
+const fmtIops = (v) => (v === undefined ? '-' : v >= 10000 ? `${(v / 1000).toFixed(1)}k` : String(Math.round(v)));
+/** [numerator, denominator, label]: ratios of MB/s within one run. */
+const RATIOS = [
+  ['qmount-fuse3', 'qemu', 'fuse3/qemu'],
+  ['qmount-fuse-native', 'qemu', 'fuse-native/qemu'],
+  ['qmount-fuse3', 'noop-fuse3', 'fuse3/no-op'],
+  ['qmount-fuse-native', 'noop-fuse-native', 'fuse-native/no-op'],
+  ['noop-fuse3', 'noop-fuse-native', 'no-op fuse3/fuse-native'],
+].filter(([a, b]) => SYSTEMS.includes(a) && SYSTEMS.includes(b));
+
+function jobRatios(results) {
+  const ok = (sys) => (results[sys] && !results[sys].error ? results[sys].mbps : undefined);
+  return Object.fromEntries(RATIOS.map(([a, b, label]) => [label, ratio(ok(a), ok(b))]));
+}
+
 function table(result) {
-  const head = ['job', ...SYSTEMS.flatMap((s) => [`${s} MB/s`, `${s} IOPS`]), 'qmount/qemu', 'qmount/ceiling'];
+  const head = ['job', 'unit', ...SYSTEMS, ...RATIOS.map((r) => r[2])];
   const rows = result.jobs.map((j) => {
-    const cells = [j.title];
+    const job = JOBS.find((x) => x.id === j.id);
+    const cells = [j.title, unitOf(job)];
     for (const s of SYSTEMS) {
       const r = j.results[s];
-      if (!r) cells.push('', '');
-      else if (r.error) cells.push('error', '');
-      else cells.push(fmt(r.mbps), fmt(r.iops));
+      if (!r) cells.push('');
+      else if (r.error) cells.push('error');
+      else cells.push(unitOf(job) === 'IOPS' ? fmtIops(valueOf(job, r)) : fmt(valueOf(job, r)));
     }
-    cells.push(j.ratios.qemu === undefined ? '-' : `${j.ratios.qemu.toFixed(2)}x`, j.ratios.ceiling === undefined ? '-' : `${j.ratios.ceiling.toFixed(2)}x`);
+    for (const [, , label] of RATIOS) cells.push(j.ratios[label] === undefined ? '-' : `${j.ratios[label].toFixed(2)}x`);
     return cells;
   });
   return { head, rows };
 }
 
 /**
- * Where qmount's time goes, per FUSE request (the binding serves O_DIRECT
- * requests one at a time, so the time per request is what limits a job):
- * the ceiling's time per request is the binding and the kernel alone;
+ * Where qmount's time goes, per FUSE request and per backend: the no-op's
+ * time per request is the binding and the kernel alone (for queued jobs the
+ * wall time divided by the requests, so concurrency shows as a shorter time);
  * qmount's splits into its engine (driver call to answer) and the rest.
  */
 function timeTable(result) {
-  const head = ['job', 'ceiling µs/request', 'qmount µs/request', 'qmount engine µs/request', 'qmount other µs/request'];
+  const backends = ['fuse3', 'fuse-native'].filter((b) => SYSTEMS.includes(`qmount-${b}`) || SYSTEMS.includes(`noop-${b}`));
+  const head = ['job', ...backends.flatMap((b) => [`${b} no-op µs/req`, `${b} qmount µs/req`, `${b} engine µs/req`, `${b} other µs/req`])];
   const us = (v) => (v === undefined ? '-' : v.toFixed(0));
   const rows = result.jobs.map((j) => {
     const job = JOBS.find((x) => x.id === j.id);
-    const c = j.results.ceiling;
-    const q = j.results.qmount;
-    const ceilingUs = c && !c.error && c.ios ? (1e6 * c.seconds) / (c.ios * job.fuseRequestsPerIo) : undefined;
-    const e = q && !q.error ? q.engine : undefined;
-    return [j.title, us(ceilingUs), us(e?.microsPerRequest), us(e?.engineMicrosPerRequest), us(e ? e.microsPerRequest - e.engineMicrosPerRequest : undefined)];
+    const cells = [j.title];
+    for (const b of backends) {
+      const c = j.results[`noop-${b}`];
+      const q = j.results[`qmount-${b}`];
+      const ceilingUs = c && !c.error && c.ios ? (1e6 * c.seconds) / (c.ios * fuseRequestsPerIo(job, `noop-${b}`)) : undefined;
+      const e = q && !q.error ? q.engine : undefined;
+      cells.push(us(ceilingUs), us(e?.microsPerRequest), us(e?.engineMicrosPerRequest), us(e ? e.microsPerRequest - e.engineMicrosPerRequest : undefined));
+    }
+    return cells;
   });
   return { head, rows };
 }
@@ -595,7 +631,7 @@ function summary(result) {
   ];
   const rss = result.peakRss;
   const mb = (b) => (b ? `${Math.round(b / MiB)} MiB` : '-');
-  lines.push(`peak RSS: qmount ${mb(rss.qmount)}, qemu-storage-daemon ${mb(rss.qemu)}, ceiling ${mb(rss.ceiling)}; load average before ${result.loadAverage.before[0].toFixed(2)}`);
+  lines.push(`peak RSS: ${SYSTEMS.map((s) => `${s} ${mb(rss[s])}`).join(', ')}; load average before ${result.loadAverage.before[0].toFixed(2)}`);
   return lines.join('\n');
 }
 
@@ -629,7 +665,7 @@ async function main() {
     const mounts = [];
     try {
       for (const system of SYSTEMS) {
-        const image = system === 'ceiling' ? undefined : copyImage(base, `read-${system}.${opts.format}`);
+        const image = isNoop(system) ? undefined : copyImage(base, `read-${system}.${opts.format}`);
         mounts.push(await mountSystem(system, image, 'read'));
       }
       for (const job of readJobs.filter((j) => j.dd)) for (const m of mounts) if (!interrupted) samples[job.id][m.system].push(await runJob(m, job, iolog));
@@ -654,7 +690,7 @@ async function main() {
     for (const job of JOBS.filter((j) => j.fresh)) {
       for (const system of order(round)) {
         if (interrupted) break;
-        const image = system === 'ceiling' ? undefined : copyImage(base, `${job.id}-${system}.${opts.format}`);
+        const image = isNoop(system) ? undefined : copyImage(base, `${job.id}-${system}.${opts.format}`);
         const m = await mountSystem(system, image, `${job.id}-${round}`);
         let r;
         try {
@@ -699,16 +735,7 @@ async function main() {
     qmountNodeArgs: opts.nodeArgs,
     qmountEnv: opts.env,
     peakRss: Object.fromEntries(SYSTEMS.map((s) => [s, peak(s)])),
-    jobs: JOBS.map((j) => {
-      const r = results[j.id];
-      const q = r.qmount && !r.qmount.error ? r.qmount.mbps : undefined;
-      return {
-        id: j.id,
-        title: j.title,
-        results: r,
-        ratios: { qemu: ratio(q, r.qemu?.error ? undefined : r.qemu?.mbps), ceiling: ratio(q, r.ceiling?.error ? undefined : r.ceiling?.mbps) },
-      };
-    }),
+    jobs: JOBS.map((j) => ({ id: j.id, title: j.title, results: results[j.id], ratios: jobRatios(results[j.id]) })),
     wallSeconds: Math.round((Date.now() - started) / 1000),
     loadAverage: { before: loadBefore, after: os.loadavg() },
   };
@@ -718,7 +745,7 @@ async function main() {
   fs.mkdirSync(path.dirname(outFile), { recursive: true });
   fs.writeFileSync(outFile, `${JSON.stringify(result, null, 2)}\n`);
   fs.writeFileSync(outFile.replace(/\.json$/, '') + '.md', `${summary(result)}\n\n${markdownTable(t)}\n\n${markdownTable(tt)}\n`);
-  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\n${textTable(tt)}\n\nratios are MB/s; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
+  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\n${textTable(tt)}\n\nratios are of MB/s, same run; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
 }
 
 main().then(

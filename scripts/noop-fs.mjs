@@ -1,19 +1,23 @@
 #!/usr/bin/env node
 /**
- * The benchmark's ceiling: a fuse-native file system showing one file,
- * DIR/disk.raw of SIZE bytes, that answers every read and write at once
- * without doing anything (read buffers are left as FUSE hands them over).
- * Whatever it reaches is the most the binding allows; qmount cannot beat it.
+ * The benchmark's ceilings: a file system showing one file, DIR/disk.raw of
+ * SIZE bytes, that answers every read and write at once without doing
+ * anything (read buffers are left as FUSE hands them over). Whatever it
+ * reaches is the most the binding allows; qmount cannot beat it.
  *
- *   node scripts/noop-fs.mjs DIR SIZE [--read-only]
+ *   node scripts/noop-fs.mjs DIR SIZE [--read-only] [--backend fuse3|fuse-native]
  *
- * Comparable with qmount: it mounts through qmount's own QmountFuse class
- * with qmount's default option list (big_writes, max_read/max_write,
- * kernel_cache, fsname/subtype; imported from dist/mount/), implements the
- * same operations, and runs as its own Node process like `qmount -f`.
- * Prints "ready <pid>" on stdout once mounted. SIGINT/SIGTERM unmount and
- * exit 0; so does an unmount from outside (fusermount -u), noticed by polling.
+ * Comparable with qmount: it mounts through qmount's own backend code with
+ * qmount's default options (imported from dist/mount/): fuse-native through
+ * QmountFuse with big_writes, max_read/max_write, kernel_cache,
+ * fsname/subtype and the same operations DiskService answers; fuse3
+ * (default) through native/fuse3 with the same option list, attributes and
+ * buffer pool, answering data requests in the handler, in the same tick.
+ * It runs as its own Node process like `qmount -f`. Prints "ready <pid>" on
+ * stdout once mounted. SIGINT/SIGTERM unmount and exit 0; so does an unmount
+ * from outside (fusermount -u).
  */
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -27,21 +31,64 @@ function fail(msg) {
 
 const args = process.argv.slice(2);
 const readOnly = args.includes('--read-only');
+const bi = args.indexOf('--backend');
+const backend = bi >= 0 ? args.splice(bi, 2)[1] : 'fuse3';
 const [dirArg, sizeArg] = args.filter((a) => !a.startsWith('--'));
-if (!dirArg || !sizeArg || !/^\d+$/.test(sizeArg)) fail('usage: noop-fs.mjs DIR SIZE [--read-only]');
+if (!dirArg || !sizeArg || !/^\d+$/.test(sizeArg) || !['fuse3', 'fuse-native'].includes(backend)) {
+  fail('usage: noop-fs.mjs DIR SIZE [--read-only] [--backend fuse3|fuse-native]');
+}
 const size = Number(sizeArg);
 const dir = fs.realpathSync(dirArg);
 
-let session;
+let native;
+let fuse3;
 let options;
 let mountinfo;
 try {
-  session = await import(path.join(ROOT, 'dist/mount/session.js'));
+  native = await import(path.join(ROOT, 'dist/mount/backend-fuse-native.js'));
+  fuse3 = await import(path.join(ROOT, 'dist/mount/backend-fuse3.js'));
   options = await import(path.join(ROOT, 'dist/mount/options.js'));
   mountinfo = await import(path.join(ROOT, 'dist/mount/mountinfo.js'));
 } catch (err) {
   fail(`cannot load dist/mount (build first: npx tsc -p .): ${err.message}`);
 }
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(sig, () => close(0));
+let closing = false;
+let close = (code) => process.exit(code);
+
+if (backend === 'fuse3') {
+  const { addon, why } = fuse3.loadFuse3();
+  if (!addon) fail(why);
+  const { OP } = fuse3;
+  const o = options.defaultMountOptions();
+  const { maxRead, maxWrite } = options.ioSizes(o, options.MAX_IO_FUSE3);
+  const attrs = { size, fileMode: 0o100600, dirMode: 0o040700, uid: process.getuid(), gid: process.getgid(), readOnly, directIo: false, maxRead, maxWrite };
+  let m;
+  const handler = (op, slot, off, len) => {
+    if (op === OP.UNMOUNTED) {
+      addon.close(m.handle);
+      process.exit(0);
+    }
+    if (op === OP.READ) addon.reply(m.handle, slot, off >= size ? 0 : Math.min(len, size - off));
+    else if (op === OP.WRITE) addon.reply(m.handle, slot, len);
+    else if (op === OP.LSEEK) addon.reply(m.handle, slot, -38);
+    else if (op === OP.FALLOCATE) addon.reply(m.handle, slot, -95);
+    else addon.reply(m.handle, slot, 0);
+  };
+  try {
+    m = addon.mount(dir, options.fuse3OptionList(o, readOnly).join(','), attrs, fuse3.DEFAULT_BUFFERS, handler);
+  } catch (err) {
+    fail(`cannot mount ${dir}: ${err.message}`);
+  }
+  close = (code) => {
+    if (closing) return;
+    closing = true;
+    // Not spawnSync: the event loop must keep serving the mount while it goes.
+    spawn('fusermount', ['-u', dir], { stdio: 'ignore' }).on('exit', () => process.exit(code));
+    setTimeout(() => process.exit(code), 5000).unref();
+  };
+  process.stdout.write(`ready ${process.pid}\n`);
+} else {
 
 const FILE = '/disk.raw';
 const ENOENT = -2;
@@ -49,7 +96,7 @@ const now = Date.now();
 const fileStat = { mode: 0o100600, uid: process.getuid(), gid: process.getgid(), size, nlink: 1, blksize: 65536, blocks: Math.ceil(size / 512), atime: now, mtime: now, ctime: now };
 const dirStat = { mode: 0o040700, uid: process.getuid(), gid: process.getgid(), size: 4096, nlink: 2, atime: now, mtime: now, ctime: now };
 
-// The same operations DiskFs implements (mount/disk-fs.ts), each answered at once.
+// The same operations DiskService answers (mount/service.ts), each answered at once.
 const ops = {
   getattr: (p, cb) => (p === '/' ? cb(0, dirStat) : p === FILE ? cb(0, fileStat) : cb(ENOENT)),
   fgetattr: (p, _fd, cb) => (p === FILE ? cb(0, fileStat) : cb(0, dirStat)),
@@ -68,15 +115,14 @@ const ops = {
   chown: (_p, _u, _g, cb) => cb(-95),
 };
 
-const fuse = new session.QmountFuse(dir, ops, options.fuseOptionList(options.defaultMountOptions(), readOnly));
+const fuse = new native.QmountFuse(dir, ops, options.fuseOptionList(options.defaultMountOptions(), readOnly));
 
-let closing = false;
-function close(code) {
+close = (code) => {
   if (closing) return;
   closing = true;
   fuse.unmount(() => process.exit(code));
   setTimeout(() => process.exit(code), 5000).unref();
-}
+};
 
 fuse.mount((err) => {
   if (err) fail(`cannot mount ${dir}: ${err.message}`);
@@ -90,4 +136,4 @@ fuse.mount((err) => {
     }
   }, 500);
 });
-for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(sig, () => close(0));
+}

@@ -9,7 +9,7 @@
  *   node scripts/setup.mjs --test    also what the test suite and benchmarks need
  *
  * Steps: Node version, Debian packages (installed with apt-get when root),
- * node_modules (npm ci), dist/ (tsc), the image-locking addon (node-gyp),
+ * node_modules (npm ci), dist/ (tsc), the native addons (node-gyp),
  * /dev/fuse. Each failure is one line
  * saying what to do, and a non-zero exit.
  */
@@ -51,13 +51,18 @@ if (nodeMajor < 20) fail(`Node ${process.versions.node} is too old: qmount needs
 
 // ---- 2. Debian packages --------------------------------------------------
 /**
- * Package -> why it is needed. `fuse` (fusermount, used by fuse-native to
- * unmount) conflicts with `fuse3`; fuse3 ships a `fusermount` symlink, so
- * either one satisfies it and we never ask apt to swap them.
+ * Package -> why it is needed. `fuse3` gives fusermount3 (libfuse 3 mounts
+ * as non-root) and a `fusermount` symlink (fuse-native, qmount's unmount);
+ * it conflicts with the older `fuse`, which is accepted instead when
+ * installed (we never ask apt to swap them; then only root can mount with
+ * the fuse3 backend). `libfuse2` is fuse-native's library, `libfuse3-dev`
+ * (with libfuse3-3) and `pkg-config` build native/fuse3.
  */
 const BASE_PACKAGES = {
-  fuse: 'fusermount',
+  fuse3: 'fusermount3, fusermount',
   libfuse2: 'libfuse.so.2 for fuse-native',
+  'libfuse3-dev': 'libfuse 3 for native/fuse3',
+  'pkg-config': 'to build native/fuse3',
   'qemu-utils': 'qemu-img',
   e2fsprogs: 'mkfs.ext4 for the demo image',
   fdisk: 'sfdisk for the demo image',
@@ -68,7 +73,7 @@ const TEST_PACKAGES = {
   mount: 'losetup, mount',
   'util-linux': 'blockdev, mountpoint',
 };
-const ALTERNATIVES = { fuse: ['fuse3'] };
+const ALTERNATIVES = { fuse3: ['fuse'] };
 
 function installedPackages(names) {
   // eslint-disable-next-line no-template-curly-in-string -- dpkg-query's own ${field} syntax
@@ -209,15 +214,20 @@ function checkBuild() {
   fs.writeFileSync(STAMP, `${new Date().toISOString()}\n`);
 }
 
-// ---- 5. native addon -----------------------------------------------------
+// ---- 5. native addons ----------------------------------------------------
 /**
  * native/ofd-lock: the fcntl(F_OFD_SETLK) calls image locking needs (see
- * src/io/lock.ts). Built with the node-gyp that ships inside npm, against the
+ * src/io/lock.ts); native/fuse3: the libfuse 3 low-level binding (see
+ * mount/backend-fuse3.ts). Built with the node-gyp that ships inside npm, against the
  * headers of the Node that runs this script (nodedir), so nothing is
- * downloaded. Rebuilt when its sources are newer than the built addon.
+ * downloaded. Rebuilt when their sources are newer than the built addon.
+ * ofd-lock is required; without fuse3 qmount falls back to fuse-native, so a
+ * failed fuse3 build is a warning, except with --test (the tests need both).
  */
-const ADDON_DIR = path.join(ROOT, 'native', 'ofd-lock');
-const ADDON = path.join(ADDON_DIR, 'build', 'Release', 'ofd_lock.node');
+const ADDONS = [
+  { name: 'ofd-lock', what: 'image locking', file: 'ofd_lock.node', required: true },
+  { name: 'fuse3', what: 'libfuse 3 binding', file: 'qmount_fuse3.node', required: forTest },
+];
 
 function findNodeGyp() {
   const candidates = [];
@@ -246,22 +256,26 @@ function nodeDir() {
   return undefined;
 }
 
-function checkAddon() {
-  if (mtimeMs(path.join(ADDON_DIR, 'binding.gyp')) < 0) return; // a checkout without the addon
-  const built = mtimeMs(ADDON);
-  const newest = Math.max(mtimeMs(path.join(ADDON_DIR, 'binding.gyp')), mtimeMs(path.join(ADDON_DIR, 'ofd_lock.c')));
+function checkAddon({ name, what, file, required }) {
+  const addonDir = path.join(ROOT, 'native', name);
+  const addon = path.join(addonDir, 'build', 'Release', file);
+  if (mtimeMs(path.join(addonDir, 'binding.gyp')) < 0) return; // a checkout without the addon
+  const built = mtimeMs(addon);
+  let newest = 0;
+  for (const f of fs.readdirSync(addonDir)) if (/\.(c|h|gyp)$/.test(f)) newest = Math.max(newest, mtimeMs(path.join(addonDir, f)));
   if (built >= 0 && built > newest) return;
-  say('building native/ofd-lock (image locking) with node-gyp');
+  const problem = (msg) => (required ? fail(msg) : say(`warning: ${msg}; qmount will use fuse-native`));
+  say(`building native/${name} (${what}) with node-gyp`);
   const gyp = findNodeGyp();
-  const needs = 'it needs python3, make, a C compiler and Node\'s headers';
-  if (!gyp) fail(`cannot build native/ofd-lock: node-gyp not found (it ships with npm; or: npm install -g node-gyp); ${needs}`);
+  const needs = `it needs python3, make, a C compiler and Node's headers${name === 'fuse3' ? ', libfuse3-dev and pkg-config' : ''}`;
+  if (!gyp) return problem(`cannot build native/${name}: node-gyp not found (it ships with npm; or: npm install -g node-gyp); ${needs}`);
   const dir = nodeDir();
   const args = [gyp, 'rebuild', ...(dir ? [`--nodedir=${dir}`] : [])];
-  const r = spawnSync(process.execPath, args, { cwd: ADDON_DIR, stdio: 'pipe', encoding: 'utf8' });
-  if (r.status !== 0 || mtimeMs(ADDON) < 0) {
+  const r = spawnSync(process.execPath, args, { cwd: addonDir, stdio: 'pipe', encoding: 'utf8' });
+  if (r.status !== 0 || mtimeMs(addon) < 0) {
     const out = `${r.stdout ?? ''}${r.stderr ?? ''}`.trim().split('\n').slice(-15).join('\n');
-    if (out) process.stderr.write(`${out}\n`);
-    fail(`building native/ofd-lock failed (exit ${r.status ?? r.signal}); ${needs}${dir ? '' : ' (no Node headers found next to node: set npm_config_nodedir)'}`);
+    if (out && required) process.stderr.write(`${out}\n`);
+    return problem(`building native/${name} failed (exit ${r.status ?? r.signal}); ${needs}${dir ? '' : ' (no Node headers found next to node: set npm_config_nodedir)'}`);
   }
 }
 
@@ -281,5 +295,5 @@ function checkDevices() {
 checkPackages();
 checkNodeModules();
 checkBuild();
-checkAddon();
+for (const a of ADDONS) checkAddon(a);
 checkDevices();

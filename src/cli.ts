@@ -28,6 +28,7 @@ import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
+import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -120,6 +121,7 @@ interface MountFlags {
   logFile?: string;
   pidFile?: string;
   options: string[];
+  fuseBackend?: BackendChoice;
 }
 
 async function mountCommand(image: string, dir: string, flags: MountFlags): Promise<number> {
@@ -176,7 +178,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount') });
+      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
@@ -444,6 +446,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .option('--pid-file <file>', 'write the mount process id here while mounted')
+    .addOption(new Option('--fuse-backend <backend>', 'FUSE binding: fuse3 (libfuse 3 addon), fuse-native (libfuse 2), auto: fuse3, else fuse-native').choices(BACKEND_NAMES).default('auto'))
     .option(
       '-o, --options <opt[,opt...]>',
       'FUSE options: allow_other, allow_root, default_permissions, ro, rw, direct_io, max_read=N, max_write=N, uid=N, gid=N, umask=OCTAL',
@@ -512,5 +515,5 @@ async function main(argv: string[]): Promise<number> {
 
 process.on('uncaughtException', fatal);
 process.on('unhandledRejection', fatal);
-// fuse-native keeps the event loop alive after an unmount, so leave explicitly.
+// fuse-native (and a stray handle) may keep the event loop alive after an unmount, so leave explicitly.
 main(process.argv).then((code) => process.exit(code), fatal);

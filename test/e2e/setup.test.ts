@@ -151,7 +151,7 @@ describe('scripts/setup.mjs', () => {
     runSetup();
     runSetup(['--test']);
     const [base, test] = readCalls();
-    for (const p of ['fuse', 'fuse3', 'libfuse2', 'qemu-utils', 'e2fsprogs', 'fdisk']) {
+    for (const p of ['fuse', 'fuse3', 'libfuse2', 'libfuse3-dev', 'pkg-config', 'qemu-utils', 'e2fsprogs', 'fdisk']) {
       expect(base.split(' ')).toContain(p);
     }
     expect(base).not.toContain('qemu-system-common');
@@ -240,12 +240,12 @@ describe('scripts/setup.mjs', () => {
     expect(readCalls().map((c) => c.split(' ')[0])).toEqual(['dpkg-query']);
   });
 
-  it('fuse3 stands in for fuse (they conflict; fuse3 also provides fusermount)', () => {
-    const r = runSetup([], { FAKE_MISSING: 'fuse' }, true);
+  it('an installed fuse stands in for fuse3 (they conflict; fuse3, which also provides fusermount, is what a fresh system gets)', () => {
+    const r = runSetup([], { FAKE_MISSING: 'fuse3' }, true);
     expect(r.code, r.out).toBe(0);
     expect(r.out).toBe('');
     const both = runSetup([], { FAKE_MISSING: 'fuse,fuse3' }, true);
     expect(both.code).toBe(1);
-    expect(both.out).toContain('missing system packages: fuse.');
+    expect(both.out).toContain('missing system packages: fuse3.');
   });
 });

@@ -36,6 +36,18 @@ export interface MountImageOptions {
   env?: Record<string, string>;
   /** Mount here instead of a fresh directory (must exist and be empty; not removed). */
   dir?: string;
+  /** --fuse-backend; default: the one set by useBackend(), else qmount's own default (auto). */
+  backend?: Backend;
+}
+
+/** The FUSE backends; FUSE-level tests run against each (describe.each(BACKENDS)). */
+export const BACKENDS = ['fuse3', 'fuse-native'] as const;
+export type Backend = (typeof BACKENDS)[number];
+let defaultBackend: Backend | undefined;
+
+/** Make later mountImage calls in this file use `backend` (call it in a describe.each block's beforeAll). */
+export function useBackend(backend: Backend | undefined): void {
+  defaultBackend = backend;
 }
 
 export interface ExitStatus {
@@ -104,6 +116,8 @@ export async function mountImage(image: string, opts: MountImageOptions = {}): P
   const args: string[] = [];
   if (opts.readOnly) args.push('-r');
   if (opts.format) args.push('--format', opts.format);
+  const backend = opts.backend ?? defaultBackend;
+  if (backend) args.push('--fuse-backend', backend);
   args.push(...(opts.extraArgs ?? []));
   const entry = { dir, pid: 0, ownDir };
   try {

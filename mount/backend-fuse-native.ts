@@ -1,0 +1,148 @@
+/**
+ * The fuse-native backend (libfuse 2.9): the package qmount started from,
+ * kept as the fallback where native/fuse3 cannot be built or loaded.
+ * fuse-native's threads hand each request to the event loop; the ops below
+ * pass them to the DiskService. libfuse 2 says nothing when the kernel
+ * drops the mount, so we watch the mount table: through native/fuse3's
+ * watchMounts (the kernel flags /proc/self/mountinfo on every change) when
+ * that addon loads, else by reading it every POLL_MS.
+ */
+import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
+import { oneLine } from '../src/errors.js';
+import type { BackendContext, FuseBackend } from './backend.js';
+import { loadFuse3 } from './backend-fuse3.js';
+import { readMounts } from './mountinfo.js';
+import { MAX_IO_FUSE_NATIVE, fuseOptionList } from './options.js';
+import { FILE_NAME, type DiskService, type Stat } from './service.js';
+
+/** The file system type our mounts show in mountinfo (subtype=qmount, see options.ts). */
+const FS_TYPE = 'fuse.qmount';
+const POLL_MS = 500;
+
+/**
+ * fuse-native has no switch for big_writes, max_write, ro or direct_io: this
+ * is the one place qmount adds options to the ones fuse-native builds.
+ * Exported for scripts/noop-fs.mjs (the benchmark's ceiling mounts with it).
+ */
+export class QmountFuse extends Fuse {
+  constructor(
+    mnt: string,
+    ops: FuseOps,
+    private readonly extraOptions: string[],
+  ) {
+    // timeout false: fuse-native would otherwise answer any request slower than 15 s with ETIMEDOUT.
+    super(mnt, ops, { timeout: false });
+  }
+
+  override _fuseOptions(): string {
+    const base = super._fuseOptions();
+    const extra = this.extraOptions.join(',');
+    if (!extra) return base;
+    return base ? `${base},${extra}` : `-o${extra}`;
+  }
+}
+
+const asFuseStat = (s: Stat): FuseStat => s;
+
+function answer(cb: (r: number) => void, r: number | Promise<number>, service: DiskService, op: string): void {
+  if (typeof r === 'number') cb(r);
+  else r.then(cb, (err: unknown) => cb(service.handlerFailed(op, err)));
+}
+
+/** fuse-native's ops over a DiskService (fuse-native's Buffers are views of FUSE's memory: no copies). */
+export function fuseNativeOps(service: DiskService): FuseOps {
+  const stat = (path: string, cb: (code: number, st?: FuseStat) => void) => {
+    const r = service.getattr(path);
+    if (typeof r === 'number') cb(r);
+    else cb(0, asFuseStat(r));
+  };
+  return {
+    getattr: (path, cb) => stat(path, cb),
+    fgetattr: (path, _fd, cb) => stat(path, cb),
+    readdir: (path, cb) => (path === '/' ? cb(0, ['.', '..', FILE_NAME]) : cb(-2)),
+    statfs: (_path, cb) => {
+      const blocks = Math.min(Math.ceil(service.size / 4096), 0xffffffff);
+      cb(0, { bsize: 4096, frsize: 4096, blocks, bfree: 0, bavail: 0, files: 2, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 });
+    },
+    open: (path, flags, cb) => {
+      const r = service.open(path, flags);
+      return r < 0 ? cb(r) : cb(0, 0);
+    },
+    release: (_path, _fd, cb) => cb(0),
+    flush: (_path, _fd, cb) => cb(service.flush()),
+    read: (path, _fd, buf, len, pos, cb) => {
+      if (path !== '/disk.raw') return cb(-2);
+      answer(cb, service.read(buf, 0, len, pos), service, 'read');
+    },
+    write: (path, _fd, buf, len, pos, cb) => {
+      if (path !== '/disk.raw') return cb(-2);
+      answer(cb, service.write(buf, 0, len, pos), service, 'write');
+    },
+    fsync: (path, _datasync, _fd, cb) => {
+      if (path !== '/disk.raw') return cb(0);
+      answer(cb, service.fsync(), service, 'fsync');
+    },
+    truncate: (path, size, cb) => cb(service.truncate(path, size)),
+    ftruncate: (path, _fd, size, cb) => cb(service.truncate(path, size)),
+    utimens: (path, _atime, _mtime, cb) => cb(service.utimens(path)),
+    chmod: (_path, _mode, cb) => cb(service.chmod()),
+    chown: (_path, _uid, _gid, cb) => cb(service.chmod()),
+  };
+}
+
+export class FuseNativeBackend implements FuseBackend {
+  readonly name = 'fuse-native';
+  readonly options: string;
+  readonly maxIo = MAX_IO_FUSE_NATIVE;
+  private readonly fuse: QmountFuse;
+  private watch: unknown;
+  private poll: NodeJS.Timeout | undefined;
+  private gone = false;
+
+  constructor(private readonly ctx: BackendContext) {
+    this.fuse = new QmountFuse(ctx.mountPoint, fuseNativeOps(ctx.service), fuseOptionList(ctx.mount, ctx.readOnly));
+    this.options = this.fuse._fuseOptions();
+  }
+
+  async mount(): Promise<void> {
+    await new Promise<void>((resolve, reject) => {
+      this.fuse.mount((err) => (err ? reject(err) : resolve()));
+    });
+    const addon = loadFuse3().addon;
+    if (addon) this.watch = addon.watchMounts(() => this.check());
+    else this.poll = setInterval(() => this.check(), POLL_MS);
+    this.check(); // a change between mounting and watching
+  }
+
+  private check(): void {
+    if (this.gone) return;
+    readMounts().then(
+      (entries) => {
+        const ours = entries.some((e) => e.mountPoint === this.ctx.mountPoint && e.fsType === FS_TYPE);
+        if (!ours && !this.gone) {
+          this.gone = true;
+          this.stopWatching();
+          this.ctx.onUnmounted();
+        }
+      },
+      (err: unknown) => this.ctx.log.warn({ err: oneLine(err) }, 'cannot read /proc/self/mountinfo'),
+    );
+  }
+
+  private stopWatching(): void {
+    clearInterval(this.poll);
+    if (this.watch !== undefined) {
+      loadFuse3().addon?.unwatchMounts(this.watch);
+      this.watch = undefined;
+    }
+  }
+
+  release(): void {
+    this.gone = true;
+    this.stopWatching();
+  }
+
+  stats(): undefined {
+    return undefined;
+  }
+}

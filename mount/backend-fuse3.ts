@@ -1,0 +1,167 @@
+/**
+ * The fuse3 backend: native/fuse3 (libfuse 3 low-level API on the event
+ * loop; see native/fuse3/qfuse.h for the design). The addon answers
+ * metadata itself from DiskService.attrs and calls `handler` for data
+ * requests with the index of the buffer holding the request; we answer with
+ * reply(slot, result) at once or when the driver's promise settles.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import { oneLine } from '../src/errors.js';
+import type { BackendContext, FuseBackend } from './backend.js';
+import { findMount, readMounts } from './mountinfo.js';
+import { MAX_IO_FUSE3, fuse3OptionList, ioSizes } from './options.js';
+
+export interface Fuse3Attrs {
+  size: number;
+  fileMode: number;
+  dirMode: number;
+  uid: number;
+  gid: number;
+  readOnly: boolean;
+  directIo: boolean;
+  maxRead: number;
+  maxWrite: number;
+}
+
+export type Fuse3Handler = (op: number, slot: number, offset: number, length: number, arg: number) => void;
+
+export interface Fuse3Addon {
+  mount(mountPoint: string, options: string, attrs: Fuse3Attrs, buffers: number, handler: Fuse3Handler): { handle: unknown; buffers: ArrayBuffer[] };
+  reply(handle: unknown, slot: number, result: number): void;
+  close(handle: unknown): void;
+  stats(handle: unknown): Record<string, number>;
+  watchMounts(cb: () => void): unknown;
+  unwatchMounts(handle: unknown): void;
+  maxIo: number;
+  libfuseVersion: number;
+}
+
+/** enum qf_op in native/fuse3/qfuse.h */
+export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 5, UNMOUNTED: 6 } as const;
+const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate'];
+
+/**
+ * Request buffers per mount (1 MiB + 4 KiB each, touched only when used):
+ * bounds the requests in flight; receiving pauses while all are taken.
+ * QMOUNT_FUSE3_BUFFERS overrides it (tests use a tiny pool).
+ */
+export const DEFAULT_BUFFERS = 48;
+
+const ADDON_REL = path.join('native', 'fuse3', 'build', 'Release', 'qmount_fuse3.node');
+let cached: { addon?: Fuse3Addon; why?: string } | undefined;
+
+/** The addon, found above this module (mount/ in tests, dist/mount when built), or why not. */
+export function loadFuse3(): { addon?: Fuse3Addon; why?: string } {
+  if (cached) return cached;
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 4; i++) {
+    const candidate = path.join(dir, ADDON_REL);
+    if (fs.existsSync(candidate)) {
+      try {
+        cached = { addon: createRequire(import.meta.url)(candidate) as Fuse3Addon };
+      } catch (err) {
+        cached = { why: `${ADDON_REL} cannot be loaded: ${oneLine(err)}` };
+      }
+      return cached;
+    }
+    dir = path.dirname(dir);
+  }
+  cached = { why: `${ADDON_REL} is not built (run: node scripts/setup.mjs; it needs libfuse3-dev and pkg-config)` };
+  return cached;
+}
+
+function bufferCount(): number {
+  const env = process.env.QMOUNT_FUSE3_BUFFERS;
+  const n = env && /^\d+$/.test(env) ? Number(env) : DEFAULT_BUFFERS;
+  return Math.min(Math.max(n, 1), 1024);
+}
+
+export class Fuse3Backend implements FuseBackend {
+  readonly name = 'fuse3';
+  readonly options: string;
+  readonly maxIo = MAX_IO_FUSE3;
+  private handle: unknown;
+  private bufs: Buffer[] = [];
+  private released = false;
+  private unmountedSeen = false;
+
+  constructor(
+    private readonly addon: Fuse3Addon,
+    private readonly ctx: BackendContext,
+  ) {
+    this.options = fuse3OptionList(ctx.mount, ctx.readOnly).join(',');
+  }
+
+  mount(): Promise<void> {
+    const { service, mount, readOnly, mountPoint } = this.ctx;
+    const { maxRead, maxWrite } = ioSizes(mount, MAX_IO_FUSE3);
+    const attrs: Fuse3Attrs = { ...service.attrs, readOnly, directIo: mount.directIo, maxRead, maxWrite };
+    const m = this.addon.mount(mountPoint, this.options, attrs, bufferCount(), this.handler);
+    this.handle = m.handle;
+    this.bufs = m.buffers.map((ab) => Buffer.from(ab));
+    this.raiseReadahead(maxRead);
+    return Promise.resolve();
+  }
+
+  /**
+   * The kernel's read-ahead for a FUSE mount starts at 128 KiB (the bdi
+   * default; max_readahead only caps it). Buffered sequential readers (dd,
+   * a loop device) get fewer, larger requests with it at max_read: 10-20%
+   * more on a buffered dd here. Needs root; best effort, in the background.
+   * The device number comes from mountinfo: a stat of the mount point from
+   * this process would wait for the event loop that must answer it.
+   */
+  private raiseReadahead(maxRead: number): void {
+    const kb = Math.floor(maxRead / 1024);
+    (async () => {
+      const dev = findMount(await readMounts(), this.ctx.mountPoint)?.device;
+      if (!dev) return;
+      const file = `/sys/class/bdi/${dev}/read_ahead_kb`;
+      if (Number(await fs.promises.readFile(file, 'utf8')) < kb) await fs.promises.writeFile(file, `${kb}\n`);
+    })().catch((err: unknown) => this.ctx.log.debug({ err: oneLine(err) }, 'read-ahead not raised'));
+  }
+
+  private readonly handler: Fuse3Handler = (op, slot, offset, length, arg) => {
+    if (op === OP.UNMOUNTED) {
+      if (this.unmountedSeen) return;
+      this.unmountedSeen = true;
+      this.ctx.onUnmounted(arg ? `reading /dev/fuse failed: errno ${arg}` : undefined);
+      return;
+    }
+    const service = this.ctx.service;
+    let r: number | Promise<number>;
+    try {
+      switch (op) {
+        case OP.READ: r = service.read(this.bufs[slot]!, 0, length, offset); break;
+        case OP.WRITE: r = service.write(this.bufs[slot]!, arg, length, offset); break;
+        case OP.FLUSH: r = service.flush(); break;
+        case OP.FSYNC: r = service.fsync(); break;
+        case OP.LSEEK: r = service.lseek(offset, arg); break;
+        case OP.FALLOCATE: r = service.fallocate(arg, offset, length); break;
+        default: r = service.handlerFailed(`op ${op}`, new Error('unknown operation'));
+      }
+    } catch (err) {
+      r = service.handlerFailed(OP_NAMES[op] ?? `op ${op}`, err);
+    }
+    if (typeof r === 'number') this.addon.reply(this.handle, slot, r);
+    else {
+      r.then(
+        (n) => this.addon.reply(this.handle, slot, n),
+        (err: unknown) => this.addon.reply(this.handle, slot, service.handlerFailed(OP_NAMES[op] ?? `op ${op}`, err)),
+      );
+    }
+  };
+
+  release(): void {
+    if (this.released || this.handle === undefined) return;
+    this.released = true;
+    this.addon.close(this.handle);
+  }
+
+  stats(): Record<string, number> | undefined {
+    return this.handle === undefined ? undefined : this.addon.stats(this.handle);
+  }
+}

@@ -1,0 +1,448 @@
+/*
+ * Node-API side of the libfuse 3 binding: mount, the receive loop on the
+ * event loop, replies from JS, close.
+ *
+ *   mount(mountPoint, options, attrs, nbuffers, handler)
+ *       -> { handle, buffers: ArrayBuffer[] }
+ *     options: the "-o" list for fuse_session_new (fsname, subtype, max_read,
+ *     ro, allow_other, ...); attrs: { size, fileMode, dirMode, uid, gid,
+ *     readOnly, directIo, maxRead, maxWrite }.
+ *     handler(op, slot, offset, length, arg) is called for each data request
+ *     (op: enum qf_op; slot: index into buffers; arg: a write's data offset in
+ *     its buffer, fsync's datasync, lseek's whence, fallocate's mode), and once
+ *     with QF_UNMOUNTED (arg: 0, or the errno that stopped receiving).
+ *   reply(handle, slot, result): result >= 0 is the answer (read: bytes
+ *     placed at the start of buffers[slot]; write: bytes written; lseek: the
+ *     offset; others: 0), < 0 is -errno. May be called at once or later.
+ *   close(handle): stop receiving, answer EIO to anything still held, close
+ *     the session fd (after an unmount, or to abort a still-mounted one).
+ *     The mount point itself is unmounted by the caller (fusermount).
+ *   stats(handle) -> counters.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qfuse.h"
+
+#define CHECK(env, call)                                          \
+  do {                                                            \
+    if ((call) != napi_ok) {                                      \
+      napi_throw_error((env), NULL, "qmount_fuse3: " #call " failed"); \
+      return NULL;                                                \
+    }                                                             \
+  } while (0)
+
+static void start_polling(struct qf_session *s);
+
+static void release_slot(struct qf_session *s, int idx) {
+  s->slots[idx].state = SLOT_FREE;
+  s->slots[idx].req = NULL;
+  s->free_list[s->nfree++] = idx;
+}
+
+/* Call the JS handler; an exception there is fatal for the process (the JS side never throws). */
+static void emit(struct qf_session *s, int op, int slot, double off, double len, double arg) {
+  napi_env env = s->env;
+  napi_value fn, recv, argv[5], result;
+  if (napi_get_reference_value(env, s->handler_ref, &fn) != napi_ok || fn == NULL) return;
+  napi_get_global(env, &recv);
+  napi_create_int32(env, op, &argv[0]);
+  napi_create_int32(env, slot, &argv[1]);
+  napi_create_double(env, off, &argv[2]);
+  napi_create_double(env, len, &argv[3]);
+  napi_create_double(env, arg, &argv[4]);
+  napi_status st = napi_make_callback(env, s->actx, recv, fn, 5, argv, &result);
+  if (st == napi_pending_exception) {
+    napi_value exc;
+    napi_get_and_clear_last_exception(env, &exc);
+    if (slot >= 0 && s->slots[slot].state == SLOT_PENDING) {
+      fuse_reply_err(s->slots[slot].req, EIO);
+      s->npending--;
+      s->slots[slot].state = SLOT_BUSY; /* freed by the receive loop */
+    }
+    napi_fatal_exception(env, exc);
+  }
+}
+
+static void on_interrupt(fuse_req_t req, void *data) {
+  (void)req;
+  struct qf_session *s = data;
+  s->st.interrupts++; /* the engine cannot cancel; the reply that follows is dropped by the kernel */
+}
+
+void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double len, double arg) {
+  int idx = s->cur_slot;
+  if (idx < 0 || s->slots[idx].state != SLOT_BUSY || s->closed) {
+    fuse_reply_err(req, EIO);
+    return;
+  }
+  struct qf_slot *sl = &s->slots[idx];
+  sl->req = req;
+  sl->op = op;
+  sl->state = SLOT_PENDING;
+  s->npending++;
+  s->st.to_js++;
+  fuse_req_interrupt_func(req, on_interrupt, s);
+  emit(s, op, idx, off, len, arg);
+}
+
+static void stop_polling(struct qf_session *s) {
+  if (s->polling) {
+    uv_poll_stop(&s->poll);
+    s->polling = 0;
+  }
+}
+
+static void mark_unmounted(struct qf_session *s, int err) {
+  if (s->unmounted) return;
+  s->unmounted = 1;
+  s->read_errno = err;
+  /* Answers still to come fail quietly (libfuse does not print write errors of an exited session). */
+  fuse_session_exit(s->se);
+  stop_polling(s);
+  if (!s->closed) emit(s, QF_UNMOUNTED, -1, 0, 0, err);
+}
+
+static void receive(struct qf_session *s) {
+  double batch = 0;
+  while (!s->closed && !s->unmounted) {
+    if (batch > s->st.max_batch) s->st.max_batch = batch;
+    if (s->nfree == 0) {
+      /* Every buffer is held by a request JS has not answered: stop reading until one is. */
+      stop_polling(s);
+      s->st.pool_full++;
+      return;
+    }
+    int idx = s->free_list[--s->nfree];
+    struct qf_slot *sl = &s->slots[idx];
+    ssize_t n = read(s->fd, sl->mem, QF_BUF_SIZE);
+    if (n <= 0) {
+      int err = n == 0 ? ENODEV : errno;
+      s->free_list[s->nfree++] = idx;
+      if (err == EAGAIN) return;
+      /* EINTR; ENOENT: the request was interrupted before we read it. */
+      if (err == EINTR || err == ENOENT) continue;
+      /* ENODEV: unmounted (or the connection aborted). Anything else cannot be recovered either. */
+      mark_unmounted(s, err == ENODEV ? 0 : err);
+      return;
+    }
+    s->st.received++;
+    batch++;
+    sl->state = SLOT_BUSY;
+    s->cur_slot = idx;
+    struct fuse_buf fb;
+    memset(&fb, 0, sizeof(fb));
+    fb.mem = sl->mem;
+    fb.size = (size_t)n;
+    fb.fd = -1;
+    fuse_session_process_buf(s->se, &fb);
+    s->cur_slot = -1;
+    if (sl->state == SLOT_BUSY) release_slot(s, idx); /* answered in C (or already by JS) */
+    if (fuse_session_exited(s->se)) {
+      mark_unmounted(s, 0);
+      return;
+    }
+  }
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events) {
+  (void)events;
+  struct qf_session *s = handle->data;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(s->env, &scope) != napi_ok) return;
+  /* libuv reports POLLERR as UV_EBADF: /dev/fuse says that when the mount is gone. */
+  if (status == UV_EBADF) mark_unmounted(s, 0);
+  else if (status < 0) mark_unmounted(s, -status);
+  else receive(s);
+  napi_close_handle_scope(s->env, scope);
+}
+
+static void start_polling(struct qf_session *s) {
+  if (s->polling || s->closed || s->unmounted) return;
+  if (uv_poll_start(&s->poll, UV_READABLE, on_poll) == 0) s->polling = 1;
+}
+
+static void free_session(struct qf_session *s) {
+  free(s->slots);
+  free(s->free_list);
+  free(s);
+}
+
+static void on_poll_closed(uv_handle_t *h) {
+  struct qf_session *s = h->data;
+  s->poll_closed = 1;
+  if (s->handle_freed) free_session(s);
+}
+
+static void handle_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  struct qf_session *s = data;
+  s->handle_freed = 1;
+  if (s->poll_closed) free_session(s);
+}
+
+static void buffer_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  free(data);
+}
+
+static int get_prop_double(napi_env env, napi_value obj, const char *name, double *out) {
+  napi_value v;
+  if (napi_get_named_property(env, obj, name, &v) != napi_ok) return -1;
+  return napi_get_value_double(env, v, out) == napi_ok ? 0 : -1;
+}
+
+static int get_prop_bool(napi_env env, napi_value obj, const char *name, int *out) {
+  napi_value v;
+  bool b = false;
+  if (napi_get_named_property(env, obj, name, &v) != napi_ok) return -1;
+  if (napi_get_value_bool(env, v, &b) != napi_ok) return -1;
+  *out = b;
+  return 0;
+}
+
+static struct qf_session *get_session(napi_env env, napi_value v) {
+  void *p = NULL;
+  if (napi_get_value_external(env, v, &p) != napi_ok) return NULL;
+  return p;
+}
+
+static napi_value throw_msg(napi_env env, const char *msg) {
+  napi_throw_error(env, NULL, msg);
+  return NULL;
+}
+
+static napi_value qf_mount(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 5) return throw_msg(env, "mount(mountPoint, options, attrs, nbuffers, handler)");
+  char mnt[4096], opts[4096];
+  size_t len;
+  CHECK(env, napi_get_value_string_utf8(env, argv[0], mnt, sizeof(mnt), &len));
+  CHECK(env, napi_get_value_string_utf8(env, argv[1], opts, sizeof(opts), &len));
+  double d, nbuf;
+  CHECK(env, napi_get_value_double(env, argv[3], &nbuf));
+  if (nbuf < 1 || nbuf > 1024) return throw_msg(env, "nbuffers must be 1..1024");
+
+  struct qf_session *s = calloc(1, sizeof(*s));
+  if (!s) return throw_msg(env, "out of memory");
+  s->env = env;
+  s->fd = -1;
+  s->cur_slot = -1;
+  s->poll_closed = 1; /* until uv_poll_init */
+  struct qf_attrs *a = &s->a;
+  int bad = get_prop_double(env, argv[2], "size", &a->size);
+  bad |= get_prop_double(env, argv[2], "fileMode", &d), a->file_mode = (uint32_t)d;
+  bad |= get_prop_double(env, argv[2], "dirMode", &d), a->dir_mode = (uint32_t)d;
+  bad |= get_prop_double(env, argv[2], "uid", &d), a->uid = (uint32_t)d;
+  bad |= get_prop_double(env, argv[2], "gid", &d), a->gid = (uint32_t)d;
+  bad |= get_prop_double(env, argv[2], "maxRead", &d), a->max_read = (uint32_t)d;
+  bad |= get_prop_double(env, argv[2], "maxWrite", &d), a->max_write = (uint32_t)d;
+  bad |= get_prop_bool(env, argv[2], "readOnly", &a->read_only);
+  bad |= get_prop_bool(env, argv[2], "directIo", &a->direct_io);
+  if (bad || a->max_read > QF_MAX_IO || a->max_write > QF_MAX_IO || a->max_read < 4096 || a->max_write < 4096) {
+    free(s);
+    return throw_msg(env, "bad attrs");
+  }
+  clock_gettime(CLOCK_REALTIME, &a->start);
+  a->mtime = a->start;
+
+  s->nslots = (int)nbuf;
+  s->slots = calloc((size_t)s->nslots, sizeof(*s->slots));
+  s->free_list = calloc((size_t)s->nslots, sizeof(int));
+  napi_value buffers;
+  CHECK(env, napi_create_array_with_length(env, (size_t)s->nslots, &buffers));
+  for (int i = 0; s->slots && s->free_list && i < s->nslots; i++) {
+    void *mem = NULL;
+    if (posix_memalign(&mem, 4096, QF_BUF_SIZE) != 0) break;
+    napi_value ab;
+    if (napi_create_external_arraybuffer(env, mem, QF_BUF_SIZE, buffer_finalize, NULL, &ab) != napi_ok) {
+      free(mem);
+      break;
+    }
+    s->slots[i].mem = mem;
+    napi_create_reference(env, ab, 1, &s->slots[i].ab_ref);
+    napi_set_element(env, buffers, (uint32_t)i, ab);
+    /* Hand out low indexes first (LIFO): few buffers get touched under light load. */
+    s->free_list[s->nslots - 1 - i] = i;
+  }
+  s->nfree = s->nslots;
+  if (!s->slots || !s->free_list || s->slots[s->nslots - 1].mem == NULL) {
+    /* buffers already created are freed by their finalizers */
+    free_session(s);
+    return throw_msg(env, "cannot allocate the request buffers");
+  }
+
+  char *fargv[] = {"qmount", "-o", opts, NULL};
+  struct fuse_args args = FUSE_ARGS_INIT(opts[0] ? 3 : 1, fargv);
+  s->se = fuse_session_new(&args, &qf_ops, sizeof(qf_ops), s);
+  fuse_opt_free_args(&args);
+  if (!s->se) goto fail_msg_opts;
+  if (fuse_session_mount(s->se, mnt) != 0) {
+    fuse_session_destroy(s->se);
+    goto fail_msg_mount;
+  }
+  s->fd = fuse_session_fd(s->se);
+  int fl = fcntl(s->fd, F_GETFL);
+  if (fl < 0 || fcntl(s->fd, F_SETFL, fl | O_NONBLOCK) < 0) goto fail_after_mount;
+
+  uv_loop_t *loop;
+  if (napi_get_uv_event_loop(env, &loop) != napi_ok) goto fail_after_mount;
+  if (uv_poll_init(loop, &s->poll, s->fd) != 0) goto fail_after_mount;
+  s->poll.data = s;
+  s->poll_closed = 0;
+  napi_value name;
+  napi_create_string_utf8(env, "qmount:fuse3", NAPI_AUTO_LENGTH, &name);
+  napi_value resource;
+  napi_create_object(env, &resource);
+  napi_async_init(env, resource, name, &s->actx);
+  napi_create_reference(env, argv[4], 1, &s->handler_ref);
+  start_polling(s);
+
+  napi_value result, handle;
+  CHECK(env, napi_create_external(env, s, handle_finalize, NULL, &handle));
+  CHECK(env, napi_create_object(env, &result));
+  napi_set_named_property(env, result, "handle", handle);
+  napi_set_named_property(env, result, "buffers", buffers);
+  return result;
+
+fail_after_mount:
+  fuse_session_unmount(s->se);
+  fuse_session_destroy(s->se);
+  for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
+  free_session(s);
+  return throw_msg(env, "cannot watch the FUSE session fd");
+fail_msg_opts:
+  for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
+  free_session(s);
+  return throw_msg(env, "fuse_session_new refused the options (libfuse printed why on stderr)");
+fail_msg_mount:
+  for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
+  free_session(s);
+  return throw_msg(env, "fuse_session_mount failed (libfuse printed why on stderr)");
+}
+
+static napi_value qf_reply(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 3 ? get_session(env, argv[0]) : NULL;
+  int32_t idx;
+  double result;
+  if (!s || napi_get_value_int32(env, argv[1], &idx) != napi_ok || napi_get_value_double(env, argv[2], &result) != napi_ok) {
+    return throw_msg(env, "reply(handle, slot, result)");
+  }
+  if (s->closed) {
+    s->st.late_replies++;
+    return NULL;
+  }
+  if (idx < 0 || idx >= s->nslots || s->slots[idx].state != SLOT_PENDING) return throw_msg(env, "reply: slot is not waiting for a reply");
+  struct qf_slot *sl = &s->slots[idx];
+  fuse_req_t req = sl->req;
+  if (result < 0) {
+    fuse_reply_err(req, (int)-result);
+  } else {
+    switch (sl->op) {
+      case QF_READ:
+        fuse_reply_buf(req, sl->mem, result > QF_MAX_IO ? QF_MAX_IO : (size_t)result);
+        break;
+      case QF_WRITE:
+        if (result > 0) clock_gettime(CLOCK_REALTIME, &s->a.mtime);
+        fuse_reply_write(req, (size_t)result);
+        break;
+      case QF_LSEEK:
+        fuse_reply_lseek(req, (off_t)result);
+        break;
+      default:
+        fuse_reply_err(req, 0);
+    }
+  }
+  s->npending--;
+  if (idx == s->cur_slot) {
+    sl->state = SLOT_BUSY; /* answered inside its own dispatch: the receive loop frees it */
+    sl->req = NULL;
+  } else {
+    release_slot(s, idx);
+    start_polling(s);
+  }
+  return NULL;
+}
+
+static napi_value qf_close(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 1 ? get_session(env, argv[0]) : NULL;
+  if (!s) return throw_msg(env, "close(handle)");
+  if (s->closed) return NULL;
+  if (s->cur_slot >= 0) return throw_msg(env, "close: called while a request is being dispatched");
+  stop_polling(s);
+  s->closed = 1;
+  for (int i = 0; i < s->nslots; i++) {
+    if (s->slots[i].state == SLOT_PENDING) {
+      fuse_reply_err(s->slots[i].req, EIO);
+      s->slots[i].state = SLOT_FREE;
+      s->npending--;
+    }
+    napi_delete_reference(env, s->slots[i].ab_ref);
+    s->slots[i].ab_ref = NULL;
+  }
+  /* Closes the fd (which aborts the connection if the mount is still there). */
+  fuse_session_destroy(s->se);
+  s->se = NULL;
+  s->fd = -1;
+  napi_delete_reference(env, s->handler_ref);
+  s->handler_ref = NULL;
+  napi_async_destroy(env, s->actx);
+  if (!s->poll_closed) uv_close((uv_handle_t *)&s->poll, on_poll_closed);
+  return NULL;
+}
+
+static napi_value qf_stats(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 1 ? get_session(env, argv[0]) : NULL;
+  if (!s) return throw_msg(env, "stats(handle)");
+  napi_value o, v;
+  CHECK(env, napi_create_object(env, &o));
+#define PUT(name, val)                   \
+  napi_create_double(env, (val), &v);    \
+  napi_set_named_property(env, o, name, v)
+  PUT("received", s->st.received);
+  PUT("toJs", s->st.to_js);
+  PUT("poolFull", s->st.pool_full);
+  PUT("interrupts", s->st.interrupts);
+  PUT("lateReplies", s->st.late_replies);
+  PUT("maxBatch", s->st.max_batch);
+  PUT("pending", s->npending);
+  PUT("buffers", s->nslots);
+#undef PUT
+  return o;
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    {"mount", NULL, qf_mount, NULL, NULL, NULL, napi_default, NULL},
+    {"reply", NULL, qf_reply, NULL, NULL, NULL, napi_default, NULL},
+    {"close", NULL, qf_close, NULL, NULL, NULL, napi_default, NULL},
+    {"stats", NULL, qf_stats, NULL, NULL, NULL, napi_default, NULL},
+    {"watchMounts", NULL, qf_watch_mounts, NULL, NULL, NULL, napi_default, NULL},
+    {"unwatchMounts", NULL, qf_unwatch_mounts, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
+  napi_value v;
+  napi_create_uint32(env, QF_MAX_IO, &v);
+  napi_set_named_property(env, exports, "maxIo", v);
+  napi_create_uint32(env, fuse_version(), &v);
+  napi_set_named_property(env, exports, "libfuseVersion", v);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
