@@ -205,7 +205,7 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     configureLogging({ level: 'silent' });
     const imgs = [makeQcow2(`two-a-${backend}.qcow2`), makeQcow2(`two-b-${backend}.qcow2`)];
     const dirs = imgs.map(() => fs.realpathSync(makeMountDir()));
-    const sessions: Array<InstanceType<typeof MountSession>> = [];
+    const sessions: Array<Awaited<ReturnType<typeof MountSession.mount>>> = [];
     try {
       for (let i = 0; i < 2; i++) {
         const driver = await openImage(imgs[i]!, { readOnly: false, log: logger('image') });
@@ -260,6 +260,7 @@ describe.each(BACKENDS)('%s backend', (backend) => {
       const child = execFile('python3', ['-c', py]);
       const exited = new Promise<NodeJS.Signals | null>((r) => child.on('exit', (_c, sig) => r(sig)));
       await new Promise<void>((r) => child.stdout!.once('data', () => r()));
+      // eslint-disable-next-line no-unmodified-loop-condition -- the driver's flush callback counts up
       while (flushes === 0) await new Promise((r) => setTimeout(r, 10));
       child.kill('SIGTERM');
       if (backend === 'fuse3') {
