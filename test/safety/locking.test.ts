@@ -311,6 +311,8 @@ describe('a qmount writer keeps QEMU and other qmounts out', () => {
       expect(qemuIoWrite(plain)).toMatch(/Failed to get "write" lock/);
       expect(qemuImgInfo(plain)).toBe('');
     });
+    // The exited process's other threads may still hold its file table (and the locks) a moment.
+    for (let i = 0; i < 100 && anyLocks(plain).length > 0; i++) await sleep(50);
     await withMount(await mountImage(plain, { extraArgs: ['-r', '--force-share'] }), () => {
       expect(qemuIoWrite(plain)).toBe('');
     });
