@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BACKENDS, detach, isMounted, makeMountDir, mountImage } from '../helpers/mount.js';
+import { BACKENDS, detach, isMounted, makeMountDir, mountImage, logLines } from '../helpers/mount.js';
 import { convertToRaw, qemuCheck, qemuCompare, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
 import { mulberry32 } from '../helpers/workload.js';
 
@@ -28,13 +28,6 @@ beforeAll(() => {
 });
 afterAll(() => scratch.cleanup());
 
-function logLines(file: string): Array<Record<string, unknown>> {
-  return fs
-    .readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => l.trim() !== '')
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
-}
 
 /** The 'closed' log line of a mount (stats, backend, fuse counters). */
 function closedLine(log: string): Record<string, unknown> {

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readMountsSync } from '../../mount/mountinfo.js';
-import { BACKENDS, CLI, detach, isMounted, makeMountDir, mountImage, processRunning, useBackend, type MountedImage } from '../helpers/mount.js';
+import { BACKENDS, CLI, detach, isMounted, makeMountDir, mountImage, processRunning, useBackend, type MountedImage, logLines } from '../helpers/mount.js';
 import { patternBytes, qemuImg, qemuIo, scratchDir, sha256File } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -49,14 +49,6 @@ function pwrite(p: string, data: Buffer, pos: number): void {
   }
 }
 
-/** Parsed JSON lines of a pino log file. */
-function logLines(file: string): Array<Record<string, unknown>> {
-  return fs
-    .readFileSync(file, 'utf8')
-    .split('\n')
-    .filter((l) => l.trim() !== '')
-    .map((l) => JSON.parse(l) as Record<string, unknown>);
-}
 
 async function withMount<T>(m: MountedImage, fn: (m: MountedImage) => Promise<T> | T): Promise<T> {
   try {

@@ -274,3 +274,12 @@ export function detach(dir: string): void {
     // not mounted
   }
 }
+
+/** Parsed JSON lines of a pino log file. */
+export function logLines(file: string): Array<Record<string, unknown>> {
+  return fs
+    .readFileSync(file, 'utf8')
+    .split('\n')
+    .filter((l) => l.trim() !== '')
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
+}
