@@ -12,6 +12,7 @@
  * the session has drained. Unmounting the mount point itself is the
  * session's job (fusermount, the same for both).
  */
+import { QmountError } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
 import type { MountOptions } from './options.js';
 import type { DiskService } from './service.js';
@@ -49,7 +50,7 @@ export async function createBackend(choice: BackendChoice, ctx: BackendContext):
     const fuse3 = await import('./backend-fuse3.js');
     const loaded = fuse3.loadFuse3();
     if (loaded.addon) return new fuse3.Fuse3Backend(loaded.addon, ctx);
-    if (choice === 'fuse3') throw new Error(`--fuse-backend fuse3: ${loaded.why}`);
+    if (choice === 'fuse3') throw new QmountError('ENOTSUP', `--fuse-backend fuse3: ${loaded.why}`);
     ctx.log.warn({ why: loaded.why }, `fuse3 backend unavailable (${loaded.why}); using fuse-native`);
   }
   const native = await import('./backend-fuse-native.js');
