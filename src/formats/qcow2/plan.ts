@@ -13,6 +13,7 @@ import {
   badCompressed,
   clusterType,
   ClusterType,
+  compressedExtent,
   decodeCompressed,
   entryOffset,
   type Geometry,
@@ -171,4 +172,18 @@ function subclusterSegments(g: Geometry, op: ClusterOp, touched: number, allocat
   op.segments = segs;
   op.newAlloc = (op.old.alloc | touched) >>> 0;
   op.newZero = (op.old.zero & ~touched) >>> 0;
+}
+
+/**
+ * The host bytes whose reference a rewrite into a new cluster drops (the
+ * old mapping: a shared cluster, or a compressed cluster's sectors), as
+ * [start, bytes]; null when the old mapping holds no reference.
+ */
+export function droppedReference(g: Geometry, old: L2Entry): [number, number] | null {
+  if (old.hi & L2E_COMPRESSED) {
+    const { start, bytes } = compressedExtent(decodeCompressed(g, old.hi, old.lo));
+    return [start, bytes];
+  }
+  const host = entryOffset(old.hi, old.lo);
+  return host === 0 ? null : [host, g.clusterSize];
 }

@@ -28,9 +28,9 @@
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError, QmountError } from '../../errors.js';
-import { hexOffset, MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
+import { hexOffset, INVALID_OFFSET, MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
 import type { Qcow2State } from './state.js';
-import { entryOffset, MAX_REFTABLE_BYTES, refcountTableFields } from './spec.js';
+import { entryOffset, MAX_REFTABLE_BYTES, refcountTableFields, REFT_RESERVED_LO } from './spec.js';
 
 export class Refcounts {
   /** The refcount table, big-endian u64 entries as on disk. */
@@ -86,6 +86,21 @@ export class Refcounts {
   /** Refcount block `i` through the cache, null when the table has none (valid until the caller's next await). */
   block(i: number): Promise<Buffer | null> {
     return this.loadBlock(i);
+  }
+
+  /**
+   * Why refcount table entry `i` names no usable block (null when it does,
+   * or names none): reserved bits set, an offset that is not a cluster
+   * offset, or one outside the file.
+   */
+  blockProblem(i: number): string | null {
+    if (i >= this.tableEntries) return null;
+    if ((this.table.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) !== 0) return 'has reserved bits set';
+    const off = this.blockOffset(i);
+    if (off === 0) return null;
+    if (off === INVALID_OFFSET || off % this.cs !== 0) return `offset ${hexOffset(off)} is not a cluster offset`;
+    if (off >= this.s.fileSize) return `offset ${hexOffset(off)} lies outside the image`;
+    return null;
   }
 
   private async loadBlock(i: number): Promise<Buffer | null> {

@@ -10,11 +10,11 @@
  * New refcount blocks are placed after every referenced cluster.
  */
 import { CorruptionError } from '../../errors.js';
-import { hexOffset, INVALID_OFFSET } from '../u64.js';
+import { INVALID_OFFSET } from '../u64.js';
 import type { Refcounts } from './refcount.js';
 import { scanReferences } from './refscan.js';
 import type { Qcow2State } from './state.js';
-import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, REFT_RESERVED_LO, writeEntry } from './spec.js';
+import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, writeEntry } from './spec.js';
 
 export interface RefcountReport {
   corruptions: number;
@@ -38,17 +38,15 @@ export async function reconcile(
   /** refcount blocks that cannot be used: their clusters' refcounts are unknown */
   const badBlocks = new Set<number>();
   for (let i = 0; i < rc.tableEntries; i++) {
-    const b = rc.blockOffset(i);
-    const reserved = (rc.table.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) !== 0;
-    if (b === 0 && !reserved) continue;
-    const why = reserved ? 'has reserved bits set' : b === INVALID_OFFSET || b % cs !== 0 ? `offset ${hexOffset(b)} is not a cluster offset` : b >= s.fileSize ? 'lies outside the image' : null;
+    const why = rc.blockProblem(i);
     if (why) {
       r.corruptions++;
       note(`ERROR refcount table entry ${i}: refcount block ${why}`);
       badBlocks.add(i);
       continue;
     }
-    blocks.push(b);
+    const b = rc.blockOffset(i);
+    if (b !== 0) blocks.push(b);
   }
   const scan = await scanReferences(s, { offset: rc.tableOffset, clusters: rc.tableClusters, blocks });
   for (const p of scan.problems) {
@@ -116,7 +114,7 @@ export async function reconcile(
       const host = entryOffset(hi, lo);
       let wantCopied: boolean;
       if (s.g.hasDataFile) wantCopied = true; // data-file clusters are never shared
-      else if ( host % cs !== 0 || host >= s.fileSize || badBlocks.has(Math.floor(host / cs / perBlock))) continue;
+      else if (host % cs !== 0 || host >= s.fileSize || badBlocks.has(Math.floor(host / cs / perBlock))) continue;
       else wantCopied = (rc.peek(host / cs) ?? (await rc.get(host / cs))) === 1;
       if (wantCopied === ((hi & L2E_COPIED) !== 0)) continue;
       r.corruptions++;

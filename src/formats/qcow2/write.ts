@@ -44,11 +44,11 @@ import { readL2Entry, type L2Entry } from './map.js';
 import { readGuest } from './read.js';
 import { CommitQueue } from './commit.js';
 import { writeClusters } from './data.js';
-import { badOldMapping, directHost, planCluster, type ClusterOp } from './plan.js';
+import { badOldMapping, directHost, droppedReference, planCluster, type ClusterOp } from './plan.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
 import type { Qcow2State } from './state.js';
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, compressedExtent, decodeCompressed, entryOffset, EXT_BITMAPS, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
 
 interface Deferred {
   promise: Promise<void>;
@@ -350,16 +350,9 @@ export class Qcow2Writer {
   private async checkReleasable(op: ClusterOp): Promise<void> {
     const s = this.s;
     const cs = s.g.clusterSize;
-    const old = op.old;
-    let start: number;
-    let bytes: number;
-    if (old.hi & L2E_COMPRESSED) {
-      ({ start, bytes } = compressedExtent(decodeCompressed(s.g, old.hi, old.lo)));
-    } else {
-      start = entryOffset(old.hi, old.lo);
-      bytes = cs;
-      if (start === 0) return;
-    }
+    const dropped = droppedReference(s.g, op.old);
+    if (!dropped) return;
+    const [start, bytes] = dropped;
     for (let c = Math.floor(start / cs); c <= Math.floor((start + bytes - 1) / cs); c++) {
       if ((await this.refcounts.get(c)) === 0) {
         s.corruptionFound(`a write to guest offset ${op.gc * cs} replaces a mapping of host cluster ${c * cs}, whose refcount is 0`);
@@ -388,14 +381,8 @@ export class Qcow2Writer {
         }
         s.l2Cache.markDirty(offset, table);
         if (op.fresh && !g.hasDataFile) {
-          const old = op.old;
-          if (old.hi & L2E_COMPRESSED) {
-            const { start, bytes } = compressedExtent(decodeCompressed(g, old.hi, old.lo));
-            releases.push([start, bytes]);
-          } else {
-            const oldHost = entryOffset(old.hi, old.lo);
-            if (oldHost !== 0) releases.push([oldHost, g.clusterSize]);
-          }
+          const dropped = droppedReference(g, op.old);
+          if (dropped) releases.push(dropped);
         }
         this.finish([op]);
       }
