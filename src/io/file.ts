@@ -177,8 +177,8 @@ export function checkRange(path: string, op: string, position: number, length: n
   if (Number.isSafeInteger(position) && Number.isSafeInteger(length) && position >= 0 && length >= 0 && Number.isSafeInteger(position + length)) {
     return;
   }
-  const tooLarge = typeof position === 'number' && typeof length === 'number' && position >= 0 && length >= 0 &&
-    Number.isInteger(position) && Number.isInteger(length);
+  // Whole, non-negative numbers that are only too big (Number.isInteger is false for non-numbers and Infinity).
+  const tooLarge = Number.isInteger(position) && Number.isInteger(length) && position >= 0 && length >= 0;
   throw new IoRangeError(tooLarge ? 'EFBIG' : 'EINVAL', `${path}: refusing to ${op} ${String(length)} bytes at position ${String(position)}`);
 }
 
