@@ -94,6 +94,71 @@ export interface BlockDriver {
   close(): Promise<void>;
 
   info(): ImageInfo;
+
+  // ---- sparse images (issue 13). Each is covered by the contract suite. ----
+
+  /**
+   * Allocation status of guest bytes [guestOffset, guestOffset + length),
+   * which must lie within virtualSize (EINVAL otherwise, as for read).
+   * Returns extents in guest order covering exactly that range; adjacent
+   * extents of equal status are merged. The chain is followed: a range this
+   * image leaves to its backing file gets the backing file's status with
+   * depth + 1. Granularity is the cluster (subcluster with extended L2).
+   */
+  blockStatus(guestOffset: number, length: number): Promise<BlockExtent[]>;
+
+  /**
+   * Make guest bytes [guestOffset, +length) read as zeros (never old data,
+   * never backing data). `unmap`: host clusters that then hold nothing may
+   * be freed and punched out of the image file (discard, fstrim, punch-hole
+   * and zero-range on disk.raw all end up here; FUSE's PUNCH_HOLE is
+   * unmap: true). Partial clusters are zeroed in place. Same range and
+   * read-only rules as write (EROFS, ENOSPC past the end, EINVAL).
+   */
+  writeZeroes(guestOffset: number, length: number, opts: { unmap: boolean }): Promise<void>;
+
+  /**
+   * Change virtualSize. Growing: the new part reads as zeros. Shrinking is
+   * refused (EPERM) unless nothing is allocated at or past the new end.
+   * EROFS on a read-only driver; EINVAL for a size that is not a
+   * non-negative multiple of 512 or is beyond what the format can map.
+   */
+  resize(newSize: number): Promise<void>;
+
+  /**
+   * Bytes of guest data stored in the chain (what st_blocks reports): the
+   * guest bytes whose status is data in this image or one below. May be an
+   * estimate rounded to clusters; kept current by the driver, cheap to call.
+   */
+  allocatedBytes(): number;
+}
+
+/**
+ * One extent of blockStatus(): the fields of `qemu-img map --output=json`.
+ * - data: the bytes are stored (in the layer at `depth`); false for zero and
+ *   unallocated extents.
+ * - zero: reads return zeros (zero clusters, unallocated with no backing
+ *   data below, or past the backing file's end).
+ * - present: some layer of the chain defines these bytes (false: nobody
+ *   does, they read as zeros).
+ * - depth: 0 for this image, 1 for its backing file, ...
+ * - hostOffset: where the data sits in the file of that layer (data only,
+ *   and not for compressed extents).
+ */
+export interface BlockExtent {
+  guestOffset: number;
+  length: number;
+  data: boolean;
+  zero: boolean;
+  present: boolean;
+  depth: number;
+  hostOffset?: number;
+  compressed?: boolean;
+}
+
+/** A sparse-image call a driver has not implemented yet (placeholder until issue 13's driver work lands). */
+export function notYet(d: { readonly filename: string }, op: string): Promise<never> {
+  return Promise.reject(new QmountError('ENOTSUP', `${d.filename}: ${op} is not implemented for this format yet`));
 }
 
 /** Throws the contract's errno for a request a driver must refuse before doing anything (see BlockDriver). */

@@ -376,6 +376,23 @@ export class ImageFile {
     }
   }
 
+  /**
+   * Deallocate host bytes [position, +length) of the file (fallocate
+   * PUNCH_HOLE|KEEP_SIZE): they read as zeros afterwards, the file size stays.
+   * Resolves false when the file system or platform cannot punch holes
+   * (callers then keep the bytes; it only costs space). Placeholder until the
+   * native file-ops addon lands (issue 13): always false.
+   */
+  punchHole(_point: IoPoint, position: number, length: number): Promise<boolean> {
+    try {
+      if (this.readOnly) throw new ReadOnlyError(`refusing to punch ${this.path}: opened read-only`);
+      checkRange(this.path, 'punch hole in', position, length, this.closed);
+    } catch (err) {
+      return Promise.reject(sysError(err));
+    }
+    return Promise.resolve(false);
+  }
+
   /** fdatasync: everything written before is durable when this resolves. */
   async flush(): Promise<void> {
     if (this.closed) throw new QmountError('EBADF', `${this.path}: refusing to flush after close`);

@@ -6,7 +6,7 @@ import path from 'node:path';
 import { FormatError, QmountError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
-import { checkRequest, type BlockDriver, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
+import { checkRequest, notYet, type BlockDriver, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
 import { featureList, parseHeader, type Qcow2Header } from './header.js';
 import { readGuest } from './read.js';
 import { readSnapshotTable } from './snapshot.js';
@@ -146,6 +146,23 @@ class Qcow2Driver implements BlockDriver {
       await this.s.dataFile?.close().catch(() => {});
       await this.s.file.close();
     }
+  }
+
+  // Placeholders: the sparse-image driver work (issue 13) replaces these.
+  blockStatus(_guestOffset: number, _length: number): Promise<BlockExtent[]> {
+    return notYet(this, 'blockStatus');
+  }
+
+  writeZeroes(_guestOffset: number, _length: number, _opts: { unmap: boolean }): Promise<void> {
+    return notYet(this, 'writeZeroes');
+  }
+
+  resize(_newSize: number): Promise<void> {
+    return notYet(this, 'resize');
+  }
+
+  allocatedBytes(): number {
+    return this.virtualSize;
   }
 
   info(): ImageInfo {

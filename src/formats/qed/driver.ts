@@ -31,7 +31,7 @@ import { FormatError, QmountError } from '../../errors.js';
 import { settleAll, type ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import { Mutex } from '../../../cache/mutex.js';
-import { checkRequest, readFromBacking, type BlockDriver, type DriverOpenOptions, type ImageInfo } from '../driver.js';
+import { checkRequest, notYet, readFromBacking, type BlockDriver, type BlockExtent, type DriverOpenOptions, type ImageInfo } from '../driver.js';
 import { AppendAllocator } from './alloc.js';
 import { clearNeedCheck, readQedMeta, scanQed } from './check.js';
 import {
@@ -321,6 +321,23 @@ class QedDriver implements BlockDriver {
         await this.file.close();
       }
     }
+  }
+
+  // Placeholders: the sparse-image driver work (issue 13) replaces these.
+  blockStatus(_guestOffset: number, _length: number): Promise<BlockExtent[]> {
+    return notYet(this, 'blockStatus');
+  }
+
+  writeZeroes(_guestOffset: number, _length: number, _opts: { unmap: boolean }): Promise<void> {
+    return notYet(this, 'writeZeroes');
+  }
+
+  resize(_newSize: number): Promise<void> {
+    return notYet(this, 'resize');
+  }
+
+  allocatedBytes(): number {
+    return this.virtualSize;
   }
 
   info(): ImageInfo {

@@ -1,7 +1,7 @@
 /** Raw images: guest offset == file offset. Serves as backing file and as a format of its own. */
 import { QmountError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
-import { checkRequest, type BlockDriver, type DriverOpenOptions, type ImageInfo } from '../driver.js';
+import { checkRequest, notYet, type BlockDriver, type BlockExtent, type DriverOpenOptions, type ImageInfo } from '../driver.js';
 
 export async function openRaw(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
   const size = await file.size();
@@ -47,6 +47,23 @@ class RawDriver implements BlockDriver {
     } finally {
       await this.file.close();
     }
+  }
+
+  // Placeholders: the sparse-image driver work (issue 13) replaces these.
+  blockStatus(_guestOffset: number, _length: number): Promise<BlockExtent[]> {
+    return notYet(this, 'blockStatus');
+  }
+
+  writeZeroes(_guestOffset: number, _length: number, _opts: { unmap: boolean }): Promise<void> {
+    return notYet(this, 'writeZeroes');
+  }
+
+  resize(_newSize: number): Promise<void> {
+    return notYet(this, 'resize');
+  }
+
+  allocatedBytes(): number {
+    return this.virtualSize;
   }
 
   info(): ImageInfo {
