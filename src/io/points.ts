@@ -10,6 +10,7 @@ export type IoPoint =
   | 'cow_write' // a new or rewritten cluster with a head/tail to fill: the guest data and the fill (QED: every allocating write)
   | 'flush' // fdatasync of the file
   | 'truncate' // file size change (today only `qmount check --repair` of QED truncates)
+  | 'data_punch' // a hole punched for guest data let go of (raw discard; a freed data cluster in qcow2/QED)
   // qcow2
   | 'l1_update'
   | 'l1_grow' // reserved: the engine never resizes an L1 table (no disk resize)
@@ -27,7 +28,7 @@ export type IoPoint =
   | 'qed_check_repair'; // repairs of a need-check open, and `qmount check --repair`
 
 export const ALL_WRITE_POINTS: readonly IoPoint[] = [
-  'header_update', 'data_write', 'cow_write', 'truncate',
+  'header_update', 'data_write', 'cow_write', 'truncate', 'data_punch',
   'l1_update', 'l1_grow', 'l2_alloc', 'l2_update', 'refblock_alloc', 'refblock_update',
   'reftable_update', 'reftable_grow', 'snapshot_update',
   'qed_l1_update', 'qed_l2_alloc', 'qed_l2_update', 'qed_check_repair',
