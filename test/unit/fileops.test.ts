@@ -38,7 +38,7 @@ describe('native/fileops', () => {
     const f = await ImageFile.open(file, { readOnly: false });
     try {
       const before = blocks();
-      expect(await f.punchHole('data_punch', MiB, 2 * MiB)).toBe(true);
+      expect(await f.punchHole('punch_hole', MiB, 2 * MiB)).toBe(true);
       expect(fs.statSync(file).size).toBe(4 * MiB);
       expect(before - blocks()).toBeGreaterThanOrEqual(2 * MiB);
       expect(await f.allocatedBytes()).toBe(blocks());
@@ -54,9 +54,9 @@ describe('native/fileops', () => {
       expect(await f.seekData(4 * MiB)).toBeNull(); // ENXIO at the end
       expect(await f.seekHole(4 * MiB)).toBeNull();
       // Past the end: punches nothing, the size stays.
-      expect(await f.punchHole('data_punch', 4 * MiB, MiB)).toBe(true);
+      expect(await f.punchHole('punch_hole', 4 * MiB, MiB)).toBe(true);
       expect(fs.statSync(file).size).toBe(4 * MiB);
-      expect(await f.punchHole('data_punch', 0, 0)).toBe(true);
+      expect(await f.punchHole('punch_hole', 0, 0)).toBe(true);
     } finally {
       await f.close();
     }
@@ -79,15 +79,15 @@ describe('native/fileops', () => {
 
   it('refuses on a read-only file (EROFS), a bad range (EINVAL) and after close (EBADF)', async () => {
     const ro = await ImageFile.open(file, { readOnly: true });
-    await expect(ro.punchHole('data_punch', 0, 4096)).rejects.toMatchObject({ errno: 'EROFS' });
+    await expect(ro.punchHole('punch_hole', 0, 4096)).rejects.toMatchObject({ errno: 'EROFS' });
     await expect(ro.zeroRange('data_write', 0, 4096)).rejects.toMatchObject({ errno: 'EROFS' });
     expect(await ro.seekData(0)).toBe(0); // seeking is reading
     await ro.close();
     const f = await ImageFile.open(file, { readOnly: false });
-    await expect(f.punchHole('data_punch', -1, 4096)).rejects.toMatchObject({ errno: 'EINVAL' });
+    await expect(f.punchHole('punch_hole', -1, 4096)).rejects.toMatchObject({ errno: 'EINVAL' });
     await expect(f.seekData(-1)).rejects.toMatchObject({ errno: 'EINVAL' });
     await f.close();
-    await expect(f.punchHole('data_punch', 0, 4096)).rejects.toMatchObject({ errno: 'EBADF' });
+    await expect(f.punchHole('punch_hole', 0, 4096)).rejects.toMatchObject({ errno: 'EBADF' });
     await expect(f.seekHole(0)).rejects.toMatchObject({ errno: 'EBADF' });
     expect(blocks()).toBeGreaterThanOrEqual(4 * MiB);
   });
@@ -95,18 +95,18 @@ describe('native/fileops', () => {
   it('is instrumented: faults are injected at its point, the recorder sees kind punch', async () => {
     const f = await ImageFile.open(file, { readOnly: false });
     try {
-      instrumentation.setFaults([{ point: 'data_punch', errno: 'EIO', times: 1 }]);
-      await expect(f.punchHole('data_punch', 0, MiB)).rejects.toMatchObject({ errno: 'EIO' });
+      instrumentation.setFaults([{ point: 'punch_hole', errno: 'EIO', times: 1 }]);
+      await expect(f.punchHole('punch_hole', 0, MiB)).rejects.toMatchObject({ errno: 'EIO' });
       expect(instrumentation.injected.map((x) => x.kind)).toEqual(['punch']);
       expect(blocks()).toBeGreaterThanOrEqual(4 * MiB); // nothing punched
       instrumentation.clearFaults();
       const events: IoEvent[] = [];
       instrumentation.record((ev) => events.push(ev));
-      await f.punchHole('data_punch', 0, MiB);
+      await f.punchHole('punch_hole', 0, MiB);
       await f.zeroRange('data_write', MiB, 4096);
       instrumentation.record(null);
       expect(events.map((e) => [e.kind, e.point, e.offset, e.length])).toEqual([
-        ['punch', 'data_punch', 0, MiB],
+        ['punch', 'punch_hole', 0, MiB],
         ['write', 'data_write', MiB, 4096],
       ]);
     } finally {

@@ -78,9 +78,9 @@ class RawDriver implements BlockDriver {
   }
 
   private async zeroRange(guestOffset: number, length: number, unmap: boolean): Promise<void> {
-    if (unmap && (await this.file.punchHole('data_punch', guestOffset, length))) return;
-    if (await this.file.zeroRange('data_write', guestOffset, length)) return;
-    await this.file.writeZeroes('data_write', guestOffset, length);
+    if (unmap && (await this.file.punchHole('punch_hole', guestOffset, length))) return;
+    if (await this.file.zeroRange('zero_write', guestOffset, length)) return;
+    await this.file.writeZeroes('zero_write', guestOffset, length);
   }
 
   /** Count `p` in `pending` until it settles (the caller checked its range synchronously before). */
