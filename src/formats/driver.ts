@@ -224,6 +224,32 @@ export function checkResize(
   }
 }
 
+/**
+ * Requests between their range check and their completion, for resize():
+ * a driver sets its new virtualSize (so requests checked from then on see
+ * it), then drain()s, and only then changes the image; so no request checked
+ * against the old size is still running when the image shrinks.
+ */
+export class RequestsInFlight {
+  private count = 0;
+  private waiters: Array<() => void> = [];
+
+  /** Count `p` until it settles. */
+  async track<T>(p: Promise<T>): Promise<T> {
+    this.count++;
+    try {
+      return await p;
+    } finally {
+      if (--this.count === 0) for (const wake of this.waiters.splice(0)) wake();
+    }
+  }
+
+  /** Resolves once no tracked request is running. */
+  async drain(): Promise<void> {
+    while (this.count > 0) await new Promise<void>((r) => this.waiters.push(r));
+  }
+}
+
 /** A sparse-image call a driver has not implemented yet (placeholder until issue 13's driver work lands). */
 export function notYet(d: { readonly filename: string }, op: string): Promise<never> {
   return Promise.reject(new QmountError('ENOTSUP', `${d.filename}: ${op} is not implemented for this format yet`));

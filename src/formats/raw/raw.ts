@@ -17,7 +17,7 @@
  *    file marks the cache stale, the next call (or flush) refreshes it with
  *    one fstat in the background; flush waits for it.
  *
- * Resize against requests in flight: `pending` counts write and writeZeroes
+ * Resize against requests in flight: `requests` counts write and writeZeroes
  * calls between their range check and their completion. resize() sets the
  * new virtualSize first (so requests checked after it see the new end), then
  * waits until nothing checked before it is still running, then changes the
@@ -27,7 +27,7 @@
 import { QmountError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
 import { MAX_DISK_BYTES } from '../u64.js';
-import { checkRequest, checkResize, pushExtent, type BlockDriver, type BlockExtent, type DriverOpenOptions, type ImageInfo } from '../driver.js';
+import { checkRequest, checkResize, pushExtent, RequestsInFlight, type BlockDriver, type BlockExtent, type DriverOpenOptions, type ImageInfo } from '../driver.js';
 
 export async function openRaw(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
   const size = await file.size();
@@ -40,8 +40,7 @@ class RawDriver implements BlockDriver {
   readonly format = 'raw' as const;
   private closed = false;
   /** write/writeZeroes calls checked and not yet settled */
-  private pending = 0;
-  private drained: Array<() => void> = [];
+  private readonly requests = new RequestsInFlight();
   /** st_blocks * 512 as last seen; `stale` once the file may have changed since */
   private allocated = 0;
   private stale = false;
@@ -85,18 +84,12 @@ class RawDriver implements BlockDriver {
 
   /** Count `p` in `pending` until it settles (the caller checked its range synchronously before). */
   private async tracked(p: Promise<void>): Promise<void> {
-    this.pending++;
     this.stale = true;
     try {
-      await p;
+      await this.requests.track(p);
     } finally {
       this.stale = true; // also when a refresh ran while it was in flight
-      if (--this.pending === 0) for (const wake of this.drained.splice(0)) wake();
     }
-  }
-
-  private async drain(): Promise<void> {
-    while (this.pending > 0) await new Promise<void>((r) => this.drained.push(r));
   }
 
   async blockStatus(guestOffset: number, length: number): Promise<BlockExtent[]> {
@@ -136,7 +129,7 @@ class RawDriver implements BlockDriver {
     if (newSize < oldSize) await this.refuseDataPast(newSize);
     this.virtualSize = newSize;
     try {
-      await this.drain();
+      await this.requests.drain();
       if (newSize < oldSize) await this.refuseDataPast(newSize); // a write checked before may have landed there
       await this.file.truncate(newSize);
     } catch (err) {
