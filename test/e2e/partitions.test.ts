@@ -1,6 +1,7 @@
 /**
  * Partitions as files (DIR/pN.raw), on both FUSE backends: disks partitioned
- * by sfdisk on a raw file and converted to qcow2 by qemu-img. Every pN.raw
+ * by sfdisk on a raw file and converted to qcow2 (and QED, and mounted raw)
+ * by qemu-img. Every pN.raw
  * equals the slice `sfdisk --json` gives; mkfs.ext4 and `e2fsck -fn` work on
  * a partition file; a write through p2.raw lands in disk.raw at the
  * partition's offset (also seen through a disk.raw opened before it, on
@@ -91,6 +92,24 @@ describe.each(BACKENDS)('%s backend', (backend) => {
       expect(fs.readFileSync(m.rawPath).equals(model)).toBe(true);
     } finally {
       await m.unmount();
+    }
+  });
+
+  it('raw and QED images show the same partition files (every kind of mount)', async () => {
+    const { image, parts } = makeDisk(`${backend}-kinds`, MBR_SCRIPT);
+    const model = fs.readFileSync(convertToRaw(image, `${image}.model`));
+    const qed = `${image}.qed`;
+    qemuImg('convert', '-q', '-f', 'qcow2', '-O', 'qed', image, qed);
+    for (const [img, format] of [[`${image}.model`, 'raw'], [qed, 'qed']] as const) {
+      const m = await mountImage(img, { backend, format, readOnly: format === 'raw' });
+      try {
+        expect(partFiles(m.dir), format).toEqual(['p1.raw', 'p2.raw', 'p5.raw', 'p6.raw']);
+        for (const p of parts) {
+          expect(fs.readFileSync(path.join(m.dir, `p${p.number}.raw`)).equals(model.subarray(p.start, p.start + p.length)), `${format} p${p.number}`).toBe(true);
+        }
+      } finally {
+        await m.unmount();
+      }
     }
   });
 
