@@ -1,8 +1,8 @@
 /**
  * Partitions as files (DIR/pN.raw), on both FUSE backends: disks partitioned
- * by sfdisk on a raw file and converted to qcow2 (and QED, and mounted raw)
- * by qemu-img. Every pN.raw
- * equals the slice `sfdisk --json` gives; mkfs.ext4 and `e2fsck -fn` work on
+ * by sfdisk on a raw file and converted to qcow2 (and QED; also mounted
+ * raw) by qemu-img. Every pN.raw equals the slice `sfdisk --json` gives;
+ * mkfs.ext4 and `e2fsck -fn` work on
  * a partition file; a write through p2.raw lands in disk.raw at the
  * partition's offset (also seen through a disk.raw opened before it, on
  * fuse3 which invalidates aliased pages); writes at or past a partition's end
