@@ -181,6 +181,26 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     expect(spawnSync('e2fsck', ['-fn', p1img]).status).toBe(0);
   });
 
+  it('concurrent writers through p2.raw and disk.raw over the same bytes, with readers: no request hangs or fails, the image checks clean', async () => {
+    const { image, parts } = makeDisk(`${backend}-race`, GPT_SCRIPT);
+    const p2 = parts[1]!;
+    const m = await mountImage(image, { backend });
+    try {
+      const seek = p2.start / 65536;
+      // Both writers cover p2's first 1 MiB (disk.raw at p2's offset); each loop is a shell in its own process.
+      const script = `
+        w1() { for i in $(seq 1 60); do dd if=/dev/urandom of=${m.dir}/p2.raw bs=64k count=16 seek=$((i % 4)) conv=notrunc status=none || echo FAIL; done; }
+        w2() { for i in $(seq 1 60); do dd if=/dev/urandom of=${m.rawPath} bs=64k count=16 seek=$((${seek} + i % 4)) conv=notrunc status=none || echo FAIL; done; }
+        r() { for i in $(seq 1 60); do dd if=${m.dir}/p2.raw bs=1M count=2 status=none >/dev/null || echo FAIL; dd if=${m.rawPath} bs=64k skip=${seek} count=32 status=none >/dev/null || echo FAIL; done; }
+        w1 & w2 & r & wait; echo done`;
+      const r = spawnSync('sh', ['-c', script], { encoding: 'utf8', timeout: 100_000 }); // a hang fails here, not in vitest's timeout
+      expect(r.stdout.trim(), r.stderr).toBe('done');
+    } finally {
+      await m.unmount();
+    }
+    expect(qemuCheck(image).code).toBe(0);
+  });
+
   it('read-only mount: partition files are read-only; e2fsck -fn still works', async () => {
     const { image } = makeDisk(`${backend}-ro`, MBR_SCRIPT);
     // put an ext4 into p5 of the image first (read-write mount), then check it read-only
