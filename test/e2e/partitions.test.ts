@@ -8,7 +8,8 @@
  * fuse3 which invalidates aliased pages); writes at or past a partition's end
  * fail with ENOSPC and one crossing it is cut short; read-only mounts give
  * read-only partition files; --no-partitions hides them; a table rewritten
- * while mounted changes the files only at the next mount.
+ * while mounted changes the files only at the next mount; writers on both
+ * aliases at once neither fail nor hang.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
