@@ -3,7 +3,7 @@
  * qemu-img makes here at test time. Two modes:
  *
  *  - read-only: each mutant opened read-only with openImage(), described with
- *    info(), read whole, and closed, then checked with checkImage() (`qmount
+ *    info(), read whole, its block status asked, and closed, then checked with checkImage() (`qmount
  *    check` without repair);
  *  - read-write: each mutant opened read-write with openImage(), a short
  *    deterministic write workload through the engine (first a partial and a
@@ -839,6 +839,29 @@ process.on('unhandledRejection', (e) => st && st.bugs.push('unhandled rejection:
       const probes = [size - 1, size - 4096, size - 65537, Math.floor(size / 2), Math.floor(size / 3) | 1, 2 ** 32 - 1, 2 ** 40 + 12345, 1234567, 511];
       for (const p of probes) if (p >= 0 && p < size) await read(p, Math.min(4097, size - p));
       await Promise.all([read(0, Math.min(size, 70000)), read(Math.min(size, 65536) >> 1, Math.min(size - (Math.min(size, 65536) >> 1), 131072))]);
+      // Block status (what lseek SEEK_DATA/SEEK_HOLE and st_blocks use): a typed error, or extents covering exactly the range.
+      phase('block status');
+      const status = async (off, len) => {
+        try {
+          const ext = await driver.blockStatus(off, len);
+          let at = off;
+          for (const e of ext) {
+            if (e.guestOffset !== at || !Number.isSafeInteger(e.length) || e.length <= 0) break;
+            at += e.length;
+          }
+          if (at !== off + len) st.bugs.push('blockStatus(' + off + ', ' + len + ') does not cover the range: ' + JSON.stringify(ext.slice(0, 4)));
+        } catch (e) {
+          check('blockStatus@' + off, e);
+        }
+      };
+      await status(0, seq);
+      for (const p of probes) if (p >= 0 && p < size) await status(p, Math.min(4097, size - p));
+      try {
+        const a = driver.allocatedBytes();
+        if (!Number.isSafeInteger(a) || a < 0) st.bugs.push('allocatedBytes() is ' + a);
+      } catch (e) {
+        check('allocatedBytes', e);
+      }
       try {
         await driver.close();
       } catch (e) {
