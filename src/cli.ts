@@ -29,6 +29,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
+import { registerCreate } from './commands/create.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -472,6 +473,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--repair <what>', 'repair leaks or all errors').choices(['leaks', 'all']))
     .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
     .action((image: string, flags: { output: string; repair?: 'leaks' | 'all' }) => setResult(checkCommand(image, flags)));
+  registerCreate(program, setResult);
   return program;
 }
 
