@@ -30,6 +30,7 @@ import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { registerCreate } from './commands/create.js';
+import { impliesReadOnly, openForMount, recoveryConflict } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -123,6 +124,10 @@ interface MountFlags {
   pidFile?: string;
   options: string[];
   fuseBackend?: BackendChoice;
+  snapshot?: boolean;
+  overlay?: string;
+  loadSnapshot?: string;
+  salvage?: boolean;
 }
 
 async function mountCommand(image: string, dir: string, flags: MountFlags): Promise<number> {
@@ -132,7 +137,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   } catch (err) {
     throw withCode(err, EXIT_USAGE);
   }
-  const readOnly = !!flags.readOnly || mountOpts.readOnly;
+  const conflict = recoveryConflict({ ...flags, readOnly: !!flags.readOnly || mountOpts.readOnly });
+  if (conflict) throw new CliError(EXIT_USAGE, conflict);
+  const readOnly = !!flags.readOnly || mountOpts.readOnly || impliesReadOnly(flags);
   if (flags.forceShare && !readOnly) throw new CliError(EXIT_USAGE, '--force-share needs a read-only mount (-r)');
   if (!flags.backing && !readOnly) throw new CliError(EXIT_USAGE, '--no-backing needs a read-only mount (-r): writes need the backing file');
 
@@ -167,8 +174,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     const log = logger('cli');
     await checkImagePath(image);
     const mountPoint = await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
-    const driver = await openImage(path.resolve(image), {
-      readOnly,
+    const { driver } = await openForMount(path.resolve(image), readOnly, flags, {
       format: flags.format,
       noBacking: !flags.backing,
       forceShare: flags.forceShare,
@@ -444,6 +450,10 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .option('--l2-cache-size <size>', `L2 table cache size, e.g. 32M, 1G, bytes (default: ${DEFAULT_L2_CACHE_BYTES / 1048576}M)`, parseSize)
     .option('--no-backing', 'do not open backing files: unallocated clusters read as zeros')
     .option('-U, --force-share', 'with -r: mount even if another process (QEMU, qmount) is writing the image; reads may then be inconsistent')
+    .option('-s, --snapshot', 'throwaway writes: they go to a temporary overlay in $TMPDIR; the image is opened read-only and never written')
+    .option('--overlay <file>', 'writes go to FILE, a qcow2 overlay of the image (created if missing, reused if present); the image is opened read-only')
+    .option('-l, --load-snapshot <name|id>', 'mount internal qcow2 snapshot NAME or ID (ID tried first) read-only')
+    .option('--salvage', 'read-only: unreadable ranges of a damaged image read as zeros and are listed in a damage report')
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .option('--pid-file <file>', 'write the mount process id here while mounted')

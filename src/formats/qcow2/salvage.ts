@@ -1,0 +1,89 @@
+/**
+ * The qcow2 damage scan for `--salvage` and `qmount info --salvage`: walks
+ * the L1 and L2 tables (of the active image, or of a snapshot) and reports
+ * every guest range a read would fail on, without reading guest data
+ * except compressed clusters (which are decompressed to know).
+ *
+ * What counts, in the same terms as the read path (read.ts, map.ts, which
+ * raise the errors this mirrors):
+ *  - an L1 entry whose L2 table is misaligned, in the header cluster, past
+ *    the end of the file, or cannot be read: the table's whole guest range
+ *    is unknown (never backing data in its place);
+ *  - an L2 entry the read path refuses (misaligned data offset, bad
+ *    extended-L2 bitmaps), a data cluster at or past the end of the file, a
+ *    compressed cluster outside the file or one that does not decompress;
+ *  - ranges left to a backing file that is missing (MissingBacking).
+ */
+import { errnoOf, oneLine } from '../../errors.js';
+import { MissingBacking, type DamageReport } from '../salvage.js';
+import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
+import { decompressedCluster } from './read.js';
+import type { Qcow2State } from './state.js';
+
+export async function scanQcow2Damage(s: Qcow2State, report: DamageReport): Promise<void> {
+  const g = s.g;
+  const size = s.virtualSize;
+  const missing = s.backing instanceof MissingBacking ? s.backing : null;
+  const entry: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+  const piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
+  const l1Needed = Math.ceil(size / g.l2Span);
+  for (let l1Index = 0; l1Index < l1Needed; l1Index++) {
+    const spanStart = l1Index * g.l2Span;
+    const spanEnd = Math.min(size, spanStart + g.l2Span);
+    const l2Offset = l1Index * 8 < s.l1.length ? s.l2OffsetOf(l1Index) : 0;
+    if (l2Offset === 0) {
+      if (missing) report.add(spanStart, spanEnd - spanStart, `backing file ${missing.name} is missing`);
+      continue;
+    }
+    let table: Buffer;
+    try {
+      table = await s.l2Table(l2Offset);
+    } catch (err) {
+      if (errnoOf(err) !== 'EIO') throw err;
+      report.add(spanStart, spanEnd - spanStart, oneLine(err));
+      continue;
+    }
+    for (let pos = spanStart; pos < spanEnd; ) {
+      const clusterIndex = Math.floor(pos / g.clusterSize);
+      const clusterStart = clusterIndex * g.clusterSize;
+      const clusterEnd = Math.min(spanEnd, clusterStart + g.clusterSize);
+      readL2Entry(g, table, clusterIndex % g.l2Entries, entry);
+      while (pos < clusterEnd) {
+        try {
+          classify(g, entry, clusterStart, pos - clusterStart, clusterEnd - pos, piece);
+        } catch (err) {
+          report.add(clusterStart, clusterEnd - clusterStart, `guest offset ${clusterStart}: ${oneLine(err)}`);
+          pos = clusterEnd;
+          break;
+        }
+        const damaged = await pieceDamage(s, entry, piece, pos, missing);
+        if (damaged) report.add(pos, piece.length, damaged);
+        pos += piece.length;
+      }
+    }
+  }
+}
+
+/** Why the bytes of one classified piece cannot be read (null when they can). */
+async function pieceDamage(s: Qcow2State, e: L2Entry, piece: Piece, guestOffset: number, missing: MissingBacking | null): Promise<string | null> {
+  switch (piece.kind) {
+    case ExtentKind.Data:
+      if (piece.hostOffset >= s.fileSize) return `guest offset ${guestOffset}: cluster at host offset ${piece.hostOffset} lies past the end of ${s.file.path}`;
+      return null;
+    case ExtentKind.ExternalData:
+      if (piece.hostOffset >= s.dataFileSize) return `guest offset ${guestOffset}: cluster at host offset ${piece.hostOffset} lies past the end of ${s.dataFile!.path}`;
+      return null;
+    case ExtentKind.Compressed:
+      try {
+        await decompressedCluster(s, e.hi, e.lo, guestOffset);
+        return null;
+      } catch (err) {
+        if (errnoOf(err) !== 'EIO') throw err;
+        return oneLine(err);
+      }
+    case ExtentKind.Backing:
+      return missing ? `backing file ${missing.name} is missing` : null;
+    case ExtentKind.Zero:
+      return null;
+  }
+}
