@@ -30,7 +30,7 @@ import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { registerCreate } from './commands/create.js';
-import { impliesReadOnly, openForMount, recoveryConflict } from './commands/mount-image.js';
+import { damageHuman, impliesReadOnly, openForMount, recoveryConflict, salvageScan } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -353,11 +353,19 @@ interface InfoFlags {
   format?: FormatName;
   backing: boolean;
   forceShare?: boolean;
+  salvage?: boolean;
 }
 
 async function infoCommand(image: string, flags: InfoFlags): Promise<number> {
   configureLogging({ level: process.env.QMOUNT_LOG_LEVEL ?? 'error' });
   await checkImagePath(image);
+  if (flags.salvage) {
+    const base = { format: flags.format, noBacking: !flags.backing, forceShare: flags.forceShare, log: logger('image') };
+    const { info, damage } = await salvageScan(image, base).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
+    const out = flags.output === 'json' ? JSON.stringify({ ...infoJson(info, image), damage: damage.toJSON(image) }, null, 4) : `${infoHuman(info, image)}\n${damageHuman(damage)}`;
+    process.stdout.write(`${out}\n`);
+    return EXIT_OK;
+  }
   const driver = await openImage(image, {
     readOnly: true,
     format: flags.format,
@@ -474,6 +482,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
     .option('--no-backing', 'do not open backing files')
     .option('-U, --force-share', 'open the image even if another process is writing it')
+    .option('--salvage', 'also list the damaged ranges a --salvage mount reads as zeros (qcow2: from its tables; other formats: by reading everything)')
     .action((image: string, flags: InfoFlags) => setResult(infoCommand(image, flags)));
 
   program

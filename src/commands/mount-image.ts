@@ -24,12 +24,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { QmountError } from '../errors.js';
-import type { BlockDriver, FormatName } from '../formats/driver.js';
+import type { BlockDriver, FormatName, ImageInfo } from '../formats/driver.js';
 import { openImage, type OpenImageOptions } from '../formats/open.js';
 import { createQcow2 } from '../formats/qcow2/create.js';
 import { scanQcow2Damage } from '../formats/qcow2/salvage.js';
 import { findSnapshot, noSuchSnapshot, openSnapshotDisk, qcow2StateOf } from '../formats/qcow2/snapshot-open.js';
-import { DamageReport, MissingBacking, SalvageDriver } from '../formats/salvage.js';
+import { DamageReport, MissingBacking, SalvageDriver, scanByReading } from '../formats/salvage.js';
 import type { Logger } from '../log.js';
 
 export interface RecoveryFlags {
@@ -171,4 +171,28 @@ async function openPersistentOverlay(image: string, overlay: string, base: BaseO
     log.info({ overlay, image: real }, '--overlay: reusing');
   }
   return openImage(overlay, { ...base, format: 'qcow2', readOnly: false });
+}
+
+/**
+ * `qmount info --salvage`: open as a salvage mount would and return the
+ * complete damage report. qcow2 is scanned by its tables; other formats by
+ * reading every byte through the salvage wrapper.
+ */
+export async function salvageScan(image: string, base: BaseOptions): Promise<{ info: ImageInfo; damage: DamageReport }> {
+  const { driver, damage } = await openForMount(image, true, { salvage: true }, base);
+  try {
+    if (!qcow2StateOf((driver as SalvageDriver).inner)) await scanByReading(driver as SalvageDriver);
+    return { info: driver.info(), damage: damage! };
+  } finally {
+    await driver.close().catch(() => {});
+  }
+}
+
+/** The human form of a damage report (after `qmount info`'s lines). */
+export function damageHuman(d: DamageReport): string {
+  const ranges = d.ranges();
+  if (ranges.length === 0) return 'Damage (--salvage): none found';
+  const lines = [`Damage (--salvage): ${ranges.length} range${ranges.length === 1 ? '' : 's'}, ${d.bytes()} bytes read as zeros`];
+  for (const r of ranges) lines.push(`    [${r.start}, +${r.length}): ${r.reason}`);
+  return lines.join('\n');
 }
