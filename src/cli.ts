@@ -27,10 +27,12 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { MountSession, checkMountPoint } from '../mount/session.js';
+import { partitionFiles } from '../mount/partitions.js';
+import { FILE_NAME } from '../mount/service.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { registerCreate } from './commands/create.js';
-import { damageHuman, impliesReadOnly, openForMount, recoveryConflict, salvageScan } from './commands/mount-image.js';
+import { damageHuman, impliesReadOnly, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -124,6 +126,7 @@ interface MountFlags {
   pidFile?: string;
   options: string[];
   fuseBackend?: BackendChoice;
+  partitions: boolean;
   snapshot?: boolean;
   overlay?: string;
   loadSnapshot?: string;
@@ -174,7 +177,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     const log = logger('cli');
     await checkImagePath(image);
     const mountPoint = await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
-    const { driver } = await openForMount(path.resolve(image), readOnly, flags, {
+    const opened = await openForMount(path.resolve(image), readOnly, flags, {
       format: flags.format,
       noBacking: !flags.backing,
       forceShare: flags.forceShare,
@@ -182,10 +185,12 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
       l2CacheBytes: flags.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES,
       log: logger('image'),
     }).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
+    const driver = opened.driver;
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend });
+      const files = [{ path: FILE_NAME, source: driver }, ...(flags.partitions ? await partitionFiles(driver, logger('mount')) : []), ...(await recoveryFiles(opened, logger('mount')))];
+      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
@@ -457,6 +462,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
     .option('--l2-cache-size <size>', `L2 table cache size, e.g. 32M, 1G, bytes (default: ${DEFAULT_L2_CACHE_BYTES / 1048576}M)`, parseSize)
     .option('--no-backing', 'do not open backing files: unallocated clusters read as zeros')
+    .option('--no-partitions', 'do not show DIR/p1.raw, p2.raw, ... for the partitions of a GPT or MBR disk')
     .option('-U, --force-share', 'with -r: mount even if another process (QEMU, qmount) is writing the image; reads may then be inconsistent')
     .option('-s, --snapshot', 'throwaway writes: they go to a temporary overlay in $TMPDIR; the image is opened read-only and never written')
     .option('--overlay <file>', 'writes go to FILE, a qcow2 overlay of the image (created if missing, reused if present); the image is opened read-only')

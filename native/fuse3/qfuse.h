@@ -8,8 +8,9 @@
  * whose read size is libfuse's own bufsize: from libfuse 3.17 on it follows
  * /proc/sys/fs/fuse/max_pages_limit and could exceed our buffers) and handed
  * to fuse_session_process_buf. Metadata ops are answered in C (ops.c) from
- * attributes JS gave at mount; read, write, flush, fsync, lseek and fallocate
- * go to JS with the index of the buffer holding the request, and the buffer
+ * the node table JS gave at mount (struct qf_node: the mount's small static
+ * tree); read, write, flush, fsync, lseek and fallocate go to JS with the
+ * file's inode and the index of the buffer holding the request, and the buffer
  * stays taken until JS replies (a read's data is written into that same
  * buffer, a write's data is a view into it: no copies).
  */
@@ -26,8 +27,9 @@
 #define QF_MAX_IO (1024 * 1024)
 #define QF_BUF_SIZE (QF_MAX_IO + 4096)
 #define QF_ROOT_INO 1
-#define QF_FILE_INO 2
-#define QF_FILE_NAME "disk.raw"
+/* Bounds of the node table (mount/tree.ts keeps the same). */
+#define QF_MAX_NODES 4096
+#define QF_MAX_NAME 255
 
 /* Operations handed to JS (first handler argument); keep in step with mount/backend-fuse3.ts. */
 enum qf_op {
@@ -48,15 +50,33 @@ struct qf_slot {
   fuse_req_t req; /* while SLOT_PENDING */
   int op;
   int state;
+  fuse_ino_t ino; /* the file the request is for */
   napi_ref ab_ref; /* the ArrayBuffer over mem; its finalizer frees mem */
 };
 
+/*
+ * One file or directory of the mount's tree; inode = index + 1 (the root is
+ * index 0). Fixed at mount: names, parents and kinds never change; a file's
+ * size and blocks change only through setFile() from JS, its mtime with each
+ * completed write.
+ */
+struct qf_node {
+  fuse_ino_t parent; /* the root is its own parent */
+  char *name;        /* "" for the root */
+  int is_dir;
+  uint32_t mode;     /* with the S_IF* bits */
+  uint32_t nlink;
+  double size, blocks;
+  int read_only;     /* a write open is EROFS */
+  int keep_cache;    /* 0: another file shows the same bytes, drop the page cache at open */
+  struct timespec mtime;
+};
+
 struct qf_attrs {
-  double size;
-  uint32_t file_mode, dir_mode, uid, gid;
+  uint32_t dir_mode, uid, gid;
   int read_only, direct_io;
   uint32_t max_read, max_write;
-  struct timespec start, mtime;
+  struct timespec start;
 };
 
 struct qf_stats {
@@ -87,6 +107,8 @@ struct qf_session {
   napi_ref handler_ref;
   napi_async_context actx;
   struct qf_attrs a;
+  struct qf_node *nodes;
+  int nnodes;
   struct qf_stats st;
   int read_errno; /* why receiving stopped, when not ENODEV */
 };
@@ -94,8 +116,13 @@ struct qf_session {
 /* ops.c */
 extern const struct fuse_lowlevel_ops qf_ops;
 
-/* session.c: hand a request to JS (the current buffer becomes SLOT_PENDING). */
-void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double len, double arg);
+/* session.c: hand a request for file `ino` to JS (the current buffer becomes SLOT_PENDING). */
+void qf_forward(struct qf_session *s, fuse_req_t req, fuse_ino_t ino, int op, double off, double len, double arg);
+
+/* The node of a known inode, or NULL. */
+static inline struct qf_node *qf_node(struct qf_session *s, fuse_ino_t ino) {
+  return ino >= 1 && ino <= (fuse_ino_t)s->nnodes ? &s->nodes[ino - 1] : NULL;
+}
 
 /* mountwatch.c */
 napi_value qf_watch_mounts(napi_env env, napi_callback_info info);

@@ -23,12 +23,13 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { QmountError } from '../errors.js';
+import type { TreeEntry } from '../../mount/tree.js';
+import { oneLine, QmountError } from '../errors.js';
 import type { BlockDriver, FormatName, ImageInfo } from '../formats/driver.js';
 import { openImage, type OpenImageOptions } from '../formats/open.js';
 import { createQcow2 } from '../formats/qcow2/create.js';
 import { scanQcow2Damage } from '../formats/qcow2/salvage.js';
-import { findSnapshot, noSuchSnapshot, openSnapshotDisk, qcow2StateOf } from '../formats/qcow2/snapshot-open.js';
+import { findSnapshot, noSuchSnapshot, openSnapshotDisk, qcow2StateOf, snapshotFileNames } from '../formats/qcow2/snapshot-open.js';
 import { DamageReport, MissingBacking, SalvageDriver, scanByReading } from '../formats/salvage.js';
 import type { Logger } from '../log.js';
 
@@ -195,4 +196,34 @@ export function damageHuman(d: DamageReport): string {
   const lines = [`Damage (--salvage): ${ranges.length} range${ranges.length === 1 ? '' : 's'}, ${d.bytes()} bytes read as zeros`];
   for (const r of ranges) lines.push(`    [${r.start}, +${r.length}): ${r.reason}`);
   return lines.join('\n');
+}
+
+/**
+ * The mount's extra files for these features: snapshots/NAME.raw (one
+ * read-only disk per internal snapshot of a qcow2 image; names from
+ * snapshotFileNames) and, with --salvage, damage.json (the report as found
+ * when the mount started: complete for qcow2, whose tables are scanned;
+ * for other formats only the log lists what later reads find).
+ */
+export async function recoveryFiles(opened: MountOpen, log: Logger): Promise<TreeEntry[]> {
+  const out: TreeEntry[] = [];
+  const d = opened.driver instanceof SalvageDriver ? opened.driver.inner : opened.driver;
+  const s = qcow2StateOf(d);
+  if (s && s.snapshots.length > 0) {
+    const names = snapshotFileNames(s.snapshots);
+    for (const [i, snap] of s.snapshots.entries()) {
+      try {
+        const disk = await openSnapshotDisk(d, snap, false);
+        out.push({ path: `snapshots/${names[i]!}`, source: disk, close: () => disk.close() });
+      } catch (err) {
+        log.warn({ id: snap.id, name: snap.name, err: oneLine(err) }, 'snapshot cannot be shown');
+      }
+    }
+    log.info({ snapshots: names }, 'snapshot files');
+  }
+  if (opened.damage) {
+    const json = { ...opened.damage.toJSON(opened.driver.filename), complete: s !== undefined };
+    out.push({ path: 'damage.json', content: Buffer.from(`${JSON.stringify(json, null, 2)}\n`) });
+  }
+  return out;
 }
