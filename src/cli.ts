@@ -32,6 +32,7 @@ import { FILE_NAME } from '../mount/service.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { registerCreate } from './commands/create.js';
+import { registerMap } from './commands/map.js';
 import { damageHuman, impliesReadOnly, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
@@ -499,6 +500,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
     .action((image: string, flags: { output: string; repair?: 'leaks' | 'all' }) => setResult(checkCommand(image, flags)));
   registerCreate(program, setResult);
+  registerMap(program, setResult);
   return program;
 }
 

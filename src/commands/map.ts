@@ -1,0 +1,130 @@
+/**
+ * `qmount map [--output human|json] IMAGE`: the allocation map, with the
+ * extents and fields of `qemu-img map` (start, length, depth, present,
+ * zero, data, offset), from the drivers' blockStatus (src/formats/driver.ts).
+ *
+ * Presentation rules taken from qemu-img (7.2):
+ *  - adjacent extents are merged when every field agrees and the host
+ *    offsets continue (or neither has one);
+ *  - a raw layer maps guest offset = host offset, so its extents carry an
+ *    offset also where they are holes (zero, not data);
+ *  - compressed data has no offset;
+ *  - human output lists only data with an offset, as "Offset Length
+ *    Mapped to File" in qemu-img's column layout.
+ */
+import { Command, Option } from 'commander';
+import { oneLine } from '../errors.js';
+import type { BlockExtent, FormatName, ImageInfo } from '../formats/driver.js';
+import { openImage, printable } from '../formats/open.js';
+import { configureLogging, logger } from '../log.js';
+
+const EXIT_OK = 0;
+const EXIT_USAGE = 1;
+const EXIT_FAIL = 2;
+
+/** Guest bytes asked of blockStatus at a time (bounds the extent list in memory). */
+const CHUNK_BYTES = 1024 ** 3;
+
+export interface MapExtent {
+  start: number;
+  length: number;
+  depth: number;
+  present: boolean;
+  zero: boolean;
+  data: boolean;
+  offset?: number;
+  /** the file of the layer at `depth` (human output) */
+  file: string;
+}
+
+function layers(info: ImageInfo): ImageInfo[] {
+  const out: ImageInfo[] = [];
+  for (let i: ImageInfo | undefined = info; i; i = i.backing) out.push(i);
+  return out;
+}
+
+function toMapExtent(e: BlockExtent, chain: ImageInfo[]): MapExtent {
+  const layer = chain[Math.min(e.depth, chain.length - 1)]!;
+  const out: MapExtent = { start: e.guestOffset, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data, file: layer.filename };
+  if (e.hostOffset !== undefined && !e.compressed) out.offset = e.hostOffset;
+  else if (layer.format === 'raw' && e.present && !e.compressed) out.offset = e.guestOffset;
+  return out;
+}
+
+function mergeable(a: MapExtent, b: MapExtent): boolean {
+  if (a.depth !== b.depth || a.present !== b.present || a.zero !== b.zero || a.data !== b.data || a.file !== b.file) return false;
+  if (a.offset === undefined || b.offset === undefined) return a.offset === b.offset;
+  return a.offset + a.length === b.offset;
+}
+
+export async function mapExtents(image: string, format: FormatName | undefined, forceShare: boolean): Promise<MapExtent[]> {
+  const d = await openImage(image, { readOnly: true, format, forceShare, log: logger('map') });
+  try {
+    const chain = layers(d.info());
+    const out: MapExtent[] = [];
+    for (let pos = 0; pos < d.virtualSize; pos += CHUNK_BYTES) {
+      const len = Math.min(CHUNK_BYTES, d.virtualSize - pos);
+      for (const e of await d.blockStatus(pos, len)) {
+        const m = toMapExtent(e, chain);
+        const last = out[out.length - 1];
+        if (last && mergeable(last, m)) last.length += m.length;
+        else out.push(m);
+      }
+    }
+    return out;
+  } finally {
+    await d.close().catch(() => {});
+  }
+}
+
+/** qemu-img map --output=json, byte for byte: one object per line, fields in qemu-img's order. */
+export function mapJson(extents: MapExtent[]): string {
+  const lines = extents.map((e) => {
+    const offset = e.offset === undefined ? '' : `, "offset": ${e.offset}`;
+    return `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${offset}}`;
+  });
+  return `[${lines.join(',\n')}]\n`;
+}
+
+/** C's printf("%#-16" PRIx64): 0x-prefixed hex (plain "0" for zero), left-aligned in 16 columns. */
+function hex16(v: number): string {
+  return (v === 0 ? '0' : `0x${v.toString(16)}`).padEnd(16);
+}
+
+export function mapHuman(extents: MapExtent[]): string {
+  const lines = ['Offset          Length          Mapped to       File'];
+  for (const e of extents) {
+    if (!e.data || e.offset === undefined) continue;
+    lines.push(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset)}${printable(e.file)}`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+interface MapFlags {
+  output: 'human' | 'json';
+  format?: FormatName;
+  forceShare?: boolean;
+}
+
+export function registerMap(program: Command, setResult: (p: Promise<number>) => void): void {
+  program
+    .command('map')
+    .description('show the allocation map (like qemu-img map)')
+    .argument('<IMAGE>')
+    .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
+    .addOption(new Option('--format <format>', 'image format (default: probe)').choices(['qcow2', 'qed', 'raw']))
+    .option('-U, --force-share', 'open the image even if another process is writing it')
+    .action((image: string, flags: MapFlags) => {
+      setResult(
+        (async () => {
+          configureLogging({ level: process.env.QMOUNT_LOG_LEVEL ?? 'error' });
+          const extents = await mapExtents(image, flags.format, !!flags.forceShare);
+          process.stdout.write(flags.output === 'json' ? mapJson(extents) : mapHuman(extents));
+          return EXIT_OK;
+        })().catch((err: unknown) => {
+          process.stderr.write(`qmount: ${printable(oneLine(err))}\n`);
+          return (err as { code?: string }).code === 'commander.invalidArgument' ? EXIT_USAGE : EXIT_FAIL;
+        }),
+      );
+    });
+}
