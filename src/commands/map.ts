@@ -43,9 +43,11 @@ function layers(info: ImageInfo): ImageInfo[] {
   return out;
 }
 
-function toMapExtent(e: BlockExtent, chain: ImageInfo[]): MapExtent {
+/** `image`: the name given on the command line, shown for depth 0 (backing files by the path they were opened by). */
+function toMapExtent(e: BlockExtent, chain: ImageInfo[], image: string): MapExtent {
   const layer = chain[Math.min(e.depth, chain.length - 1)]!;
-  const out: MapExtent = { start: e.guestOffset, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data, file: layer.filename };
+  const file = e.depth === 0 ? image : layer.filename;
+  const out: MapExtent = { start: e.guestOffset, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data, file };
   if (e.hostOffset !== undefined && !e.compressed) out.offset = e.hostOffset;
   else if (layer.format === 'raw' && e.present && !e.compressed) out.offset = e.guestOffset;
   return out;
@@ -65,7 +67,7 @@ export async function mapExtents(image: string, format: FormatName | undefined, 
     for (let pos = 0; pos < d.virtualSize; pos += CHUNK_BYTES) {
       const len = Math.min(CHUNK_BYTES, d.virtualSize - pos);
       for (const e of await d.blockStatus(pos, len)) {
-        const m = toMapExtent(e, chain);
+        const m = toMapExtent(e, chain, image);
         const last = out[out.length - 1];
         if (last && mergeable(last, m)) last.length += m.length;
         else out.push(m);
