@@ -153,6 +153,11 @@ describe.each(NAMES.map((name, i) => ({ name, i })))('salvage: $name', ({ name, 
     let got: Buffer;
     try {
       got = fs.readFileSync(m.rawPath);
+      expect(fs.readdirSync(m.dir).sort()).toEqual(['damage.json', 'disk.raw']);
+      const report = JSON.parse(fs.readFileSync(path.join(m.dir, 'damage.json'), 'utf8')) as { ranges: Array<{ start: number; length: number; reason: string }>; complete: boolean };
+      expect(report.complete).toBe(true);
+      expect(report.ranges.map(({ start, length }) => ({ start, length }))).toEqual(c().expected.map(({ start, length }) => ({ start, length })));
+      report.ranges.forEach((r, k) => expect(r.reason).toMatch(c().expected[k]!.reason));
       // read-only: --salvage implies -r
       expect(() => fs.openSync(m.rawPath, 'r+')).toThrow(/EROFS|EACCES/);
     } finally {
