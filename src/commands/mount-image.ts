@@ -66,7 +66,7 @@ export async function openForMount(image: string, readOnly: boolean, flags: Reco
   const log = base.log;
   if (flags.snapshot) return { driver: await openThrowaway(image, base) };
   if (flags.overlay !== undefined) return { driver: await openPersistentOverlay(image, path.resolve(flags.overlay), base) };
-  const missing = readOnly ? { onMissingBacking: (resolved: string, name: string) => new MissingBacking(resolved, name, log) } : {};
+  const missing = readOnly ? { onMissingBacking: (resolved: string, name: string, format: FormatName | undefined) => new MissingBacking(resolved, name, format, log) } : {};
   let driver = await openImage(image, { ...base, ...missing, readOnly });
   try {
     if (flags.loadSnapshot !== undefined) {

@@ -36,7 +36,7 @@ export interface OpenImageOptions {
    * exist is replaced by what this returns (src/formats/salvage.ts:
    * MissingBacking, whose reads fail with EIO) instead of failing the open.
    */
-  onMissingBacking?: (resolvedPath: string, name: string) => BlockDriver;
+  onMissingBacking?: (resolvedPath: string, name: string, format: FormatName | undefined) => BlockDriver;
 }
 
 /** Default L2 cache: 32 MiB maps 256 GiB of guest space with 64 KiB clusters (8-byte entries). */
@@ -153,7 +153,7 @@ async function openInChain(
             }
             const plain = name.startsWith('file:') ? name.slice(5) : name;
             const resolved = path.isAbsolute(plain) ? plain : path.join(dir, plain);
-            if (opts.onMissingBacking && readOnly && !fs.existsSync(resolved)) return opts.onMissingBacking(resolved, name);
+            if (opts.onMissingBacking && readOnly && !fs.existsSync(resolved)) return opts.onMissingBacking(resolved, name, backingFormat);
             log.info({ backing: resolved, format: backingFormat }, 'opening backing file');
             return openInChain(resolved, backingFormat, true, opts, nextChain);
           },

@@ -20,7 +20,7 @@
  */
 import { CorruptionError, errnoOf, oneLine, QmountError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { checkRequest, notYet, type BlockDriver, type BlockExtent, type ImageInfo } from './driver.js';
+import { checkRequest, notYet, type BlockDriver, type BlockExtent, type FormatName, type ImageInfo } from './driver.js';
 
 export interface DamagedRange {
   /** guest bytes [start, start + length) */
@@ -193,15 +193,18 @@ export async function scanByReading(d: SalvageDriver, chunk = 4 * 1024 * 1024): 
  * overlay read is cut short to zeros at "its" end (its size is unknown).
  */
 export class MissingBacking implements BlockDriver {
-  readonly format = 'raw' as const;
+  readonly format: FormatName;
   readonly readOnly = true;
   readonly virtualSize = Number.MAX_SAFE_INTEGER;
 
+  /** `format`: the backing format the overlay names (raw when it names none: unknown). */
   constructor(
     readonly filename: string,
     readonly name: string,
+    format: FormatName | undefined,
     log: Logger,
   ) {
+    this.format = format ?? 'raw';
     log.warn({ backing: filename, name }, 'backing file is missing: the ranges it would supply cannot be read');
   }
 
@@ -218,7 +221,7 @@ export class MissingBacking implements BlockDriver {
   async close(): Promise<void> {}
 
   info(): ImageInfo {
-    return { format: 'raw', filename: this.filename, virtualSize: 0, features: ['missing'] };
+    return { format: this.format, filename: this.filename, virtualSize: 0, features: ['missing'] };
   }
 
   blockStatus(): Promise<BlockExtent[]> {
