@@ -33,7 +33,7 @@ import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { registerCreate } from './commands/create.js';
 import { registerMap } from './commands/map.js';
-import { damageHuman, impliesReadOnly, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
+import { damageHuman, impliesReadOnly, missingBackingWarnings, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -153,6 +153,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
     // The daemon's stderr goes nowhere: the --force-share warning is given here.
     if (flags.forceShare) await warnIfInUse(image);
+    if (readOnly && !flags.salvage && flags.backing) {
+      for (const w of await missingBackingWarnings(path.resolve(image), { format: flags.format, forceShare: flags.forceShare, log: logger('image') })) printWarning(w);
+    }
     return runDaemonParent(fileURLToPath(import.meta.url), process.argv.slice(2), printError);
   }
 

@@ -66,7 +66,15 @@ export async function openForMount(image: string, readOnly: boolean, flags: Reco
   const log = base.log;
   if (flags.snapshot) return { driver: await openThrowaway(image, base) };
   if (flags.overlay !== undefined) return { driver: await openPersistentOverlay(image, path.resolve(flags.overlay), base) };
-  const missing = readOnly ? { onMissingBacking: (resolved: string, name: string, format: FormatName | undefined) => new MissingBacking(resolved, name, format, log) } : {};
+  const missing = readOnly
+    ? {
+        onMissingBacking: (resolved: string, name: string, format: FormatName | undefined) => {
+          if (!flags.salvage) base.onWarning?.(missingWarning(name));
+          log.warn({ backing: resolved, name }, 'backing file is missing: the ranges it would supply cannot be read');
+          return new MissingBacking(resolved, name, format);
+        },
+      }
+    : {};
   let driver = await openImage(image, { ...base, ...missing, readOnly });
   try {
     if (flags.loadSnapshot !== undefined) {
@@ -90,6 +98,31 @@ export async function openForMount(image: string, readOnly: boolean, flags: Reco
     await driver.close().catch(() => {});
     throw err;
   }
+}
+
+function missingWarning(name: string): string {
+  return `backing file ${name} is missing: the ranges it would supply fail with EIO (--salvage reads them as zeros)`;
+}
+
+/**
+ * The missing-backing warnings a read-only mount of `image` will give (for
+ * the parent of a daemon, whose stderr is the user's): opens the chain and
+ * closes it again; an image that does not open gives none (the daemon
+ * reports why).
+ */
+export async function missingBackingWarnings(image: string, base: BaseOptions): Promise<string[]> {
+  const out: string[] = [];
+  const onMissingBacking = (resolved: string, name: string, format: FormatName | undefined): BlockDriver => {
+    out.push(missingWarning(name));
+    return new MissingBacking(resolved, name, format);
+  };
+  try {
+    const d = await openImage(image, { ...base, readOnly: true, onMissingBacking });
+    await d.close();
+  } catch {
+    return [];
+  }
+  return out;
 }
 
 /** The image's format and size, opened read-only without its backing chain. */

@@ -19,7 +19,6 @@
  * damage like any other (and never zeros without --salvage).
  */
 import { CorruptionError, errnoOf, oneLine, QmountError } from '../errors.js';
-import type { Logger } from '../log.js';
 import { checkRequest, notYet, type BlockDriver, type BlockExtent, type FormatName, type ImageInfo } from './driver.js';
 
 export interface DamagedRange {
@@ -202,10 +201,8 @@ export class MissingBacking implements BlockDriver {
     readonly filename: string,
     readonly name: string,
     format: FormatName | undefined,
-    log: Logger,
   ) {
     this.format = format ?? 'raw';
-    log.warn({ backing: filename, name }, 'backing file is missing: the ranges it would supply cannot be read');
   }
 
   read(): Promise<void> {
