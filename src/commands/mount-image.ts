@@ -44,6 +44,8 @@ export interface MountOpen {
   driver: BlockDriver;
   /** with --salvage: the damage found so far (grows as reads find more) */
   damage?: DamageReport;
+  /** with --salvage: whether `damage` already lists every damaged range (qcow2 tables scanned, all compressed clusters tried) */
+  damageComplete?: boolean;
 }
 
 /** The mode a set of flags asks for, or the usage error (one line) when they do not combine. */
@@ -62,7 +64,14 @@ export function impliesReadOnly(f: RecoveryFlags): boolean {
 
 type BaseOptions = Omit<OpenImageOptions, 'readOnly'> & { log: Logger };
 
-export async function openForMount(image: string, readOnly: boolean, flags: RecoveryFlags, base: BaseOptions): Promise<MountOpen> {
+/**
+ * Compressed clusters a --salvage mount decompresses while scanning (about a
+ * second or two of zlib): more are checked by reads, and damage.json then
+ * says complete: false. `qmount info --salvage` decompresses every one.
+ */
+const MOUNT_DECOMPRESS_CHECKS = 8192;
+
+export async function openForMount(image: string, readOnly: boolean, flags: RecoveryFlags, base: BaseOptions, fullScan = false): Promise<MountOpen> {
   const log = base.log;
   if (flags.snapshot) return { driver: await openThrowaway(image, base) };
   if (flags.overlay !== undefined) return { driver: await openPersistentOverlay(image, path.resolve(flags.overlay), base) };
@@ -90,10 +99,11 @@ export async function openForMount(image: string, readOnly: boolean, flags: Reco
     damage.onNew = (r) => log.warn({ start: r.start, length: r.length, reason: r.reason }, 'damaged range: reads as zeros (--salvage)');
     const s = qcow2StateOf(driver);
     const salvage = new SalvageDriver(driver, damage, s ? s.g.subclusterSize : (driver.info().clusterSize ?? 512));
-    // qcow2: the tables are scanned now (the report is complete from the start); other formats report what reads find.
-    if (s) await scanQcow2Damage(s, damage);
-    log.info({ ranges: damage.ranges().length, bytes: damage.bytes() }, 'salvage: damage scan done');
-    return { driver: salvage, damage };
+    // qcow2: the tables are scanned now, so the report is complete from the start (unless there are more
+    // compressed clusters than MOUNT_DECOMPRESS_CHECKS); other formats report what reads find.
+    const complete = s ? await scanQcow2Damage(s, damage, { maxDecompress: fullScan ? Infinity : MOUNT_DECOMPRESS_CHECKS }) : false;
+    log.info({ ranges: damage.ranges().length, bytes: damage.bytes(), complete }, 'salvage: damage scan done');
+    return { driver: salvage, damage, damageComplete: complete };
   } catch (err) {
     await driver.close().catch(() => {});
     throw err;
@@ -213,7 +223,7 @@ async function openPersistentOverlay(image: string, overlay: string, base: BaseO
  * reading every byte through the salvage wrapper.
  */
 export async function salvageScan(image: string, base: BaseOptions): Promise<{ info: ImageInfo; damage: DamageReport }> {
-  const { driver, damage } = await openForMount(image, true, { salvage: true }, base);
+  const { driver, damage } = await openForMount(image, true, { salvage: true }, base, true);
   try {
     if (!qcow2StateOf((driver as SalvageDriver).inner)) await scanByReading(driver as SalvageDriver);
     return { info: driver.info(), damage: damage! };
@@ -255,7 +265,7 @@ export async function recoveryFiles(opened: MountOpen, log: Logger): Promise<Tre
     log.info({ snapshots: names }, 'snapshot files');
   }
   if (opened.damage) {
-    const json = { ...opened.damage.toJSON(opened.driver.filename), complete: s !== undefined };
+    const json = { ...opened.damage.toJSON(opened.driver.filename), complete: opened.damageComplete ?? false };
     out.push({ path: 'damage.json', content: Buffer.from(`${JSON.stringify(json, null, 2)}\n`) });
   }
   return out;

@@ -19,8 +19,19 @@ import { MissingBacking, type DamageReport } from '../salvage.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { decompressedCluster } from './read.js';
 import type { Qcow2State } from './state.js';
+import { badCompressed, decodeCompressed } from './spec.js';
 
-export async function scanQcow2Damage(s: Qcow2State, report: DamageReport): Promise<void> {
+export interface ScanOptions {
+  /**
+   * Compressed clusters decompressed at most (the rest are checked for lying
+   * in the file only; reads find them later). Default: all.
+   */
+  maxDecompress?: number;
+}
+
+/** Returns whether the scan was complete (every compressed cluster decompressed). */
+export async function scanQcow2Damage(s: Qcow2State, report: DamageReport, opts: ScanOptions = {}): Promise<boolean> {
+  const budget = { left: opts.maxDecompress ?? Infinity, skipped: false };
   const g = s.g;
   const size = s.virtualSize;
   const missing = s.backing instanceof MissingBacking ? s.backing : null;
@@ -56,16 +67,24 @@ export async function scanQcow2Damage(s: Qcow2State, report: DamageReport): Prom
           pos = clusterEnd;
           break;
         }
-        const damaged = await pieceDamage(s, entry, piece, pos, missing);
+        const damaged = await pieceDamage(s, entry, piece, pos, missing, budget);
         if (damaged) report.add(pos, piece.length, damaged);
         pos += piece.length;
       }
     }
   }
+  return !budget.skipped;
 }
 
 /** Why the bytes of one classified piece cannot be read (null when they can). */
-async function pieceDamage(s: Qcow2State, e: L2Entry, piece: Piece, guestOffset: number, missing: MissingBacking | null): Promise<string | null> {
+async function pieceDamage(
+  s: Qcow2State,
+  e: L2Entry,
+  piece: Piece,
+  guestOffset: number,
+  missing: MissingBacking | null,
+  budget: { left: number; skipped: boolean },
+): Promise<string | null> {
   switch (piece.kind) {
     case ExtentKind.Data:
       if (piece.hostOffset >= s.fileSize) return `guest offset ${guestOffset}: cluster at host offset ${piece.hostOffset} lies past the end of ${s.file.path}`;
@@ -73,7 +92,15 @@ async function pieceDamage(s: Qcow2State, e: L2Entry, piece: Piece, guestOffset:
     case ExtentKind.ExternalData:
       if (piece.hostOffset >= s.dataFileSize) return `guest offset ${guestOffset}: cluster at host offset ${piece.hostOffset} lies past the end of ${s.dataFile!.path}`;
       return null;
-    case ExtentKind.Compressed:
+    case ExtentKind.Compressed: {
+      const d = decodeCompressed(s.g, e.hi, e.lo);
+      const bad = badCompressed(s.g, d, s.fileSize);
+      if (bad) return `guest offset ${guestOffset}: compressed cluster: ${bad}`;
+      if (budget.left <= 0) {
+        budget.skipped = true;
+        return null;
+      }
+      budget.left--;
       try {
         await decompressedCluster(s, e.hi, e.lo, guestOffset);
         return null;
@@ -81,6 +108,7 @@ async function pieceDamage(s: Qcow2State, e: L2Entry, piece: Piece, guestOffset:
         if (errnoOf(err) !== 'EIO') throw err;
         return oneLine(err);
       }
+    }
     case ExtentKind.Backing:
       return missing ? `backing file ${missing.name} is missing` : null;
     case ExtentKind.Zero:
