@@ -156,6 +156,22 @@ describe('-s / --snapshot: throwaway writes', () => {
     expect(fs.readdirSync(folder)).toEqual(['evidence.qcow2']);
   });
 
+  it('a temporary overlay left by a dead qmount is removed by the next -s; one of a live process is kept', async () => {
+    undo = new Undo();
+    const { image } = evidence('s-sweep', 8);
+    const tmp = path.join(scratch.dir, 's-sweep-tmp');
+    fs.mkdirSync(tmp);
+    const dead = spawnSync('true').pid!; // exited: its pid names no running process
+    const stale = path.join(tmp, `qmount-snapshot-${dead}-0123456789ab.qcow2`);
+    const alive = path.join(tmp, `qmount-snapshot-${process.pid}-0123456789ab.qcow2`);
+    const other = path.join(tmp, 'unrelated.qcow2');
+    for (const f of [stale, alive, other]) fs.writeFileSync(f, 'x');
+    const m = await mountImage(image, { extraArgs: ['-s'], env: { TMPDIR: tmp } });
+    undo.push(() => m.unmount());
+    expect(fs.readdirSync(tmp).sort()).toEqual([path.basename(alive), 'unrelated.qcow2'].sort());
+    await undo.run();
+  });
+
   it('SIGKILL midway: the image is unchanged and no file is left', async () => {
     undo = new Undo();
     const { image, folder } = evidence('s-kill', 64);
