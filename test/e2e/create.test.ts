@@ -131,6 +131,16 @@ describe('qmount create refuses what qemu-img refuses, and never overwrites', ()
     });
   }
 
+  it('a 0-byte qcow2 (empty L1 table) is clean and as qemu-img makes it', () => {
+    const mine = path.join(scratch.dir, 'zero-mine.qcow2');
+    const theirs = path.join(scratch.dir, 'zero-qemu.qcow2');
+    expect(qmount(['create', '-q', '-f', 'qcow2', mine, '0']).code).toBe(0);
+    qemuImg('create', '-q', '-f', 'qcow2', theirs, '0');
+    expect(qemuCheck(mine, 'qcow2').code).toBe(0);
+    expect(infoJson(mine)).toEqual(infoJson(theirs));
+    expect(qmount(['info', mine]).code).toBe(0);
+  });
+
   it('an existing file is left alone (EEXIST)', () => {
     const before = sha256File(base);
     const r = qmount(['create', '-f', 'qcow2', base, '1M']);

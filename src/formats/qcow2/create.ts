@@ -126,7 +126,8 @@ export function planQcow2(o: Qcow2CreateOptions): Qcow2Plan {
   const l2Span = l2Entries * clusterSize;
   const l1Size = Math.ceil(size / l2Span);
   if (l1Size * L1E_BYTES > MAX_L1_BYTES) throw bad(`size ${size} needs an L1 table larger than ${MAX_L1_BYTES} bytes: use a larger cluster size`);
-  const l1Clusters = Math.max(1, Math.ceil((l1Size * L1E_BYTES) / clusterSize));
+  // A 0-byte disk has an empty L1 table (no cluster; its offset is where it would start), as qemu-img makes it.
+  const l1Clusters = Math.ceil((l1Size * L1E_BYTES) / clusterSize);
   const prealloc = o.preallocation === 'metadata';
   const l2Tables = prealloc ? l1Size : 0;
   const dataClusters = prealloc ? Math.ceil(size / clusterSize) : 0;
@@ -285,7 +286,7 @@ async function writeLayout(fh: fs.promises.FileHandle, p: Qcow2Plan): Promise<vo
       await write(l2, (firstL2 + t) * cs);
     }
   }
-  await write(l1, h.l1TableOffset);
+  if (l1.length > 0) await write(l1, h.l1TableOffset);
   // The data clusters (preallocation) read as zeros: the file is extended over them without writing.
   await fh.truncate(p.totalClusters * cs);
 }
