@@ -47,6 +47,8 @@ export type Fuse3Handler = (op: number, slot: number, offset: number, length: nu
 export interface Fuse3Addon {
   mount(mountPoint: string, options: string, attrs: Fuse3Attrs, buffers: number, handler: Fuse3Handler): { handle: unknown; buffers: ArrayBuffer[] };
   reply(handle: unknown, slot: number, result: number): void;
+  /** Drop the kernel's cached pages of [offset, +length) of a file (asynchronous; inval.c). */
+  invalidate(handle: unknown, ino: number, offset: number, length: number): void;
   /** New size / st_blocks of a file (getattr answers them from then on). */
   setFile(handle: unknown, ino: number, size: number, blocks: number): void;
   close(handle: unknown): void;
@@ -129,6 +131,8 @@ export class Fuse3Backend implements FuseBackend {
     const m = this.addon.mount(mountPoint, this.options, attrs, bufferCount(), this.handler);
     this.handle = m.handle;
     this.bufs = m.buffers.map((ab) => Buffer.from(ab));
+    // With direct_io nothing is cached: nothing to invalidate.
+    if (!mount.directIo) service.invalidate = (f, offset, length) => this.addon.invalidate(this.handle, f.ino, offset, length);
     this.raiseReadahead(maxRead);
     return Promise.resolve();
   }
@@ -190,6 +194,7 @@ export class Fuse3Backend implements FuseBackend {
   release(): void {
     if (this.released || this.handle === undefined) return;
     this.released = true;
+    this.ctx.service.invalidate = undefined;
     this.addon.close(this.handle);
   }
 

@@ -104,12 +104,11 @@ export interface FileAttrs {
   gid: number;
 }
 
-/** Another file showing the same bytes (a partition and disk.raw): offsets into each. */
+/** Another file showing the same bytes (a partition and disk.raw). */
 interface Alias {
   file: MountFile;
-  /** the other file's offset in the shared base, and its size */
+  /** the other file's offset in the shared base */
   baseOffset: number;
-  size: number;
 }
 
 export interface Stat extends FileAttrs {
@@ -200,7 +199,7 @@ export class DiskService {
     for (const g of groups.values()) {
       if (g.length < 2) continue;
       for (const m of g) {
-        const others = g.filter((o) => o !== m).map((o) => ({ file: o.file, baseOffset: o.baseOffset, size: o.file.source.virtualSize }));
+        const others = g.filter((o) => o !== m);
         this.aliases.set(m.file, { baseOffset: m.baseOffset, others });
       }
     }
@@ -223,8 +222,13 @@ export class DiskService {
     const hi = lo + length;
     for (const o of a.others) {
       const start = Math.max(lo, o.baseOffset);
-      const end = Math.min(hi, o.baseOffset + o.size);
-      if (start < end) this.invalidate(o.file, start - o.baseOffset, end - start);
+      const end = Math.min(hi, o.baseOffset + o.file.source.virtualSize);
+      if (start >= end) continue;
+      try {
+        this.invalidate(o.file, start - o.baseOffset, end - start);
+      } catch (err) {
+        this.handlerFailed('invalidate', err); // logged once; the change itself succeeded
+      }
     }
   }
 

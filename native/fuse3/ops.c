@@ -229,7 +229,13 @@ static void qf_statfs(fuse_req_t req, fuse_ino_t ino) {
   struct qf_session *s = sess(req);
   struct statvfs sv;
   memset(&sv, 0, sizeof(sv));
-  double blocks = s->nnodes > 1 ? (s->nodes[1].size + 4095) / 4096 : 0; /* disk.raw's size (the first file) */
+  double blocks = 0; /* disk.raw's size: the first file of the table */
+  for (int i = 0; i < s->nnodes; i++) {
+    if (!s->nodes[i].is_dir) {
+      blocks = (s->nodes[i].size + 4095) / 4096;
+      break;
+    }
+  }
   sv.f_bsize = 4096;
   sv.f_frsize = 4096;
   sv.f_blocks = (fsblkcnt_t)(blocks > 0xffffffffu ? 0xffffffffu : blocks);

@@ -23,6 +23,8 @@
 #include <time.h>
 #include <uv.h>
 
+#include "inval.h"
+
 /** Largest read/write request negotiated, and one pool buffer (request + headers). */
 #define QF_MAX_IO (1024 * 1024)
 #define QF_BUF_SIZE (QF_MAX_IO + 4096)
@@ -86,6 +88,9 @@ struct qf_stats {
   double interrupts;     /* INTERRUPTs for requests JS held */
   double late_replies;   /* replies that arrived after close (dropped) */
   double max_batch;      /* most requests read in one wake-up (> 1: several were queued at once) */
+  double inval_sent;     /* page-cache invalidations of aliased files sent (inval.c) */
+  double inval_failed;   /* ... refused by the kernel (nothing cached, or unmounted) */
+  double inval_unqueued; /* ... not queued (no thread, a bad range): a bug */
 };
 
 struct qf_session {
@@ -111,6 +116,7 @@ struct qf_session {
   int nnodes;
   struct qf_stats st;
   int read_errno; /* why receiving stopped, when not ENODEV */
+  struct qf_inval *inval; /* started by the first invalidate() call */
 };
 
 /* ops.c */

@@ -17,6 +17,9 @@
  *   reply(handle, slot, result): result >= 0 is the answer (read: bytes
  *     placed at the start of buffers[slot]; write: bytes written; lseek: the
  *     offset; others: 0), < 0 is -errno. May be called at once or later.
+ *   invalidate(handle, ino, offset, length): drop the kernel's cached pages
+ *     of that range of a file (another file showing the same bytes was
+ *     written); asynchronous, on a thread of its own (inval.c).
  *   setFile(handle, ino, size, blocks): new size / st_blocks of a file (after
  *     a resize, or as the allocation changes); getattr answers them from then on.
  *   close(handle): stop receiving, answer EIO to anything still held, close
@@ -42,6 +45,10 @@
   } while (0)
 
 static void start_polling(struct qf_session *s);
+
+static void inval_counts(struct qf_session *s) {
+  if (s->inval) qf_inval_counts(s->inval, &s->st.inval_sent, &s->st.inval_failed);
+}
 
 static void release_slot(struct qf_session *s, int idx) {
   s->slots[idx].state = SLOT_FREE;
@@ -450,6 +457,11 @@ static napi_value qf_close(napi_env env, napi_callback_info info) {
   if (s->cur_slot >= 0) return throw_msg(env, "close: called while a request is being dispatched");
   stop_polling(s);
   s->closed = 1;
+  if (s->inval) {
+    inval_counts(s);
+    qf_inval_stop(s->inval); /* the thread has its own fd: it may still finish a write after this */
+    s->inval = NULL;
+  }
   for (int i = 0; i < s->nslots; i++) {
     if (s->slots[i].state == SLOT_PENDING) {
       fuse_reply_err(s->slots[i].req, EIO);
@@ -487,6 +499,22 @@ static napi_value qf_set_file(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value qf_invalidate(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
+  double ino, off, len;
+  if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &off) != napi_ok ||
+      napi_get_value_double(env, argv[3], &len) != napi_ok) {
+    return throw_msg(env, "invalidate(handle, ino, offset, length)");
+  }
+  if (s->closed || s->unmounted) return NULL;
+  if (s->inval == NULL) s->inval = qf_inval_new(s->fd, s->nnodes);
+  if (s->inval == NULL || qf_inval_queue(s->inval, (uint64_t)ino, off, len) != 0) s->st.inval_unqueued++;
+  return NULL;
+}
+
 static napi_value qf_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -504,6 +532,10 @@ static napi_value qf_stats(napi_env env, napi_callback_info info) {
   PUT("interrupts", s->st.interrupts);
   PUT("lateReplies", s->st.late_replies);
   PUT("maxBatch", s->st.max_batch);
+  inval_counts(s);
+  PUT("invalSent", s->st.inval_sent);
+  PUT("invalFailed", s->st.inval_failed);
+  PUT("invalUnqueued", s->st.inval_unqueued);
   PUT("pending", s->npending);
   PUT("buffers", s->nslots);
 #undef PUT
@@ -516,6 +548,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"reply", NULL, qf_reply, NULL, NULL, NULL, napi_default, NULL},
     {"close", NULL, qf_close, NULL, NULL, NULL, napi_default, NULL},
     {"setFile", NULL, qf_set_file, NULL, NULL, NULL, napi_default, NULL},
+    {"invalidate", NULL, qf_invalidate, NULL, NULL, NULL, napi_default, NULL},
     {"stats", NULL, qf_stats, NULL, NULL, NULL, napi_default, NULL},
     {"watchMounts", NULL, qf_watch_mounts, NULL, NULL, NULL, napi_default, NULL},
     {"unwatchMounts", NULL, qf_unwatch_mounts, NULL, NULL, NULL, napi_default, NULL},
