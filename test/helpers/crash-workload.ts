@@ -31,7 +31,9 @@ export interface GuestWriteOp {
 export type Op =
   | { kind: 'write'; w: GuestWriteOp }
   | { kind: 'group'; ws: GuestWriteOp[] } // issued concurrently, disjoint ranges
-  | { kind: 'flush' };
+  | { kind: 'flush' }
+  // writeZeroes (discard with unmap); recorded and judged as a write of zeros
+  | { kind: 'zero'; offset: number; length: number; unmap: boolean };
 
 export interface GuestWrite extends GuestWriteOp {
   issued: number;
@@ -89,6 +91,26 @@ export function genOps(seed: number, o: GenOptions): Op[] {
   return ops;
 }
 
+/**
+ * genOps with some writes replaced by writeZeroes (half with unmap), a
+ * third of them cluster-aligned whole clusters: discard and zeroing
+ * workloads over data written before.
+ */
+export function genZeroOps(seed: number, o: GenOptions & { zeroShare: number }): Op[] {
+  const r = rng(seed ^ 0x2e7d);
+  return genOps(seed, o).map((op): Op => {
+    if (op.kind !== 'write' || r() >= o.zeroShare) return op;
+    let { offset } = op.w;
+    let length = op.w.data.length;
+    if (r() < 0.35) {
+      offset -= offset % o.align;
+      length = Math.max(o.align, length - (length % o.align));
+      length = Math.min(length, o.end - offset);
+    }
+    return { kind: 'zero', offset, length, unmap: r() < 0.5 };
+  });
+}
+
 export interface RunResult {
   writes: GuestWrite[];
   flushes: GuestFlush[];
@@ -102,11 +124,12 @@ export interface RunResult {
 export async function runOps(d: BlockDriver, ops: Op[], model: Buffer, clock: Clock): Promise<RunResult> {
   const writes: GuestWrite[] = [];
   const flushes: GuestFlush[] = [];
-  const write = async (w: GuestWriteOp): Promise<void> => {
+  const write = async (w: GuestWriteOp, zero?: { unmap: boolean }): Promise<void> => {
     const rec: GuestWrite = { ...w, issued: clock.tick(), done: Infinity };
     writes.push(rec);
     try {
-      await d.write(w.data, 0, w.data.length, w.offset);
+      if (zero) await d.writeZeroes(w.offset, w.data.length, zero);
+      else await d.write(w.data, 0, w.data.length, w.offset);
       rec.done = clock.tick();
       w.data.copy(model, w.offset);
     } catch (err) {
@@ -115,7 +138,8 @@ export async function runOps(d: BlockDriver, ops: Op[], model: Buffer, clock: Cl
   };
   for (const op of ops) {
     if (op.kind === 'write') await write(op.w);
-    else if (op.kind === 'group') await Promise.all(op.ws.map(write));
+    else if (op.kind === 'group') await Promise.all(op.ws.map((w) => write(w)));
+    else if (op.kind === 'zero') await write({ offset: op.offset, data: Buffer.alloc(op.length) }, { unmap: op.unmap });
     else {
       const f: GuestFlush = { issued: clock.tick(), done: Infinity };
       flushes.push(f);
