@@ -35,16 +35,28 @@ export class DamageReport {
   /** Called once for each range that was not known before (the log line). */
   onNew: ((r: DamagedRange) => void) | null = null;
 
-  /** Does the report already cover [start, start + length) entirely? */
+  /** Index of the first range starting after `start` (binary search: scans add thousands of ranges in order). */
+  private indexAfter(start: number): number {
+    let lo = 0;
+    let hi = this.list.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.list[mid]!.start > start) hi = mid;
+      else lo = mid + 1;
+    }
+    return lo;
+  }
+
+  /** Does the range starting last at or before `start` already cover [start, start + length)? */
   covers(start: number, length: number): boolean {
-    return this.list.some((r) => r.start <= start && r.start + r.length >= start + length);
+    const p = this.list[this.indexAfter(start) - 1];
+    return p !== undefined && p.start + p.length >= start + length;
   }
 
   add(start: number, length: number, reason: string): void {
     if (length <= 0 || this.covers(start, length)) return;
     const r = { start, length, reason };
-    let i = this.list.findIndex((x) => x.start > start);
-    if (i < 0) i = this.list.length;
+    let i = this.indexAfter(start);
     this.list.splice(i, 0, r);
     // Merge with neighbours of the same reason that touch.
     const prev = this.list[i - 1];

@@ -67,7 +67,8 @@ export async function scanQcow2Damage(s: Qcow2State, report: DamageReport, opts:
           pos = clusterEnd;
           break;
         }
-        const damaged = await pieceDamage(s, entry, piece, pos, missing, budget);
+        // Only compressed clusters need I/O (an await per cluster would dominate the scan of a big disk).
+        const damaged = piece.kind === ExtentKind.Compressed ? await compressedDamage(s, entry, pos, budget) : pieceDamage(s, piece, pos, missing);
         if (damaged) report.add(pos, piece.length, damaged);
         pos += piece.length;
       }
@@ -76,15 +77,8 @@ export async function scanQcow2Damage(s: Qcow2State, report: DamageReport, opts:
   return !budget.skipped;
 }
 
-/** Why the bytes of one classified piece cannot be read (null when they can). */
-async function pieceDamage(
-  s: Qcow2State,
-  e: L2Entry,
-  piece: Piece,
-  guestOffset: number,
-  missing: MissingBacking | null,
-  budget: { left: number; skipped: boolean },
-): Promise<string | null> {
+/** Why the bytes of one classified (not compressed) piece cannot be read (null when they can). */
+function pieceDamage(s: Qcow2State, piece: Piece, guestOffset: number, missing: MissingBacking | null): string | null {
   switch (piece.kind) {
     case ExtentKind.Data:
       if (piece.hostOffset >= s.fileSize) return `guest offset ${guestOffset}: cluster at host offset ${piece.hostOffset} lies past the end of ${s.file.path}`;
@@ -92,26 +86,28 @@ async function pieceDamage(
     case ExtentKind.ExternalData:
       if (piece.hostOffset >= s.dataFileSize) return `guest offset ${guestOffset}: cluster at host offset ${piece.hostOffset} lies past the end of ${s.dataFile!.path}`;
       return null;
-    case ExtentKind.Compressed: {
-      const d = decodeCompressed(s.g, e.hi, e.lo);
-      const bad = badCompressed(s.g, d, s.fileSize);
-      if (bad) return `guest offset ${guestOffset}: compressed cluster: ${bad}`;
-      if (budget.left <= 0) {
-        budget.skipped = true;
-        return null;
-      }
-      budget.left--;
-      try {
-        await decompressedCluster(s, e.hi, e.lo, guestOffset);
-        return null;
-      } catch (err) {
-        if (errnoOf(err) !== 'EIO') throw err;
-        return oneLine(err);
-      }
-    }
     case ExtentKind.Backing:
       return missing ? `backing file ${missing.name} is missing` : null;
-    case ExtentKind.Zero:
+    default:
       return null;
+  }
+}
+
+/** Why a compressed cluster cannot be read: outside the file, or (within the budget) it does not decompress. */
+async function compressedDamage(s: Qcow2State, e: L2Entry, guestOffset: number, budget: { left: number; skipped: boolean }): Promise<string | null> {
+  const d = decodeCompressed(s.g, e.hi, e.lo);
+  const bad = badCompressed(s.g, d, s.fileSize);
+  if (bad) return `guest offset ${guestOffset}: compressed cluster: ${bad}`;
+  if (budget.left <= 0) {
+    budget.skipped = true;
+    return null;
+  }
+  budget.left--;
+  try {
+    await decompressedCluster(s, e.hi, e.lo, guestOffset);
+    return null;
+  } catch (err) {
+    if (errnoOf(err) !== 'EIO') throw err;
+    return oneLine(err);
   }
 }
