@@ -9,13 +9,18 @@
  *  - a raw layer maps guest offset = host offset, so its extents carry an
  *    offset also where they are holes (zero, not data);
  *  - compressed data has no offset;
- *  - human output lists only data with an offset, as "Offset Length
- *    Mapped to File" in qemu-img's column layout.
+ *  - data whose host bytes are a hole in the image file is zero too
+ *    (splitByHostHoles);
+ *  - human output lists data that is not zero and has an offset, as
+ *    "Offset Length Mapped to File" in qemu-img's column layout (qemu-img
+ *    refuses the table for an image with compressed clusters; qmount lists
+ *    the rest).
  */
 import { Command, Option } from 'commander';
 import { oneLine } from '../errors.js';
 import type { BlockExtent, FormatName, ImageInfo } from '../formats/driver.js';
 import { openImage, printable } from '../formats/open.js';
+import { ImageFile } from '../io/file.js';
 import { configureLogging, logger } from '../log.js';
 
 const EXIT_OK = 0;
@@ -59,22 +64,82 @@ function mergeable(a: MapExtent, b: MapExtent): boolean {
   return a.offset + a.length === b.offset;
 }
 
+/**
+ * qemu-img map asks the layer's file too (the block layer's want_zero
+ * recursion): a data extent whose host bytes are a hole in the image file
+ * (preallocation=metadata, clusters zeroed by punching) or lie past its end
+ * is `zero: true` there, still `data: true`, and the extent is cut where the
+ * file's holes begin and end. Raw layers already answer from the file's
+ * holes; a layer with an external data file is left as its driver says.
+ * Without native/fileops (no SEEK_HOLE) nothing is split.
+ */
+async function splitByHostHoles(e: MapExtent, file: ImageFile): Promise<MapExtent[]> {
+  const out: MapExtent[] = [];
+  let guest = e.start;
+  let host = e.offset!;
+  let left = e.length;
+  while (left > 0) {
+    const hole = await file.seekHole(host);
+    let run: number;
+    let inHole: boolean;
+    if (hole === null) {
+      run = left; // at or past the end of the file: reads as zeros
+      inHole = true;
+    } else if (hole > host) {
+      run = Math.min(left, hole - host);
+      inHole = false;
+    } else {
+      const data = await file.seekData(host);
+      run = data === null ? left : Math.min(left, data - host);
+      inHole = true;
+    }
+    out.push({ ...e, start: guest, length: run, offset: host, zero: e.zero || inHole });
+    guest += run;
+    host += run;
+    left -= run;
+  }
+  return out;
+}
+
 export async function mapExtents(image: string, format: FormatName | undefined, forceShare: boolean): Promise<MapExtent[]> {
   const d = await openImage(image, { readOnly: true, format, forceShare, log: logger('map') });
+  const files = new Map<number, ImageFile | null>();
   try {
     const chain = layers(d.info());
+    // The image file of each non-raw layer without a data file, for splitByHostHoles (null: not split).
+    const fileOf = async (depth: number): Promise<ImageFile | null> => {
+      if (!files.has(depth)) {
+        const layer = chain[depth];
+        let f: ImageFile | null = null;
+        if (layer && layer.format !== 'raw' && !layer.dataFile) {
+          f = await ImageFile.open(layer.filename, { readOnly: true }).catch(() => null);
+          if (f && !(await f.seekHole(0).then(() => true, () => false))) {
+            await f.close();
+            f = null;
+          }
+        }
+        files.set(depth, f);
+      }
+      return files.get(depth)!;
+    };
     const out: MapExtent[] = [];
+    const push = (m: MapExtent): void => {
+      const last = out[out.length - 1];
+      if (last && mergeable(last, m)) last.length += m.length;
+      else out.push(m);
+    };
     for (let pos = 0; pos < d.virtualSize; pos += CHUNK_BYTES) {
       const len = Math.min(CHUNK_BYTES, d.virtualSize - pos);
       for (const e of await d.blockStatus(pos, len)) {
         const m = toMapExtent(e, chain, image);
-        const last = out[out.length - 1];
-        if (last && mergeable(last, m)) last.length += m.length;
-        else out.push(m);
+        const f = m.data && m.offset !== undefined ? await fileOf(m.depth) : null;
+        if (f) for (const part of await splitByHostHoles(m, f)) push(part);
+        else push(m);
       }
     }
     return out;
   } finally {
+    for (const f of files.values()) await f?.close().catch(() => {});
     await d.close().catch(() => {});
   }
 }
@@ -96,7 +161,7 @@ function hex16(v: number): string {
 export function mapHuman(extents: MapExtent[]): string {
   const lines = ['Offset          Length          Mapped to       File'];
   for (const e of extents) {
-    if (!e.data || e.offset === undefined) continue;
+    if (!e.data || e.zero || e.offset === undefined) continue;
     lines.push(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset)}${printable(e.file)}`);
   }
   return `${lines.join('\n')}\n`;
