@@ -31,6 +31,9 @@ import { partitionFiles } from '../mount/partitions.js';
 import { FILE_NAME } from '../mount/service.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend-choice.js';
+import { registerCreate } from './commands/create.js';
+import { registerMap } from './commands/map.js';
+import { damageHuman, impliesReadOnly, missingBackingWarnings, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
@@ -125,6 +128,10 @@ interface MountFlags {
   options: string[];
   fuseBackend?: BackendChoice;
   partitions: boolean;
+  snapshot?: boolean;
+  overlay?: string;
+  loadSnapshot?: string;
+  salvage?: boolean;
 }
 
 async function mountCommand(image: string, dir: string, flags: MountFlags): Promise<number> {
@@ -134,7 +141,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   } catch (err) {
     throw withCode(err, EXIT_USAGE);
   }
-  const readOnly = !!flags.readOnly || mountOpts.readOnly;
+  const conflict = recoveryConflict({ ...flags, readOnly: !!flags.readOnly || mountOpts.readOnly });
+  if (conflict) throw new CliError(EXIT_USAGE, conflict);
+  const readOnly = !!flags.readOnly || mountOpts.readOnly || impliesReadOnly(flags);
   if (flags.forceShare && !readOnly) throw new CliError(EXIT_USAGE, '--force-share needs a read-only mount (-r)');
   if (!flags.backing && !readOnly) throw new CliError(EXIT_USAGE, '--no-backing needs a read-only mount (-r): writes need the backing file');
 
@@ -144,6 +153,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
     // The daemon's stderr goes nowhere: the --force-share warning is given here.
     if (flags.forceShare) await warnIfInUse(image);
+    if (readOnly && !flags.salvage && flags.backing) {
+      for (const w of await missingBackingWarnings(path.resolve(image), { format: flags.format, forceShare: flags.forceShare, log: logger('image') })) printWarning(w);
+    }
     return runDaemonParent(fileURLToPath(import.meta.url), process.argv.slice(2), printError);
   }
 
@@ -169,8 +181,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     const log = logger('cli');
     await checkImagePath(image);
     const mountPoint = await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
-    const driver = await openImage(path.resolve(image), {
-      readOnly,
+    const opened = await openForMount(path.resolve(image), readOnly, flags, {
       format: flags.format,
       noBacking: !flags.backing,
       forceShare: flags.forceShare,
@@ -178,10 +189,11 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
       l2CacheBytes: flags.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES,
       log: logger('image'),
     }).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
+    const driver = opened.driver;
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      const files = [{ path: FILE_NAME, source: driver }, ...(flags.partitions ? await partitionFiles(driver, logger('mount')) : [])];
+      const files = [{ path: FILE_NAME, source: driver }, ...(flags.partitions ? await partitionFiles(driver, logger('mount')) : []), ...(await recoveryFiles(opened, logger('mount')))];
       session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files });
     } catch (err) {
       await driver.close().catch(() => {});
@@ -350,11 +362,19 @@ interface InfoFlags {
   format?: FormatName;
   backing: boolean;
   forceShare?: boolean;
+  salvage?: boolean;
 }
 
 async function infoCommand(image: string, flags: InfoFlags): Promise<number> {
   configureLogging({ level: process.env.QMOUNT_LOG_LEVEL ?? 'error' });
   await checkImagePath(image);
+  if (flags.salvage) {
+    const base = { format: flags.format, noBacking: !flags.backing, forceShare: flags.forceShare, log: logger('image') };
+    const { info, damage } = await salvageScan(image, base).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
+    const out = flags.output === 'json' ? JSON.stringify({ ...infoJson(info, image), damage: damage.toJSON(image) }, null, 4) : `${infoHuman(info, image)}\n${damageHuman(damage)}`;
+    process.stdout.write(`${out}\n`);
+    return EXIT_OK;
+  }
   const driver = await openImage(image, {
     readOnly: true,
     format: flags.format,
@@ -448,6 +468,10 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .option('--no-backing', 'do not open backing files: unallocated clusters read as zeros')
     .option('--no-partitions', 'do not show DIR/p1.raw, p2.raw, ... for the partitions of a GPT or MBR disk')
     .option('-U, --force-share', 'with -r: mount even if another process (QEMU, qmount) is writing the image; reads may then be inconsistent')
+    .option('-s, --snapshot', 'throwaway writes: they go to a temporary overlay in $TMPDIR; the image is opened read-only and never written')
+    .option('--overlay <file>', 'writes go to FILE, a qcow2 overlay of the image (created if missing, reused if present); the image is opened read-only')
+    .option('-l, --load-snapshot <name|id>', 'mount internal qcow2 snapshot NAME or ID (ID tried first) read-only')
+    .option('--salvage', 'read-only: unreadable ranges of a damaged image read as zeros and are listed in a damage report')
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .option('--pid-file <file>', 'write the mount process id here while mounted')
@@ -468,6 +492,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
     .option('--no-backing', 'do not open backing files')
     .option('-U, --force-share', 'open the image even if another process is writing it')
+    .option('--salvage', 'also list the damaged ranges a --salvage mount reads as zeros (qcow2: from its tables; other formats: by reading everything)')
     .action((image: string, flags: InfoFlags) => setResult(infoCommand(image, flags)));
 
   program
@@ -477,6 +502,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--repair <what>', 'repair leaks or all errors').choices(['leaks', 'all']))
     .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
     .action((image: string, flags: { output: string; repair?: 'leaks' | 'all' }) => setResult(checkCommand(image, flags)));
+  registerCreate(program, setResult);
+  registerMap(program, setResult);
   return program;
 }
 

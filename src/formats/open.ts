@@ -31,6 +31,12 @@ export interface OpenImageOptions {
   l2CacheBytes?: number;
   refcountCacheBytes?: number;
   log?: Logger;
+  /**
+   * Read-only opens (salvage, read-only mounts): a backing file that does not
+   * exist is replaced by what this returns (src/formats/salvage.ts:
+   * MissingBacking, whose reads fail with EIO) instead of failing the open.
+   */
+  onMissingBacking?: (resolvedPath: string, name: string, format: FormatName | undefined) => BlockDriver;
 }
 
 /** Default L2 cache: 32 MiB maps 256 GiB of guest space with 64 KiB clusters (8-byte entries). */
@@ -147,6 +153,7 @@ async function openInChain(
             }
             const plain = name.startsWith('file:') ? name.slice(5) : name;
             const resolved = path.isAbsolute(plain) ? plain : path.join(dir, plain);
+            if (opts.onMissingBacking && readOnly && !fs.existsSync(resolved)) return opts.onMissingBacking(resolved, name, backingFormat);
             log.info({ backing: resolved, format: backingFormat }, 'opening backing file');
             return openInChain(resolved, backingFormat, true, opts, nextChain);
           },
