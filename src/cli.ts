@@ -154,10 +154,12 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   };
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(sig, () => {
-      if (liveSession) void liveSession.close(sig);
+      if (liveSession) liveSession.stop(sig);
       else interrupted ??= sig;
     });
   }
+  // SIGUSR2 (qmount umount --force): close now even while in use, losing what users still write.
+  process.on('SIGUSR2', () => void liveSession?.forceClose('SIGUSR2'));
   // SIGUSR1 logs the request counters (like dd's progress signal); it never ends the mount.
   process.on('SIGUSR1', () => liveSession?.logStats());
   const pidFile = flags.pidFile ? path.resolve(flags.pidFile) : undefined;

@@ -100,5 +100,7 @@ void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double
 /* mountwatch.c */
 napi_value qf_watch_mounts(napi_env env, napi_callback_info info);
 napi_value qf_unwatch_mounts(napi_env env, napi_callback_info info);
+napi_value qf_watch_connection(napi_env env, napi_callback_info info);
+napi_value qf_unwatch_connection(napi_env env, napi_callback_info info);
 
 #endif
