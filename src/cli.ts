@@ -30,6 +30,8 @@ import { MountSession, checkMountPoint } from '../mount/session.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
+import { registerList } from './commands/list.js';
+import { registerUmount } from './commands/umount.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
@@ -474,6 +476,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--repair <what>', 'repair leaks or all errors').choices(['leaks', 'all']))
     .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
     .action((image: string, flags: { output: string; repair?: 'leaks' | 'all' }) => setResult(checkCommand(image, flags)));
+  registerUmount(program, setResult);
+  registerList(program, setResult);
   return program;
 }
 
