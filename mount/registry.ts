@@ -1,7 +1,7 @@
 /**
  * The record each serving qmount keeps of its mount, for `qmount list` and
  * `qmount umount` (which may run in another shell, or be mount(8)'s caller):
- * one JSON file per process, `<pid>.json`, in /run/qmount for root, else in
+ * one JSON file per mount, `<pid>.<n>.json` (n counts a process's mounts), in /run/qmount for root, else in
  * $XDG_RUNTIME_DIR/qmount (or /tmp/qmount-UID). Replaced atomically (write a
  * temporary file, rename) at every state change:
  *   serving   mounted and answering requests
@@ -58,6 +58,8 @@ export function recordAlive(r: MountRecord): boolean {
   return processStart(r.pid) === r.start;
 }
 
+let mountsHere = 0;
+
 /** The live process's record is ours to update; written with mode 0644 so other users can list it. */
 export class Registration {
   private constructor(
@@ -70,7 +72,7 @@ export class Registration {
     fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
     pruneDead(dir);
     const rec: MountRecord = { pid: process.pid, start: processStart(process.pid) ?? '', since: new Date().toISOString(), state: 'serving', ...fields };
-    const reg = new Registration(path.join(dir, `${process.pid}.json`), rec);
+    const reg = new Registration(path.join(dir, `${process.pid}.${++mountsHere}.json`), rec);
     reg.write();
     return reg;
   }
@@ -102,7 +104,7 @@ export function readRecord(file: string): MountRecord | undefined {
 
 function recordFiles(dir: string): string[] {
   try {
-    return fs.readdirSync(dir).filter((n) => /^\d+\.json$/.test(n)).map((n) => path.join(dir, n));
+    return fs.readdirSync(dir).filter((n) => /^\d+\.\d+\.json$/.test(n)).map((n) => path.join(dir, n));
   } catch {
     return [];
   }
