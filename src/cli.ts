@@ -10,11 +10,13 @@
  * Exit codes (mount and info):
  *   0  success (for a mount: it was mounted and later closed cleanly)
  *   1  usage or bad input: unknown option, bad value, IMAGE missing,
- *      DIR missing / not a directory / not empty / already or stale mounted
+ *      DIR missing / not a directory / not empty / already or stale mounted,
+ *      /dev/fuse cannot be used (e.g. as non-root when it is not accessible)
  *   2  the image cannot be opened or mounted (format error, unsupported
- *      feature, FUSE failure, or it is locked: a running QEMU or another
+ *      feature, the FUSE mount itself failing, or it is locked: a running QEMU or another
  *      qmount uses it in a way this open conflicts with), or closing the
  *      image failed at unmount
+ * Exit codes (umount): src/commands/umount.ts.
  * Exit codes (check), as qemu-img check:
  *   0  no errors            1  the check could not complete
  *   2  corruptions remain   3  only leaked clusters remain
