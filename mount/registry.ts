@@ -36,10 +36,38 @@ export interface MountRecord {
   exitCode?: number;
 }
 
+/**
+ * Our own directory, and every directory `list` reads: /run/qmount and our
+ * own; root also reads other users' ($XDG_RUNTIME_DIR is /run/user/UID on
+ * systemd machines), trusting a record only when its file and its process
+ * belong to the same user (see liveRecords).
+ */
 export function registryDirs(): { own: string; all: string[] } {
   const uid = process.getuid?.() ?? 0;
   const own = uid === 0 ? '/run/qmount' : path.join(process.env.XDG_RUNTIME_DIR || `/tmp/qmount-${uid}`, 'qmount');
-  return { own, all: own === '/run/qmount' ? [own] : ['/run/qmount', own] };
+  const all = new Set(['/run/qmount', own]);
+  if (uid === 0) {
+    for (const base of ['/run/user', '/tmp']) {
+      try {
+        for (const n of fs.readdirSync(base)) {
+          if (base === '/run/user' ? /^\d+$/.test(n) : /^qmount-\d+$/.test(n)) all.add(path.join(base, n, 'qmount'));
+        }
+      } catch {
+        // no such base
+      }
+    }
+  }
+  return { own, all: [...all] };
+}
+
+/** The real uid of a process, or undefined. */
+function processUid(pid: number): number | undefined {
+  try {
+    const m = /^Uid:\s+(\d+)/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** Field 22 of /proc/PID/stat (start time in clock ticks since boot), or undefined when the process is gone. */
@@ -70,6 +98,8 @@ export class Registration {
   static create(fields: Omit<MountRecord, 'pid' | 'start' | 'since' | 'state'>): Registration {
     const dir = registryDirs().own;
     fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
+    // A directory someone else made (e.g. /tmp/qmount-UID made in advance) is not ours to trust.
+    if (fs.statSync(dir).uid !== (process.getuid?.() ?? 0)) throw new Error(`${dir} belongs to another user`);
     pruneDead(dir);
     const rec: MountRecord = { pid: process.pid, start: processStart(process.pid) ?? '', since: new Date().toISOString(), state: 'serving', ...fields };
     const reg = new Registration(path.join(dir, `${process.pid}.${++mountsHere}.json`), rec);
@@ -135,7 +165,15 @@ export function liveRecords(): Array<MountRecord & { file: string }> {
   for (const dir of all) {
     for (const f of recordFiles(dir)) {
       const r = readRecord(f);
-      if (r && r.state !== 'closed' && recordAlive(r)) out.push({ ...r, file: f });
+      if (!r || r.state === 'closed' || !recordAlive(r)) continue;
+      let owner: number | undefined;
+      try {
+        owner = fs.statSync(f).uid;
+      } catch {
+        continue;
+      }
+      if (owner !== processUid(r.pid)) continue; // a record about someone else's process: not believed
+      out.push({ ...r, file: f });
     }
   }
   return out;
