@@ -3,21 +3,39 @@
  * kept as the fallback where native/fuse3 cannot be built or loaded.
  * fuse-native's threads hand each request to the event loop; the ops below
  * pass them to the DiskService. libfuse 2 says nothing when the kernel
- * drops the mount, so we watch the mount table: through native/fuse3's
- * watchMounts (the kernel flags /proc/self/mountinfo on every change) when
- * that addon loads, else by reading it every POLL_MS.
+ * drops the connection, so we watch its /dev/fuse descriptor ourselves:
+ * through native/fuse3's watchConnection (POLLERR on a dup of the fd: the
+ * kernel ended the connection) when that addon loads, else by checking
+ * every POLL_MS that libfuse still has the fd open (its loop closes it when
+ * reading returns ENODEV). Not the mount table: after a lazy unmount the
+ * mount point is gone while a loop device or an open file can still send
+ * requests.
  */
+import fs from 'node:fs';
 import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
-import { oneLine } from '../src/errors.js';
+import { QmountError } from '../src/errors.js';
 import type { BackendContext, FuseBackend } from './backend.js';
 import { loadFuse3 } from './backend-fuse3.js';
-import { readMounts } from './mountinfo.js';
 import { MAX_IO_FUSE_NATIVE, fuseOptionList } from './options.js';
 import type { DiskService, Stat } from './service.js';
 
-/** The file system type our mounts show in mountinfo (subtype=qmount, see options.ts). */
-const FS_TYPE = 'fuse.qmount';
 const POLL_MS = 500;
+
+/** This process's descriptors open on /dev/fuse. */
+function fuseFds(): Set<number> {
+  const out = new Set<number>();
+  for (const name of fs.readdirSync('/proc/self/fd')) {
+    try {
+      if (fs.readlinkSync(`/proc/self/fd/${name}`) === '/dev/fuse') out.add(Number(name));
+    } catch {
+      // closed meanwhile
+    }
+  }
+  return out;
+}
+
+/** fuse-native mounts of this process, one at a time: the new /dev/fuse fd tells which is ours. */
+let mountQueue: Promise<unknown> = Promise.resolve();
 
 /**
  * fuse-native has no switch for big_writes, max_write, ro or direct_io: this
@@ -107,6 +125,7 @@ export class FuseNativeBackend implements FuseBackend {
   private readonly fuse: QmountFuse;
   private watch: unknown;
   private poll: NodeJS.Timeout | undefined;
+  private fd = -1;
   private gone = false;
 
   constructor(private readonly ctx: BackendContext) {
@@ -118,35 +137,46 @@ export class FuseNativeBackend implements FuseBackend {
     this.options = this.fuse._fuseOptions();
   }
 
-  async mount(): Promise<void> {
+  mount(): Promise<void> {
+    const p = mountQueue.then(() => this.mountAndFindFd());
+    mountQueue = p.catch(() => {});
+    return p;
+  }
+
+  private async mountAndFindFd(): Promise<void> {
+    const before = fuseFds();
     await new Promise<void>((resolve, reject) => {
       this.fuse.mount((err) => (err ? reject(err) : resolve()));
     });
+    const fresh = [...fuseFds()].filter((fd) => !before.has(fd));
+    if (fresh.length !== 1) throw new QmountError('EIO', `cannot tell which /dev/fuse descriptor is this mount's (${fresh.length} new)`);
+    this.fd = fresh[0]!;
     const addon = loadFuse3().addon;
-    if (addon) this.watch = addon.watchMounts(() => this.check());
+    if (addon) this.watch = addon.watchConnection(this.fd, () => this.ended());
     else this.poll = setInterval(() => this.check(), POLL_MS);
-    this.check(); // a change between mounting and watching
   }
 
   private check(): void {
+    let link = '';
+    try {
+      link = fs.readlinkSync(`/proc/self/fd/${this.fd}`);
+    } catch {
+      // closed: libfuse's loop ended
+    }
+    if (link !== '/dev/fuse') this.ended();
+  }
+
+  private ended(): void {
     if (this.gone) return;
-    readMounts().then(
-      (entries) => {
-        const ours = entries.some((e) => e.mountPoint === this.ctx.mountPoint && e.fsType === FS_TYPE);
-        if (!ours && !this.gone) {
-          this.gone = true;
-          this.stopWatching();
-          this.ctx.onUnmounted();
-        }
-      },
-      (err: unknown) => this.ctx.log.warn({ err: oneLine(err) }, 'cannot read /proc/self/mountinfo'),
-    );
+    this.gone = true;
+    this.stopWatching();
+    this.ctx.onUnmounted();
   }
 
   private stopWatching(): void {
     clearInterval(this.poll);
     if (this.watch !== undefined) {
-      loadFuse3().addon?.unwatchMounts(this.watch);
+      loadFuse3().addon?.unwatchConnection(this.watch);
       this.watch = undefined;
     }
   }

@@ -55,6 +55,9 @@ export interface Fuse3Addon {
   stats(handle: unknown): Record<string, number>;
   watchMounts(cb: () => void): unknown;
   unwatchMounts(handle: unknown): void;
+  /** Calls back once when the FUSE connection on `fd` (a /dev/fuse descriptor) has ended. */
+  watchConnection(fd: number, cb: () => void): unknown;
+  unwatchConnection(handle: unknown): void;
   maxIo: number;
   libfuseVersion: number;
 }

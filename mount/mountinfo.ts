@@ -1,9 +1,9 @@
 /**
- * Which directories are mount points, from /proc/self/mountinfo. fuse-native
- * does not tell when the kernel unmounts us (umount, fusermount -u), so the
- * mount session polls this. The project's only mountinfo parser: the test
- * helpers import it, the scripts (which run after the build) import
- * dist/mount/mountinfo.js.
+ * Which directories are mount points, from /proc/self/mountinfo: the mount
+ * point checks, which mount is ours (by mount id, which a lazy unmount does
+ * not change and /proc/PID/fdinfo names), `qmount list`. The project's only
+ * mountinfo parser: the test helpers import it, the scripts (which run after
+ * the build) import dist/mount/mountinfo.js.
  */
 import fs from 'node:fs';
 
@@ -13,9 +13,13 @@ function unescapeField(s: string): string {
 }
 
 export interface MountEntry {
+  /** the mount id (first field; also `mnt_id` in /proc/PID/fdinfo/FD) */
+  id: number;
   mountPoint: string;
   fsType: string;
   source: string;
+  /** per-mount options (ro/rw, nosuid, ...) */
+  options: string;
   /** the device number, "major:minor" (the name of its /sys/class/bdi entry) */
   device: string;
 }
@@ -28,7 +32,14 @@ export function parseMountInfo(text: string): MountEntry[] {
     // id parent major:minor root mountpoint options [optional...] - fstype source superopts
     const sep = fields.indexOf('-', 6);
     if (fields.length < 5 || sep < 0) continue;
-    out.push({ mountPoint: unescapeField(fields[4]!), fsType: fields[sep + 1] ?? '', source: unescapeField(fields[sep + 2] ?? ''), device: fields[2]! });
+    out.push({
+      id: Number(fields[0]),
+      mountPoint: unescapeField(fields[4]!),
+      fsType: fields[sep + 1] ?? '',
+      source: unescapeField(fields[sep + 2] ?? ''),
+      options: fields[5] ?? '',
+      device: fields[2]!,
+    });
   }
   return out;
 }

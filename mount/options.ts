@@ -1,6 +1,14 @@
 /**
  * FUSE mount options: the user's `-o` list checked against an allow-list,
  * plus the options qmount always sets. No format knowledge here.
+ *
+ * Generic mount options are accepted as sshfs accepts them, because
+ * mount(8) and mount.fuse pass them on (`mount -t fuse.qmount`, fstab,
+ * systemd): mount.fuse adds `dev,suid` as root and passes atime and sync
+ * flags; someone calling qmount directly may copy `nofail`, `_netdev`,
+ * `noauto`, `x-systemd.*` from an fstab line. `ro`/`rw` apply; the rest is
+ * accepted and ignored: qmount always mounts nosuid,nodev, its one file is
+ * never executable, and FUSE keeps no atimes of its own.
  */
 import { QmountError } from '../src/errors.js';
 
@@ -30,6 +38,8 @@ export interface MountOptions {
   gid?: number;
   /** octal string, e.g. "022" */
   umask?: string;
+  /** The mount's source (fsname) shown by df and mount: the image path, set by the session. */
+  source?: string;
 }
 
 export function defaultMountOptions(): MountOptions {
@@ -42,11 +52,24 @@ export function defaultMountOptions(): MountOptions {
   };
 }
 
-/** Options a user may pass with -o; anything else is refused (EINVAL). */
+/** Options a user may pass with -o (besides the generic ones below); anything else is refused (EINVAL). */
 export const ALLOWED_OPTIONS = [
   'allow_other', 'allow_root', 'default_permissions', 'ro', 'rw', 'direct_io',
   'max_read=N', 'max_write=N', 'uid=N', 'gid=N', 'umask=OCTAL',
 ] as const;
+
+/** Generic mount(8) / mount.fuse / fstab options: accepted and ignored (see the top of this file). */
+export const IGNORED_OPTIONS = new Set([
+  'defaults', 'auto', 'noauto', 'user', 'nouser', 'users', 'owner', 'group', 'nofail', '_netdev', 'netdev',
+  'dev', 'nodev', 'suid', 'nosuid', 'exec', 'noexec', 'async', 'sync', 'dirsync',
+  'atime', 'noatime', 'diratime', 'nodiratime', 'relatime', 'norelatime', 'strictatime', 'nostrictatime',
+  'lazytime', 'nolazytime', 'iversion', 'noiversion', 'mand', 'nomand', 'silent', 'loud', 'symfollow', 'nosymfollow',
+]);
+
+/** Generic options with a value, and systemd's and other tools' x-* options (userspace only). */
+function ignoredWithValue(name: string): boolean {
+  return name.startsWith('x-') || name === 'comment' || name === 'context' || name === 'fscontext' || name === 'defcontext' || name === 'rootcontext';
+}
 
 function bad(message: string): QmountError {
   return new QmountError('EINVAL', message);
@@ -89,12 +112,22 @@ export function parseMountOptions(lists: string[]): MountOptions {
           o.umask = value;
           break;
         default:
-          throw bad(`unknown mount option "${name}" (allowed: ${ALLOWED_OPTIONS.join(', ')})`);
+          if ((IGNORED_OPTIONS.has(name) && value === undefined) || ignoredWithValue(name)) break;
+          throw bad(`unknown mount option "${name}" (allowed: ${ALLOWED_OPTIONS.join(', ')}, and generic mount options such as nofail, noatime, nosuid, which are ignored)`);
       }
     }
   }
   if (o.allowOther && o.allowRoot) throw bad('-o allow_other and allow_root cannot be combined');
   return o;
+}
+
+/**
+ * fsname=SOURCE: libfuse splits its option list at commas and takes a
+ * backslash as escape (both libfuse 2 and 3), so escape those two.
+ */
+function fsnameOption(o: MountOptions): string {
+  const source = o.source ?? 'qmount';
+  return `fsname=${source.replace(/[\\,]/g, (c) => `\\${c}`)}`;
 }
 
 /** max_read/max_write a backend uses: the user's, capped at the backend's largest. */
@@ -113,17 +146,18 @@ export function ioSizes(o: MountOptions, maxIo: number): { maxRead: number; maxW
  * - allow_other implies default_permissions: qmount does no permission checks
  *   of its own, so the kernel must enforce disk.raw's 0644 for other users.
  * - ro on a read-only mount: the kernel refuses writes before they reach us.
+ * - fsname=IMAGE, subtype=qmount: df and mount show the image as the source
+ *   and the type as fuse.qmount.
  */
 export function fuseOptionList(o: MountOptions, readOnly: boolean): string[] {
   const { maxRead, maxWrite } = ioSizes(o, MAX_IO_FUSE_NATIVE);
-  const list = ['fsname=qmount', 'subtype=qmount', 'big_writes', `max_write=${maxWrite}`, `max_read=${maxRead}`];
+  const list = [fsnameOption(o), 'subtype=qmount', 'big_writes', `max_write=${maxWrite}`, `max_read=${maxRead}`];
   if (readOnly) list.push('ro');
   if (o.directIo) list.push('direct_io');
   else list.push('kernel_cache');
   list.push(...permissionOptions(o));
-  if (o.uid !== undefined) list.push(`uid=${o.uid}`);
-  if (o.gid !== undefined) list.push(`gid=${o.gid}`);
-  if (o.umask !== undefined) list.push(`umask=${o.umask}`);
+  // uid, gid and umask are not handed to libfuse 2, whose umask would replace every mode with 0777 & ~umask
+  // (an execute bit on disk.raw): the DiskService answers getattr with them, as the fuse3 addon does.
   return list;
 }
 
@@ -145,7 +179,7 @@ function permissionOptions(o: MountOptions): string[] {
  */
 export function fuse3OptionList(o: MountOptions, readOnly: boolean): string[] {
   const { maxRead } = ioSizes(o, MAX_IO_FUSE3);
-  const list = ['fsname=qmount', 'subtype=qmount', `max_read=${maxRead}`];
+  const list = [fsnameOption(o), 'subtype=qmount', `max_read=${maxRead}`];
   if (readOnly) list.push('ro');
   list.push(...permissionOptions(o));
   return list;

@@ -67,7 +67,7 @@ export interface DiskServiceOptions {
   readOnly: boolean;
   /** allow_other: others may read disk.raw (0644 instead of 0600). */
   allowOther: boolean;
-  /** -o uid/gid/umask: shown owner and permissions (as libfuse 2's options: umask sets the bits to 0777 & ~umask). */
+  /** -o uid/gid/umask: shown owner and permissions (umask clears bits of 0666 for files, 0777 for the directory). */
   uid?: number;
   gid?: number;
   umask?: string;
@@ -168,9 +168,9 @@ export class DiskService {
     let fileMode = S_IFREG | (opts.allowOther ? 0o644 : 0o600);
     let dirMode = S_IFDIR | (opts.allowOther ? 0o755 : 0o700);
     if (opts.umask !== undefined) {
-      const perm = 0o777 & ~parseInt(opts.umask, 8);
-      fileMode = S_IFREG | perm;
-      dirMode = S_IFDIR | perm;
+      const mask = parseInt(opts.umask, 8);
+      fileMode = S_IFREG | (0o666 & ~mask); // disk.raw is never executable
+      dirMode = S_IFDIR | (0o777 & ~mask);
     }
     this.attrs = {
       size: main.source.virtualSize,

@@ -10,11 +10,13 @@
  * Exit codes (mount and info):
  *   0  success (for a mount: it was mounted and later closed cleanly)
  *   1  usage or bad input: unknown option, bad value, IMAGE missing,
- *      DIR missing / not a directory / not empty / already or stale mounted
+ *      DIR missing / not a directory / not empty / already or stale mounted,
+ *      /dev/fuse cannot be used (e.g. as non-root when it is not accessible)
  *   2  the image cannot be opened or mounted (format error, unsupported
- *      feature, FUSE failure, or it is locked: a running QEMU or another
+ *      feature, the FUSE mount itself failing, or it is locked: a running QEMU or another
  *      qmount uses it in a way this open conflicts with), or closing the
  *      image failed at unmount
+ * Exit codes (umount): src/commands/umount.ts.
  * Exit codes (check), as qemu-img check:
  *   0  no errors            1  the check could not complete
  *   2  corruptions remain   3  only leaked clusters remain
@@ -35,6 +37,8 @@ import { registerCreate } from './commands/create.js';
 import { registerMap } from './commands/map.js';
 import { damageHuman, impliesReadOnly, missingBackingWarnings, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
+import { registerList } from './commands/list.js';
+import { registerUmount } from './commands/umount.js';
 import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
@@ -169,10 +173,12 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   };
   for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
     process.on(sig, () => {
-      if (liveSession) void liveSession.close(sig);
+      if (liveSession) liveSession.stop(sig);
       else interrupted ??= sig;
     });
   }
+  // SIGUSR2 (qmount umount --force): close now even while in use, losing what users still write.
+  process.on('SIGUSR2', () => void liveSession?.forceClose('SIGUSR2'));
   // SIGUSR1 logs the request counters (like dd's progress signal); it never ends the mount.
   process.on('SIGUSR1', () => liveSession?.logStats());
   const pidFile = flags.pidFile ? path.resolve(flags.pidFile) : undefined;
@@ -504,6 +510,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .action((image: string, flags: { output: string; repair?: 'leaks' | 'all' }) => setResult(checkCommand(image, flags)));
   registerCreate(program, setResult);
   registerMap(program, setResult);
+  registerUmount(program, setResult);
+  registerList(program, setResult);
   return program;
 }
 

@@ -133,5 +133,7 @@ static inline struct qf_node *qf_node(struct qf_session *s, fuse_ino_t ino) {
 /* mountwatch.c */
 napi_value qf_watch_mounts(napi_env env, napi_callback_info info);
 napi_value qf_unwatch_mounts(napi_env env, napi_callback_info info);
+napi_value qf_watch_connection(napi_env env, napi_callback_info info);
+napi_value qf_unwatch_connection(napi_env env, napi_callback_info info);
 
 #endif

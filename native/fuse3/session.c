@@ -552,6 +552,8 @@ static napi_value init(napi_env env, napi_value exports) {
     {"stats", NULL, qf_stats, NULL, NULL, NULL, napi_default, NULL},
     {"watchMounts", NULL, qf_watch_mounts, NULL, NULL, NULL, napi_default, NULL},
     {"unwatchMounts", NULL, qf_unwatch_mounts, NULL, NULL, NULL, napi_default, NULL},
+    {"watchConnection", NULL, qf_watch_connection, NULL, NULL, NULL, napi_default, NULL},
+    {"unwatchConnection", NULL, qf_unwatch_connection, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props);
   napi_value v;

@@ -286,24 +286,34 @@ describe.each(BACKENDS)('%s backend', (backend) => {
       });
     }
 
-    it('SIGTERM while a file is open still ends cleanly (lazy detach; further I/O fails)', async () => {
+    it('SIGTERM while a file is open: names the process, keeps serving, ends cleanly once the file is closed', async () => {
       const img = makeImage('busy.raw');
       const m = await mountImage(img, { format: 'raw' });
       const fd = fs.openSync(m.rawPath, 'r+');
+      let open = true;
       try {
         fs.writeSync(fd, Buffer.alloc(4096, 0x5a), 0, 4096, 0);
         m.kill('SIGTERM');
+        while (!m.stderr().includes('still in use') && processRunning(m.pid)) await new Promise((r) => setTimeout(r, 20));
+        expect(m.stderr()).toContain(`in use by pid ${process.pid} (`);
+        // Still served: a write and a read after the signal work.
+        fs.writeSync(fd, Buffer.alloc(4096, 0x6b), 0, 4096, 4096);
+        fs.fsyncSync(fd);
+        const back = Buffer.alloc(4096);
+        fs.readSync(fd, back, 0, 4096, 4096);
+        expect(back.equals(Buffer.alloc(4096, 0x6b))).toBe(true);
+        expect(processRunning(m.pid)).toBe(true);
+        fs.closeSync(fd);
+        open = false;
+        // The retried plain unmount now succeeds.
         expect(await m.exited).toEqual({ code: 0, signal: null });
         expect(isMounted(m.dir)).toBe(false);
       } finally {
-        try {
-          fs.closeSync(fd);
-        } catch {
-          // the connection is gone
-        }
+        if (open) fs.closeSync(fd);
         await m.unmount();
       }
       expect(readAll(img).subarray(0, 4096).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
+      expect(readAll(img).subarray(4096, 8192).equals(Buffer.alloc(4096, 0x6b))).toBe(true);
     });
 
     it('daemon mode returns once the mount is ready and exits after unmount', async () => {

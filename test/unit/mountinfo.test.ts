@@ -48,6 +48,12 @@ describe('parseMountInfo', () => {
     expect(entries[7]).toMatchObject({ mountPoint: '/tmp/-', fsType: 'tmpfs', source: '-' });
   });
 
+  it('reads the mount id (which /proc/PID/fdinfo names) and the per-mount options', () => {
+    expect(entries.map((e) => e.id)).toEqual([22, 25, 101, 102, 103, 104, 105, 106]);
+    expect(entries[2]!.options).toBe('rw,nosuid,nodev,relatime');
+    expect(entries[6]!.options).toBe('rw');
+  });
+
   it('skips blank and malformed lines', () => {
     expect(parseMountInfo('')).toEqual([]);
     expect(parseMountInfo('\n\n')).toEqual([]);
