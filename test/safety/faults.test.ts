@@ -52,6 +52,7 @@ const UNREACHED: Partial<Record<IoPoint, string>> = {
   snapshot_update: 'declared, but the engine never writes the snapshot table',
   truncate: 'only `qmount check --repair` of QED truncates (not the engine)',
   qed_check_repair: 'reached by the need-check repair test below',
+  header_resize: 'QED: reached by test/safety/qed-resize.test.ts (resize is no op of these workloads: their guest model has a fixed size)',
 };
 
 const hitPoints = new Set<IoPoint>();
