@@ -11,6 +11,8 @@ import type { FormatName } from './driver.js';
 import { probeFormat } from './probe.js';
 import { safeError } from './open.js';
 import { checkQcow2 } from './qcow2/check.js';
+import type { FragInfo } from './qcow2/refscan.js';
+import type { WorkHooks } from '../progress.js';
 import { checkQed } from './qed/check.js';
 
 export type RepairMode = 'none' | 'leaks' | 'all';
@@ -30,9 +32,18 @@ export interface CheckReport {
   fixedLeaks: number;
   messages: string[];
   imageEndOffset?: number;
+  /** qemu-img's cluster counts (qcow2 only) */
+  frag?: FragInfo;
 }
 
-export async function checkImage(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+export interface CheckOptions {
+  repair: RepairMode;
+  log: Logger;
+  /** Progress and interruption (src/progress.ts). */
+  hooks?: WorkHooks;
+}
+
+export async function checkImage(path: string, opts: CheckOptions): Promise<CheckReport> {
   try {
     return await checkFormat(path, opts);
   } catch (err) {
@@ -41,7 +52,7 @@ export async function checkImage(path: string, opts: { repair: RepairMode; log: 
   }
 }
 
-async function checkFormat(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+async function checkFormat(path: string, opts: CheckOptions): Promise<CheckReport> {
   let head: Buffer;
   try {
     const fh = await fs.promises.open(path, 'r');
