@@ -63,7 +63,8 @@ export function humanLine(record: Record<string, unknown>): string {
   const stamp = `${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}.${pad2(d.getMilliseconds(), 3)}`;
   const lvl = (LEVELS[level as number] ?? String(level)).padEnd(5);
   const fields = Object.entries(rest).map(([k, v]) => `${k}=${typeof v === 'string' ? (/[\s"=]/.test(v) || v === '' ? JSON.stringify(v) : v) : JSON.stringify(v)}`);
-  return safe(`${stamp} ${lvl} ${c ? `${String(c)}: ` : ''}${String(msg ?? '')}${fields.length ? ` ${fields.join(' ')}` : ''}`);
+  const text = (v: unknown): string => (typeof v === 'string' ? v : v === undefined ? '' : JSON.stringify(v));
+  return safe(`${stamp} ${lvl} ${c ? `${text(c)}: ` : ''}${text(msg)}${fields.length ? ` ${fields.join(' ')}` : ''}`);
 }
 
 /** A pino destination writing each record as humanLine, synchronously (records are rare off hot paths). */

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { QmountError, UnsupportedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { FormatName } from './driver.js';
-import { probeFormat } from './probe.js';
+import { foreignFormat, PROBE_BYTES, probeFormat } from './probe.js';
 import { safeError } from './open.js';
 import { checkQcow2 } from './qcow2/check.js';
 import type { FragInfo } from './qcow2/refscan.js';
@@ -41,6 +41,10 @@ export interface CheckOptions {
   log: Logger;
   /** Progress and interruption (src/progress.ts). */
   hooks?: WorkHooks;
+  /** Skip probing (qemu-img check -f). */
+  format?: FormatName;
+  /** Check an image another process is writing (qemu-img check -U; not with a repair). */
+  forceShare?: boolean;
 }
 
 export async function checkImage(path: string, opts: CheckOptions): Promise<CheckReport> {
@@ -57,8 +61,8 @@ async function checkFormat(path: string, opts: CheckOptions): Promise<CheckRepor
   try {
     const fh = await fs.promises.open(path, 'r');
     try {
-      head = Buffer.alloc(8);
-      const { bytesRead } = await fh.read(head, 0, 8, 0);
+      head = Buffer.alloc(PROBE_BYTES);
+      const { bytesRead } = await fh.read(head, 0, PROBE_BYTES, 0);
       head = head.subarray(0, bytesRead);
     } finally {
       await fh.close();
@@ -66,7 +70,9 @@ async function checkFormat(path: string, opts: CheckOptions): Promise<CheckRepor
   } catch (err) {
     throw new QmountError('ENOENT', `${path}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
   }
-  const format = probeFormat(head);
+  const foreign = opts.format ? undefined : foreignFormat(head);
+  if (foreign) throw new NothingToCheckError(`${path}: this is a ${foreign} image, a format qmount does not support (qcow2, QED, raw)`);
+  const format = opts.format ?? probeFormat(head);
   opts.log.debug({ path, format, repair: opts.repair }, 'checking image');
   switch (format) {
     case 'raw':

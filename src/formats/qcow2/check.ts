@@ -16,12 +16,12 @@ import { Refcounts } from './refcount.js';
 import { reconcile } from './repair.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField } from './spec.js';
 
-export async function checkQcow2(path: string, opts: { repair: RepairMode; log: Logger; hooks?: WorkHooks }): Promise<CheckReport> {
+export async function checkQcow2(path: string, opts: { repair: RepairMode; log: Logger; hooks?: WorkHooks; forceShare?: boolean }): Promise<CheckReport> {
   const readOnly = opts.repair === 'none';
   const file = await ImageFile.open(path, { readOnly });
   try {
-    // Like qemu-img check: a repair is a writer, a check a reader.
-    lockImageFile(file.descriptor, path, path, readOnly ? 'read' : 'write');
+    // Like qemu-img check: a repair is a writer, a check a reader (-U: one that shares everything).
+    lockImageFile(file.descriptor, path, path, readOnly ? (opts.forceShare ? 'shared-read' : 'read') : 'write');
     const s = await loadQcow2(
       file,
       { readOnly, l2CacheBytes: DEFAULT_L2_CACHE_BYTES, refcountCacheBytes: DEFAULT_REFCOUNT_CACHE_BYTES, log: opts.log },

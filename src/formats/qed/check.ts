@@ -219,7 +219,7 @@ export async function clearNeedCheck(file: ImageFile, header: QedHeader): Promis
 }
 
 /** `qmount check` for QED images. Opens the file itself (read-only unless repairing). */
-export async function checkQed(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+export async function checkQed(path: string, opts: { repair: RepairMode; log: Logger; forceShare?: boolean }): Promise<CheckReport> {
   const repairing = opts.repair !== 'none';
   let file: ImageFile;
   try {
@@ -229,7 +229,7 @@ export async function checkQed(path: string, opts: { repair: RepairMode; log: Lo
   }
   try {
     // Like qemu-img check: a repair is a writer, a check a reader.
-    lockImageFile(file.descriptor, path, path, repairing ? 'write' : 'read');
+    lockImageFile(file.descriptor, path, path, repairing ? 'write' : opts.forceShare ? 'shared-read' : 'read');
     let meta: Awaited<ReturnType<typeof readQedMeta>>;
     try {
       meta = await readQedMeta(file);
