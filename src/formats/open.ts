@@ -16,6 +16,7 @@ import { guardProbedRaw } from './raw-guard.js';
 import { PROBE_BYTES, probeOrRefuse } from './probe.js';
 import { openRaw } from './raw/raw.js';
 import { openQcow2 } from './qcow2/driver.js';
+import { truncation } from './qcow2/truncated.js';
 import { openQed } from './qed/driver.js';
 
 export interface OpenImageOptions {
@@ -157,6 +158,13 @@ async function openInChain(
           },
     };
     const driver = await OPENERS[fmt](file, driverOpts);
+    if (fmt === 'qcow2' && chain.length === 0) {
+      const short = await truncation(file).catch(() => null);
+      if (short) {
+        log.warn({ image: real }, short);
+        opts.onWarning?.(`${imagePath}: ${short}`);
+      }
+    }
     // A probed raw image must not be written into looking like another format (raw-guard.ts).
     return fmt === 'raw' && !format && !readOnly ? guardProbedRaw(driver) : driver;
   } catch (err) {
