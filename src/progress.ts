@@ -20,6 +20,29 @@ export function stopIfAborted(hooks: WorkHooks | undefined, what: string): void 
   if (hooks?.signal?.aborted) throw new InterruptedError(`${what} interrupted`);
 }
 
+/** When the last checkpoint let the event loop run, per hooks object. */
+const lastYield = new WeakMap<WorkHooks, number>();
+/** The longest stretch of work between two turns of the event loop, in ms. */
+const YIELD_EVERY_MS = 50;
+
+/**
+ * A point where long work may stop: at most every 50 ms it lets the event
+ * loop run (file reads from the page cache complete inline, so without
+ * this a signal handler would wait for the end of the work), then throws
+ * an InterruptedError if the work was asked to stop.
+ */
+export async function checkpoint(hooks: WorkHooks | undefined, what: string): Promise<void> {
+  if (!hooks?.signal) return;
+  const now = Date.now();
+  const last = lastYield.get(hooks);
+  if (last === undefined) lastYield.set(hooks, now);
+  else if (now - last >= YIELD_EVERY_MS) {
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    lastYield.set(hooks, Date.now());
+  }
+  stopIfAborted(hooks, what);
+}
+
 function rate(bytesPerSecond: number): string {
   const units = ['B/s', 'KiB/s', 'MiB/s', 'GiB/s', 'TiB/s'];
   let v = bytesPerSecond;

@@ -30,8 +30,15 @@ function checkExitCode(r: CheckReport): number {
   return EXIT_OK;
 }
 
-function pct(n: number, of: number): string {
-  return ((n * 100) / of).toFixed(2);
+/** printf("%0.2f", n * 100.0 / of) as qemu-img prints it: C rounds an exact tie to even (3.125 -> 3.12), toFixed away from zero. */
+export function pct(n: number, of: number): string {
+  const x = (n * 100) / of;
+  const exact = x.toFixed(20); // the double's exact decimal digits (enough for these values)
+  const tail = exact.slice(exact.indexOf('.') + 3);
+  if (!/^50*$/.test(tail)) return x.toFixed(2);
+  const down = exact.slice(0, exact.indexOf('.') + 3);
+  const lastDigit = Number(down[down.length - 1]);
+  return lastDigit % 2 === 0 ? down : x.toFixed(2);
 }
 
 /** qemu-img's dump_human_image_check. */

@@ -31,7 +31,7 @@
  */
 import os from 'node:os';
 import { bitmapRanges } from './bitmaps.js';
-import { stopIfAborted, type WorkHooks } from '../../progress.js';
+import { checkpoint, type WorkHooks } from '../../progress.js';
 import { hexOffset, INVALID_OFFSET } from '../u64.js';
 import type { Qcow2State } from './state.js';
 import { AUTOCLEAR_BITMAPS, badClusterOffset, clusterType, compressedClusters, decodeCompressed, entryOffset, hasBit, hasHostCluster, L1E_RESERVED_HI, L1E_RESERVED_LO, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_RESERVED_HI, L2E_RESERVED_LO, L2E_ZERO, L2E_ZERO_BITMAP, SNAPSHOT_V3_MIN_EXTRA } from './spec.js';
@@ -187,7 +187,7 @@ export async function scanReferences(
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
       if (hi === 0 && lo === 0) continue;
-      stopIfAborted(hooks, 'reference scan');
+      await checkpoint(hooks, 'reference scan');
       onTable?.(++read, l2Tables);
       const which = active ? 'L1' : 'snapshot L1';
       if (hi & L1E_RESERVED_HI || lo & L1E_RESERVED_LO) bad(`${which} entry ${i} has reserved bits set`);

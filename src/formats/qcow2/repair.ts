@@ -13,7 +13,7 @@ import os from 'node:os';
 import { CorruptionError } from '../../errors.js';
 import { INVALID_OFFSET } from '../u64.js';
 import type { Refcounts } from './refcount.js';
-import { stopIfAborted, type WorkHooks } from '../../progress.js';
+import { checkpoint, type WorkHooks } from '../../progress.js';
 import { scanReferences, type FragInfo } from './refscan.js';
 import type { Qcow2State } from './state.js';
 import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, writeEntry } from './spec.js';
@@ -92,7 +92,7 @@ export async function reconcile(
   // One refcount block at a time, its entries compared in a synchronous
   // loop: one await per block, not per cluster (a 1 TiB image has 16M clusters).
   for (let blk = 0; blk < blockCount; blk++) {
-    stopIfAborted(hooks, label);
+    await checkpoint(hooks, label);
     report?.(label, (scanTables + blk + 1) * cs, (scanTables + blockCount) * cs);
     if (badBlocks.has(blk)) continue; // reported above; nothing in it can be compared
     const first = blk * perBlock;
