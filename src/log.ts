@@ -16,7 +16,7 @@ export type Logger = pino.Logger;
 export type LogFormat = 'json' | 'human';
 export const LOG_FORMATS: readonly LogFormat[] = ['json', 'human'];
 
-let root: pino.Logger = pino({ level: process.env.QMOUNT_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination(2));
+let root: pino.Logger = pino({ level: process.env.QMOUNT_LOG_LEVEL ?? 'warn', base: undefined }, pino.destination({ dest: 2, sync: true }));
 
 export interface LogOptions {
   level?: string;
@@ -32,13 +32,11 @@ export function logFormatFor(opts: LogOptions): LogFormat {
 
 /** Reconfigure the root logger (CLI start-up). Children made later follow it. */
 export function configureLogging(opts: LogOptions): void {
-  const dest = opts.file ? pino.destination({ dest: opts.file, mkdir: true, sync: true }) : pino.destination(2);
-  if (logFormatFor(opts) === 'human') {
-    const fd = opts.file ? fs.openSync(opts.file, 'a') : 2;
-    root = pino({ level: opts.level ?? 'warn', base: undefined }, new HumanStream(fd));
-  } else {
-    root = pino({ level: opts.level ?? 'warn', base: undefined }, dest);
-  }
+  const dest =
+    logFormatFor(opts) === 'human'
+      ? new HumanStream(opts.file ? fs.openSync(opts.file, 'a') : 2)
+      : pino.destination({ dest: opts.file ?? 2, mkdir: !!opts.file, sync: true });
+  root = pino({ level: opts.level ?? 'warn', base: undefined }, dest);
 }
 
 export function logger(component: string): pino.Logger {
