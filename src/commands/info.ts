@@ -7,10 +7,12 @@
  * unnormalised join; `disk size` / `actual-size` are the file's allocated
  * blocks, as qemu-img reports them.
  *
- * A backing file that cannot be opened (missing, unreadable) is not an
- * error, as with qemu-img info: the image is shown, its backing file named,
- * and one warning says why the chain stops there. Exit 0. Exit 1: usage,
- * IMAGE missing; exit 2: IMAGE itself cannot be opened.
+ * A backing chain that cannot be followed (a file missing or unreadable, a
+ * loop, a protocol) is not an error for plain `info`, as qemu-img info does
+ * not open backing files: the image is shown, its backing file named, and
+ * one warning says why the chain stops there (exit 0). With --backing-chain
+ * it is an error (exit 2), as with qemu-img. Exit 1: usage, IMAGE missing;
+ * exit 2: IMAGE itself cannot be opened.
  */
 import fs from 'node:fs';
 import { Command, Option } from 'commander';
@@ -157,7 +159,7 @@ async function infoCommand(image: string, flags: InfoFlags): Promise<number> {
   } catch (err) {
     // The image itself may be fine and only its backing chain broken: show the image, warn about the chain.
     let top: ImageInfo | undefined;
-    if (flags.backing) top = await openInfo(image, flags, true).catch(() => undefined);
+    if (flags.backing && !flags.backingChain) top = await openInfo(image, flags, true).catch(() => undefined);
     if (top?.backingFile === undefined) throw withCode(err, EXIT_FAIL);
     printWarning(`the backing chain cannot be followed: ${oneLine(err)}`);
     info = top;
