@@ -41,6 +41,11 @@ export function pct(n: number, of: number): string {
   return lastDigit % 2 === 0 ? down : x.toFixed(2);
 }
 
+/** The image end offset as qemu-img reports it: QEMU's QED check does not compute one (qmount's is for --repair). */
+function endOffset(r: CheckReport): number | undefined {
+  return r.format === 'qed' ? undefined : r.imageEndOffset;
+}
+
 /** qemu-img's dump_human_image_check. */
 export function checkHuman(r: CheckReport): string {
   // Messages quote offsets and names from the image: one escaped line each.
@@ -62,7 +67,7 @@ export function checkHuman(r: CheckReport): string {
         `${pct(f.fragmentedClusters, f.allocatedClusters)}% fragmented, ${pct(f.compressedClusters, f.allocatedClusters)}% compressed clusters`,
     );
   }
-  if (r.imageEndOffset) lines.push(`Image end offset: ${r.imageEndOffset}`);
+  if (endOffset(r)) lines.push(`Image end offset: ${endOffset(r)}`);
   return lines.join('\n');
 }
 
@@ -72,7 +77,7 @@ export function checkJson(image: string, r: CheckReport): Record<string, unknown
   const opt = (k: string, v: number | undefined): void => {
     if (v) out[k] = v;
   };
-  opt('image-end-offset', r.imageEndOffset);
+  opt('image-end-offset', endOffset(r));
   opt('total-clusters', r.frag?.totalClusters);
   out['check-errors'] = 0;
   opt('leaks', r.leaks);

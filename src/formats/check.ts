@@ -11,7 +11,6 @@ import type { FormatName } from './driver.js';
 import { foreignFormat, PROBE_BYTES, probeFormat } from './probe.js';
 import { safeError } from './open.js';
 import { checkQcow2 } from './qcow2/check.js';
-import type { FragInfo } from './qcow2/refscan.js';
 import type { WorkHooks } from '../progress.js';
 import { checkQed } from './qed/check.js';
 
@@ -23,6 +22,17 @@ export type RepairMode = 'none' | 'leaks' | 'all';
  * feature, encryption) is a check that could not complete.
  */
 export class NothingToCheckError extends UnsupportedError {}
+
+/** qemu-img check's BlockFragInfo, (qcow2: for the active L1 table only, as QEMU counts). */
+export interface FragInfo {
+  /** virtual size in clusters */
+  totalClusters: number;
+  /** normal, preallocated-zero and compressed entries */
+  allocatedClusters: number;
+  /** entries whose host cluster does not follow the previous one's in the same L2 table; every compressed one */
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
 
 export interface CheckReport {
   format: FormatName;

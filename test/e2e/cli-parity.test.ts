@@ -164,6 +164,12 @@ describe('qmount check agrees with qemu-img check', () => {
       qemuImg('create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', p, '256M');
       return p;
     },
+    'qed, two runs of clusters': () => {
+      const p = at('frag.qed');
+      qemuImg('create', '-q', '-f', 'qed', p, '64M');
+      qemuIo(p, 'qed', ['write -P 0x71 10M 64k', 'write -P 0x72 0 3M']);
+      return p;
+    },
     'truncated (clusters past the end)': () => {
       const p = at('cut.qcow2');
       qemuImg('create', '-q', '-f', 'qcow2', p, '64M');

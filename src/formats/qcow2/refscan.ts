@@ -33,6 +33,7 @@ import os from 'node:os';
 import { bitmapRanges } from './bitmaps.js';
 import { checkpoint, type WorkHooks } from '../../progress.js';
 import { hexOffset, INVALID_OFFSET } from '../u64.js';
+import type { FragInfo } from '../check.js';
 import type { Qcow2State } from './state.js';
 import { AUTOCLEAR_BITMAPS, badClusterOffset, clusterType, compressedClusters, decodeCompressed, entryOffset, hasBit, hasHostCluster, L1E_RESERVED_HI, L1E_RESERVED_LO, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_RESERVED_HI, L2E_RESERVED_LO, L2E_ZERO, L2E_ZERO_BITMAP, SNAPSHOT_V3_MIN_EXTRA } from './spec.js';
 
@@ -88,17 +89,6 @@ class ClusterBits {
   has(c: number): boolean {
     return (this.bits[c >>> 3]! & (1 << (c & 7))) !== 0;
   }
-}
-
-/** qemu-img check's BlockFragInfo, for the active L1 table only (as QEMU counts). */
-export interface FragInfo {
-  /** virtual size in clusters */
-  totalClusters: number;
-  /** normal, preallocated-zero and compressed entries */
-  allocatedClusters: number;
-  /** entries whose host cluster does not follow the previous one's in the same L2 table; every compressed one */
-  fragmentedClusters: number;
-  compressedClusters: number;
 }
 
 export interface RefScan {

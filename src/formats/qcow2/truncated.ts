@@ -34,7 +34,8 @@ export async function truncation(file: ImageFile): Promise<string | null> {
   let highest = 0;
   let what = '';
   const note = (offset: number, name: string): void => {
-    if (offset + cs > fileSize && offset + cs > highest) {
+    // A cluster that starts inside the file is there (QEMU's files end inside their last cluster); one at or past the end is not.
+    if (offset >= fileSize && offset + cs > highest) {
       highest = offset + cs;
       what = name;
     }
