@@ -53,6 +53,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+if (process.argv.includes('--check')) process.exit(await (await import('./bench-check.mjs')).main(process.argv.slice(2))); // the check benchmark (bench-check.mjs)
 const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
 const NOOP = path.join(ROOT, 'scripts', 'noop-fs.mjs');
 const GiB = 1024 ** 3;

@@ -22,6 +22,8 @@ const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
 const DEMO_DIR = path.join(ROOT, '.tmp', 'demo');
 const DEMO_IMAGE = path.join(DEMO_DIR, 'demo.qcow2');
 const DEMO_MNT = path.join(DEMO_DIR, 'mnt');
+/** Where the hints mount the guest's ext4 (not /mnt, which may be in use). */
+const DEMO_GUEST = path.join(DEMO_DIR, 'guest');
 /** Foreground, read-write: the hints read through a read-only loop device, and say how to write. */
 const DEMO_FLAGS = ['-f'];
 
@@ -91,6 +93,39 @@ function prepareMountPoint(mountinfo, dir) {
   fs.mkdirSync(dir, { recursive: true });
 }
 
+/**
+ * The hints the demo prints, as commands (run in `cwd`, as root) and notes.
+ * LOOP stands for the loop device losetup prints. Each works as printed
+ * while the demo is mounted: test/e2e/cli-parity.test.ts runs them in order.
+ */
+export function demoHints({ image, mnt, guest, cli, cwd }) {
+  const rel = (p) => path.relative(cwd, p) || '.';
+  const raw = path.join(mnt, 'disk.raw');
+  return [
+    { cmd: `ls -l ${rel(mnt)}`, note: 'one file, disk.raw: the whole guest disk' },
+    { cmd: `dd if=${rel(raw)} bs=512 skip=1 count=1 status=none | hexdump -C | head -3`, note: 'sector 1 holds the GPT header: "EFI PART"' },
+    // -U: the demo mount holds the image's write lock, as QEMU would; info reads it anyway (qemu-img info -U).
+    { cmd: `node ${rel(cli)} info -U ${rel(image)}` },
+    { cmd: `losetup -P -r --show -f ${rel(raw)}`, note: 'prints the loop device, say /dev/loop0' },
+    { cmd: 'partx -a /dev/loop0', note: 'only if /dev/loop0p1 did not appear', optional: true },
+    { cmd: `mkdir -p ${rel(guest)} && mount -o ro /dev/loop0p1 ${rel(guest)}` },
+    { cmd: `(cd ${rel(guest)} && ls -l && sha256sum -c SHA256SUMS)` },
+    { cmd: `umount ${rel(guest)} && losetup -d /dev/loop0`, note: 'to change the guest disk: losetup without -r, mount without -o ro' },
+  ];
+}
+
+/** The demo's banner with its hints. */
+function demoText(where) {
+  const rel = (p) => path.relative(where.cwd, p) || '.';
+  const lines = ['', `qmount demo: mounting ${rel(where.image)} (256 MiB qcow2 disk, GPT, one ext4 partition) at ${rel(where.mnt)}`, '', `Try, in another terminal (as root, in ${where.cwd}):`];
+  for (const h of demoHints(where)) {
+    if (h.note && h.cmd.length > 36) lines.push(`  ${h.cmd}`, `  ${''.padEnd(36)} # ${h.note}`);
+    else lines.push(h.note ? `  ${h.cmd.padEnd(36)} # ${h.note}` : `  ${h.cmd}`);
+  }
+  lines.push('', 'Stop: Ctrl-C here (after the umount and losetup -d above).', '');
+  return lines.join('\n');
+}
+
 async function demo() {
   requireCli();
   fs.mkdirSync(DEMO_DIR, { recursive: true });
@@ -105,34 +140,12 @@ async function demo() {
     }
   }
   prepareMountPoint(await loadMountinfo(), DEMO_MNT);
-  const raw = path.join(DEMO_MNT, 'disk.raw');
-  const rel = (p) => path.relative(process.cwd(), p) || '.';
-  const hint = (cmd, note) => (note ? `  ${cmd.padEnd(36)} # ${note}` : `  ${cmd}`);
-  process.stdout.write(
-    [
-      '',
-      `qmount demo: mounting ${rel(DEMO_IMAGE)} (256 MiB qcow2 disk, GPT, one ext4 partition) at ${rel(DEMO_MNT)}`,
-      '',
-      `Try, in another terminal (as root, in ${process.cwd()}):`,
-      hint(`ls -l ${rel(DEMO_MNT)}`, 'one file, disk.raw: the whole guest disk'),
-      hint(`dd if=${rel(raw)} bs=512 skip=1 count=1 status=none | hexdump -C | head -3`),
-      hint('', 'sector 1 holds the GPT header: "EFI PART"'),
-      hint(`node ${rel(CLI)} info ${rel(DEMO_IMAGE)}`),
-      hint(`losetup -P -r --show -f ${rel(raw)}`),
-      hint('', 'prints the loop device, say /dev/loop0'),
-      hint('partx -a /dev/loop0', 'only if /dev/loop0p1 did not appear'),
-      hint('mount -o ro /dev/loop0p1 /mnt'),
-      hint('(cd /mnt && ls -l && sha256sum -c SHA256SUMS)'),
-      hint('umount /mnt && losetup -d /dev/loop0'),
-      hint('', 'to change the guest disk: losetup without -r, mount without -o ro'),
-      '',
-      'Stop: Ctrl-C here (after the umount and losetup -d above).',
-      '',
-    ].join('\n'),
-  );
+  process.stdout.write(`${demoText({ image: DEMO_IMAGE, mnt: DEMO_MNT, guest: DEMO_GUEST, cli: CLI, cwd: process.cwd() })}\n`);
   runCli([...DEMO_FLAGS, DEMO_IMAGE, DEMO_MNT]);
 }
 
-const args = process.argv.slice(2);
-if (args.length === 0) await demo();
-else runCli(args);
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const args = process.argv.slice(2);
+  if (args.length === 0) await demo();
+  else runCli(args);
+}

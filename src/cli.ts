@@ -17,10 +17,7 @@
  *      qmount uses it in a way this open conflicts with), or closing the
  *      image failed at unmount
  * Exit codes (umount): src/commands/umount.ts.
- * Exit codes (check), as qemu-img check:
- *   0  no errors            1  the check could not complete
- *   2  corruptions remain   3  only leaked clusters remain
- *   63 the format has nothing to check (raw)
+ * Exit codes (check): see src/commands/check.ts (qemu-img check's).
  * Errors print one line, `qmount: <message>`, never a stack trace;
  * warnings (e.g. --force-share on an image in use) one `qmount: warning: ...` line.
  */
@@ -35,47 +32,23 @@ import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend-choice.js';
 import { registerCreate } from './commands/create.js';
 import { registerMap } from './commands/map.js';
-import { damageHuman, impliesReadOnly, missingBackingWarnings, openForMount, recoveryConflict, recoveryFiles, salvageScan } from './commands/mount-image.js';
+import { impliesReadOnly, missingBackingWarnings, openForMount, recoveryConflict, recoveryFiles } from './commands/mount-image.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
 import { registerList } from './commands/list.js';
 import { registerUmount } from './commands/umount.js';
 import { oneLine } from './errors.js';
-import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
+import { registerCheck } from './commands/check.js';
+import { checkImagePath, CliError, EXIT_FAIL, EXIT_OK, EXIT_USAGE, printError, printWarning, withCode } from './commands/common.js';
+import { registerInfo } from './commands/info.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
-import { DEFAULT_L2_CACHE_BYTES, openImage, printable } from './formats/open.js';
+import { DEFAULT_L2_CACHE_BYTES, printable } from './formats/open.js';
 import { ImageFile } from './io/file.js';
 import { lockImageFile } from './io/lock.js';
-import { configureLogging, logger, type Logger } from './log.js';
-
-const EXIT_OK = 0;
-const EXIT_USAGE = 1;
-const EXIT_FAIL = 2;
-const EXIT_CHECK_INCOMPLETE = 1;
-const EXIT_CHECK_CORRUPT = 2;
-const EXIT_CHECK_LEAKS = 3;
-const EXIT_CHECK_UNSUPPORTED = 63;
-
-/** An error with the exit code it ends the program with. */
-class CliError extends Error {
-  constructor(
-    readonly exitCode: number,
-    message: string,
-  ) {
-    super(message);
-  }
-}
+import { configureLogging, LOG_FORMATS, logger, type LogFormat, type Logger } from './log.js';
+import { ProgressLine } from './progress.js';
 
 const FORMATS = ['qcow2', 'qed', 'raw'] as const;
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
-
-// Messages may quote names read from an image (untrusted): printable() keeps them one line, free of terminal escapes.
-function printError(msg: string): void {
-  process.stderr.write(`qmount: ${printable(msg)}\n`);
-}
-
-function printWarning(msg: string): void {
-  process.stderr.write(`qmount: warning: ${printable(msg)}\n`);
-}
 
 /** "32M", "1G", "512k", "1048576", "64MiB" -> bytes (binary units). */
 function parseSize(text: string): number {
@@ -102,23 +75,6 @@ function packageVersion(): string {
   return 'unknown';
 }
 
-/** IMAGE must exist and be a regular file or block device (exit 1 otherwise). */
-async function checkImagePath(image: string): Promise<void> {
-  let st: fs.Stats;
-  try {
-    st = await fs.promises.stat(image);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new CliError(EXIT_USAGE, code === 'ENOENT' ? `${image}: no such image file` : `${image}: cannot access: ${code ?? oneLine(err)}`);
-  }
-  if (!st.isFile() && !st.isBlockDevice()) throw new CliError(EXIT_USAGE, `${image}: not a regular file`);
-}
-
-/** Turn a thrown value into a CliError with `code` unless it already carries one. */
-function withCode(err: unknown, code: number): CliError {
-  return err instanceof CliError ? err : new CliError(code, oneLine(err));
-}
-
 interface MountFlags {
   foreground?: boolean;
   readOnly?: boolean;
@@ -128,6 +84,7 @@ interface MountFlags {
   forceShare?: boolean;
   logLevel?: string;
   logFile?: string;
+  logFormat?: LogFormat;
   pidFile?: string;
   options: string[];
   fuseBackend?: BackendChoice;
@@ -163,6 +120,12 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     return runDaemonParent(fileURLToPath(import.meta.url), process.argv.slice(2), printError);
   }
 
+  // Long work before the mount is ready (the refcount rebuild of a dirty
+  // image) stops at a signal (within one table's work) and shows progress
+  // on a terminal.
+  const startup = new AbortController();
+  for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => liveSession || startup.abort());
+  const progress = ProgressLine.forStream(process.stderr, undefined);
   const ready = ReadyChannel.fromEnv();
   let session: MountSession | undefined;
   // Signals are caught from the start: before the mount is ready one only
@@ -183,7 +146,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   process.on('SIGUSR1', () => liveSession?.logStats());
   const pidFile = flags.pidFile ? path.resolve(flags.pidFile) : undefined;
   try {
-    configureLogging({ level: flags.logLevel, file: flags.logFile ? path.resolve(flags.logFile) : undefined });
+    configureLogging({ level: flags.logLevel, file: flags.logFile ? path.resolve(flags.logFile) : undefined, format: flags.logFormat });
     const log = logger('cli');
     await checkImagePath(image);
     const mountPoint = await checkMountPoint(dir).catch((err: unknown) => Promise.reject(withCode(err, EXIT_USAGE)));
@@ -194,7 +157,13 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
       onWarning: printWarning,
       l2CacheBytes: flags.l2CacheSize ?? DEFAULT_L2_CACHE_BYTES,
       log: logger('image'),
-    }).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
+      hooks: { signal: startup.signal, progress: progress.update },
+    })
+      .catch((err: unknown) => {
+        checkInterrupted();
+        return Promise.reject(withCode(err, EXIT_FAIL));
+      })
+      .finally(() => progress.done());
     const driver = opened.driver;
     logChain(log, driver.info(), flags.backing);
     try {
@@ -209,6 +178,8 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     checkInterrupted();
     if (pidFile) fs.writeFileSync(pidFile, `${process.pid}\n`);
     log.info({ image, mountPoint, pid: process.pid }, 'ready');
+    // The foreground says so once, on stderr (a daemon's stderr is /dev/null; its parent returns instead).
+    printReady(image, mountPoint, readOnly);
   } catch (err) {
     if (session) await session.close('start-up failed');
     const e = withCode(err, EXIT_FAIL);
@@ -220,6 +191,13 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   const code = await session.done;
   if (pidFile) fs.rmSync(pidFile, { force: true });
   return code;
+}
+
+function printReady(image: string, mountPoint: string, readOnly: boolean): void {
+  process.stderr.write(
+    `qmount: ready: ${printable(image)} is mounted at ${printable(path.join(mountPoint, 'disk.raw'))} (${readOnly ? 'read-only' : 'read-write'}); ` +
+      `stop with Ctrl-C or fusermount -u ${printable(mountPoint)}\n`,
+  );
 }
 
 /** --force-share in daemon mode: warn (in the parent, which has a terminal) when a writer holds the image. */
@@ -252,207 +230,6 @@ function logChain(log: Logger, top: ImageInfo, backing: boolean): void {
   }
 }
 
-// ---- info ----------------------------------------------------------------
-
-function humanSize(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let i = 0;
-  let v = n;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${i === 0 ? v : v >= 1000 ? Math.round(v) : Number(v.toPrecision(3))} ${units[i]}`;
-}
-
-/** Bytes the image file occupies on its file system (qemu-img's "disk size": allocated blocks). */
-function diskSize(info: ImageInfo): number | undefined {
-  try {
-    return fs.statSync(info.filename).blocks * 512;
-  } catch {
-    return info.actualSize;
-  }
-}
-
-function isDirty(info: ImageInfo): boolean {
-  return info.features.includes('dirty') || info.features.includes('need_check');
-}
-
-/** qemu-img's JSON layout for one image, the backing chain nested under "backing-image". */
-function infoJson(info: ImageInfo, name = info.filename): Record<string, unknown> {
-  const out: Record<string, unknown> = {
-    filename: name,
-    format: info.format,
-    'virtual-size': info.virtualSize,
-    'actual-size': diskSize(info),
-    'cluster-size': info.clusterSize,
-    'dirty-flag': isDirty(info),
-    'backing-filename': info.backingFile,
-    'full-backing-filename': info.backingPath,
-    'backing-filename-format': info.backingFormat,
-    features: info.features,
-  };
-  if (info.snapshots) {
-    out.snapshots = info.snapshots.map((s) => ({
-      id: s.id,
-      name: s.name,
-      'vm-state-size': s.vmStateSize,
-      'date-sec': s.dateSec,
-      'date-nsec': s.dateNsec,
-      'vm-clock-sec': s.vmClockSec,
-      'vm-clock-nsec': s.vmClockNsec,
-      'guest-size': s.guestSize,
-    }));
-  }
-  if (info.format === 'qcow2') {
-    out['format-specific'] = {
-      type: 'qcow2',
-      data: {
-        compat: info.version === 2 ? '0.10' : '1.1',
-        'compression-type': info.compressionType,
-        'lazy-refcounts': info.features.includes('lazy_refcounts'),
-        'refcount-bits': info.refcountBits,
-        corrupt: info.features.includes('corrupt'),
-        'extended-l2': info.extendedL2 ?? false,
-        'data-file': info.dataFile,
-      },
-    };
-  }
-  if (info.backing) out['backing-image'] = infoJson(info.backing);
-  return out;
-}
-
-function pad2(n: number): string {
-  return String(n).padStart(2, '0');
-}
-
-function infoHuman(info: ImageInfo, name = info.filename): string {
-  const lines = [`image: ${name}`, `file format: ${info.format}`];
-  lines.push(`virtual size: ${humanSize(info.virtualSize)} (${info.virtualSize} bytes)`);
-  const disk = diskSize(info);
-  if (disk !== undefined) lines.push(`disk size: ${humanSize(disk)}`);
-  if (info.clusterSize !== undefined) lines.push(`cluster_size: ${info.clusterSize}`);
-  if (info.backingFile) {
-    lines.push(`backing file: ${info.backingFile}${info.backingPath ? ` (actual path: ${info.backingPath})` : ''}`);
-    if (info.backingFormat) lines.push(`backing file format: ${info.backingFormat}`);
-  }
-  if (info.snapshots && info.snapshots.length > 0) {
-    lines.push('Snapshot list:', 'ID        TAG               VM SIZE                DATE     VM CLOCK');
-    for (const s of info.snapshots) {
-      const d = new Date(s.dateSec * 1000);
-      const date = `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
-      const sec = s.vmClockSec;
-      const clock = `${pad2(Math.floor(sec / 3600))}:${pad2(Math.floor(sec / 60) % 60)}:${pad2(sec % 60)}.${String(Math.floor(s.vmClockNsec / 1e6)).padStart(3, '0')}`;
-      lines.push(`${s.id.padEnd(10)}${s.name.padEnd(18)}${humanSize(s.vmStateSize).padStart(7)} ${date} ${clock}`);
-    }
-  }
-  if (info.format === 'qcow2') {
-    lines.push('Format specific information:');
-    lines.push(`    compat: ${info.version === 2 ? '0.10' : '1.1'}`);
-    if (info.compressionType) lines.push(`    compression type: ${info.compressionType}`);
-    lines.push(`    lazy refcounts: ${info.features.includes('lazy_refcounts')}`);
-    if (info.refcountBits !== undefined) lines.push(`    refcount bits: ${info.refcountBits}`);
-    lines.push(`    corrupt: ${info.features.includes('corrupt')}`);
-    if (info.dataFile) lines.push(`    data file: ${info.dataFile}`);
-    lines.push(`    extended l2: ${info.extendedL2 ?? false}`);
-  }
-  if (info.features.length > 0) lines.push(`features: ${info.features.join(', ')}`);
-  if (isDirty(info)) lines.push('dirty: the image was not closed cleanly');
-  // Backing and data file names, snapshot names come from the image: shown with control characters escaped.
-  const text = lines.map(printable).join('\n');
-  return info.backing ? `${text}\n\n${infoHuman(info.backing)}` : text;
-}
-
-interface InfoFlags {
-  output: string;
-  format?: FormatName;
-  backing: boolean;
-  forceShare?: boolean;
-  salvage?: boolean;
-}
-
-async function infoCommand(image: string, flags: InfoFlags): Promise<number> {
-  configureLogging({ level: process.env.QMOUNT_LOG_LEVEL ?? 'error' });
-  await checkImagePath(image);
-  if (flags.salvage) {
-    const base = { format: flags.format, noBacking: !flags.backing, forceShare: flags.forceShare, log: logger('image') };
-    const { info, damage } = await salvageScan(image, base).catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
-    const out = flags.output === 'json' ? JSON.stringify({ ...infoJson(info, image), damage: damage.toJSON(image) }, null, 4) : `${infoHuman(info, image)}\n${damageHuman(damage)}`;
-    process.stdout.write(`${out}\n`);
-    return EXIT_OK;
-  }
-  const driver = await openImage(image, {
-    readOnly: true,
-    format: flags.format,
-    noBacking: !flags.backing,
-    forceShare: flags.forceShare,
-    log: logger('image'),
-  })
-    .catch((err: unknown) => Promise.reject(withCode(err, EXIT_FAIL)));
-  let info: ImageInfo;
-  try {
-    info = driver.info();
-  } finally {
-    await driver.close().catch(() => {});
-  }
-  process.stdout.write(flags.output === 'json' ? `${JSON.stringify(infoJson(info, image), null, 4)}\n` : `${infoHuman(info, image)}\n`);
-  return EXIT_OK;
-}
-
-// ---- check ---------------------------------------------------------------
-
-function checkExitCode(r: CheckReport): number {
-  if (r.corruptions > 0) return EXIT_CHECK_CORRUPT;
-  if (r.leaks > 0) return EXIT_CHECK_LEAKS;
-  return EXIT_OK;
-}
-
-function checkHuman(image: string, r: CheckReport): string {
-  const lines = [...r.messages];
-  if (r.fixedCorruptions > 0 || r.fixedLeaks > 0) {
-    lines.push('The following inconsistencies were found and repaired:', '', `    ${r.fixedLeaks} leaked clusters`, `    ${r.fixedCorruptions} corruptions`, '');
-  }
-  if (r.corruptions === 0 && r.leaks === 0) lines.push(`No errors were found on the image (${image}).`);
-  if (r.corruptions > 0) {
-    lines.push(`${r.corruptions} errors were found on the image.`, 'Data may be corrupted, or further writes to the image may corrupt it.');
-  }
-  if (r.leaks > 0) {
-    if (r.corruptions > 0) lines.push('');
-    lines.push(`${r.leaks} leaked clusters were found on the image.`, 'This means waste of disk space, but no harm to data.');
-  }
-  if (r.imageEndOffset !== undefined) lines.push(`Image end offset: ${r.imageEndOffset}`);
-  return lines.join('\n');
-}
-
-async function checkCommand(image: string, flags: { output: string; repair?: 'leaks' | 'all' }): Promise<number> {
-  configureLogging({ level: process.env.QMOUNT_LOG_LEVEL ?? 'error' });
-  await checkImagePath(image).catch((err: unknown) => Promise.reject(withCode(err, EXIT_CHECK_INCOMPLETE)));
-  const repair: RepairMode = flags.repair ?? 'none';
-  let report: CheckReport;
-  try {
-    report = await checkImage(image, { repair, log: logger('check') });
-  } catch (err) {
-    throw new CliError(err instanceof NothingToCheckError ? EXIT_CHECK_UNSUPPORTED : EXIT_CHECK_INCOMPLETE, oneLine(err));
-  }
-  if (flags.output === 'json') {
-    const out = {
-      filename: image,
-      format: report.format,
-      'check-errors': 0,
-      corruptions: report.corruptions,
-      leaks: report.leaks,
-      'corruptions-fixed': report.fixedCorruptions,
-      'leaks-fixed': report.fixedLeaks,
-      'image-end-offset': report.imageEndOffset,
-      messages: report.messages,
-    };
-    process.stdout.write(`${JSON.stringify(out, null, 4)}\n`);
-  } else {
-    process.stdout.write(`${checkHuman(image, report)}\n`);
-  }
-  return checkExitCode(report);
-}
-
 // ---- command line --------------------------------------------------------
 
 function buildProgram(setResult: (p: Promise<number>) => void): Command {
@@ -463,6 +240,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .exitOverride()
     .configureOutput({ outputError: () => {} }) // errors are printed once, as one line, by main()
     .version(packageVersion(), '-V, --version')
+    .allowExcessArguments(false) // `qmount info a b`, `qmount IMG DIR extra`: an error, not silently ignored
     .description('Mount a qcow2, QED or raw disk image through FUSE as DIR/disk.raw')
     .usage('[options] IMAGE DIR')
     .argument('<IMAGE>', 'disk image (qcow2, QED or raw)')
@@ -480,6 +258,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .option('--salvage', 'read-only: unreadable ranges of a damaged image read as zeros and are listed in a damage report')
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
+    .addOption(new Option('--log-format <format>', 'json lines, or human (default: human on a terminal, else json)').choices(LOG_FORMATS))
     .option('--pid-file <file>', 'write the mount process id here while mounted')
     .addOption(new Option('--fuse-backend <backend>', 'FUSE binding: fuse3 (libfuse 3 addon), fuse-native (libfuse 2), auto: fuse3, else fuse-native').choices(BACKEND_NAMES).default('auto'))
     .option(
@@ -490,24 +269,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     )
     .action((image: string, dir: string, flags: MountFlags) => setResult(mountCommand(image, dir, flags)));
 
-  program
-    .command('info')
-    .description('show image information (like qemu-img info)')
-    .argument('<IMAGE>')
-    .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
-    .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
-    .option('--no-backing', 'do not open backing files')
-    .option('-U, --force-share', 'open the image even if another process is writing it')
-    .option('--salvage', 'also list the damaged ranges a --salvage mount reads as zeros (qcow2: from its tables; other formats: by reading everything)')
-    .action((image: string, flags: InfoFlags) => setResult(infoCommand(image, flags)));
-
-  program
-    .command('check')
-    .description('check image consistency (like qemu-img check); exit 0 clean, 1 incomplete, 2 corrupt, 3 leaks')
-    .argument('<IMAGE>')
-    .addOption(new Option('--repair <what>', 'repair leaks or all errors').choices(['leaks', 'all']))
-    .addOption(new Option('--output <format>', 'output format').choices(['human', 'json']).default('human'))
-    .action((image: string, flags: { output: string; repair?: 'leaks' | 'all' }) => setResult(checkCommand(image, flags)));
+  registerInfo(program, setResult);
+  registerCheck(program, setResult);
   registerCreate(program, setResult);
   registerMap(program, setResult);
   registerUmount(program, setResult);

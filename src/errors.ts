@@ -19,7 +19,8 @@ export type ErrnoName =
   | 'EEXIST'
   | 'ENOMEM'
   | 'EOVERFLOW'
-  | 'EBADF';
+  | 'EBADF'
+  | 'EINTR';
 
 export class QmountError extends Error {
   readonly errno: ErrnoName;
@@ -51,6 +52,13 @@ export class CorruptionError extends QmountError {
   }
 }
 
+/** Long work (a check, a refcount rebuild at open) stopped by a signal before it finished. */
+export class InterruptedError extends QmountError {
+  constructor(message = 'interrupted') {
+    super('EINTR', message);
+  }
+}
+
 /** A write was attempted on something opened read-only. */
 export class ReadOnlyError extends QmountError {
   constructor(message = 'image is opened read-only') {
@@ -60,7 +68,7 @@ export class ReadOnlyError extends QmountError {
 
 const KNOWN = new Set<string>([
   'EIO', 'EROFS', 'ENOSPC', 'EINVAL', 'ENOENT', 'ENOTSUP', 'EBUSY', 'ELOOP', 'EACCES',
-  'EPERM', 'EFBIG', 'ENOTDIR', 'EEXIST', 'ENOMEM', 'EOVERFLOW', 'EBADF',
+  'EPERM', 'EFBIG', 'ENOTDIR', 'EEXIST', 'ENOMEM', 'EOVERFLOW', 'EBADF', 'EINTR',
 ]);
 
 /** The errno name of any thrown value: ours, Node's system errors, else EIO. */

@@ -8,9 +8,10 @@ import fs from 'node:fs';
 import { QmountError, UnsupportedError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { FormatName } from './driver.js';
-import { probeFormat } from './probe.js';
+import { foreignFormat, PROBE_BYTES, probeFormat } from './probe.js';
 import { safeError } from './open.js';
 import { checkQcow2 } from './qcow2/check.js';
+import type { WorkHooks } from '../progress.js';
 import { checkQed } from './qed/check.js';
 
 export type RepairMode = 'none' | 'leaks' | 'all';
@@ -22,6 +23,17 @@ export type RepairMode = 'none' | 'leaks' | 'all';
  */
 export class NothingToCheckError extends UnsupportedError {}
 
+/** qemu-img check's BlockFragInfo, (qcow2: for the active L1 table only, as QEMU counts). */
+export interface FragInfo {
+  /** virtual size in clusters */
+  totalClusters: number;
+  /** normal, preallocated-zero and compressed entries */
+  allocatedClusters: number;
+  /** entries whose host cluster does not follow the previous one's in the same L2 table; every compressed one */
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
 export interface CheckReport {
   format: FormatName;
   corruptions: number;
@@ -30,9 +42,22 @@ export interface CheckReport {
   fixedLeaks: number;
   messages: string[];
   imageEndOffset?: number;
+  /** qemu-img's cluster counts (qcow2 only) */
+  frag?: FragInfo;
 }
 
-export async function checkImage(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+export interface CheckOptions {
+  repair: RepairMode;
+  log: Logger;
+  /** Progress and interruption (src/progress.ts). */
+  hooks?: WorkHooks;
+  /** Skip probing (qemu-img check -f). */
+  format?: FormatName;
+  /** Check an image another process is writing (qemu-img check -U; not with a repair). */
+  forceShare?: boolean;
+}
+
+export async function checkImage(path: string, opts: CheckOptions): Promise<CheckReport> {
   try {
     return await checkFormat(path, opts);
   } catch (err) {
@@ -41,13 +66,13 @@ export async function checkImage(path: string, opts: { repair: RepairMode; log: 
   }
 }
 
-async function checkFormat(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+async function checkFormat(path: string, opts: CheckOptions): Promise<CheckReport> {
   let head: Buffer;
   try {
     const fh = await fs.promises.open(path, 'r');
     try {
-      head = Buffer.alloc(8);
-      const { bytesRead } = await fh.read(head, 0, 8, 0);
+      head = Buffer.alloc(PROBE_BYTES);
+      const { bytesRead } = await fh.read(head, 0, PROBE_BYTES, 0);
       head = head.subarray(0, bytesRead);
     } finally {
       await fh.close();
@@ -55,7 +80,9 @@ async function checkFormat(path: string, opts: { repair: RepairMode; log: Logger
   } catch (err) {
     throw new QmountError('ENOENT', `${path}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
   }
-  const format = probeFormat(head);
+  const foreign = opts.format ? undefined : foreignFormat(head);
+  if (foreign) throw new NothingToCheckError(`${path}: this is a ${foreign} image, a format qmount does not support (qcow2, QED, raw)`);
+  const format = opts.format ?? probeFormat(head);
   opts.log.debug({ path, format, repair: opts.repair }, 'checking image');
   switch (format) {
     case 'raw':

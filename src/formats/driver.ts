@@ -4,6 +4,7 @@
  * `guestOffset` is an address in the virtual disk, `hostOffset` one in the
  * image file.
  */
+import type { WorkHooks } from '../progress.js';
 import { QmountError, ReadOnlyError } from '../errors.js';
 import type { Logger } from '../log.js';
 
@@ -22,6 +23,8 @@ export interface SnapshotInfo {
   /** guest run time: whole seconds, and the nanoseconds after them (0..999999999) */
   vmClockSec: number;
   vmClockNsec: number;
+  /** guest instructions executed (record/replay); undefined when the entry does not record it (QEMU: -1) */
+  icount?: number;
 }
 
 export interface ImageInfo {
@@ -285,6 +288,8 @@ export interface DriverOpenOptions {
   /** Open backing files (undefined: do not follow backing files; unallocated reads as zeros). */
   openBacking?: OpenBacking;
   log: Logger;
+  /** Progress and interruption of long work during the open (qcow2: the refcount rebuild of a dirty image). */
+  hooks?: WorkHooks;
 }
 
 /**

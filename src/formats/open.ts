@@ -11,9 +11,12 @@ import { ImageFile } from '../io/file.js';
 import { lockImageFile, type LockMode } from '../io/lock.js';
 import { logger, type Logger } from '../log.js';
 import type { BlockDriver, DriverOpenOptions, FormatName } from './driver.js';
-import { probeFormat } from './probe.js';
+import type { WorkHooks } from '../progress.js';
+import { guardProbedRaw } from './raw-guard.js';
+import { PROBE_BYTES, probeOrRefuse } from './probe.js';
 import { openRaw } from './raw/raw.js';
 import { openQcow2 } from './qcow2/driver.js';
+import { truncation } from './qcow2/truncated.js';
 import { openQed } from './qed/driver.js';
 
 export interface OpenImageOptions {
@@ -37,6 +40,8 @@ export interface OpenImageOptions {
    * MissingBacking, whose reads fail with EIO) instead of failing the open.
    */
   onMissingBacking?: (resolvedPath: string, name: string, format: FormatName | undefined) => BlockDriver;
+  /** Progress and interruption of long work during the open (the refcount rebuild of a dirty image). */
+  hooks?: WorkHooks;
 }
 
 /** Default L2 cache: 32 MiB maps 256 GiB of guest space with 64 KiB clusters (8-byte entries). */
@@ -133,9 +138,9 @@ async function openInChain(
     }
     let fmt = format;
     if (!fmt) {
-      const head = Buffer.alloc(8);
-      const n = await file.read(head, 0, 8, 0);
-      fmt = probeFormat(head.subarray(0, n));
+      const head = Buffer.alloc(PROBE_BYTES);
+      const n = await file.read(head, 0, PROBE_BYTES, 0);
+      fmt = probeOrRefuse(head.subarray(0, n));
     }
     const log = (opts.log ?? logger('image')).child({ image: real });
     const nextChain = [...chain, real];
@@ -145,6 +150,7 @@ async function openInChain(
       l2CacheBytes: opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES,
       refcountCacheBytes: opts.refcountCacheBytes ?? DEFAULT_REFCOUNT_CACHE_BYTES,
       log,
+      hooks: opts.hooks,
       openBacking: opts.noBacking
         ? undefined
         : async (name, backingFormat) => {
@@ -158,7 +164,16 @@ async function openInChain(
             return openInChain(resolved, backingFormat, true, opts, nextChain);
           },
     };
-    return await OPENERS[fmt](file, driverOpts);
+    const driver = await OPENERS[fmt](file, driverOpts);
+    if (fmt === 'qcow2' && chain.length === 0) {
+      const short = await truncation(file).catch(() => null);
+      if (short) {
+        log.warn({ image: real }, short);
+        opts.onWarning?.(`${imagePath}: ${short}`);
+      }
+    }
+    // A probed raw image must not be written into looking like another format (raw-guard.ts).
+    return fmt === 'raw' && !format && !readOnly ? guardProbedRaw(driver) : driver;
   } catch (err) {
     await file.close().catch(() => {});
     // Name the image in the message, keeping the error's class and errno.

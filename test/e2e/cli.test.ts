@@ -157,9 +157,9 @@ describe('qmount info', () => {
     for (const k of ['compat', 'lazy-refcounts', 'refcount-bits', 'corrupt', 'extended-l2', 'compression-type']) {
       expect(gotData[k], k).toEqual(wantData[k]);
     }
-    const chain = got['backing-image'] as Record<string, unknown>;
-    expect(chain.format).toBe('raw');
-    expect(chain['virtual-size']).toBe(4 * MiB);
+    const chain = JSON.parse(qmount(['info', '--output', 'json', '--backing-chain', top]).stdout) as Array<Record<string, unknown>>;
+    expect(chain[1]!.format).toBe('raw');
+    expect(chain[1]!['virtual-size']).toBe(4 * MiB);
 
     const human = qmount(['info', top]);
     expect(human.code).toBe(0);

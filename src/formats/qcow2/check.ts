@@ -8,6 +8,7 @@
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
+import type { WorkHooks } from '../../progress.js';
 import type { CheckReport, RepairMode } from '../check.js';
 import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES } from '../open.js';
 import { loadQcow2 } from './driver.js';
@@ -15,12 +16,12 @@ import { Refcounts } from './refcount.js';
 import { reconcile } from './repair.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField } from './spec.js';
 
-export async function checkQcow2(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+export async function checkQcow2(path: string, opts: { repair: RepairMode; log: Logger; hooks?: WorkHooks; forceShare?: boolean }): Promise<CheckReport> {
   const readOnly = opts.repair === 'none';
   const file = await ImageFile.open(path, { readOnly });
   try {
-    // Like qemu-img check: a repair is a writer, a check a reader.
-    lockImageFile(file.descriptor, path, path, readOnly ? 'read' : 'write');
+    // Like qemu-img check: a repair is a writer, a check a reader (-U: one that shares everything).
+    lockImageFile(file.descriptor, path, path, readOnly ? (opts.forceShare ? 'shared-read' : 'read') : 'write');
     const s = await loadQcow2(
       file,
       { readOnly, l2CacheBytes: DEFAULT_L2_CACHE_BYTES, refcountCacheBytes: DEFAULT_REFCOUNT_CACHE_BYTES, log: opts.log },
@@ -29,7 +30,7 @@ export async function checkQcow2(path: string, opts: { repair: RepairMode; log: 
     const table = Buffer.alloc(s.header.refcountTableClusters * s.g.clusterSize);
     await file.read(table, 0, table.length, s.header.refcountTableOffset);
     const rc = new Refcounts(s, table, DEFAULT_REFCOUNT_CACHE_BYTES);
-    const r = await reconcile(s, rc, { leaks: opts.repair !== 'none', corruptions: opts.repair === 'all' });
+    const r = await reconcile(s, rc, { leaks: opts.repair !== 'none', corruptions: opts.repair === 'all' }, opts.hooks, readOnly ? 'checking' : 'repairing');
     const corruptions = r.corruptions - r.fixedCorruptions;
     const leaks = r.leaks - r.fixedLeaks;
     if (!readOnly) {
@@ -51,7 +52,9 @@ export async function checkQcow2(path: string, opts: { repair: RepairMode; log: 
       fixedCorruptions: r.fixedCorruptions,
       fixedLeaks: r.fixedLeaks,
       messages: r.messages,
-      imageEndOffset: s.fileSize,
+      // qemu-img: the end of the highest cluster with a refcount or a reference.
+      imageEndOffset: (r.highestCluster + 1) * s.g.clusterSize,
+      frag: r.frag,
     };
   } finally {
     await file.close();

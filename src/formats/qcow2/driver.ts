@@ -201,8 +201,8 @@ class Qcow2Driver implements BlockDriver {
       backingPath: this.s.backing?.filename,
       backingFormat: h.backingFormat,
       features: featureList(h),
-      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, dateNsec, guestSize, vmClockSec, vmClockNsec }) => ({
-        id, name, vmStateSize, dateSec, dateNsec, guestSize, vmClockSec, vmClockNsec,
+      snapshots: this.s.snapshots.map(({ id, name, vmStateSize, dateSec, dateNsec, guestSize, vmClockSec, vmClockNsec, icount }) => ({
+        id, name, vmStateSize, dateSec, dateNsec, guestSize, vmClockSec, vmClockNsec, icount,
       })),
       refcountBits: 2 ** h.refcountOrder,
       compressionType: h.compressionType === 1 ? 'zstd' : 'zlib',

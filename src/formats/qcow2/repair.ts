@@ -9,9 +9,12 @@
  * between refcount blocks and tables is not needed until the final flush.
  * New refcount blocks are placed after every referenced cluster.
  */
+import os from 'node:os';
 import { CorruptionError } from '../../errors.js';
 import { INVALID_OFFSET } from '../u64.js';
 import type { Refcounts } from './refcount.js';
+import { checkpoint, type WorkHooks } from '../../progress.js';
+import type { FragInfo } from '../check.js';
 import { scanReferences } from './refscan.js';
 import type { Qcow2State } from './state.js';
 import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, writeEntry } from './spec.js';
@@ -22,16 +25,21 @@ export interface RefcountReport {
   fixedCorruptions: number;
   fixedLeaks: number;
   messages: string[];
+  frag: FragInfo;
+  /** Highest cluster index with a refcount or a reference (qemu-img's image end offset is the next one's offset). */
+  highestCluster: number;
 }
 
 export async function reconcile(
   s: Qcow2State,
   rc: Refcounts,
   fix: { leaks: boolean; corruptions: boolean },
+  hooks?: WorkHooks,
+  label = 'checking',
 ): Promise<RefcountReport> {
-  const r: RefcountReport = { corruptions: 0, leaks: 0, fixedCorruptions: 0, fixedLeaks: 0, messages: [] };
+  const r0 = { corruptions: 0, leaks: 0, fixedCorruptions: 0, fixedLeaks: 0, messages: [] as string[] };
   const note = (m: string): void => {
-    if (r.messages.length < 200) r.messages.push(m);
+    if (r0.messages.length < 200) r0.messages.push(m);
   };
   const cs = s.g.clusterSize;
   const blocks: number[] = [];
@@ -40,7 +48,7 @@ export async function reconcile(
   for (let i = 0; i < rc.tableEntries; i++) {
     const why = rc.blockProblem(i);
     if (why) {
-      r.corruptions++;
+      r0.corruptions++;
       note(`ERROR refcount table entry ${i}: refcount block ${why}`);
       badBlocks.add(i);
       continue;
@@ -48,46 +56,91 @@ export async function reconcile(
     const b = rc.blockOffset(i);
     if (b !== 0) blocks.push(b);
   }
-  const scan = await scanReferences(s, { offset: rc.tableOffset, clusters: rc.tableClusters, blocks });
+  // Progress in bytes of metadata: every L2 table the scan reads, then every refcount block compared.
+  const perBlock = s.g.refblockEntries;
+  let scanTables = 0;
+  const report = hooks?.progress;
+  const onTable = report
+    ? (read: number, total: number): void => {
+        scanTables = total;
+        report(label, read * cs, (total + Math.ceil(Math.ceil(s.fileSize / cs) / perBlock)) * cs);
+      }
+    : undefined;
+  const scan = await scanReferences(s, { offset: rc.tableOffset, clusters: rc.tableClusters, blocks }, hooks, onTable);
   for (const p of scan.problems) {
-    r.corruptions++;
+    r0.corruptions++;
     note(`ERROR ${p.message}`);
   }
+  const r: RefcountReport = { ...r0, frag: scan.frag, highestCluster: 0 };
   // Like qemu-img, only clusters inside the file are compared: a refcount
   // past the end describes space that does not exist yet, which costs nothing.
   const total = scan.clusters;
   if (fix.corruptions || fix.leaks) rc.freeHint = Math.max(rc.freeHint, total);
-  const perBlock = s.g.refblockEntries;
-  // One refcount block at a time, its entries read synchronously: one
-  // await per block, not per cluster (a 1 TiB image has 16M clusters).
-  for (let blk = 0; blk * perBlock < total; blk++) {
+  const counts = scan.counts;
+  const copied = scan.copied;
+  /** An active L2 entry's COPIED flag disagrees with its cluster's refcount (after repair): re-read the tables below. */
+  let copiedTrouble = false;
+  const blockCount = Math.ceil(total / perBlock);
+  const order = s.g.refcountOrder;
+  // The block is compared from a copy taken when it is loaded: a repair
+  // changes only the entry it repairs (new refcount blocks go past the
+  // compared range, see freeHint above), whose new value `final` is known.
+  // With 16-bit refcounts (the default) the copy is byte-swapped to native
+  // order and read as a Uint16Array.
+  const copy = Buffer.alloc(cs);
+  const u16 = new Uint16Array(copy.buffer, copy.byteOffset, cs >>> 1);
+  const swap = order === 4 && os.endianness() === 'LE';
+  // One refcount block at a time, its entries compared in a synchronous
+  // loop: one await per block, not per cluster (a 1 TiB image has 16M clusters).
+  for (let blk = 0; blk < blockCount; blk++) {
+    await checkpoint(hooks, label);
+    report?.(label, (scanTables + blk + 1) * cs, (scanTables + blockCount) * cs);
     if (badBlocks.has(blk)) continue; // reported above; nothing in it can be compared
     const first = blk * perBlock;
     const last = Math.min(total, first + perBlock);
-    let block = await rc.block(blk); // null: no block, every refcount 0
+    const block = await rc.block(blk); // null: no block, every refcount 0
+    if (block) {
+      block.copy(copy);
+      if (swap) copy.swap16();
+    }
     for (let c = first; c < last; c++) {
-      const expected = scan.counts[c]!;
-      const actual = block ? rc.readEntry(block, c - first) : 0;
-      if (actual === expected) continue;
-      await mismatch(c, actual, expected);
-      block = await rc.block(blk); // the buffer may have changed or moved during the await
+      let actual: number;
+      if (block === null) {
+        c = counts.nextNonZero(c, last);
+        if (c >= last) break;
+        actual = 0;
+      } else if (swap) {
+        actual = u16[c - first]!;
+      } else {
+        actual = rc.readEntry(copy, c - first);
+      }
+      const expected = counts.get(c);
+      if (actual === 0 && expected === 0) continue;
+      r.highestCluster = c;
+      let final = actual;
+      if (actual !== expected && (await mismatch(c, actual, expected))) final = expected;
+      if (copied && expected !== 0 && (final === 1 ? copied.clear.has(c) : copied.set.has(c))) copiedTrouble = true;
     }
   }
 
-  async function mismatch(c: number, actual: number, expected: number): Promise<void> {
+  /** Count (and with `fix`, repair) one refcount that differs from the references; true if repaired. */
+  async function mismatch(c: number, actual: number, expected: number): Promise<boolean> {
     const leak = actual > expected;
     if (leak) r.leaks++;
     else r.corruptions++;
     const doFix = leak ? fix.leaks : fix.corruptions;
     note(`${doFix ? 'Repairing' : leak ? 'Leaked' : 'ERROR'} cluster ${c} refcount=${actual === INVALID_OFFSET ? '(2^52 or more)' : actual} reference=${expected}`);
-    if (doFix) {
-      await rc.set(c, expected);
-      if (leak) r.fixedLeaks++;
-      else r.fixedCorruptions++;
-    }
+    if (!doFix) return false;
+    await rc.set(c, expected);
+    if (leak) r.fixedLeaks++;
+    else r.fixedCorruptions++;
+    return true;
   }
 
-  // COPIED flags in the active L1 and L2 tables.
+  // COPIED flags in the active L1 and L2 tables. The data clusters' flags
+  // were compared with the refcounts above from the scan's bits; the L2
+  // tables are read again only to find (and fix) entries that disagree.
+  const rereadL2 = copiedTrouble || copied === undefined;
   for (let i = 0; i < s.l1Entries; i++) {
     const l2 = s.l2OffsetOf(i);
     if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize || badBlocks.has(Math.floor(l2 / cs / perBlock))) continue;
@@ -103,6 +156,7 @@ export async function reconcile(
         r.fixedCorruptions++;
       }
     }
+    if (!rereadL2) continue;
     const table = await s.l2Table(l2);
     let changed = false;
     for (let j = 0; j < s.g.l2Entries; j++) {
@@ -134,10 +188,14 @@ export async function reconcile(
  * Repair a dirty image before a read-write mount; refuses what it cannot
  * fix, with one error and no log line before it (a refused open is one
  * line of output); a successful rebuild is logged once, as a warning.
+ * Interrupted (hooks.signal), it stops between two tables or blocks with an
+ * InterruptedError: nothing is flushed and the dirty bit stays set, so the
+ * next open rebuilds again (fixes already evicted from the cache are
+ * refcounts made right, harmless while the image is dirty).
  */
-export async function repairRefcounts(s: Qcow2State, rc: Refcounts): Promise<void> {
+export async function repairRefcounts(s: Qcow2State, rc: Refcounts, hooks?: WorkHooks): Promise<void> {
   s.log.info({}, 'image was not closed cleanly (dirty bit set): rebuilding refcounts');
-  const r = await reconcile(s, rc, { leaks: true, corruptions: true });
+  const r = await reconcile(s, rc, { leaks: true, corruptions: true }, hooks, 'rebuilding refcounts');
   if (r.corruptions > r.fixedCorruptions) {
     const first = r.messages.find((m) => m.startsWith('ERROR')) ?? r.messages[0] ?? 'unknown problem';
     throw new CorruptionError(

@@ -69,13 +69,19 @@ export async function readSnapshotTable(
     let guestSize: number | undefined;
     if (extraLen >= 8) vmStateSize = headerU64BE(buf, pos + SNAP.extra, `snapshot ${i}: vm_state_size_large`);
     if (extraLen >= 16) guestSize = headerU64BE(buf, pos + SNAP.extra + 8, `snapshot ${i}: disk_size`);
+    // icount (QEMU 5.0+): 2^64-1 means "not recorded", like a shorter entry.
+    let icount: number | undefined;
+    if (extraLen >= 24) {
+      const v = buf.readBigUInt64BE(pos + SNAP.extra + 16);
+      if (v !== 0xffff_ffff_ffff_ffffn) icount = Number(v);
+    }
     const idStart = pos + SNAP.extra + extraLen;
     const id = buf.toString('utf8', idStart, idStart + idLen);
     const name = buf.toString('utf8', idStart + idLen, idStart + idLen + nameLen);
     if (l1TableOffset % clusterSize !== 0 || l1TableOffset + l1Size * L1E_BYTES > fileSize || l1Size * L1E_BYTES > MAX_L1_BYTES) {
       throw new FormatError(`snapshot "${name}" has an invalid L1 table`);
     }
-    snapshots.push({ id, name, dateSec, dateNsec, vmClockSec, vmClockNsec, vmStateSize, guestSize, extraDataBytes: extraLen, l1TableOffset, l1Size });
+    snapshots.push({ id, name, dateSec, dateNsec, vmClockSec, vmClockNsec, vmStateSize, guestSize, icount, extraDataBytes: extraLen, l1TableOffset, l1Size });
     pos += Math.ceil(entryLen / 8) * 8;
   }
   return { snapshots, byteLength: pos };

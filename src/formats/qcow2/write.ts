@@ -102,7 +102,7 @@ export class Qcow2Writer {
     s.onCorrupt = (msg) => this.markCorrupt(msg);
     if (hasBit(h.incompatible, INCOMPAT_DIRTY)) {
       await this.s.meta.run(async () => {
-        await repairRefcounts(s, this.refcounts);
+        await repairRefcounts(s, this.refcounts, this.opts.hooks);
         await this.flushLocked();
         await this.writeIncompatible(h.incompatible & ~BigInt(INCOMPAT_DIRTY));
       });

@@ -23,6 +23,7 @@ import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
 import type { CheckReport as GenericCheckReport, RepairMode } from '../check.js';
+import type { FragInfo } from '../check.js';
 import {
   QED_F_NEED_CHECK,
   QED_HEADER_BYTES,
@@ -49,6 +50,8 @@ export interface ScanResult {
   /** leaked clusters after the last used one (a truncate gives them back) */
   trailingLeaks: number;
   imageEndOffset: number;
+  /** qemu-img check's cluster counts */
+  frag?: FragInfo;
   messages: string[];
   /** corruptions no repair can fix (clusters referenced more than once), included in corruptions */
   unfixable: number;
@@ -135,6 +138,8 @@ export async function scanQed(
   scan.mark(header.l1TableOffset, tableClusters);
 
   let l1Changed = false;
+  const frag = { totalClusters: Math.ceil(header.imageSize / cs), allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0 };
+  r.frag = frag;
   const l2 = Buffer.allocUnsafe(geo.tableBytes);
   for (let i = 0; i < geo.tableEntries; i++) {
     const off = readEntry(l1, i);
@@ -157,9 +162,14 @@ export async function scanQed(
     }
     await file.readZeroFill(l2, 0, geo.tableBytes, off);
     let l2Changed = 0;
+    let lastData = 0;
     for (let j = 0; j < geo.tableEntries; j++) {
       const e = readEntry(l2, j);
       if (e === 0 || e === QED_ZERO_CLUSTER) continue;
+      // qemu-img's counts (qed-check.c): every allocated entry, and those not right after the previous one in this table.
+      frag.allocatedClusters++;
+      if (lastData !== 0 && lastData + cs !== e) frag.fragmentedClusters++;
+      lastData = e;
       const guest = (i * geo.tableEntries + j) * cs;
       if (!validClusterOffset(geo, e, fileSize)) {
         if (fix) {
@@ -219,7 +229,7 @@ export async function clearNeedCheck(file: ImageFile, header: QedHeader): Promis
 }
 
 /** `qmount check` for QED images. Opens the file itself (read-only unless repairing). */
-export async function checkQed(path: string, opts: { repair: RepairMode; log: Logger }): Promise<CheckReport> {
+export async function checkQed(path: string, opts: { repair: RepairMode; log: Logger; forceShare?: boolean }): Promise<CheckReport> {
   const repairing = opts.repair !== 'none';
   let file: ImageFile;
   try {
@@ -229,7 +239,7 @@ export async function checkQed(path: string, opts: { repair: RepairMode; log: Lo
   }
   try {
     // Like qemu-img check: a repair is a writer, a check a reader.
-    lockImageFile(file.descriptor, path, path, repairing ? 'write' : 'read');
+    lockImageFile(file.descriptor, path, path, repairing ? 'write' : opts.forceShare ? 'shared-read' : 'read');
     let meta: Awaited<ReturnType<typeof readQedMeta>>;
     try {
       meta = await readQedMeta(file);
@@ -262,6 +272,7 @@ export async function checkQed(path: string, opts: { repair: RepairMode; log: Lo
       fixedLeaks,
       messages: r.messages,
       imageEndOffset: r.imageEndOffset,
+      frag: r.frag,
     };
   } finally {
     await file.close();
