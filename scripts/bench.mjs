@@ -20,7 +20,11 @@
  * each round in another order, so load that drifts during a run (this is a
  * shared 2-core machine) hits all of them alike; --repeat N takes the median.
  * Jobs are fio (O_DIRECT, libaio), see JOBS; plus a buffered dd of the whole
- * disk on a fresh mount, and the servers' peak RSS (VmHWM) and CPU time.
+ * disk on a fresh mount, two real workloads through a loop device over the
+ * disk (mkfs.ext4 + extracting a tar + umount; then reading every file back
+ * on a fresh mount; root only, not on the no-ops), an RSS check (1 MiB
+ * requests at qd16 on a fresh mount, peak RSS against 128 MiB), and the
+ * servers' peak RSS (VmHWM) and CPU time.
  *
  * Output: one table on stdout, bench-results/latest.json (and latest.md,
  * the table as Markdown for the README). Every mount and process started
@@ -28,6 +32,9 @@
  *
  * Options:
  *   --quick               short runs (~2 minutes)
+ *   --full                the whole benchmark: every job at full length, --repeat 3 (unless given),
+ *                         once per format (qcow2, then qed), each to bench-results/full-FORMAT.json
+ *                         and .md (other options are passed on; about an hour and a half)
  *   --format F            qcow2 (default) or qed
  *   --runtime S           seconds per time-based job (default 8, quick 4)
  *   --repeat N            run every job N times per system, report the median (default 2, quick 1)
@@ -47,6 +54,7 @@
  *                         are then not comparable) and report syscalls per request
  *   --scale               instead: the scale check (scripts/bench-scale.mjs, bench-results/scale.json)
  *   --out FILE            JSON output (default bench-results/latest.json)
+ *   --no-warm             skip touching a few GiB of memory before the jobs (see warmMemory)
  *   --keep                keep the scratch directory
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -74,7 +82,7 @@ const { readMountsSync } = await import(path.join(ROOT, 'dist', 'mount', 'mounti
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, variants: [], strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
+  const o = { quick: false, full: false, noWarm: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, variants: [], strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -83,6 +91,8 @@ function parseArgs(argv) {
     };
     switch (a) {
       case '--quick': o.quick = true; break;
+      case '--full': o.full = true; break;
+      case '--no-warm': o.noWarm = true; break;
       case '--format': o.format = next(); break;
       case '--runtime': o.runtime = Number(next()); break;
       case '--jobs': o.jobs = next().split(','); break;
@@ -424,6 +434,23 @@ function runDd(target) {
   return { mbps: IMAGE_SIZE / seconds / 1e6, iops: undefined, seconds };
 }
 
+/**
+ * Touch a few GiB of memory once, in a child that then exits. In a VM whose
+ * memory the host backs on first touch (Firecracker, here), a guest page's
+ * first use costs a host page fault: the first system to fill new page-cache
+ * pages ran its copies several times slower than the next one (a buffered dd
+ * of 4 GiB: 6.5 s of CPU in qmount run first, 1.3 s run again). Freed pages
+ * are reused first, so after this every system finds touched pages.
+ */
+function warmMemory() {
+  const avail = Number(/^MemAvailable:\s+(\d+)/m.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
+  const bytes = Math.min(8 * GiB, Math.floor((avail * 0.4) / (256 * MiB)) * 256 * MiB);
+  if (bytes <= 0) return;
+  const t0 = Date.now();
+  run(process.execPath, ['-e', `const a=[];for(let i=0;i<${bytes / (256 * MiB)};i++)a.push(Buffer.alloc(${256 * MiB},1));`], 'touching memory');
+  process.stderr.write(`bench: touched ${Math.round(bytes / GiB)} GiB of memory first (${Date.now() - t0} ms; --no-warm skips it)\n`);
+}
+
 /** A tar of TAR_SOURCE for the loop jobs: { file, bytes, files }. */
 function makeTar() {
   const file = path.join(work, 'source.tar');
@@ -754,8 +781,30 @@ function rssCheck(samples) {
 
 // ---- main ----------------------------------------------------------------
 
+/** --full: this script again per format, in turn (never side by side: they would share the CPUs). */
+function runFull() {
+  const passOn = process.argv.slice(2).filter((a) => a !== '--full');
+  const drop = new Set(['--format', '--out']);
+  const rest = passOn.filter((a, i) => !drop.has(a) && !drop.has(passOn[i - 1]));
+  if (!rest.includes('--repeat')) rest.push('--repeat', '3');
+  let failed = 0;
+  for (const format of ['qcow2', 'qed']) {
+    const out = path.join(ROOT, 'bench-results', `full-${format}.json`);
+    process.stderr.write(`bench --full: ${format} -> ${path.relative(process.cwd(), out)}\n`);
+    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--format', format, '--out', out], { stdio: 'inherit' });
+    if (r.status !== 0) failed++;
+    if (r.signal || r.status === 130) break;
+  }
+  return failed;
+}
+
 async function main() {
   if (!fs.existsSync(CLI)) die(`${CLI} is missing: build first (node scripts/setup.mjs)`);
+  if (opts.full) {
+    fs.rmSync(work, { recursive: true, force: true });
+    process.exitCode = runFull() > 0 ? 1 : 0;
+    return;
+  }
   if (opts.scale) {
     const { runScale } = await import('./bench-scale.mjs');
     await runScale();
@@ -768,6 +817,7 @@ async function main() {
   const loadBefore = os.loadavg();
   process.stderr.write(`bench: scratch ${work}, format ${opts.format}, ${opts.runtime} s per timed job\n`);
   if (loadBefore[0] > 1) process.stderr.write(`bench: warning: load average ${loadBefore[0].toFixed(2)} before starting: other work will skew the numbers\n`);
+  if (!opts.noWarm) warmMemory();
   const base = makeBaseImage();
   const iolog = JOBS.some((j) => j.iolog) ? makeUnallocLog() : undefined;
   /** job id -> system -> every run's result (--repeat) */
@@ -883,7 +933,7 @@ async function main() {
 main().then(
   () => {
     cleanupSync();
-    process.exit(interrupted ? 130 : 0);
+    process.exit(interrupted ? 130 : (process.exitCode ?? 0));
   },
   (err) => {
     process.stderr.write(`bench: ${err.message}\n`);
