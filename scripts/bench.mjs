@@ -744,6 +744,27 @@ function timeTable(result) {
   return { head, rows };
 }
 
+/**
+ * Server CPU (user + system, all threads) per I/O for the fio jobs, and CPU
+ * seconds for dd and the loop jobs: on a shared machine a steadier measure
+ * of the work each system does than its throughput, which also depends on
+ * how much of the CPU it got.
+ */
+function cpuTable(result) {
+  const head = ['job', 'unit', ...SYSTEMS];
+  const rows = result.jobs.map((j) => {
+    const job = JOBS.find((x) => x.id === j.id);
+    const perIo = !job.dd && !job.loop;
+    return [j.title, perIo ? 'CPU µs/IO' : 'CPU s', ...SYSTEMS.map((sys) => {
+      const r = j.results[sys];
+      if (!r || r.error) return '';
+      const v = perIo ? r.cpuMicrosPerIo : r.cpuSeconds;
+      return v === undefined ? '-' : perIo ? v.toFixed(0) : v.toFixed(1);
+    })];
+  });
+  return { head, rows };
+}
+
 function textTable({ head, rows }) {
   const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(w[i]) : c.padStart(w[i]))).join('  ');
@@ -923,11 +944,12 @@ async function main() {
   };
   const t = table(result);
   const tt = timeTable(result);
+  const ct = cpuTable(result);
   const outFile = opts.out ?? path.join(ROOT, 'bench-results', 'latest.json');
   fs.mkdirSync(path.dirname(outFile), { recursive: true });
   fs.writeFileSync(outFile, `${JSON.stringify(result, null, 2)}\n`);
-  fs.writeFileSync(outFile.replace(/\.json$/, '') + '.md', `${summary(result)}\n\n${markdownTable(t)}\n\n${markdownTable(tt)}\n`);
-  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\n${textTable(tt)}\n\nratios are of MB/s, same run; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
+  fs.writeFileSync(outFile.replace(/\.json$/, '') + '.md', `${summary(result)}\n\n${markdownTable(t)}\n\n${markdownTable(tt)}\n\n${markdownTable(ct)}\n`);
+  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\n${textTable(tt)}\n\n${textTable(ct)}\n\nratios are of MB/s, same run; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
 }
 
 main().then(
