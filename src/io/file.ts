@@ -58,7 +58,7 @@ function pwriteOnce(fd: number, buf: Buffer, off: number, len: number, pos: numb
  * loop's core while it answers nothing else; on the pool they run beside
  * the loop. Measured (alternating, 1 MiB sequential writes at qd4 into
  * unallocated space, 2 cores, 8 pairs): the pool 0.90x-1.51x of inline,
- * median 1.27x, ahead in 7 of 8, for ~60-150 µs more CPU per request
+ * median 1.27x, ahead in 7 of 8, for ~90 µs more CPU per request
  * (README, Benchmarks). Reads stay inline at every size:
  * a page-cache hit is a plain copy (1 MiB reads on the pool cost 330-460 µs
  * of CPU per request against 260-300 inline, and were not faster); and 4 KiB
