@@ -121,12 +121,14 @@ export interface Stat extends FileAttrs {
   ctime: number;
 }
 
+/** A request that reached the driver; records are reused (no allocation per request). */
 interface Pending {
   op: string;
   pos: number;
   length: number;
   start: number;
   logged: boolean;
+  busy: boolean;
 }
 
 export class DiskService {
@@ -149,8 +151,10 @@ export class DiskService {
   private readonly loggedCauses = new Set<string>();
   /** Requests that reached the driver and are not answered yet. */
   private inflight = 0;
-  private readonly pending = new Map<number, Pending>();
-  private nextId = 1;
+  /** Request records; the id enter() hands out is index + 1 (0: refused). */
+  private readonly pending: Pending[] = [];
+  /** Indexes of records not in use. */
+  private readonly freePending: number[] = [];
   private sweep: NodeJS.Timeout | undefined;
   private drainWaiters: Array<() => void> = [];
   /** Once set, nothing new reaches the driver (it is about to be closed). */
@@ -243,13 +247,24 @@ export class DiskService {
   private enter(op: string, pos: number, length: number): number {
     if (this.closing) return 0;
     this.inflight++;
-    const id = this.nextId++;
-    this.pending.set(id, { op, pos, length, start: Date.now(), logged: false });
-    return id;
+    let i = this.freePending.pop();
+    if (i === undefined) {
+      i = this.pending.length;
+      this.pending.push({ op, pos, length, start: 0, logged: false, busy: false });
+    }
+    const p = this.pending[i]!;
+    p.op = op;
+    p.pos = pos;
+    p.length = length;
+    p.start = Date.now();
+    p.logged = false;
+    p.busy = true;
+    return i + 1;
   }
 
   private leave(id: number): void {
-    this.pending.delete(id);
+    this.pending[id - 1]!.busy = false;
+    this.freePending.push(id - 1);
     if (--this.inflight === 0 && this.drainWaiters.length > 0) {
       const waiters = this.drainWaiters;
       this.drainWaiters = [];
@@ -259,8 +274,8 @@ export class DiskService {
 
   private logUnanswered(): void {
     const now = Date.now();
-    for (const p of this.pending.values()) {
-      if (p.logged || now - p.start < UNANSWERED_MS) continue;
+    for (const p of this.pending) {
+      if (!p.busy || p.logged || now - p.start < UNANSWERED_MS) continue;
       p.logged = true;
       this.stats.unanswered++;
       this.log.error({ op: p.op, guestOffset: p.pos, length: p.length, waitingMs: now - p.start }, 'request not answered (a bug: it stays pending)');

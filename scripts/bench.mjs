@@ -20,7 +20,11 @@
  * each round in another order, so load that drifts during a run (this is a
  * shared 2-core machine) hits all of them alike; --repeat N takes the median.
  * Jobs are fio (O_DIRECT, libaio), see JOBS; plus a buffered dd of the whole
- * disk on a fresh mount, and the servers' peak RSS (VmHWM) and CPU time.
+ * disk on a fresh mount, two real workloads through a loop device over the
+ * disk (mkfs.ext4 + extracting a tar + umount; then reading every file back
+ * on a fresh mount; root only, not on the no-ops), an RSS check (1 MiB
+ * requests at qd16 on a fresh mount, peak RSS against 128 MiB), and the
+ * servers' peak RSS (VmHWM) and CPU time.
  *
  * Output: one table on stdout, bench-results/latest.json (and latest.md,
  * the table as Markdown for the README). Every mount and process started
@@ -28,6 +32,9 @@
  *
  * Options:
  *   --quick               short runs (~2 minutes)
+ *   --full                the whole benchmark: every job at full length, --repeat 3 (unless given),
+ *                         once per format (qcow2, then qed), each to bench-results/full-FORMAT.json
+ *                         and .md (other options are passed on; about an hour and a half)
  *   --format F            qcow2 (default) or qed
  *   --runtime S           seconds per time-based job (default 8, quick 4)
  *   --repeat N            run every job N times per system, report the median (default 2, quick 1)
@@ -40,10 +47,14 @@
  *                         come from the disk; qmount and qemu alike)
  *   --pin CPU             run every server, fio and dd on this one CPU (shows what
  *                         cross-CPU wake-ups cost; not how anyone runs it)
+ *   --variant NAME:K=V,.. one more system, qmount-fuse3~NAME: qmount on fuse3 with this extra
+ *                         environment (e.g. pool:QMOUNT_POOL_FROM=0), taking turns with the others;
+ *                         the table adds NAME/fuse3 and NAME/qemu ratios. Repeatable.
  *   --strace              attach `strace -c -f` to qmount during each job (slows it; numbers
  *                         are then not comparable) and report syscalls per request
  *   --scale               instead: the scale check (scripts/bench-scale.mjs, bench-results/scale.json)
  *   --out FILE            JSON output (default bench-results/latest.json)
+ *   --no-warm             skip touching a few GiB of memory before the jobs (see warmMemory)
  *   --keep                keep the scratch directory
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -72,7 +83,7 @@ const { readMountsSync } = await import(path.join(ROOT, 'dist', 'mount', 'mounti
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
+  const o = { quick: false, full: false, noWarm: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, variants: [], strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -81,6 +92,8 @@ function parseArgs(argv) {
     };
     switch (a) {
       case '--quick': o.quick = true; break;
+      case '--full': o.full = true; break;
+      case '--no-warm': o.noWarm = true; break;
       case '--format': o.format = next(); break;
       case '--runtime': o.runtime = Number(next()); break;
       case '--jobs': o.jobs = next().split(','); break;
@@ -92,6 +105,20 @@ function parseArgs(argv) {
           if (eq > 0) o.env[kv.slice(0, eq)] = kv.slice(eq + 1);
         }
         break;
+      case '--variant': {
+        // NAME:K=V,K2=V2 -> an extra system qmount-fuse3~NAME with that environment
+        const v = next();
+        const colon = v.indexOf(':');
+        const name = colon < 0 ? v : v.slice(0, colon);
+        if (!/^[\w.-]+$/.test(name)) die(`--variant ${v}: the name must be letters, digits, . _ -`);
+        const env = {};
+        for (const kv of colon < 0 ? [] : v.slice(colon + 1).split(',')) {
+          const eq = kv.indexOf('=');
+          if (eq > 0) env[kv.slice(0, eq)] = kv.slice(eq + 1);
+        }
+        o.variants.push({ name, env });
+        break;
+      }
       case '--strace': o.strace = true; break;
       case '--cold': o.cold = true; break;
       case '--scale': o.scale = true; break;
@@ -121,11 +148,14 @@ function die(msg) {
 const opts = parseArgs(process.argv.slice(2));
 const ALL_SYSTEMS = ['qmount-fuse3', 'qmount-fuse-native', 'qemu', 'noop-fuse3', 'noop-fuse-native'];
 const SYSTEMS = ALL_SYSTEMS.filter((s) => !opts.systems || opts.systems.includes(s) || opts.systems.includes(s.split('-')[0]));
+/** --variant NAME:ENV: qmount on fuse3 again with other environment (same run, taking turns with the rest). */
+const VARIANT_ENV = Object.fromEntries(opts.variants.map((v) => [`qmount-fuse3~${v.name}`, v.env]));
+SYSTEMS.push(...Object.keys(VARIANT_ENV));
 if (SYSTEMS.length === 0) die(`no system selected (systems: ${ALL_SYSTEMS.join(', ')})`);
 const isQmount = (system) => system.startsWith('qmount-');
 const isNoop = (system) => system.startsWith('noop-');
 /** 'fuse3' or 'fuse-native' for qmount and no-op systems. */
-const backendOf = (system) => system.replace(/^(qmount|noop)-/, '');
+const backendOf = (system) => system.replace(/^(qmount|noop)-/, '').replace(/~.*/, '');
 const maxIoOf = (system) => (backendOf(system) === 'fuse3' ? MAX_IO_FUSE3 : MAX_IO_FUSE_NATIVE);
 
 /**
@@ -139,7 +169,7 @@ const SEQ_WRITE_BYTES = opts.quick ? 512 * MiB : 2 * GiB;
 const UNALLOC_WRITES = opts.quick ? 4096 : 16384;
 const K = 1024;
 const JOBS = [
-  { id: 'dd', title: 'dd whole disk, buffered 1M', bs: MiB, dd: true },
+  { id: 'dd', title: 'dd whole disk, buffered 1M', bs: MiB, dd: true, fresh: true },
   { id: 'seq-read-1m', title: 'seq read 1M qd4', bs: MiB, fio: ['--rw=read', '--iodepth=4', `--size=${WRITTEN}`, '--time_based'] },
   { id: 'rand-read-4k-qd1', title: 'rand read 4k qd1', bs: 4 * K, fio: ['--rw=randread', '--iodepth=1', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
   { id: 'rand-read-4k', title: 'rand read 4k qd16', bs: 4 * K, fio: ['--rw=randread', '--iodepth=16', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
@@ -147,8 +177,21 @@ const JOBS = [
   { id: 'seq-write-1m-unalloc', title: 'seq write 1M qd4 unalloc', bs: MiB, fresh: true, fio: ['--rw=write', '--iodepth=4', `--offset=${WRITTEN}`, `--size=${SEQ_WRITE_BYTES}`] },
   { id: 'rand-write-4k-alloc', title: 'rand write 4k qd16 alloc', bs: 4 * K, fresh: true, fio: ['--rw=randwrite', '--iodepth=16', `--size=${WRITTEN}`, '--norandommap', '--time_based'] },
   { id: 'rand-write-4k-unalloc', title: 'rand write 4k qd16 unalloc', bs: 4 * K, fresh: true, iolog: true, fio: ['--iodepth=16', '--replay_no_stall=1'] },
+  // Peak RSS at qd16 with 1 MiB requests (each run on a fresh mount, so VmHWM is this job's): RSS_LIMIT.
+  { id: 'rss-1m-qd16', title: 'rand rw 1M qd16 (RSS)', bs: MiB, fresh: true, rss: true, fio: ['--rw=randrw', '--iodepth=16', `--size=${IMAGE_SIZE}`, `--io_size=${opts.quick ? GiB / 2 : 2 * GiB}`, '--norandommap'] },
+  // Real workloads through a loop device over the disk (buffered, as losetup sets it up):
+  // mkfs.ext4 + mount + extracting TAR_SOURCE + umount; then, on a fresh mount, reading every file back.
+  { id: 'ext4-tar', title: 'loop: mkfs.ext4 + tar x + umount', bs: MiB, fresh: true, loop: 'tar' },
+  { id: 'ext4-read', title: 'loop: read every file back', bs: MiB, fresh: true, loop: 'read' },
 ]
-  .filter((j) => !opts.jobs || opts.jobs.includes(j.id));
+  .filter((j) => (!opts.jobs || opts.jobs.includes(j.id)) && !(j.loop === 'read' && opts.jobs && !opts.jobs.includes('ext4-tar')));
+/** The loop jobs need root (losetup, mount) and a system that stores what is written (not the no-ops). */
+const LOOP_OK = process.getuid?.() === 0;
+const runsOn = (job, system) => !(job.loop && (isNoop(system) || !LOOP_OK));
+/** Peak RSS allowed at qd16 with 1 MiB requests (issue 11). */
+const RSS_LIMIT = 128 * MiB;
+/** What the tar workload extracts: a tar of this directory, made once per run. */
+const TAR_SOURCE = opts.quick ? '/usr/include' : '/usr/share';
 /** FUSE requests per fio I/O: the kernel splits at max_read/max_write (each backend's largest by default). */
 const fuseRequestsPerIo = (job, system) => Math.max(1, job.bs / maxIoOf(system));
 if (JOBS.length === 0) die('no job selected');
@@ -158,6 +201,8 @@ if (JOBS.length === 0) die('no job selected');
 const work = fs.mkdtempSync(path.join(os.tmpdir(), 'qmount-bench-'));
 /** Servers still running: { name, pid, mounted: path, child } */
 const live = new Set();
+/** Loop devices and ext4 mounts of the loop jobs still set up: { dev, mnt } */
+const loops = new Set();
 let fioChild = null;
 let interrupted = false;
 
@@ -179,6 +224,11 @@ function running(pid) {
 /** Last resort, synchronous (runs at exit): detach mounts, kill servers, remove scratch files. */
 function cleanupSync() {
   if (fioChild) try { fioChild.kill('SIGKILL'); } catch { /* gone */ }
+  for (const l of loops) {
+    spawnSync('umount', ['-l', l.mnt], { stdio: 'ignore' });
+    if (l.dev) spawnSync('losetup', ['-d', l.dev], { stdio: 'ignore' });
+    loops.delete(l);
+  }
   for (const s of live) {
     spawnSync('fusermount', ['-uz', s.mounted], { stdio: 'ignore' });
     if (running(s.pid)) try { process.kill(s.pid, 'SIGKILL'); } catch { /* gone */ }
@@ -263,7 +313,7 @@ async function startQmount(system, image, dir, logFile) {
   const args = [...opts.nodeArgs, CLI, '-f', '--fuse-backend', backendOf(system), '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
   const s = spawnServer(system, process.execPath, args, dir, {
     stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
-    env: { ...opts.env, QMOUNT_READY_FD: '3' },
+    env: { ...opts.env, ...VARIANT_ENV[system], QMOUNT_READY_FD: '3' },
   });
   let line = '';
   const pipe = s.child.stdio[3];
@@ -385,6 +435,69 @@ function runDd(target) {
   return { mbps: IMAGE_SIZE / seconds / 1e6, iops: undefined, seconds };
 }
 
+/**
+ * Touch a few GiB of memory once, in a child that then exits. In a VM whose
+ * memory the host backs on first touch (Firecracker, here), a guest page's
+ * first use costs a host page fault: the first system to fill new page-cache
+ * pages ran its copies several times slower than the next one (a buffered dd
+ * of 4 GiB: 6.5 s of CPU in qmount run first, 1.3 s run again). Freed pages
+ * are reused first, so after this every system finds touched pages.
+ */
+function warmMemory() {
+  const avail = Number(/^MemAvailable:\s+(\d+)/m.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
+  const bytes = Math.min(8 * GiB, Math.floor((avail * 0.4) / (256 * MiB)) * 256 * MiB);
+  if (bytes <= 0) return;
+  const t0 = Date.now();
+  run(process.execPath, ['-e', `const a=[];for(let i=0;i<${bytes / (256 * MiB)};i++)a.push(Buffer.alloc(${256 * MiB},1));`], 'touching memory');
+  process.stderr.write(`bench: touched ${Math.round(bytes / GiB)} GiB of memory first (${Date.now() - t0} ms; --no-warm skips it)\n`);
+}
+
+/** A tar of TAR_SOURCE for the loop jobs: { file, bytes, files }. */
+function makeTar() {
+  const file = path.join(work, 'source.tar');
+  run('tar', ['-cf', file, '--warning=no-file-changed', '-C', path.dirname(TAR_SOURCE), path.basename(TAR_SOURCE)], 'making the tar');
+  const files = Number(run('sh', ['-c', `tar -tf '${file}' | grep -vc '/$'`], 'counting the tar'));
+  return { file, bytes: fs.statSync(file).size, files };
+}
+
+/** losetup the disk, mount its ext4 (made first when `mkfs`); returns { dev, mnt } (in `loops`). */
+function loopMount(target, mkfs, readOnly) {
+  const dev = run('losetup', ['--find', '--show', ...(readOnly ? ['--read-only'] : []), target], 'losetup').trim();
+  const l = { dev, mnt: path.join(work, `ext4-${path.basename(dev)}`) };
+  loops.add(l);
+  fs.mkdirSync(l.mnt, { recursive: true });
+  // Inode tables and journal written now (not by the kernel's lazy init later), no discard: the same work every run.
+  if (mkfs) run('mkfs.ext4', ['-q', '-F', '-E', 'lazy_itable_init=0,lazy_journal_init=0,nodiscard', dev], 'mkfs.ext4');
+  run('mount', ['-t', 'ext4', '-o', readOnly ? 'ro,noload' : 'rw', dev, l.mnt], 'mounting the ext4');
+  return l;
+}
+
+/** umount (which writes everything back) and detach. */
+function loopUnmount(l) {
+  run('umount', [l.mnt], 'umount of the ext4');
+  run('losetup', ['-d', l.dev], 'losetup -d');
+  loops.delete(l);
+}
+
+/**
+ * A loop job: 'tar' times mkfs.ext4, mounting, extracting the tar and the
+ * umount that writes it all back; 'read' times mounting it read-only and
+ * reading every file (find | xargs cat; GNU tar skips reading when its
+ * output is /dev/null). MB/s is of the tar's bytes.
+ */
+function runLoop(job, target, tar) {
+  const t0 = process.hrtime.bigint();
+  const l = loopMount(target, job.loop === 'tar', job.loop === 'read');
+  try {
+    if (job.loop === 'tar') run('tar', ['-xf', tar.file, '-C', l.mnt], 'tar -x');
+    else run('sh', ['-c', `find '${l.mnt}' -type f -print0 | xargs -0 cat > /dev/null`], 'reading the files back');
+  } finally {
+    loopUnmount(l);
+  }
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  return { mbps: tar.bytes / seconds / 1e6, iops: undefined, seconds, files: tar.files };
+}
+
 /** Write the file's dirty pages back, then drop its cached pages (GNU dd: nocache with count=0). */
 function dropCache(file) {
   run('sync', [file], 'sync');
@@ -448,9 +561,9 @@ async function mountSystem(system, image, tag) {
 }
 
 /** Unmount; returns qmount's request counters for the whole mount (undefined for the others). */
-async function unmountSystem(m) {
+async function unmountSystem(m, keepImage = false) {
   await stopServer(m.s);
-  if (m.image) fs.rmSync(m.image, { force: true });
+  if (m.image && !keepImage) fs.rmSync(m.image, { force: true });
   return isQmount(m.system) ? qmountStats(m.logFile) : undefined;
 }
 
@@ -493,7 +606,7 @@ function engineTime(before, after) {
 }
 
 /** One job on one mounted system, with the server's CPU time and peak RSS around it. */
-async function runJob(m, job, iolog) {
+async function runJob(m, job, iolog, tar) {
   if (opts.cold && m.image) dropCache(m.image);
   const statsBefore = isQmount(m.system) ? await liveStats(m) : undefined;
   const before = procSample(m.s.pid);
@@ -502,7 +615,9 @@ async function runJob(m, job, iolog) {
   if (tracer) await sleep(500);
   let r;
   try {
-    r = job.dd ? runDd(m.target) : await runFio(job, m.target, job.iolog ? iolog : undefined);
+    if (job.dd) r = runDd(m.target);
+    else if (job.loop) r = runLoop(job, m.target, tar);
+    else r = await runFio(job, m.target, job.iolog ? iolog : undefined);
   } catch (err) {
     r = { error: err.message };
   }
@@ -565,11 +680,24 @@ const RATIOS = [
   ['qmount-fuse3', 'noop-fuse3', 'fuse3/no-op'],
   ['qmount-fuse-native', 'noop-fuse-native', 'fuse-native/no-op'],
   ['noop-fuse3', 'noop-fuse-native', 'no-op fuse3/fuse-native'],
+  ...Object.keys(VARIANT_ENV).flatMap((v) => [[v, 'qmount-fuse3', `${v.slice(13)}/fuse3`], [v, 'qemu', `${v.slice(13)}/qemu`]]),
 ].filter(([a, b]) => SYSTEMS.includes(a) && SYSTEMS.includes(b));
 
 function jobRatios(results) {
   const ok = (sys) => (results[sys] && !results[sys].error ? results[sys].mbps : undefined);
   return Object.fromEntries(RATIOS.map(([a, b, label]) => [label, ratio(ok(a), ok(b))]));
+}
+
+/**
+ * The spread of each ratio: round i of one system against round i of the
+ * other (they took turns in that round), [min, max] over the rounds.
+ */
+function ratioSpread(results) {
+  const runs = (sys) => results[sys]?.runs ?? [];
+  return Object.fromEntries(RATIOS.map(([a, b, label]) => {
+    const rs = runs(a).map((r, i) => ratio(r.mbps, runs(b)[i]?.mbps)).filter((v) => v !== undefined);
+    return [label, rs.length > 1 ? [Math.min(...rs), Math.max(...rs)] : undefined];
+  }));
 }
 
 function table(result) {
@@ -583,7 +711,10 @@ function table(result) {
       else if (r.error) cells.push('error');
       else cells.push(unitOf(job) === 'IOPS' ? fmtIops(valueOf(job, r)) : fmt(valueOf(job, r)));
     }
-    for (const [, , label] of RATIOS) cells.push(j.ratios[label] === undefined ? '-' : `${j.ratios[label].toFixed(2)}x`);
+    for (const [, , label] of RATIOS) {
+      const sp = j.ratioSpread?.[label];
+      cells.push(j.ratios[label] === undefined ? '-' : `${j.ratios[label].toFixed(2)}x${sp ? ` (${sp[0].toFixed(2)}-${sp[1].toFixed(2)})` : ''}`);
+    }
     return cells;
   });
   return { head, rows };
@@ -614,6 +745,27 @@ function timeTable(result) {
   return { head, rows };
 }
 
+/**
+ * Server CPU (user + system, all threads) per I/O for the fio jobs, and CPU
+ * seconds for dd and the loop jobs: on a shared machine a steadier measure
+ * of the work each system does than its throughput, which also depends on
+ * how much of the CPU it got.
+ */
+function cpuTable(result) {
+  const head = ['job', 'unit', ...SYSTEMS];
+  const rows = result.jobs.map((j) => {
+    const job = JOBS.find((x) => x.id === j.id);
+    const perIo = !job.dd && !job.loop;
+    return [j.title, perIo ? 'CPU µs/IO' : 'CPU s', ...SYSTEMS.map((sys) => {
+      const r = j.results[sys];
+      if (!r || r.error) return '';
+      const v = perIo ? r.cpuMicrosPerIo : r.cpuSeconds;
+      return v === undefined ? '-' : perIo ? v.toFixed(0) : v.toFixed(1);
+    })];
+  });
+  return { head, rows };
+}
+
 function textTable({ head, rows }) {
   const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (cells) => cells.map((c, i) => (i === 0 ? c.padEnd(w[i]) : c.padStart(w[i]))).join('  ');
@@ -633,13 +785,48 @@ function summary(result) {
   const rss = result.peakRss;
   const mb = (b) => (b ? `${Math.round(b / MiB)} MiB` : '-');
   lines.push(`peak RSS: ${SYSTEMS.map((s) => `${s} ${mb(rss[s])}`).join(', ')}; load average before ${result.loadAverage.before[0].toFixed(2)}`);
+  if (result.rssCheck) {
+    const c = result.rssCheck;
+    lines.push(`RSS check (${c.job}, fresh mount each run, limit ${mb(c.limitBytes)}): ${Object.entries(c.peakBytes).map(([s, b]) => `${s} ${mb(b)} ${b <= c.limitBytes ? 'ok' : 'OVER'}`).join(', ')}`);
+  }
+  if (result.tar) lines.push(`loop jobs: a tar of ${result.tar.source}, ${mb(result.tar.bytes)}, ${result.tar.files} files; MB/s of the tar's bytes`);
   return lines.join('\n');
+}
+
+/** The qmount systems' peak RSS in the RSS job (the highest of its runs). */
+function rssCheck(samples) {
+  const job = JOBS.find((j) => j.rss);
+  if (!job) return undefined;
+  const peakBytes = Object.fromEntries(SYSTEMS.filter(isQmount).map((s) => [s, Math.max(0, ...samples[job.id][s].map((r) => r.peakRssBytes ?? 0))]));
+  return { job: job.title, limitBytes: RSS_LIMIT, peakBytes };
 }
 
 // ---- main ----------------------------------------------------------------
 
+/** --full: this script again per format, in turn (never side by side: they would share the CPUs). */
+function runFull() {
+  const passOn = process.argv.slice(2).filter((a) => a !== '--full');
+  const drop = new Set(['--format', '--out']);
+  const rest = passOn.filter((a, i) => !drop.has(a) && !drop.has(passOn[i - 1]));
+  if (!rest.includes('--repeat')) rest.push('--repeat', '3');
+  let failed = 0;
+  for (const format of ['qcow2', 'qed']) {
+    const out = path.join(ROOT, 'bench-results', `full-${format}.json`);
+    process.stderr.write(`bench --full: ${format} -> ${path.relative(process.cwd(), out)}\n`);
+    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--format', format, '--out', out], { stdio: 'inherit' });
+    if (r.status !== 0) failed++;
+    if (r.signal || r.status === 130) break;
+  }
+  return failed;
+}
+
 async function main() {
   if (!fs.existsSync(CLI)) die(`${CLI} is missing: build first (node scripts/setup.mjs)`);
+  if (opts.full) {
+    fs.rmSync(work, { recursive: true, force: true });
+    process.exitCode = runFull() > 0 ? 1 : 0;
+    return;
+  }
   if (opts.scale) {
     const { runScale } = await import('./bench-scale.mjs');
     await runScale();
@@ -652,6 +839,7 @@ async function main() {
   const loadBefore = os.loadavg();
   process.stderr.write(`bench: scratch ${work}, format ${opts.format}, ${opts.runtime} s per timed job\n`);
   if (loadBefore[0] > 1) process.stderr.write(`bench: warning: load average ${loadBefore[0].toFixed(2)} before starting: other work will skew the numbers\n`);
+  if (!opts.noWarm) warmMemory();
   const base = makeBaseImage();
   const iolog = JOBS.some((j) => j.iolog) ? makeUnallocLog() : undefined;
   /** job id -> system -> every run's result (--repeat) */
@@ -659,8 +847,7 @@ async function main() {
   /** Each round runs the systems in another order, so drifting load favours none of them. */
   const order = (round) => SYSTEMS.map((_, i) => SYSTEMS[(i + round) % SYSTEMS.length]);
 
-  // Read jobs: all systems mounted side by side; dd first (fresh mounts have nothing in their
-  // page cache), then every job on every system in turn.
+  // Read jobs: all systems mounted side by side, every job on every system in turn.
   const readJobs = JOBS.filter((j) => !j.fresh);
   if (readJobs.length > 0) {
     const mounts = [];
@@ -669,9 +856,8 @@ async function main() {
         const image = isNoop(system) ? undefined : copyImage(base, `read-${system}.${opts.format}`);
         mounts.push(await mountSystem(system, image, 'read'));
       }
-      for (const job of readJobs.filter((j) => j.dd)) for (const m of mounts) if (!interrupted) samples[job.id][m.system].push(await runJob(m, job, iolog));
       for (let round = 0; round < opts.repeat; round++) {
-        for (const job of readJobs.filter((j) => !j.dd)) {
+        for (const job of readJobs) {
           for (const system of order(round)) {
             if (interrupted) break;
             const m = mounts.find((x) => x.system === system);
@@ -686,21 +872,36 @@ async function main() {
       }
     }
   }
-  // Write jobs: a fresh copy and a fresh mount for every run.
+  // Write jobs and dd (a fresh mount has nothing in its page cache): a fresh copy and a fresh mount for every run.
+  // The read-back loop job runs right after the tar job, on a fresh mount of the image it filled.
+  const readBack = JOBS.find((j) => j.loop === 'read');
+  const tar = JOBS.some((j) => j.loop) && LOOP_OK ? makeTar() : undefined;
+  if (JOBS.some((j) => j.loop) && !LOOP_OK) process.stderr.write('bench: the loop jobs need root (losetup, mount): skipped\n');
   for (let round = 0; round < opts.repeat; round++) {
-    for (const job of JOBS.filter((j) => j.fresh)) {
+    for (const job of JOBS.filter((j) => j.fresh && j !== readBack)) {
       for (const system of order(round)) {
         if (interrupted) break;
+        if (!runsOn(job, system)) continue;
         const image = isNoop(system) ? undefined : copyImage(base, `${job.id}-${system}.${opts.format}`);
-        const m = await mountSystem(system, image, `${job.id}-${round}`);
+        const then = job.loop === 'tar' && readBack ? readBack : undefined;
+        let m = await mountSystem(system, image, `${job.id}-${round}`);
         let r;
         try {
-          r = await runJob(m, job, iolog);
+          r = await runJob(m, job, iolog, tar);
+        } finally {
+          const stats = await unmountSystem(m, then !== undefined);
+          if (r && stats) r.mountRequestStats = stats;
+        }
+        samples[job.id][system].push(r);
+        if (!then || interrupted) continue;
+        m = await mountSystem(system, image, `${then.id}-${round}`);
+        try {
+          r = await runJob(m, then, iolog, tar);
         } finally {
           const stats = await unmountSystem(m);
           if (r && stats) r.mountRequestStats = stats;
         }
-        samples[job.id][system].push(r);
+        samples[then.id][system].push(r);
       }
     }
   }
@@ -736,23 +937,26 @@ async function main() {
     qmountNodeArgs: opts.nodeArgs,
     qmountEnv: opts.env,
     peakRss: Object.fromEntries(SYSTEMS.map((s) => [s, peak(s)])),
-    jobs: JOBS.map((j) => ({ id: j.id, title: j.title, results: results[j.id], ratios: jobRatios(results[j.id]) })),
+    rssCheck: rssCheck(samples),
+    tar: tar ? { source: TAR_SOURCE, bytes: tar.bytes, files: tar.files } : undefined,
+    jobs: JOBS.map((j) => ({ id: j.id, title: j.title, results: results[j.id], ratios: jobRatios(results[j.id]), ratioSpread: ratioSpread(results[j.id]) })),
     wallSeconds: Math.round((Date.now() - started) / 1000),
     loadAverage: { before: loadBefore, after: os.loadavg() },
   };
   const t = table(result);
   const tt = timeTable(result);
+  const ct = cpuTable(result);
   const outFile = opts.out ?? path.join(ROOT, 'bench-results', 'latest.json');
   fs.mkdirSync(path.dirname(outFile), { recursive: true });
   fs.writeFileSync(outFile, `${JSON.stringify(result, null, 2)}\n`);
-  fs.writeFileSync(outFile.replace(/\.json$/, '') + '.md', `${summary(result)}\n\n${markdownTable(t)}\n\n${markdownTable(tt)}\n`);
-  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\n${textTable(tt)}\n\nratios are of MB/s, same run; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
+  fs.writeFileSync(outFile.replace(/\.json$/, '') + '.md', `${summary(result)}\n\n${markdownTable(t)}\n\n${markdownTable(tt)}\n\n${markdownTable(ct)}\n`);
+  process.stdout.write(`\n${summary(result)}\n\n${textTable(t)}\n\n${textTable(tt)}\n\n${textTable(ct)}\n\nratios are of MB/s, same run; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);
 }
 
 main().then(
   () => {
     cleanupSync();
-    process.exit(interrupted ? 130 : 0);
+    process.exit(interrupted ? 130 : (process.exitCode ?? 0));
   },
   (err) => {
     process.stderr.write(`bench: ${err.message}\n`);

@@ -194,6 +194,25 @@ describe('ImageFile', () => {
       });
     });
   }
+
+  it('writes of ioTuning.poolWritesFrom bytes or more use the thread pool; reads of any size stay inline', async () => {
+    const f = await ImageFile.open(file, { readOnly: false });
+    f.policy = new InlinePolicy(() => 0); // inline calls always look fast
+    const big = ioTuning.poolWritesFrom;
+    try {
+      const data = Buffer.alloc(big, 0x5c);
+      await f.write('data_write', data, 0, big - 1, 0);
+      expect(f.ioStats).toMatchObject({ inline: 1, pooled: 0 });
+      await f.write('data_write', data, 0, big, 0);
+      expect(f.ioStats).toMatchObject({ inline: 1, pooled: 1 });
+      const back = Buffer.alloc(big);
+      expect(await f.read(back, 0, big, 0)).toBe(big);
+      expect(back.equals(data)).toBe(true);
+      expect(f.ioStats).toMatchObject({ inline: 2, pooled: 1 });
+    } finally {
+      await f.close();
+    }
+  });
 });
 
 describe('ImageFile.writeZeroes', () => {
