@@ -27,7 +27,6 @@ import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { QmountError, oneLine } from '../src/errors.js';
 import type { BlockDriver } from '../src/formats/driver.js';
-import { ioCounters } from '../src/io/file.js';
 import type { Logger } from '../src/log.js';
 import type { FuseBackend } from './backend.js';
 import { createBackend, type BackendChoice } from './backend-choice.js';
@@ -85,6 +84,8 @@ export interface MountSessionOptions {
   log: Logger;
   /** --fuse-backend; default auto */
   backend?: BackendChoice;
+  /** Engine I/O counters for the close log (the composition root passes src/io's). */
+  ioCounters?: Readonly<Record<string, number>>;
   /**
    * The files to show (mount/tree.ts), disk.raw first; default: disk.raw
    * alone. The driver passed to mount() is closed by the session; an extra
@@ -358,7 +359,7 @@ export class MountSession {
       code = 2;
     }
     // io: image calls made inline on the event loop vs on the thread pool (src/io/file.ts).
-    this.log.info({ stats: this.service.stats, io: ioCounters, backend: this.backend.name, fuse: this.backend.stats() }, 'closed');
+    this.log.info({ stats: this.service.stats, io: this.opts.ioCounters, backend: this.backend.name, fuse: this.backend.stats() }, 'closed');
     this.state = 'closed';
     try {
       this.registration?.update({ state: 'closed', exitCode: code });
@@ -370,7 +371,7 @@ export class MountSession {
 
   /** Log the request counters so far (SIGUSR1; `npm run bench` reads them around each job). */
   logStats(): void {
-    this.log.warn({ stats: this.service.stats, io: ioCounters, backend: this.backend.name, fuse: this.backend.stats(), live: true }, 'request counters');
+    this.log.warn({ stats: this.service.stats, io: this.opts.ioCounters, backend: this.backend.name, fuse: this.backend.stats(), live: true }, 'request counters');
   }
 
   /** Start-up failure or force: unmount, lazily when busy (remaining requests then get errors). */

@@ -26,7 +26,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { MountSession, checkMountPoint } from '../mount/session.js';
-import { partitionFiles } from '../mount/partitions.js';
+import { partitionFiles } from './commands/partitions.js';
 import { FILE_NAME } from '../mount/service.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend-choice.js';
@@ -41,8 +41,9 @@ import { registerCheck } from './commands/check.js';
 import { checkImagePath, CliError, EXIT_FAIL, EXIT_OK, EXIT_USAGE, printError, printWarning, withCode } from './commands/common.js';
 import { registerInfo } from './commands/info.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
-import { DEFAULT_L2_CACHE_BYTES, printable } from './formats/open.js';
-import { ImageFile } from './io/file.js';
+import { DEFAULT_L2_CACHE_BYTES } from './formats/driver.js';
+import { printable } from './errors.js';
+import { ImageFile, ioCounters } from './io/file.js';
 import { lockImageFile } from './io/lock.js';
 import { configureLogging, LOG_FORMATS, logger, type LogFormat, type Logger } from './log.js';
 import { ProgressLine } from './progress.js';
@@ -169,7 +170,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     try {
       checkInterrupted();
       const files = [{ path: FILE_NAME, source: driver }, ...(flags.partitions ? await partitionFiles(driver, logger('mount')) : []), ...(await recoveryFiles(opened, logger('mount')))];
-      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files });
+      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files, ioCounters });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);

@@ -88,3 +88,26 @@ export function oneLine(err: unknown): string {
   const msg = err instanceof Error ? err.message : String(err);
   return msg.replace(/\s*\n\s*/g, '; ');
 }
+
+/** Untrusted text (a name read from an image) made safe for one line of a terminal: control characters as \xNN. */
+export function printable(text: string): string {
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+/** Longest error message passed on; longer ones keep their start and end (where the errno name usually is). */
+const MAX_MESSAGE = 600;
+
+function bounded(message: string): string {
+  if (message.length <= MAX_MESSAGE) return message;
+  return `${message.slice(0, MAX_MESSAGE - 201)}…${message.slice(-200)}`;
+}
+
+/**
+ * Make a QmountError's message fit one terminal line: control characters
+ * escaped, length bounded. Keeps the error's class and errno. (Messages may
+ * quote names read from an image: untrusted.)
+ */
+export function safeError(err: unknown): unknown {
+  if (err instanceof QmountError) err.message = bounded(printable(err.message));
+  return err;
+}

@@ -11,6 +11,7 @@
  */
 import fs from 'node:fs';
 import pino from 'pino';
+import { printable } from './errors.js';
 
 export type Logger = pino.Logger;
 export type LogFormat = 'json' | 'human';
@@ -45,11 +46,6 @@ export function logger(component: string): pino.Logger {
 
 const LEVELS: Record<number, string> = { 10: 'TRACE', 20: 'DEBUG', 30: 'INFO', 40: 'WARN', 50: 'ERROR', 60: 'FATAL' };
 
-/** Control characters as \xNN (the same escaping as formats/open.ts's printable, which this layer cannot import). */
-function safe(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
-}
-
 function pad2(n: number, w = 2): string {
   return String(n).padStart(w, '0');
 }
@@ -62,7 +58,7 @@ export function humanLine(record: Record<string, unknown>): string {
   const lvl = (LEVELS[level as number] ?? String(level)).padEnd(5);
   const fields = Object.entries(rest).map(([k, v]) => `${k}=${typeof v === 'string' ? (/[\s"=]/.test(v) || v === '' ? JSON.stringify(v) : v) : JSON.stringify(v)}`);
   const text = (v: unknown): string => (typeof v === 'string' ? v : v === undefined ? '' : JSON.stringify(v));
-  return safe(`${stamp} ${lvl} ${c ? `${text(c)}: ` : ''}${text(msg)}${fields.length ? ` ${fields.join(' ')}` : ''}`);
+  return printable(`${stamp} ${lvl} ${c ? `${text(c)}: ` : ''}${text(msg)}${fields.length ? ` ${fields.join(' ')}` : ''}`);
 }
 
 /** A pino destination writing each record as humanLine, synchronously (records are rare off hot paths). */
@@ -73,7 +69,7 @@ class HumanStream {
     try {
       text = humanLine(JSON.parse(line) as Record<string, unknown>);
     } catch {
-      text = safe(line.trimEnd());
+      text = printable(line.trimEnd());
     }
     try {
       fs.writeSync(this.fd, `${text}\n`);

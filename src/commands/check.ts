@@ -14,7 +14,7 @@ import { Command, Option } from 'commander';
 import { oneLine } from '../errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from '../formats/check.js';
 import type { FormatName } from '../formats/driver.js';
-import { printable } from '../formats/open.js';
+import { printable } from '../errors.js';
 import { configureLogging, logger } from '../log.js';
 import { ProgressLine } from '../progress.js';
 import { checkImagePath, CliError, EXIT_OK, EXIT_USAGE, runCommand, withCode } from './common.js';

@@ -4,7 +4,7 @@
  */
 import fs from 'node:fs';
 import { oneLine } from '../errors.js';
-import { printable } from '../formats/open.js';
+import { printable } from '../errors.js';
 
 export const EXIT_OK = 0;
 export const EXIT_USAGE = 1;

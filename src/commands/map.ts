@@ -19,7 +19,8 @@
 import { Command, Option } from 'commander';
 import { oneLine } from '../errors.js';
 import type { BlockExtent, FormatName, ImageInfo } from '../formats/driver.js';
-import { openImage, printable } from '../formats/open.js';
+import { openImage } from '../formats/open.js';
+import { printable } from '../errors.js';
 import { ImageFile } from '../io/file.js';
 import { configureLogging, logger } from '../log.js';
 

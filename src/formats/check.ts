@@ -5,16 +5,15 @@
  * after any repair; `fixedCorruptions`/`fixedLeaks` say what the repair fixed.
  */
 import fs from 'node:fs';
-import { QmountError, UnsupportedError } from '../errors.js';
+import { QmountError, safeError, UnsupportedError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { FormatName } from './driver.js';
+import type { CheckReport, FormatName, RepairMode } from './driver.js';
+
+export type { CheckReport, FragInfo, RepairMode } from './driver.js';
 import { foreignFormat, PROBE_BYTES, probeFormat } from './probe.js';
-import { safeError } from './open.js';
 import { checkQcow2 } from './qcow2/check.js';
 import type { WorkHooks } from '../progress.js';
 import { checkQed } from './qed/check.js';
-
-export type RepairMode = 'none' | 'leaks' | 'all';
 
 /**
  * The image's format has no metadata to check (raw): qemu-img check's exit
@@ -22,29 +21,6 @@ export type RepairMode = 'none' | 'leaks' | 'all';
  * feature, encryption) is a check that could not complete.
  */
 export class NothingToCheckError extends UnsupportedError {}
-
-/** qemu-img check's BlockFragInfo, (qcow2: for the active L1 table only, as QEMU counts). */
-export interface FragInfo {
-  /** virtual size in clusters */
-  totalClusters: number;
-  /** normal, preallocated-zero and compressed entries */
-  allocatedClusters: number;
-  /** entries whose host cluster does not follow the previous one's in the same L2 table; every compressed one */
-  fragmentedClusters: number;
-  compressedClusters: number;
-}
-
-export interface CheckReport {
-  format: FormatName;
-  corruptions: number;
-  leaks: number;
-  fixedCorruptions: number;
-  fixedLeaks: number;
-  messages: string[];
-  imageEndOffset?: number;
-  /** qemu-img's cluster counts (qcow2 only) */
-  frag?: FragInfo;
-}
 
 export interface CheckOptions {
   repair: RepairMode;

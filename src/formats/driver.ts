@@ -10,6 +10,42 @@ import type { Logger } from '../log.js';
 
 export type FormatName = 'qcow2' | 'qed' | 'raw';
 
+/** Default L2 cache: 32 MiB maps 256 GiB of guest space with 64 KiB clusters (8-byte entries). */
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
+/** Default refcount block cache (qcow2). */
+export const DEFAULT_REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024;
+
+/**
+ * `qmount check` (src/formats/check.ts dispatches to each format's check).
+ * Counts follow qemu-img check: `corruptions` and `leaks` are what remains
+ * after any repair; `fixedCorruptions`/`fixedLeaks` say what the repair fixed.
+ */
+export type RepairMode = 'none' | 'leaks' | 'all';
+
+/** qemu-img check's BlockFragInfo, (qcow2: for the active L1 table only, as QEMU counts). */
+export interface FragInfo {
+  /** virtual size in clusters */
+  totalClusters: number;
+  /** normal, preallocated-zero and compressed entries */
+  allocatedClusters: number;
+  /** entries whose host cluster does not follow the previous one's in the same L2 table; every compressed one */
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+export interface CheckReport {
+  format: FormatName;
+  corruptions: number;
+  leaks: number;
+  fixedCorruptions: number;
+  fixedLeaks: number;
+  messages: string[];
+  imageEndOffset?: number;
+  /** qemu-img's cluster counts (qcow2 only) */
+  frag?: FragInfo;
+}
+
+
 export interface SnapshotInfo {
   id: string;
   name: string;

@@ -6,11 +6,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { FormatError, QmountError } from '../errors.js';
+import { FormatError, printable, QmountError, safeError } from '../errors.js';
 import { ImageFile } from '../io/file.js';
 import { lockImageFile, type LockMode } from '../io/lock.js';
 import { logger, type Logger } from '../log.js';
-import type { BlockDriver, DriverOpenOptions, FormatName } from './driver.js';
+import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES, type BlockDriver, type DriverOpenOptions, type FormatName } from './driver.js';
 import type { WorkHooks } from '../progress.js';
 import { guardProbedRaw } from './raw-guard.js';
 import { PROBE_BYTES, probeOrRefuse } from './probe.js';
@@ -44,9 +44,6 @@ export interface OpenImageOptions {
   hooks?: WorkHooks;
 }
 
-/** Default L2 cache: 32 MiB maps 256 GiB of guest space with 64 KiB clusters (8-byte entries). */
-export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
-export const DEFAULT_REFCOUNT_CACHE_BYTES = 4 * 1024 * 1024;
 /** Longest backing chain followed. */
 export const MAX_CHAIN_DEPTH = 64;
 
@@ -69,28 +66,6 @@ export async function openImage(imagePath: string, opts: OpenImageOptions): Prom
     // wherever in the chain or driver it was quoted.
     throw safeError(err);
   }
-}
-
-/**
- * Make a QmountError's message fit one terminal line: control characters
- * escaped, length bounded. Keeps the error's class and errno.
- */
-export function safeError(err: unknown): unknown {
-  if (err instanceof QmountError) err.message = bounded(printable(err.message));
-  return err;
-}
-
-/** Longest error message openImage passes on; longer ones keep their start and end (where the errno name usually is). */
-const MAX_MESSAGE = 600;
-
-function bounded(message: string): string {
-  if (message.length <= MAX_MESSAGE) return message;
-  return `${message.slice(0, MAX_MESSAGE - 201)}…${message.slice(-200)}`;
-}
-
-/** Untrusted text (a name read from an image) made safe for one line of a terminal: control characters as \xNN. */
-export function printable(text: string): string {
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 async function openInChain(

@@ -33,7 +33,7 @@ import os from 'node:os';
 import { bitmapRanges } from './bitmaps.js';
 import { checkpoint, type WorkHooks } from '../../progress.js';
 import { hexOffset, INVALID_OFFSET } from '../u64.js';
-import type { FragInfo } from '../check.js';
+import type { FragInfo } from '../driver.js';
 import type { Qcow2State } from './state.js';
 import { AUTOCLEAR_BITMAPS, badClusterOffset, clusterType, compressedClusters, decodeCompressed, entryOffset, hasBit, hasHostCluster, L1E_RESERVED_HI, L1E_RESERVED_LO, L2E_ALLOC_BITMAP, L2E_COMPRESSED, L2E_COPIED, L2E_RESERVED_HI, L2E_RESERVED_LO, L2E_ZERO, L2E_ZERO_BITMAP, SNAPSHOT_V3_MIN_EXTRA } from './spec.js';
 

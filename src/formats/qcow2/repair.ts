@@ -14,7 +14,7 @@ import { CorruptionError } from '../../errors.js';
 import { INVALID_OFFSET } from '../u64.js';
 import type { Refcounts } from './refcount.js';
 import { checkpoint, type WorkHooks } from '../../progress.js';
-import type { FragInfo } from '../check.js';
+import type { FragInfo } from '../driver.js';
 import { scanReferences } from './refscan.js';
 import type { Qcow2State } from './state.js';
 import { clusterType, entryOffset, hasHostCluster, L2E_COPIED, writeEntry } from './spec.js';

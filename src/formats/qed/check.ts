@@ -22,8 +22,7 @@ import { hexOffset } from '../u64.js';
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
-import type { CheckReport as GenericCheckReport, RepairMode } from '../check.js';
-import type { FragInfo } from '../check.js';
+import type { CheckReport as GenericCheckReport, FragInfo, RepairMode } from '../driver.js';
 import {
   QED_F_NEED_CHECK,
   QED_HEADER_BYTES,

@@ -14,13 +14,13 @@
  * or that is not valid gives no partition files, with a warning in the log:
  * disk.raw is still mounted.
  */
-import { oneLine } from '../src/errors.js';
-import type { BlockDriver } from '../src/formats/driver.js';
-import { SliceDriver } from '../src/formats/slice.js';
-import type { Logger } from '../src/log.js';
-import { readPartitionTable } from '../src/partition/read.js';
-import type { PartitionTable } from '../src/partition/types.js';
-import type { TreeEntry } from './tree.js';
+import { oneLine } from '../errors.js';
+import type { BlockDriver } from '../formats/driver.js';
+import { SliceDriver } from '../formats/slice.js';
+import type { Logger } from '../log.js';
+import { readPartitionTable } from '../partition/read.js';
+import type { PartitionTable } from '../partition/types.js';
+import type { TreeEntry } from '../../mount/tree.js';
 
 export function partitionFileName(n: number): string {
   return `p${n}.raw`;
