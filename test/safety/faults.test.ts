@@ -46,9 +46,19 @@ afterEach(() => {
   instrumentation.record(null);
 });
 
+/**
+ * Points where a failure is tolerated by design, per format: qcow2 punches
+ * clusters out of the image file only after they are free (refcount 0,
+ * durable), as QEMU discards; a failed punch costs space, nothing else. There
+ * the fault must fire and no request may fail; everything else is proven as
+ * for any point.
+ */
+function bestEffort(point: IoPoint, format: string): boolean {
+  return point === 'punch_hole' && format === 'qcow2';
+}
+
 /** Points no workload here can reach, and why. */
 const UNREACHED: Partial<Record<IoPoint, string>> = {
-  punch_hole: 'ImageFile.punchHole is not instrumented until the native file-ops addon lands (sparse-base)',
   snapshot_update: 'declared, but the engine never writes the snapshot table',
   truncate: 'only `qmount check --repair` of QED truncates (not the engine)',
   qed_check_repair: 'reached by the need-check repair test below',
@@ -110,7 +120,9 @@ async function runCase(sc: Scenario, b: Built, pristine: Map<string, Buffer>, in
     const requests = [...run.writes, ...run.flushes];
     const failed = requests.filter((r) => r.errno);
     const active = (r: { issued: number; done: number }): boolean => r.issued < firedAt && !(r.done < firedAt);
-    if (failed.length === 0) problems.push('no request failed although the fault fired');
+    if (bestEffort(c.point, b.format)) {
+      if (failed.length > 0) problems.push(`a request failed (${failed[0]!.errno}) at a point whose failure is only logged`);
+    } else if (failed.length === 0) problems.push('no request failed although the fault fired');
     for (const r of failed) {
       if (r.errno !== c.errno) problems.push(`a request failed with ${r.errno}, not ${c.errno}`);
       if (!active(r)) problems.push(`a request ${r.issued > firedAt ? 'issued after' : 'finished before'} the fault failed (${r.errno})`);
@@ -243,7 +255,9 @@ describe('EIO and ENOSPC while closing', () => {
       const problems: string[] = [];
       if (run.writes.some((w) => w.errno) || run.flushes.some((f) => f.errno)) problems.push('a request before close failed');
       if (instrumentation.injected.length !== 1) problems.push(`the fault fired ${instrumentation.injected.length} times`);
-      if (err === null) problems.push('close() succeeded although a write of it failed');
+      if (bestEffort(point, b.format)) {
+        if (err !== null) problems.push(`close() rejected (${errnoOf(err)}) at a point whose failure is only logged`);
+      } else if (err === null) problems.push('close() succeeded although a write of it failed');
       else if (errnoOf(err) !== errno) problems.push(`close() rejected with ${errnoOf(err)}, not ${errno}`);
       // What a crash at this point guarantees: flushed data; later writes old or new.
       const want = expectation(initial, run.writes, run.flushes, Infinity);
