@@ -6,6 +6,13 @@
  * drops the mount, so we watch the mount table: through native/fuse3's
  * watchMounts (the kernel flags /proc/self/mountinfo on every change) when
  * that addon loads, else by reading it every POLL_MS.
+ *
+ * Sparse files here: st_blocks (getattr asks the service each time) and
+ * truncate/ftruncate (resize) work. lseek and fallocate do not: fuse-native
+ * has no such ops, so the kernel gets ENOSYS and SEEK_DATA/SEEK_HOLE see one
+ * data extent (SEEK_HOLE finds the end), and fallocate(2), `fallocate -p`,
+ * fstrim through a loop device fail with EOPNOTSUPP (the kernel turns ENOSYS
+ * into that and asks no more). Use the fuse3 backend for them.
  */
 import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
 import { oneLine } from '../src/errors.js';
@@ -82,8 +89,8 @@ export function fuseNativeOps(service: DiskService): FuseOps {
       if (path !== '/disk.raw') return cb(0);
       answer(cb, service.fsync(), service, 'fsync');
     },
-    truncate: (path, size, cb) => cb(service.truncate(path, size)),
-    ftruncate: (path, _fd, size, cb) => cb(service.truncate(path, size)),
+    truncate: (path, size, cb) => answer(cb, service.truncate(path, size), service, 'truncate'),
+    ftruncate: (path, _fd, size, cb) => answer(cb, service.truncate(path, size), service, 'truncate'),
     utimens: (path, _atime, _mtime, cb) => cb(service.utimens(path)),
     chmod: (_path, _mode, cb) => cb(service.chmod()),
     chown: (_path, _uid, _gid, cb) => cb(service.chmod()),

@@ -13,9 +13,12 @@ import { oneLine } from '../src/errors.js';
 import type { BackendContext, FuseBackend } from './backend.js';
 import { findMount, readMounts } from './mountinfo.js';
 import { MAX_IO_FUSE3, fuse3OptionList, ioSizes } from './options.js';
+import { FILE_PATH } from './service.js';
 
 export interface Fuse3Attrs {
   size: number;
+  /** st_blocks (512-byte units) */
+  blocks: number;
   fileMode: number;
   dirMode: number;
   uid: number;
@@ -31,6 +34,7 @@ export type Fuse3Handler = (op: number, slot: number, offset: number, length: nu
 export interface Fuse3Addon {
   mount(mountPoint: string, options: string, attrs: Fuse3Attrs, buffers: number, handler: Fuse3Handler): { handle: unknown; buffers: ArrayBuffer[] };
   reply(handle: unknown, slot: number, result: number): void;
+  setFileAttrs(handle: unknown, ino: number, size: number, blocks: number): void;
   close(handle: unknown): void;
   stats(handle: unknown): Record<string, number>;
   watchMounts(cb: () => void): unknown;
@@ -40,8 +44,10 @@ export interface Fuse3Addon {
 }
 
 /** enum qf_op in native/fuse3/qfuse.h */
-export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 5, UNMOUNTED: 6 } as const;
-const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate'];
+export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 5, UNMOUNTED: 6, SETSIZE: 7 } as const;
+const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate', 'unmounted', 'truncate'];
+/** QF_FILE_INO: disk.raw */
+const FILE_INO = 2;
 
 /**
  * Request buffers per mount (1 MiB + 4 KiB each, touched only when used):
@@ -98,9 +104,13 @@ export class Fuse3Backend implements FuseBackend {
   mount(): Promise<void> {
     const { service, mount, readOnly, mountPoint } = this.ctx;
     const { maxRead, maxWrite } = ioSizes(mount, MAX_IO_FUSE3);
-    const attrs: Fuse3Attrs = { ...service.attrs, readOnly, directIo: mount.directIo, maxRead, maxWrite };
+    const attrs: Fuse3Attrs = { ...service.attrs, blocks: service.fileStat().blocks ?? 0, readOnly, directIo: mount.directIo, maxRead, maxWrite };
     const m = this.addon.mount(mountPoint, this.options, attrs, bufferCount(), this.handler);
     this.handle = m.handle;
+    // getattr is answered in C: keep its size and st_blocks current (called before the request that changed them is answered).
+    service.onAttrs = (size, blocks) => {
+      if (!this.released) this.addon.setFileAttrs(this.handle, FILE_INO, size, blocks);
+    };
     this.bufs = m.buffers.map((ab) => Buffer.from(ab));
     this.raiseReadahead(maxRead);
     return Promise.resolve();
@@ -141,6 +151,7 @@ export class Fuse3Backend implements FuseBackend {
         case OP.FSYNC: r = service.fsync(); break;
         case OP.LSEEK: r = service.lseek(offset, arg); break;
         case OP.FALLOCATE: r = service.fallocate(arg, offset, length); break;
+        case OP.SETSIZE: r = service.truncate(FILE_PATH, offset); break;
         default: r = service.handlerFailed(`op ${op}`, new Error('unknown operation'));
       }
     } catch (err) {

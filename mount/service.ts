@@ -12,15 +12,19 @@
  * - read/write hand the backend's buffer (FUSE's own memory) straight to the
  *   driver: no copies. The backend reuses that memory once we answer, so the
  *   driver must be done with it when its promise settles (also on rejection).
- * - truncate/ftruncate to the current size succeed (shells do that with
- *   O_TRUNC-free redirections); any other size is EPERM: the disk has a fixed size.
+ * - truncate/ftruncate resize the disk (mount/sparse.ts has the rules:
+ *   growing reads as zeros, shrinking is EPERM unless nothing is allocated
+ *   past the new end); the current size always succeeds.
  * - utimens is accepted and ignored (touch, cp -p work); chmod/chown answer
  *   ENOTSUP: the mode follows from the mount options.
  * - flush (close(2)) does nothing: writes are answered only once the driver
  *   has them, so there is nothing deferred to report. fsync -> driver.flush().
- * - lseek answers ENOSYS (the kernel then seeks itself: SEEK_DATA/SEEK_HOLE
- *   see one data extent) and fallocate EOPNOTSUPP, until the driver can tell
- *   holes (the sparse-image issue wires both here).
+ * - lseek (SEEK_DATA/SEEK_HOLE) and fallocate: mount/sparse.ts (block
+ *   status, writeZeroes, resize); st_blocks = ceil(allocatedBytes / 512).
+ *   Attributes that change (size after a resize, st_blocks after writes and
+ *   discards) are handed to `onAttrs` before the request is answered, for a
+ *   backend that answers getattr itself (fuse3); the kernel asks again after
+ *   each of these requests, so nothing else needs invalidating.
  * - a handler that throws or rejects where the engine's typed errors are not
  *   expected (a bug) answers EIO and is logged once per cause; a request not
  *   answered after UNANSWERED_MS is logged with its op and offset.
@@ -30,11 +34,12 @@ import { performance } from 'node:perf_hooks';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { BlockDriver } from '../src/formats/driver.js';
 import type { Logger } from '../src/log.js';
+import { blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
 
 const E = os.constants.errno;
 
 /** Negative FUSE result for an errno name. */
-export function fuseCode(name: ErrnoName | 'ENOTCONN' | 'EISDIR' | 'ENOSYS' | 'EOPNOTSUPP'): number {
+export function fuseCode(name: ErrnoName | 'ENOTCONN' | 'EISDIR' | 'ENOSYS' | 'EOPNOTSUPP' | 'ENXIO'): number {
   return -(E[name] ?? E.EIO);
 }
 
@@ -42,11 +47,9 @@ const EIO = fuseCode('EIO');
 const ENOENT = fuseCode('ENOENT');
 const EROFS = fuseCode('EROFS');
 const ENOSPC = fuseCode('ENOSPC');
-const EPERM = fuseCode('EPERM');
 const ENOTSUP = fuseCode('ENOTSUP');
 const EISDIR = fuseCode('EISDIR');
-const ENOSYS = fuseCode('ENOSYS');
-const EOPNOTSUPP = fuseCode('EOPNOTSUPP');
+const ENXIO = fuseCode('ENXIO');
 
 export const S_IFDIR = 0o040000;
 export const S_IFREG = 0o100000;
@@ -67,6 +70,8 @@ export interface DiskServiceOptions {
   uid?: number;
   gid?: number;
   umask?: string;
+  /** --discard: 'ignore' makes PUNCH_HOLE zero without freeing clusters; default 'unmap' */
+  discard?: DiscardMode;
   log: Logger;
 }
 
@@ -136,6 +141,11 @@ export class DiskService {
   /** Once set, nothing new reaches the driver (it is about to be closed). */
   private closing = false;
   private readonly log: Logger;
+  private readonly discard: DiscardMode;
+  /** st_blocks last handed to onAttrs */
+  private blocks: number;
+  /** Set by a backend that answers getattr itself: called with the file's size and st_blocks when either changed. */
+  onAttrs: ((size: number, blocks: number) => void) | undefined;
 
   constructor(
     private readonly driver: BlockDriver,
@@ -143,6 +153,8 @@ export class DiskService {
   ) {
     this.readOnly = opts.readOnly;
     this.log = opts.log;
+    this.discard = opts.discard ?? 'unmap';
+    this.blocks = blocksOf(driver);
     let fileMode = S_IFREG | (opts.allowOther ? 0o644 : 0o600);
     let dirMode = S_IFDIR | (opts.allowOther ? 0o755 : 0o700);
     if (opts.umask !== undefined) {
@@ -217,7 +229,7 @@ export class DiskService {
   fileStat(): Stat {
     const a = this.attrs;
     return {
-      ...a, mode: a.fileMode, nlink: 1, blksize: 65536, blocks: Math.ceil(a.size / 512),
+      ...a, mode: a.fileMode, nlink: 1, blksize: 65536, blocks: blocksOf(this.driver),
       atime: this.mtime, mtime: this.mtime, ctime: this.mtime,
     };
   }
@@ -241,10 +253,11 @@ export class DiskService {
     return 0;
   }
 
-  truncate(path: string, size: number): number {
+  truncate(path: string, size: number): number | Promise<number> {
     if (path !== FILE_PATH) return path === '/' ? EISDIR : ENOENT;
     if (this.readOnly) return EROFS;
-    return size === this.size ? 0 : EPERM;
+    if (size === this.size) return 0;
+    return this.sparseOp('truncate', size, 0, () => truncate(this.driver, size));
   }
 
   utimens(path: string): number {
@@ -327,6 +340,7 @@ export class DiskService {
       () => {
         s.writeMicros += (performance.now() - t0) * 1000;
         this.mtime = Date.now();
+        this.attrsChanged();
         this.leave(id);
         return n;
       },
@@ -369,11 +383,58 @@ export class DiskService {
     );
   }
 
-  lseek(_pos: number, _whence: number): number {
-    return ENOSYS;
+  // ---- sparse files (mount/sparse.ts) ----
+
+  /** The file's size or st_blocks changed (or may have): tell a backend that caches them. */
+  private attrsChanged(): void {
+    const size = this.driver.virtualSize;
+    const blocks = blocksOf(this.driver);
+    if (size === this.attrs.size && blocks === this.blocks) return;
+    this.attrs.size = size;
+    this.blocks = blocks;
+    this.onAttrs?.(size, blocks);
   }
 
-  fallocate(_mode: number, _pos: number, _length: number): number {
-    return this.readOnly ? EROFS : EOPNOTSUPP;
+  /** Run a sparse op under in-flight tracking; its QmountError becomes the FUSE code, anything else EIO. */
+  private sparseOp(op: string, pos: number, length: number, run: () => Promise<number | null | void>): Promise<number> | number {
+    const id = this.enter(op, pos, length);
+    if (id === 0) return EIO;
+    let p: Promise<number | null | void>;
+    try {
+      p = run();
+    } catch (err) {
+      this.leave(id);
+      return this.handlerFailed(op, err);
+    }
+    return p.then(
+      (r) => {
+        if (op !== 'lseek') {
+          this.mtime = Date.now();
+          this.attrsChanged();
+        }
+        this.leave(id);
+        return r === null ? ENXIO : (r ?? 0);
+      },
+      (err: unknown) => {
+        // A resize or zeroing may have happened in part: publish what the driver says now.
+        if (op !== 'lseek') this.attrsChanged();
+        this.leave(id);
+        const code = errnoOf(err);
+        // Refusals the caller asked for (shrinking over data, a bad mode or size) are not engine failures.
+        const level = code === 'EPERM' || code === 'EINVAL' || code === 'ENOTSUP' || code === 'ENOSPC' ? 'info' : 'error';
+        this.log[level]({ op, guestOffset: pos, length, errno: code, err: oneLine(err) }, `${op} failed`);
+        return fuseCode(code);
+      },
+    );
+  }
+
+  /** lseek SEEK_DATA / SEEK_HOLE: the offset, or a negative errno (ENXIO: none). */
+  lseek(pos: number, whence: number): number | Promise<number> {
+    return this.sparseOp('lseek', pos, 0, () => seek(this.driver, pos, whence));
+  }
+
+  fallocate(mode: number, pos: number, length: number): number | Promise<number> {
+    if (this.readOnly) return EROFS;
+    return this.sparseOp('fallocate', pos, length, () => fallocate(this.driver, mode, pos, length, this.discard));
   }
 }

@@ -21,6 +21,7 @@ import { createBackend, type BackendChoice, type FuseBackend } from './backend.j
 import { findMount, readMounts, readMountsSync } from './mountinfo.js';
 import type { MountOptions } from './options.js';
 import { DiskService, FILE_NAME } from './service.js';
+import type { DiscardMode } from './sparse.js';
 
 function run(cmd: string, args: string[]): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -63,6 +64,8 @@ export interface MountSessionOptions {
   log: Logger;
   /** --fuse-backend; default auto */
   backend?: BackendChoice;
+  /** --discard (mount/sparse.ts); default unmap */
+  discard?: DiscardMode;
 }
 
 export class MountSession {
@@ -80,7 +83,7 @@ export class MountSession {
     opts: MountSessionOptions,
   ) {
     const m = opts.mount;
-    this.service = new DiskService(driver, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, log });
+    this.service = new DiskService(driver, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, discard: opts.discard, log });
   }
 
   /** The backend in use ('fuse3' or 'fuse-native'). */

@@ -122,6 +122,8 @@ interface MountFlags {
   pidFile?: string;
   options: string[];
   fuseBackend?: BackendChoice;
+  discard: 'ignore' | 'unmap';
+  detectZeroes: 'off' | 'on' | 'unmap';
 }
 
 async function mountCommand(image: string, dir: string, flags: MountFlags): Promise<number> {
@@ -134,6 +136,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   const readOnly = !!flags.readOnly || mountOpts.readOnly;
   if (flags.forceShare && !readOnly) throw new CliError(EXIT_USAGE, '--force-share needs a read-only mount (-r)');
   if (!flags.backing && !readOnly) throw new CliError(EXIT_USAGE, '--no-backing needs a read-only mount (-r): writes need the backing file');
+  if (flags.detectZeroes === 'unmap' && flags.discard === 'ignore') throw new CliError(EXIT_USAGE, '--detect-zeroes unmap needs --discard unmap (as qemu-nbd)');
 
   if (!flags.foreground) {
     // Check here too so the common mistakes fail fast; the daemon checks again.
@@ -178,7 +181,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend });
+      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, discard: flags.discard });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
@@ -446,6 +449,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .option('--pid-file <file>', 'write the mount process id here while mounted')
+    .addOption(new Option('--discard <mode>', 'discard (fstrim, fallocate --punch-hole) on disk.raw: unmap frees the clusters, ignore only zeros them').choices(['ignore', 'unmap']).default('unmap'))
+    .addOption(new Option('--detect-zeroes <mode>', 'writes of zeros: off; on: allocate nothing for them; unmap: also free the clusters they cover').choices(['off', 'on', 'unmap']).default('on'))
     .addOption(new Option('--fuse-backend <backend>', 'FUSE binding: fuse3 (libfuse 3 addon), fuse-native (libfuse 2), auto: fuse3, else fuse-native').choices(BACKEND_NAMES).default('auto'))
     .option(
       '-o, --options <opt[,opt...]>',

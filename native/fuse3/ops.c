@@ -5,9 +5,19 @@
  * round trip and FORGET needs no bookkeeping. Data ops go to JS (qf_forward).
  *
  * Rules (the same as the fuse-native backend's, see mount/service.ts):
- * - setattr: a size equal to the disk's succeeds, any other is EPERM (EISDIR
- *   on the directory, EROFS on a read-only mount); mode/owner are ENOTSUP
- *   (they follow from the mount options); times are accepted and ignored.
+ * - setattr: a size equal to the disk's succeeds here; another size goes to
+ *   JS (QF_SETSIZE: the driver resizes, JS updates the attributes, the reply
+ *   carries them, so the kernel learns the new size from it); EISDIR on the
+ *   directory, EROFS on a read-only mount. mode/owner are ENOTSUP (they
+ *   follow from the mount options); times are accepted and ignored.
+ * - st_blocks is attrs.blocks, which JS keeps current (guest data allocated
+ *   in the chain). The kernel re-asks after every write, fallocate and
+ *   setattr (it invalidates the size and times it caches then), so no
+ *   notify_inval_inode is needed for these; ATTR_TIMEOUT bounds the rest.
+ * - lseek: the kernel sends only SEEK_DATA and SEEK_HOLE (SEEK_SET/CUR/END
+ *   it answers itself); those go to JS, anything else is EINVAL.
+ * - fallocate: every mode goes to JS, which knows which it supports (the
+ *   kernel already refused all but KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE).
  * - open: EROFS for writing on a read-only mount; keep_cache (the page cache
  *   stays valid across opens: disk.raw changes only through this mount),
  *   or direct_io when the mount asked for it.
@@ -17,6 +27,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "qfuse.h"
 
@@ -42,7 +53,7 @@ static void fill_attr(const struct qf_session *s, fuse_ino_t ino, struct stat *s
     st->st_nlink = 1;
     st->st_size = (off_t)s->a.size;
     st->st_blksize = 65536;
-    st->st_blocks = (blkcnt_t)((s->a.size + 511) / 512);
+    st->st_blocks = (blkcnt_t)s->a.blocks;
     st->st_atim = st->st_mtim = st->st_ctim = s->a.mtime;
   }
 }
@@ -124,9 +135,15 @@ static void qf_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     return;
   }
   if (to_set & FUSE_SET_ATTR_SIZE) {
-    int err = ino == QF_ROOT_INO ? EISDIR : s->a.read_only ? EROFS : (double)attr->st_size == s->a.size ? 0 : EPERM;
+    int err = ino == QF_ROOT_INO ? EISDIR : s->a.read_only ? EROFS : 0;
     if (err) {
       fuse_reply_err(req, err);
+      return;
+    }
+    if ((double)attr->st_size != s->a.size) {
+      /* Times set along with the size are ignored, as they are alone. */
+      if (s->cur_slot >= 0) s->slots[s->cur_slot].ino = ino;
+      qf_forward(s, req, QF_SETSIZE, (double)attr->st_size, 0, 0);
       return;
     }
   }
@@ -254,10 +271,20 @@ static void qf_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
   qf_forward(sess(req), req, QF_FSYNC, 0, 0, datasync);
 }
 
+void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino) {
+  struct stat st;
+  fill_attr(s, ino, &st);
+  fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
 static void qf_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi) {
   (void)fi;
   if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, ENOSYS);
+    fuse_reply_err(req, ino == QF_ROOT_INO ? EISDIR : ENOENT);
+    return;
+  }
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) {
+    fuse_reply_err(req, EINVAL);
     return;
   }
   qf_forward(sess(req), req, QF_LSEEK, (double)off, 0, whence);
@@ -266,7 +293,7 @@ static void qf_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, stru
 static void qf_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length, struct fuse_file_info *fi) {
   (void)fi;
   if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, EOPNOTSUPP);
+    fuse_reply_err(req, ino == QF_ROOT_INO ? EISDIR : ENOENT);
     return;
   }
   qf_forward(sess(req), req, QF_FALLOCATE, (double)off, (double)length, mode);

@@ -8,8 +8,9 @@
  * whose read size is libfuse's own bufsize: from libfuse 3.17 on it follows
  * /proc/sys/fs/fuse/max_pages_limit and could exceed our buffers) and handed
  * to fuse_session_process_buf. Metadata ops are answered in C (ops.c) from
- * attributes JS gave at mount; read, write, flush, fsync, lseek and fallocate
- * go to JS with the index of the buffer holding the request, and the buffer
+ * attributes JS gave at mount (and keeps current: size and st_blocks, see
+ * setFileAttrs in session.c); read, write, flush, fsync, lseek (SEEK_DATA/
+ * SEEK_HOLE), fallocate and size changes go to JS with the index of the buffer holding the request, and the buffer
  * stays taken until JS replies (a read's data is written into that same
  * buffer, a write's data is a view into it: no copies).
  */
@@ -39,6 +40,8 @@ enum qf_op {
   QF_FALLOCATE = 5,
   /* not a request: the kernel dropped the mount (umount from outside) or reading failed */
   QF_UNMOUNTED = 6,
+  /* setattr changing the size (truncate/ftruncate): offset = the new size; answered with fuse_reply_attr */
+  QF_SETSIZE = 7,
 };
 
 enum qf_slot_state { SLOT_FREE, SLOT_BUSY, SLOT_PENDING };
@@ -48,11 +51,14 @@ struct qf_slot {
   fuse_req_t req; /* while SLOT_PENDING */
   int op;
   int state;
+  fuse_ino_t ino; /* the inode a QF_SETSIZE is for (its reply carries that inode's attributes) */
   napi_ref ab_ref; /* the ArrayBuffer over mem; its finalizer frees mem */
 };
 
 struct qf_attrs {
   double size;
+  /* disk.raw's st_blocks (512-byte units): JS keeps it current with setFileAttrs() */
+  double blocks;
   uint32_t file_mode, dir_mode, uid, gid;
   int read_only, direct_io;
   uint32_t max_read, max_write;
@@ -93,6 +99,8 @@ struct qf_session {
 
 /* ops.c */
 extern const struct fuse_lowlevel_ops qf_ops;
+/* The reply to a QF_SETSIZE JS accepted: the inode's attributes as they are now. */
+void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino);
 
 /* session.c: hand a request to JS (the current buffer becomes SLOT_PENDING). */
 void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double len, double arg);

@@ -5,15 +5,20 @@
  *   mount(mountPoint, options, attrs, nbuffers, handler)
  *       -> { handle, buffers: ArrayBuffer[] }
  *     options: the "-o" list for fuse_session_new (fsname, subtype, max_read,
- *     ro, allow_other, ...); attrs: { size, fileMode, dirMode, uid, gid,
- *     readOnly, directIo, maxRead, maxWrite }.
+ *     ro, allow_other, ...); attrs: { size, blocks, fileMode, dirMode, uid,
+ *     gid, readOnly, directIo, maxRead, maxWrite }.
  *     handler(op, slot, offset, length, arg) is called for each data request
  *     (op: enum qf_op; slot: index into buffers; arg: a write's data offset in
- *     its buffer, fsync's datasync, lseek's whence, fallocate's mode), and once
+ *     its buffer, fsync's datasync, lseek's whence, fallocate's mode; offset is
+ *     QF_SETSIZE's new size and length fallocate's length), and once
  *     with QF_UNMOUNTED (arg: 0, or the errno that stopped receiving).
  *   reply(handle, slot, result): result >= 0 is the answer (read: bytes
  *     placed at the start of buffers[slot]; write: bytes written; lseek: the
- *     offset; others: 0), < 0 is -errno. May be called at once or later.
+ *     offset; QF_SETSIZE: 0, once setFileAttrs has the new size; others:
+ *     0), < 0 is -errno. May be called at once or later.
+ *   setFileAttrs(handle, ino, size, blocks): disk.raw's size and st_blocks as
+ *     they are now (after a resize, after writes or discards changed what is
+ *     allocated); getattr and the QF_SETSIZE reply answer with them.
  *   close(handle): stop receiving, answer EIO to anything still held, close
  *     the session fd (after an unmount, or to abort a still-mounted one).
  *     The mount point itself is unmounted by the caller (fusermount).
@@ -238,6 +243,7 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   s->poll_closed = 1; /* until uv_poll_init */
   struct qf_attrs *a = &s->a;
   int bad = get_prop_double(env, argv[2], "size", &a->size);
+  bad |= get_prop_double(env, argv[2], "blocks", &a->blocks);
   bad |= get_prop_double(env, argv[2], "fileMode", &d), a->file_mode = (uint32_t)d;
   bad |= get_prop_double(env, argv[2], "dirMode", &d), a->dir_mode = (uint32_t)d;
   bad |= get_prop_double(env, argv[2], "uid", &d), a->uid = (uint32_t)d;
@@ -359,6 +365,14 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
       case QF_LSEEK:
         fuse_reply_lseek(req, (off_t)result);
         break;
+      case QF_SETSIZE:
+        clock_gettime(CLOCK_REALTIME, &s->a.mtime);
+        qf_reply_setsize(s, req, sl->ino);
+        break;
+      case QF_FALLOCATE:
+        clock_gettime(CLOCK_REALTIME, &s->a.mtime);
+        fuse_reply_err(req, 0);
+        break;
       default:
         fuse_reply_err(req, 0);
     }
@@ -371,6 +385,21 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
     release_slot(s, idx);
     start_polling(s);
   }
+  return NULL;
+}
+
+static napi_value qf_set_file_attrs(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
+  double ino, size, blocks;
+  if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &size) != napi_ok ||
+      napi_get_value_double(env, argv[3], &blocks) != napi_ok || ino != QF_FILE_INO || !(size >= 0) || !(blocks >= 0)) {
+    return throw_msg(env, "setFileAttrs(handle, ino, size, blocks)");
+  }
+  s->a.size = size;
+  s->a.blocks = blocks;
   return NULL;
 }
 
@@ -431,6 +460,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"mount", NULL, qf_mount, NULL, NULL, NULL, napi_default, NULL},
     {"reply", NULL, qf_reply, NULL, NULL, NULL, napi_default, NULL},
+    {"setFileAttrs", NULL, qf_set_file_attrs, NULL, NULL, NULL, napi_default, NULL},
     {"close", NULL, qf_close, NULL, NULL, NULL, napi_default, NULL},
     {"stats", NULL, qf_stats, NULL, NULL, NULL, napi_default, NULL},
     {"watchMounts", NULL, qf_watch_mounts, NULL, NULL, NULL, napi_default, NULL},
