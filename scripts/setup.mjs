@@ -218,14 +218,16 @@ function checkBuild() {
 /**
  * native/ofd-lock: the fcntl(F_OFD_SETLK) calls image locking needs (see
  * src/io/lock.ts); native/fuse3: the libfuse 3 low-level binding (see
- * mount/backend-fuse3.ts). Built with the node-gyp that ships inside npm, against the
+ * mount/backend-fuse3.ts); native/fileops: fallocate and SEEK_DATA/SEEK_HOLE
+ * for sparse images (see src/io/fileops.ts). Built with the node-gyp that ships inside npm, against the
  * headers of the Node that runs this script (nodedir), so nothing is
  * downloaded. Rebuilt when their sources are newer than the built addon.
- * ofd-lock is required; without fuse3 qmount falls back to fuse-native, so a
+ * ofd-lock and fileops are required; without fuse3 qmount falls back to fuse-native, so a
  * failed fuse3 build is a warning, except with --test (the tests need both).
  */
 const ADDONS = [
   { name: 'ofd-lock', what: 'image locking', file: 'ofd_lock.node', required: true },
+  { name: 'fileops', what: 'hole punching and SEEK_DATA/SEEK_HOLE', file: 'fileops.node', required: true },
   { name: 'fuse3', what: 'libfuse 3 binding', file: 'qmount_fuse3.node', required: forTest },
 ];
 

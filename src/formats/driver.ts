@@ -51,7 +51,7 @@ export interface ImageInfo {
 
 /**
  * The contract every driver keeps, one errno per case
- * (test/unit/driver-contract.test.ts runs it over every driver):
+ * (test/e2e/driver-contract.test.ts runs it over every driver):
  *
  *  - `guestOffset` and `length` are non-negative safe integers, else EINVAL.
  *  - read: the whole range lies in [0, virtualSize], else EINVAL (callers
@@ -119,7 +119,10 @@ export interface BlockDriver {
 
   /**
    * Change virtualSize. Growing: the new part reads as zeros. Shrinking is
-   * refused (EPERM) unless nothing is allocated at or past the new end.
+   * refused (EPERM) unless nothing is allocated at or past the new end: no
+   * blockStatus extent there has data (zero clusters and discarded ranges
+   * do not count; after writeZeroes({unmap: true}) of the tail the shrink is
+   * allowed).
    * EROFS on a read-only driver; EINVAL for a size that is not a
    * non-negative multiple of 512 or is beyond what the format can map.
    */
@@ -143,7 +146,12 @@ export interface BlockDriver {
  *   does, they read as zeros).
  * - depth: 0 for this image, 1 for its backing file, ...
  * - hostOffset: where the data sits in the file of that layer (data only,
- *   and not for compressed extents).
+ *   and not for compressed extents; raw also gives it for holes, as
+ *   qemu-img map prints the offset of every raw extent).
+ * qemu-img 7.2 prints for a raw hole {data:false, zero:true, present:true},
+ * for an unallocated range with no backing data below, and for the part of
+ * an overlay past its backing file's end, {data:false, zero:true,
+ * present:false} at depth 0.
  */
 export interface BlockExtent {
   guestOffset: number;
@@ -154,6 +162,92 @@ export interface BlockExtent {
   depth: number;
   hostOffset?: number;
   compressed?: boolean;
+}
+
+/**
+ * Append `e` to `out`, merged into the last extent when it continues it with
+ * the same status (and, for extents with a host offset, the host bytes
+ * continue too): how blockStatus results are kept merged.
+ */
+export function pushExtent(out: BlockExtent[], e: BlockExtent): void {
+  if (e.length === 0) return;
+  const last = out[out.length - 1];
+  if (
+    last !== undefined &&
+    last.guestOffset + last.length === e.guestOffset &&
+    last.data === e.data &&
+    last.zero === e.zero &&
+    last.present === e.present &&
+    last.depth === e.depth &&
+    last.compressed === e.compressed &&
+    (last.hostOffset === undefined ? e.hostOffset === undefined : e.hostOffset === last.hostOffset + last.length)
+  ) {
+    last.length += e.length;
+    return;
+  }
+  out.push({ ...e });
+}
+
+/**
+ * Status of guest bytes an overlay leaves to its backing file: the backing
+ * file's extents one layer deeper; past its end (or with no backing file)
+ * {zero, not present} at depth 0, as qemu-img map prints it.
+ */
+export async function backingStatus(backing: BlockDriver | null, guestOffset: number, length: number, out: BlockExtent[]): Promise<void> {
+  const avail = backing ? Math.max(0, Math.min(length, backing.virtualSize - guestOffset)) : 0;
+  if (avail > 0) {
+    for (const e of await backing!.blockStatus(guestOffset, avail)) pushExtent(out, { ...e, depth: e.depth + 1 });
+  }
+  if (avail < length) {
+    pushExtent(out, { guestOffset: guestOffset + avail, length: length - avail, data: false, zero: true, present: false, depth: 0 });
+  }
+}
+
+/**
+ * Throws the contract's errno for a resize a driver must refuse before doing
+ * anything (see BlockDriver.resize): EBADF after close, EROFS, EINVAL for a
+ * size that is not a non-negative multiple of 512 or above `maxSize`.
+ */
+export function checkResize(
+  d: { readonly filename: string; readonly readOnly: boolean },
+  newSize: number,
+  closed: boolean,
+  maxSize: number,
+): void {
+  if (closed) throw new QmountError('EBADF', `${d.filename}: resize after close`);
+  if (d.readOnly) throw new ReadOnlyError();
+  if (!(Number.isSafeInteger(newSize) && newSize >= 0 && newSize % 512 === 0)) {
+    throw new QmountError('EINVAL', `${d.filename}: cannot resize to ${String(newSize)} bytes: the size must be a multiple of 512`);
+  }
+  if (newSize > maxSize) {
+    throw new QmountError('EINVAL', `${d.filename}: cannot resize to ${newSize} bytes: this image can map at most ${maxSize}`);
+  }
+}
+
+/**
+ * Requests between their range check and their completion, for resize():
+ * a driver sets its new virtualSize (so requests checked from then on see
+ * it), then drain()s, and only then changes the image; so no request checked
+ * against the old size is still running when the image shrinks.
+ */
+export class RequestsInFlight {
+  private count = 0;
+  private waiters: Array<() => void> = [];
+
+  /** Count `p` until it settles. */
+  async track<T>(p: Promise<T>): Promise<T> {
+    this.count++;
+    try {
+      return await p;
+    } finally {
+      if (--this.count === 0) for (const wake of this.waiters.splice(0)) wake();
+    }
+  }
+
+  /** Resolves once no tracked request is running. */
+  async drain(): Promise<void> {
+    while (this.count > 0) await new Promise<void>((r) => this.waiters.push(r));
+  }
 }
 
 /** A sparse-image call a driver has not implemented yet (placeholder until issue 13's driver work lands). */

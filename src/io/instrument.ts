@@ -20,7 +20,8 @@ export interface FaultRule {
 }
 
 export interface IoEvent {
-  kind: 'write' | 'flush' | 'truncate';
+  /** punch: [offset, +length) deallocated (fallocate PUNCH_HOLE|KEEP_SIZE): reads zeros, file size kept */
+  kind: 'write' | 'flush' | 'truncate' | 'punch';
   point: IoPoint;
   path: string;
   offset: number;

@@ -12,7 +12,11 @@ export type IoPoint =
   | 'truncate' // file size change (today only `qmount check --repair` of QED truncates)
   // qcow2
   | 'l1_update'
-  | 'l1_grow' // reserved: the engine never resizes an L1 table (no disk resize)
+  | 'l1_grow' // a new, larger L1 table written before the header points at it (resize)
+  | 'l1_switch' // the header's l1_size + l1_table_offset switched to the new L1 table (one write)
+  | 'header_resize' // the header's guest size field (resize)
+  | 'zero_write' // zeros written in place for a write-zeroes request (no zero flag, or a partial unit)
+  | 'punch_hole' // a freed range punched out of the image file (ImageFile.punchHole)
   | 'l2_alloc' // a new L2 table written before L1 points at it
   | 'l2_update'
   | 'refblock_alloc' // a new refcount block written before the table points at it
@@ -28,7 +32,7 @@ export type IoPoint =
 
 export const ALL_WRITE_POINTS: readonly IoPoint[] = [
   'header_update', 'data_write', 'cow_write', 'truncate',
-  'l1_update', 'l1_grow', 'l2_alloc', 'l2_update', 'refblock_alloc', 'refblock_update',
+  'l1_update', 'l1_grow', 'l1_switch', 'header_resize', 'zero_write', 'punch_hole', 'l2_alloc', 'l2_update', 'refblock_alloc', 'refblock_update',
   'reftable_update', 'reftable_grow', 'snapshot_update',
   'qed_l1_update', 'qed_l2_alloc', 'qed_l2_update', 'qed_check_repair',
 ];

@@ -1,7 +1,8 @@
 /**
  * The BlockDriver contract (src/formats/driver.ts), run over every driver:
  * one errno per kind of bad request, zero-length requests, requests at and
- * across the end, close twice, I/O after close, and the buffer-lifetime rule.
+ * across the end, close twice, I/O after close, and the buffer-lifetime rule;
+ * the sparse-image calls (blockStatus, writeZeroes, resize, allocatedBytes).
  * Images are made by qemu-img; each driver gets a fresh one per test.
  */
 import fs from 'node:fs';
@@ -9,11 +10,11 @@ import path from 'node:path';
 import pino from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { errnoOf as errnoName, QmountError } from '../../src/errors.js';
-import type { BlockDriver, FormatName } from '../../src/formats/driver.js';
+import type { BlockDriver, BlockExtent, FormatName } from '../../src/formats/driver.js';
 import { openImage } from '../../src/formats/open.js';
 import { ImageFile } from '../../src/io/file.js';
 import { instrumentation } from '../../src/io/instrument.js';
-import { patternBytes, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
+import { patternBytes, qemuCheck, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
 
 const KiB = 1024;
 const SIZE = 4 * 1024 * KiB;
@@ -208,6 +209,174 @@ describe.each(DRIVERS)('BlockDriver contract: $name', (dc) => {
     } finally {
       Object.assign(proto, orig);
       instrumentation.clearFaults();
+      await d.close();
+    }
+  });
+
+  // ---- sparse images (issue 13) ----
+
+  /** The image's qemu-img check: 0, or 3 (leaked clusters) where the format keeps no free-space record (QED). */
+  const expectCheckClean = (): void => {
+    const r = qemuCheck(image, dc.format);
+    if (dc.format === 'raw') return;
+    expect([0, ...(dc.format === 'qed' ? [3] : [])], r.output).toContain(r.code);
+  };
+
+  /** Extents cover [off, off + len) exactly, in order, merged; zero extents read as zeros. */
+  const expectCoverage = async (d: BlockDriver, ext: BlockExtent[], off: number, len: number): Promise<void> => {
+    let at = off;
+    for (const [i, e] of ext.entries()) {
+      expect(e.guestOffset, `extent ${i} starts where the last ended`).toBe(at);
+      expect(e.length).toBeGreaterThan(0);
+      expect(e.depth).toBe(0); // no backing file here
+      if (e.data) expect(e.present).toBe(true);
+      at += e.length;
+      const prev = ext[i - 1];
+      if (prev) {
+        const same = prev.data === e.data && prev.zero === e.zero && prev.present === e.present && prev.depth === e.depth;
+        const hostContinues = prev.hostOffset === undefined ? e.hostOffset === undefined : e.hostOffset === prev.hostOffset + prev.length;
+        expect(same && hostContinues, `extents ${i - 1} and ${i} are not merged: ${JSON.stringify([prev, e])}`).toBe(false);
+      }
+      if (e.zero) {
+        const b = Buffer.alloc(e.length);
+        await d.read(b, 0, e.length, e.guestOffset);
+        expect(b.every((x) => x === 0), `zero extent at ${e.guestOffset} reads zeros`).toBe(true);
+      }
+    }
+    expect(at).toBe(off + len);
+  };
+
+  it('blockStatus covers exactly the range asked, merged, data where written; EINVAL out of range; EBADF after close', async () => {
+    const d = await open(false);
+    try {
+      await d.write(patternBytes(64 * KiB, 5), 0, 64 * KiB, 1024 * KiB);
+      for (const [off, len] of [[0, SIZE], [512, 4096], [1024 * KiB + 512, 1536], [SIZE - 512, 512], [3 * KiB, 2 * 1024 * KiB]]) {
+        await expectCoverage(d, await d.blockStatus(off, len), off, len);
+      }
+      const written = await d.blockStatus(1024 * KiB, 64 * KiB);
+      expect(written.every((e) => e.data && !e.zero && e.present), JSON.stringify(written)).toBe(true);
+      expect(await d.blockStatus(4096, 0)).toEqual([]);
+      expect(await d.blockStatus(SIZE, 0)).toEqual([]);
+      for (const [off, len] of [[SIZE, 512], [SIZE - 512, 1024], [-512, 512], [0.5, 512], [0, -1], [NaN, 512]]) {
+        expect(await errnoOf(d.blockStatus(off, len)), `blockStatus(${off}, ${len})`).toBe('EINVAL');
+      }
+    } finally {
+      await d.close();
+    }
+    expect(await errnoOf(d.blockStatus(0, 512))).toBe('EBADF');
+    const ro = await open(true);
+    try {
+      await expectCoverage(ro, await ro.blockStatus(0, SIZE), 0, SIZE);
+    } finally {
+      await ro.close();
+    }
+  });
+
+  it('writeZeroes makes the range read zeros (unmap or not, whole and partial clusters), neighbours kept, durable', async () => {
+    const d = await open(false);
+    const expected = Buffer.alloc(SIZE);
+    try {
+      await d.write(patternBytes(256 * KiB, 7), 0, 256 * KiB, 2048 * KiB);
+      await d.read(expected, 0, SIZE, 0);
+      const ranges: Array<[number, number, boolean]> = [
+        [2048 * KiB + 512, 1024, false], // inside one cluster
+        [2048 * KiB + 60 * KiB, 136 * KiB, true], // partial, whole clusters, partial
+        [2048 * KiB + 200 * KiB, 56 * KiB, false],
+        [0, 128 * KiB, true], // existing data (qemu-io's, for the images)
+        [3072 * KiB, 256 * KiB, true], // nothing there
+        [SIZE - 4096, 4096, false], // the last bytes
+      ];
+      for (const [off, len, unmap] of ranges) {
+        expect(await errnoOf(d.writeZeroes(off, len, { unmap })), `writeZeroes(${off}, ${len}, unmap ${unmap})`).toBeNull();
+        expected.fill(0, off, off + len);
+      }
+      const back = Buffer.alloc(SIZE);
+      await d.read(back, 0, SIZE, 0);
+      expect(back.equals(expected)).toBe(true);
+      await expectCoverage(d, await d.blockStatus(0, SIZE), 0, SIZE);
+      // zero length: nothing, anywhere in [0, size]
+      for (const off of [0, 4096, SIZE]) expect(await errnoOf(d.writeZeroes(off, 0, { unmap: true }))).toBeNull();
+      expect(await errnoOf(d.writeZeroes(SIZE - 512, 1024, { unmap: true })), 'crossing the end').toBe('ENOSPC');
+      expect(await errnoOf(d.writeZeroes(SIZE, 512, { unmap: false })), 'at the end').toBe('ENOSPC');
+      expect(await errnoOf(d.writeZeroes(-512, 512, { unmap: false }))).toBe('EINVAL');
+      expect(await errnoOf(d.writeZeroes(0, 1.5, { unmap: false }))).toBe('EINVAL');
+    } finally {
+      await d.close();
+    }
+    expect(await errnoOf(d.writeZeroes(0, 512, { unmap: true }))).toBe('EBADF');
+    expectCheckClean();
+    const again = await open(true);
+    try {
+      const back = Buffer.alloc(SIZE);
+      await again.read(back, 0, SIZE, 0);
+      expect(back.equals(expected)).toBe(true);
+      for (const [off, len] of [[0, 512], [-1, 512], [SIZE, 512], [0, 0]]) {
+        expect(await errnoOf(again.writeZeroes(off, len, { unmap: true })), `read-only, at ${off}`).toBe('EROFS');
+      }
+    } finally {
+      await again.close();
+    }
+  });
+
+  it('resize grows (new part reads zeros, durable), shrinks only with no data past the new end (EPERM), refuses bad sizes (EINVAL) and read-only (EROFS)', async () => {
+    const d = await open(false);
+    const grown = SIZE + 1024 * KiB;
+    try {
+      expect(await errnoOf(d.resize(grown))).toBeNull();
+      expect(d.virtualSize).toBe(grown);
+      expect(d.info().virtualSize).toBe(grown);
+      const tail = Buffer.alloc(1024 * KiB, 0x55);
+      await d.read(tail, 0, tail.length, SIZE);
+      expect(tail.every((x) => x === 0)).toBe(true);
+      const st = await d.blockStatus(SIZE, 1024 * KiB);
+      expect(st.every((e) => !e.data && e.zero), JSON.stringify(st)).toBe(true);
+      // the new part is writable
+      await d.write(Buffer.alloc(4096, 0x66), 0, 4096, grown - 4096);
+      expect(await errnoOf(d.resize(SIZE)), 'shrinking over data').toBe('EPERM');
+      expect(d.virtualSize).toBe(grown);
+      // after discarding the data past the new end, the shrink is allowed
+      await d.writeZeroes(SIZE, grown - SIZE, { unmap: true });
+      expect(await errnoOf(d.resize(SIZE))).toBeNull();
+      expect(d.virtualSize).toBe(SIZE);
+      expect(await errnoOf(d.read(Buffer.alloc(512), 0, 512, SIZE))).toBe('EINVAL');
+      expect(await errnoOf(d.resize(grown))).toBeNull();
+      const again = Buffer.alloc(4096, 0x55);
+      await d.read(again, 0, 4096, grown - 4096);
+      expect(again.every((x) => x === 0), 'shrunk and regrown: zeros, not the old data').toBe(true);
+      for (const bad of [-512, 1000, 0.5, NaN, 2 ** 60]) expect(await errnoOf(d.resize(bad)), `resize(${bad})`).toBe('EINVAL');
+      expect(await errnoOf(d.resize(grown))).toBeNull(); // same size: nothing
+    } finally {
+      await d.close();
+    }
+    expect(await errnoOf(d.resize(SIZE))).toBe('EBADF');
+    expectCheckClean();
+    const ro = await open(true);
+    try {
+      expect(ro.virtualSize).toBe(grown);
+      expect(await errnoOf(ro.resize(grown + 1024 * KiB))).toBe('EROFS');
+      expect(ro.virtualSize).toBe(grown);
+    } finally {
+      await ro.close();
+    }
+  });
+
+  it('allocatedBytes grows with new data and does not grow when data is discarded', async () => {
+    const d = await open(false);
+    try {
+      await d.flush();
+      const a0 = d.allocatedBytes();
+      expect(Number.isSafeInteger(a0) && a0 >= 0).toBe(true);
+      await d.write(patternBytes(512 * KiB, 11), 0, 512 * KiB, 1536 * KiB);
+      await d.flush();
+      const a1 = d.allocatedBytes();
+      if (dc.format !== 'raw') expect(a1).toBeGreaterThanOrEqual(a0 + 512 * KiB); // raw: the file was full already
+      expect(a1).toBeGreaterThanOrEqual(a0);
+      await d.writeZeroes(1536 * KiB, 512 * KiB, { unmap: true });
+      await d.flush();
+      const a2 = d.allocatedBytes();
+      expect(a2).toBeLessThanOrEqual(a1);
+      expect(a2).toBeLessThanOrEqual(a1 - 512 * KiB); // the discarded clusters (raw: the punched hole) count no more
+    } finally {
       await d.close();
     }
   });

@@ -69,10 +69,10 @@ export function fastScratch(tag: string): { dir: string; cleanup: () => void } {
 
 export interface IoRecord {
   id: number;
-  kind: 'write' | 'flush' | 'truncate';
+  kind: 'write' | 'flush' | 'truncate' | 'punch';
   point: IoPoint;
   path: string;
-  /** write: file offset; truncate: the new size */
+  /** write, punch: file offset; truncate: the new size */
   offset: number;
   length: number;
   data?: Buffer;
@@ -104,8 +104,8 @@ export class IoTracker implements Clock {
     });
     const proto = ImageFile.prototype as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
     const saved: Array<[string, (...args: unknown[]) => Promise<unknown>]> = [];
-    // Every ImageFile method that records an event (writeZeroes records a 'write' of zeros).
-    for (const name of ['write', 'writeZeroes', 'flush', 'truncate']) {
+    // Every ImageFile method that records an event (writeZeroes and zeroRange record a 'write' of zeros).
+    for (const name of ['write', 'writeZeroes', 'zeroRange', 'punchHole', 'flush', 'truncate']) {
       const orig = proto[name];
       if (typeof orig !== 'function') continue;
       saved.push([name, orig]);
@@ -340,6 +340,12 @@ export function materialize(rec: Recording, st: CrashState): void {
       const fd = fds.get(x.path)!;
       if (x.kind === 'truncate') {
         fs.ftruncateSync(fd, x.offset);
+        continue;
+      }
+      if (x.kind === 'punch') {
+        // A punched range reads as zeros and keeps the file size (KEEP_SIZE): zeros written up to the end of the file.
+        const end = Math.min(x.offset + x.length, fs.fstatSync(fd).size);
+        if (end > x.offset) fs.writeSync(fd, Buffer.alloc(end - x.offset), 0, end - x.offset, x.offset);
         continue;
       }
       for (const [a, b] of pieces ?? [[x.offset, x.offset + x.length]]) {

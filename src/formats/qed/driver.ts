@@ -14,25 +14,44 @@
  *     so it becomes a plain data write); an allocation run stops before any
  *     cluster in flight. So no guest cluster is ever allocated twice and no
  *     copy-on-write fill can overwrite another write's data.
- *  3. Reads and writes into allocated clusters take no lock: a data cluster
- *     pointer, once set, never changes while mounted (QED has no discard or
- *     snapshots), and an L2 entry is set only after its cluster's data is
- *     written, so a read racing an allocation sees either the old mapping
- *     (backing/zeros: old content) or the new one (new content), never an
- *     unwritten cluster.
+ *  3. Reads and writes into allocated clusters take no lock: an L2 entry is
+ *     set only after its cluster's data is written, so a read racing an
+ *     allocation sees either the old mapping (backing/zeros: old content) or
+ *     the new one (new content), never an unwritten cluster. A data pointer
+ *     changes only by a discard (zero.ts), to 0 or the zero value, and the
+ *     host cluster it pointed at is never handed out again while mounted
+ *     (append-only allocator): a request that mapped it before reaches only
+ *     that cluster (old data or zeros), never another guest cluster's data.
  *  4. The need-check bit is set and durable (header write + sync) under the
  *     lock, in the allocation step, before the first cluster write or table
  *     change of a dirty period. It is cleared only under the lock, with no
  *     allocation between its allocate and link steps (`activeAllocs` === 0)
  *     and every dirty L2 table written and synced: on clean close, and by an
  *     idle timer a few seconds after the last allocating write.
+ *  5. resize() sets virtualSize first, waits for the requests checked
+ *     against the old size (RequestsInFlight), zero-fills a grown range the
+ *     backing file would show through (zero.ts) and syncs, and writes the
+ *     header's image_size last (one 64-byte sector, under the lock, with the
+ *     need-check bit as it is on disk): a crash before it leaves the old size
+ *     with at most some extra zero entries past it.
  */
 import { FormatError, QmountError } from '../../errors.js';
 import { settleAll, type ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import { Mutex } from '../../../cache/mutex.js';
-import { checkRequest, notYet, readFromBacking, type BlockDriver, type BlockExtent, type DriverOpenOptions, type ImageInfo } from '../driver.js';
-import { AppendAllocator } from './alloc.js';
+import {
+  backingStatus,
+  checkRequest,
+  checkResize,
+  pushExtent,
+  readFromBacking,
+  RequestsInFlight,
+  type BlockDriver,
+  type BlockExtent,
+  type DriverOpenOptions,
+  type ImageInfo,
+} from '../driver.js';
+import { AppendAllocator, DataClusterCount } from './alloc.js';
 import { clearNeedCheck, readQedMeta, scanQed } from './check.js';
 import {
   QED_AUTOCLEAR_FEATURE_MASK,
@@ -43,11 +62,13 @@ import {
   decodeBackingName,
   featureNames,
   geometryOf,
+  maxImageSize,
   serializeHeader,
   type QedGeometry,
   type QedHeader,
 } from './header.js';
 import { QedTables, type FreeRun } from './table.js';
+import { zeroRange, type ZeroContext } from './zero.js';
 
 /** Tunables (tests shorten the idle delay). */
 export const qedTuning = {
@@ -112,7 +133,10 @@ interface AllocPlan {
 
 class QedDriver implements BlockDriver {
   readonly format = 'qed' as const;
-  readonly virtualSize: number;
+  virtualSize: number;
+  private readonly requests = new RequestsInFlight();
+  private readonly count: DataClusterCount;
+  private readonly zero: ZeroContext;
   private readonly metaLock = new Mutex();
   /** guest cluster -> settles when its allocating write linked it (or failed) */
   private readonly inflight = new Map<number, Promise<void>>();
@@ -136,6 +160,21 @@ class QedDriver implements BlockDriver {
   ) {
     this.virtualSize = header.imageSize;
     this.needCheckOnDisk = (header.features & QED_F_NEED_CHECK) !== 0n;
+    this.count = new DataClusterCount(geo.tableEntries, geo.tableEntries, (i) => tables.countData(i), (fn) => this.metaLock.run(fn));
+    this.count.ready().catch((err: unknown) => log.warn({ err: (err as Error).message }, 'counting data clusters failed: allocated size is an estimate'));
+    this.zero = {
+      file,
+      geo,
+      tables,
+      backing,
+      metaLock: this.metaLock,
+      inflight: this.inflight,
+      count: this.count,
+      markNeedCheckLocked: () => this.markNeedCheckLocked(),
+      changedMetadata: () => this.armIdleTimer(),
+      write: (buf, off, len, g) => this.writeChecked(buf, off, len, g),
+      wrote: (end) => space.wrote(end),
+    };
   }
 
   get filename(): string {
@@ -163,6 +202,11 @@ class QedDriver implements BlockDriver {
 
   async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     checkRequest(this, 'write', guestOffset, length, this.closed);
+    await this.requests.track(this.writeChecked(buf, bufOffset, length, guestOffset));
+  }
+
+  /** write() after its range check. */
+  private async writeChecked(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     let done = 0;
     while (done < length) {
       const g = guestOffset + done;
@@ -207,7 +251,10 @@ class QedDriver implements BlockDriver {
     const { run, host } = plan;
     try {
       await this.writeNewClusters(buf, at, g, run, host);
-      await this.metaLock.run(() => this.tables.link(run.firstCluster, run.clusters, host));
+      await this.metaLock.run(async () => {
+        await this.tables.link(run.firstCluster, run.clusters, host);
+        this.count.changed(run.firstCluster, run.clusters);
+      });
     } finally {
       for (let i = 0; i < run.clusters; i++) this.inflight.delete(run.firstCluster + i);
       this.activeAllocs--;
@@ -295,6 +342,7 @@ class QedDriver implements BlockDriver {
 
   async flush(): Promise<void> {
     if (this.closed) throw new QmountError('EBADF', `${this.file.path}: flush after close`);
+    await this.count.ready().catch(() => {}); // so allocatedBytes() is exact after a flush
     if (this.readOnly) return;
     await this.tables.flush();
   }
@@ -302,6 +350,7 @@ class QedDriver implements BlockDriver {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await this.count.stop();
     if (this.idleTimer) {
       clearTimeout(this.idleTimer);
       this.idleTimer = null;
@@ -323,21 +372,81 @@ class QedDriver implements BlockDriver {
     }
   }
 
-  // Placeholders: the sparse-image driver work (issue 13) replaces these.
-  blockStatus(_guestOffset: number, _length: number): Promise<BlockExtent[]> {
-    return notYet(this, 'blockStatus');
+  async blockStatus(guestOffset: number, length: number): Promise<BlockExtent[]> {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    const out: BlockExtent[] = [];
+    let done = 0;
+    while (done < length) {
+      const g = guestOffset + done;
+      const ext = await this.tables.map(g, length - done);
+      if (ext.kind === 'data') {
+        pushExtent(out, { guestOffset: g, length: ext.bytes, data: true, zero: false, present: true, depth: 0, hostOffset: ext.host });
+      } else if (ext.kind === 'zero') {
+        pushExtent(out, { guestOffset: g, length: ext.bytes, data: false, zero: true, present: true, depth: 0 });
+      } else {
+        await backingStatus(this.backing, g, ext.bytes, out);
+      }
+      done += ext.bytes;
+    }
+    return out;
   }
 
-  writeZeroes(_guestOffset: number, _length: number, _opts: { unmap: boolean }): Promise<void> {
-    return notYet(this, 'writeZeroes');
+  async writeZeroes(guestOffset: number, length: number, opts: { unmap: boolean }): Promise<void> {
+    checkRequest(this, 'write', guestOffset, length, this.closed);
+    if (length === 0) return;
+    await this.requests.track(zeroRange(this.zero, guestOffset, length, opts.unmap, this.virtualSize));
   }
 
-  resize(_newSize: number): Promise<void> {
-    return notYet(this, 'resize');
+  async resize(newSize: number): Promise<void> {
+    checkResize(this, newSize, this.closed, maxImageSize(this.geo.clusterSize, this.header.tableSize));
+    const oldSize = this.virtualSize;
+    if (newSize === oldSize) return;
+    if (newSize < oldSize) await this.refuseDataPast(newSize, oldSize);
+    this.virtualSize = newSize;
+    try {
+      await this.requests.drain();
+      if (newSize < oldSize) {
+        await this.refuseDataPast(newSize, oldSize); // a write checked before may have allocated there
+      } else if (this.backing && this.backing.virtualSize > oldSize) {
+        // The grown part must read zeros, not the backing file's data: zero entries, durable before the header.
+        const end = Math.min(newSize, this.backing.virtualSize);
+        await zeroRange(this.zero, oldSize, end - oldSize, false, end);
+        await this.tables.flush();
+      }
+      await this.metaLock.run(async () => {
+        await this.file.write('header_resize', serializeHeader({ ...this.header, imageSize: newSize }), 0, QED_HEADER_BYTES, 0);
+        await this.file.flush();
+        this.header.imageSize = newSize;
+      });
+    } catch (err) {
+      this.virtualSize = oldSize;
+      throw err;
+    }
+    this.log.debug({ oldSize, newSize }, 'resized');
   }
 
+  /** EPERM if this image (not its backing file) stores data in [newSize, oldSize). */
+  private async refuseDataPast(newSize: number, oldSize: number): Promise<void> {
+    let at = newSize;
+    while (at < oldSize) {
+      const ext = await this.tables.map(at, oldSize - at);
+      if (ext.kind === 'data') {
+        throw new QmountError('EPERM', `${this.file.path}: cannot shrink to ${newSize} bytes: data is stored at guest offset ${at} (discard it first)`);
+      }
+      at += ext.bytes;
+    }
+  }
+
+  /**
+   * Data clusters of this image (counted after open, then kept current; an
+   * estimate from the file size until the count is done) plus what the
+   * backing chain stores, at most the disk size.
+   */
   allocatedBytes(): number {
-    return this.virtualSize;
+    const own = this.count.done
+      ? this.count.clusters * this.geo.clusterSize
+      : Math.max(0, this.space.fileEnd - this.geo.headerEnd - this.geo.tableBytes);
+    return Math.min(this.virtualSize, own + (this.backing?.allocatedBytes() ?? 0));
   }
 
   info(): ImageInfo {

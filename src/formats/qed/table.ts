@@ -193,7 +193,44 @@ export class QedTables {
    * Point guest clusters [firstCluster, +count) at host clusters from `host`
    * (whose data is already written). Caller holds the metadata lock.
    */
-  async link(firstCluster: number, count: number, host: number): Promise<void> {
+  link(firstCluster: number, count: number, host: number): Promise<void> {
+    const cs = this.geo.clusterSize;
+    return this.setEntries(firstCluster, count, (i) => host + i * cs);
+  }
+
+  /**
+   * The raw L2 entries of guest clusters [firstCluster, +count), inside one
+   * L2 table (0 where the table is unallocated). A data entry that is not a
+   * valid cluster offset throws (EIO), as map() does. Caller holds the
+   * metadata lock, so the entries stay what they are until it changes them.
+   */
+  async entries(firstCluster: number, count: number): Promise<number[]> {
+    const g = this.geo;
+    const l1Index = Math.floor(firstCluster / g.tableEntries);
+    const idx0 = firstCluster - l1Index * g.tableEntries;
+    const l2off = this.l2Offset(l1Index, firstCluster * g.clusterSize);
+    if (l2off === 0) return new Array<number>(count).fill(0);
+    const table = await this.l2.get(l2off);
+    const out: number[] = [];
+    for (let i = 0; i < count; i++) {
+      const e = readEntry(table, idx0 + i);
+      if (e !== 0 && e !== QED_ZERO_CLUSTER && !this.isDataEntry(e)) throw this.corruptData(e, (firstCluster + i) * g.clusterSize);
+      out.push(e);
+    }
+    return out;
+  }
+
+  /**
+   * Set the L2 entries of guest clusters [firstCluster, +count) (inside one
+   * L2 table) to entryAt(i): host offsets of written clusters (link), or
+   * QED_ZERO_CLUSTER / 0 for clusters that no longer hold data (discard,
+   * write-zeroes). Caller holds the metadata lock. With no L2 table yet, one
+   * is allocated, written with the entries and synced before the L1 entry
+   * points at it (setting only 0s then needs no table and writes nothing).
+   * A cluster whose entry leaves a host offset is leaked: nothing points at
+   * it, and the append-only allocator never hands it out again.
+   */
+  async setEntries(firstCluster: number, count: number, entryAt: (i: number) => number): Promise<void> {
     const g = this.geo;
     const cs = g.clusterSize;
     const l1Index = Math.floor(firstCluster / g.tableEntries);
@@ -201,14 +238,20 @@ export class QedTables {
     const l2off = this.l2Offset(l1Index, firstCluster * cs);
     if (l2off !== 0) {
       const table = await this.l2.get(l2off);
-      for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, host + i * cs);
+      for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, entryAt(i));
       this.l2.markDirty(l2off, table);
       this.l2.dependOnSync();
       return;
     }
     // New L2 table: written with its entries and synced (data included) before L1 points at it.
     const table = Buffer.alloc(g.tableBytes);
-    for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, host + i * cs);
+    let any = false;
+    for (let i = 0; i < count; i++) {
+      const e = entryAt(i);
+      writeEntry(table, idx0 + i, e);
+      any ||= e !== 0;
+    }
+    if (!any) return;
     const off = this.space.alloc(g.tableBytes / cs);
     await this.file.write('qed_l2_alloc', table, 0, g.tableBytes, off);
     this.space.wrote(off + g.tableBytes);
@@ -218,6 +261,19 @@ export class QedTables {
     await this.file.write('qed_l1_update', entry, 0, 8, this.l1Offset + l1Index * 8);
     this.l2.install(off, table, false);
     writeEntry(this.l1, l1Index, off);
+  }
+
+  /** Data clusters mapped by the L2 table of `l1Index` (0 when unallocated). Caller holds the metadata lock. */
+  async countData(l1Index: number): Promise<number> {
+    const l2off = this.l2Offset(l1Index, l1Index * this.geo.l2Span);
+    if (l2off === 0) return 0;
+    const table = await this.l2.get(l2off);
+    let n = 0;
+    for (let i = 0; i < this.geo.tableEntries; i++) {
+      const e = readEntry(table, i);
+      if (e !== 0 && e !== QED_ZERO_CLUSTER) n++;
+    }
+    return n;
   }
 
   /** Write dirty L2 tables (data synced first) and sync the file. */

@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "fileops",
+      "sources": ["fileops.c"],
+      "cflags": ["-Wall", "-Wextra", "-O2"]
+    }
+  ]
+}
