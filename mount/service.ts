@@ -34,7 +34,7 @@ import { performance } from 'node:perf_hooks';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { BlockDriver } from '../src/formats/driver.js';
 import type { Logger } from '../src/log.js';
-import { blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
+import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
 
 const E = os.constants.errno;
 
@@ -144,6 +144,8 @@ export class DiskService {
   private readonly discard: DiscardMode;
   /** st_blocks last handed to onAttrs */
   private blocks: number;
+  /** The last block status lseek asked for (every change invalidates it). */
+  private readonly statusCache = new StatusCache();
   /** Set by a backend that answers getattr itself: called with the file's size and st_blocks when either changed. */
   onAttrs: ((size: number, blocks: number) => void) | undefined;
 
@@ -329,6 +331,7 @@ export class DiskService {
     if (n > s.maxWrite) s.maxWrite = n;
     if (n <= 4096) s.smallWrites++;
     const t0 = performance.now();
+    this.statusCache.invalidate();
     let p: Promise<void>;
     try {
       p = this.driver.write(buf, bufOff, n, pos);
@@ -340,12 +343,14 @@ export class DiskService {
       () => {
         s.writeMicros += (performance.now() - t0) * 1000;
         this.mtime = Date.now();
+        this.statusCache.invalidate();
         this.attrsChanged();
         this.leave(id);
         return n;
       },
       (err: unknown) => {
         s.writeMicros += (performance.now() - t0) * 1000;
+        this.statusCache.invalidate();
         this.leave(id);
         s.writeErrors++;
         const code = errnoOf(err);
@@ -399,6 +404,8 @@ export class DiskService {
   private sparseOp(op: string, pos: number, length: number, run: () => Promise<number | null | void>): Promise<number> | number {
     const id = this.enter(op, pos, length);
     if (id === 0) return EIO;
+    const changes = op !== 'lseek';
+    if (changes) this.statusCache.invalidate();
     let p: Promise<number | null | void>;
     try {
       p = run();
@@ -408,8 +415,9 @@ export class DiskService {
     }
     return p.then(
       (r) => {
-        if (op !== 'lseek') {
+        if (changes) {
           this.mtime = Date.now();
+          this.statusCache.invalidate();
           this.attrsChanged();
         }
         this.leave(id);
@@ -417,7 +425,10 @@ export class DiskService {
       },
       (err: unknown) => {
         // A resize or zeroing may have happened in part: publish what the driver says now.
-        if (op !== 'lseek') this.attrsChanged();
+        if (changes) {
+          this.statusCache.invalidate();
+          this.attrsChanged();
+        }
         this.leave(id);
         const code = errnoOf(err);
         // Refusals the caller asked for (shrinking over data, a bad mode or size) are not engine failures.
@@ -430,7 +441,7 @@ export class DiskService {
 
   /** lseek SEEK_DATA / SEEK_HOLE: the offset, or a negative errno (ENXIO: none). */
   lseek(pos: number, whence: number): number | Promise<number> {
-    return this.sparseOp('lseek', pos, 0, () => seek(this.driver, pos, whence));
+    return this.sparseOp('lseek', pos, 0, () => seek(this.driver, pos, whence, this.statusCache));
   }
 
   fallocate(mode: number, pos: number, length: number): number | Promise<number> {

@@ -45,9 +45,14 @@ export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const FALLOC_FL_ZERO_RANGE = 0x10;
 const KNOWN_MODES = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE;
 
-/** blockStatus is asked for this much first, then twice as much per round up to MAX (bounds one call's work). */
-const FIRST_WINDOW = 64 * 1024 * 1024;
-const MAX_WINDOW = 4 * 1024 * 1024 * 1024;
+/**
+ * blockStatus is asked for this much first, then twice as much per round up
+ * to MAX (bounds one call's work). What a call returns beyond the offset
+ * found is kept (StatusCache), so large windows cost nothing twice: a
+ * SEEK_DATA/SEEK_HOLE walk asks the driver about each byte about once.
+ */
+const FIRST_WINDOW = 256 * 1024 * 1024;
+const MAX_WINDOW = 8 * 1024 * 1024 * 1024;
 /** writeZeroes is called for at most this many bytes at a time (a 10 GiB discard is many calls). */
 export const ZERO_CHUNK = 1024 * 1024 * 1024;
 
@@ -63,29 +68,59 @@ export function blocksOf(src: SparseSource): number {
 }
 
 /**
+ * The last blockStatus answer of a mount, for the lseek that follows (cp
+ * alternates SEEK_DATA and SEEK_HOLE over the same extents). Valid while
+ * nothing changed: every write, discard and resize anywhere in the mount
+ * calls invalidate() when it starts and when it completes (files may share
+ * bytes: a partition and disk.raw), and an answer is kept only if no
+ * invalidate() happened while it was computed. A write still in flight
+ * when an answer is kept invalidates it on completion: lseek never sees a
+ * state older than the last completed change.
+ */
+export class StatusCache {
+  private generation = 0;
+  private entry: { src: SparseSource; start: number; end: number; extents: BlockExtent[] } | undefined;
+
+  invalidate(): void {
+    this.generation++;
+    this.entry = undefined;
+  }
+
+  /** Extents covering [pos, end) for some end > pos (at most pos + window), from the cache or the driver. */
+  async status(src: SparseSource, pos: number, window: number): Promise<{ extents: BlockExtent[]; end: number }> {
+    const c = this.entry;
+    if (c && c.src === src && c.start <= pos && pos < c.end) return { extents: c.extents, end: c.end };
+    const end = Math.min(pos + window, src.virtualSize);
+    const gen = this.generation;
+    const extents = await src.blockStatus(pos, end - pos);
+    if (gen === this.generation) this.entry = { src, start: pos, end, extents };
+    return { extents, end };
+  }
+}
+
+/**
  * lseek SEEK_DATA / SEEK_HOLE from `pos`: the offset found, or null for
  * ENXIO. Other `whence` values are EINVAL (the kernel answers them itself).
  */
-export async function seek(src: SparseSource, pos: number, whence: number): Promise<number | null> {
+export async function seek(src: SparseSource, pos: number, whence: number, cache = new StatusCache()): Promise<number | null> {
   if (whence !== SEEK_DATA && whence !== SEEK_HOLE) throw new QmountError('EINVAL', `lseek whence ${whence} is not SEEK_DATA or SEEK_HOLE`);
   const wantData = whence === SEEK_DATA;
   const size = src.virtualSize;
   if (!(pos >= 0) || pos >= size) return null;
   let window = FIRST_WINDOW;
   while (pos < size) {
-    const length = Math.min(window, size - pos);
-    let extents: BlockExtent[];
+    let r: { extents: BlockExtent[]; end: number };
     try {
-      extents = await src.blockStatus(pos, length);
+      r = await cache.status(src, pos, window);
     } catch (err) {
       if (err instanceof QmountError && err.errno === 'ENOTSUP') return wantData ? pos : size;
       throw err;
     }
-    for (const e of extents) {
-      if (e.length > 0 && isData(e) === wantData) return Math.max(e.guestOffset, pos);
+    for (const e of r.extents) {
+      if (e.length > 0 && e.guestOffset + e.length > pos && isData(e) === wantData) return Math.max(e.guestOffset, pos);
     }
-    // Extents cover exactly [pos, pos + length) by contract; advancing by length never loops on a short answer.
-    pos += length;
+    // Extents cover exactly the range asked by contract; advancing to its end never loops on a short answer.
+    pos = r.end;
     window = Math.min(window * 2, MAX_WINDOW);
   }
   return wantData ? null : size;

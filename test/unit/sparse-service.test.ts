@@ -79,6 +79,41 @@ describe('lseek', () => {
     expect(e.calls.length).toBeLessThan(10);
   });
 
+  it('one block-status answer serves the lseeks after it, until anything changes', async () => {
+    const d = new MemDriver(GiB);
+    await fill(d, 10 * MiB, C);
+    const { svc } = service(d);
+    expect(await svc.lseek(0, SEEK_DATA)).toBe(10 * MiB);
+    expect(d.calls.length).toBe(1);
+    expect(await svc.lseek(10 * MiB, SEEK_HOLE)).toBe(10 * MiB + C);
+    expect(d.calls.length).toBe(1); // answered from the first call's extents
+    expect(await svc.lseek(10 * MiB + C, SEEK_DATA)).toBe(-E.ENXIO);
+    const asked = d.calls.length;
+    expect(asked).toBe(3); // the rest of the first window from the cache, then [256M, 768M) and [768M, 1G)
+    // A write through the mount invalidates what was cached: the new data is found.
+    expect(await svc.write(Buffer.alloc(10, 1), 0, 10, 500 * MiB)).toBe(10);
+    expect(await svc.lseek(10 * MiB + C, SEEK_DATA)).toBe(500 * MiB);
+    expect(d.calls.length).toBeGreaterThan(asked);
+    // So does a discard.
+    expect(await svc.fallocate(PUNCH | KEEP, 500 * MiB, C)).toBe(0);
+    expect(await svc.lseek(10 * MiB + C, SEEK_DATA)).toBe(-E.ENXIO);
+    // And a write that completes while a block-status call is under way keeps its answer out of the cache.
+    const slow = d.blockStatus.bind(d);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    d.blockStatus = async (g, l) => {
+      const r = await slow(g, l);
+      await gate;
+      return r;
+    };
+    const pending = svc.lseek(0, SEEK_DATA);
+    await svc.write(Buffer.alloc(10, 1), 0, 10, 100 * MiB); // inside the window being asked about
+    release();
+    expect(await pending).toBe(10 * MiB);
+    d.blockStatus = slow;
+    expect(await svc.lseek(10 * MiB + C, SEEK_DATA)).toBe(100 * MiB);
+  });
+
   it('a source without block status is one data extent', async () => {
     const d = new MemDriver(8 * C);
     d.noStatus = true;
