@@ -34,6 +34,7 @@ import { oneLine } from './errors.js';
 import { checkImage, NothingToCheckError, type CheckReport, type RepairMode } from './formats/check.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES, openImage, printable } from './formats/open.js';
+import { DETECT_ZEROES_MODES, withDetectZeroes, type DetectZeroes } from './formats/zero-detect.js';
 import { ImageFile } from './io/file.js';
 import { lockImageFile } from './io/lock.js';
 import { configureLogging, logger, type Logger } from './log.js';
@@ -123,7 +124,7 @@ interface MountFlags {
   options: string[];
   fuseBackend?: BackendChoice;
   discard: 'ignore' | 'unmap';
-  detectZeroes: 'off' | 'on' | 'unmap';
+  detectZeroes: DetectZeroes;
 }
 
 async function mountCommand(image: string, dir: string, flags: MountFlags): Promise<number> {
@@ -181,7 +182,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, discard: flags.discard });
+      session = await MountSession.mount(withDetectZeroes(driver, flags.detectZeroes), mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, discard: flags.discard });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
@@ -450,7 +451,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .option('--pid-file <file>', 'write the mount process id here while mounted')
     .addOption(new Option('--discard <mode>', 'discard (fstrim, fallocate --punch-hole) on disk.raw: unmap frees the clusters, ignore only zeros them').choices(['ignore', 'unmap']).default('unmap'))
-    .addOption(new Option('--detect-zeroes <mode>', 'writes of zeros: off; on: allocate nothing for them; unmap: also free the clusters they cover').choices(['off', 'on', 'unmap']).default('on'))
+    .addOption(new Option('--detect-zeroes <mode>', 'writes of zeros: off; on: allocate nothing for them; unmap: also free the clusters they cover').choices(DETECT_ZEROES_MODES).default('on'))
     .addOption(new Option('--fuse-backend <backend>', 'FUSE binding: fuse3 (libfuse 3 addon), fuse-native (libfuse 2), auto: fuse3, else fuse-native').choices(BACKEND_NAMES).default('auto'))
     .option(
       '-o, --options <opt[,opt...]>',

@@ -19,7 +19,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BACKENDS, mountImage, type MountedImage } from '../helpers/mount.js';
+import { BACKENDS, CLI, mountImage, type MountedImage } from '../helpers/mount.js';
 import { patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo, run, scratchDir } from '../helpers/qemu.js';
 import { extentBytes, qemuMapData, seekWalk, statBlocks, tool } from '../helpers/sparse-tools.js';
 
@@ -166,6 +166,66 @@ describe('fuse3: fallocate on disk.raw against a raw reference', () => {
       fs.rmSync(ref);
     });
   }
+});
+
+describe.each(BACKENDS)('%s: --detect-zeroes', (backend) => {
+  for (const kind of KINDS.filter((k) => k.name === 'qcow2' || k.name === 'QED' || k.name === 'raw')) {
+    it(`zeros written with dd (${kind.name}): on allocates nothing, off stores them, unmap frees data`, async () => {
+      // raw: the host file's allocation (ZERO_RANGE leaves unwritten extents, which SEEK_DATA calls holes).
+      const data = (file: string) => (kind.format === 'raw' ? hostAllocated(file) : extentBytes(qemuMapData(file, kind.format)));
+      const zeros = (target: string, seekMiB: number) => tool('dd', ['if=/dev/zero', `of=${target}`, 'bs=1M', 'count=8', `seek=${seekMiB}`, 'conv=notrunc,fsync', 'status=none']);
+      for (const mode of ['on', 'off', 'unmap'] as const) {
+        const image = img(kind, 256 * MiB, ['write -P 0x5a 0 16M']);
+        const before = data(image);
+        const m = await mountImage(image, { format: kind.format, backend, extraArgs: ['--detect-zeroes', mode] });
+        try {
+          expect((await zeros(m.rawPath, 100)).code).toBe(0); // over unallocated clusters
+          expect((await zeros(m.rawPath, 4)).code).toBe(0); // over data
+        } finally {
+          await m.unmount();
+        }
+        const after = data(image);
+        const what = `${kind.name} --detect-zeroes ${mode}: data ${before} -> ${after}`;
+        // raw has no clusters to leave unallocated: its zeroing is ZERO_RANGE, which the host file
+        // system allocates as unwritten extents (QEMU's file driver does the same); not more than off.
+        if (mode === 'on' && kind.format === 'raw') expect(after, what).toBeLessThanOrEqual(before + 8 * MiB + 64 * KiB);
+        else if (mode === 'on') expect(after, what).toBe(before);
+        else if (mode === 'off') expect(after, what).toBe(before + 8 * MiB);
+        else expect(after, what).toBe(before - 8 * MiB);
+        const check = checkCode(kind, image);
+        expect(kind.checkOk, check.output).toContain(check.code);
+        const ref = path.join(scratch.dir, `ref-${n++}.raw`);
+        run('qemu-img', ['create', '-q', '-f', 'raw', ref, String(256 * MiB)]);
+        run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 16M', '-c', 'write -z 4M 8M', ref]);
+        expect(qemuCompare(image, ref, kind.format, 'raw').same, what).toBe(true);
+        fs.rmSync(ref);
+      }
+    });
+  }
+  it('--detect-zeroes unmap needs --discard unmap (usage error, exit 1)', async () => {
+    const image = img(KINDS[0]!, MiB, []);
+    const r = await tool(process.execPath, [CLI, '-f', '--detect-zeroes', 'unmap', '--discard', 'ignore', image, scratch.dir]);
+    expect(r.code).toBe(1);
+    expect(r.out).toMatch(/--detect-zeroes unmap needs --discard unmap/);
+  });
+});
+
+describe('fuse3: --discard ignore', () => {
+  it('fallocate -p reads back zeros but keeps the clusters allocated (qcow2)', async () => {
+    const kind = KINDS[0]!;
+    const image = img(kind, 64 * MiB, ['write -P 0x5a 0 16M']);
+    const m = await mountImage(image, { format: kind.format, backend: 'fuse3', extraArgs: ['--discard', 'ignore'] });
+    const fileBefore = hostAllocated(image);
+    try {
+      const r = await tool('fallocate', ['-p', '-o', String(MiB), '-l', String(8 * MiB), m.rawPath]);
+      expect(r.code, r.out).toBe(0);
+    } finally {
+      await m.unmount();
+    }
+    expect(extentBytes(qemuMapData(image, kind.format))).toBe(8 * MiB);
+    expect(hostAllocated(image)).toBeGreaterThanOrEqual(fileBefore);
+    expect(qemuCheck(image, kind.format).code).toBe(0);
+  });
 });
 
 describe.each(BACKENDS)('%s: truncate', (backend) => {
