@@ -20,7 +20,7 @@ import type { BackendContext, FuseBackend } from './backend.js';
 import { loadFuse3 } from './backend-fuse3.js';
 import { readMounts } from './mountinfo.js';
 import { MAX_IO_FUSE_NATIVE, fuseOptionList } from './options.js';
-import { FILE_NAME, type DiskService, type Stat } from './service.js';
+import type { DiskService, Stat } from './service.js';
 
 /** The file system type our mounts show in mountinfo (subtype=qmount, see options.ts). */
 const FS_TYPE = 'fuse.qmount';
@@ -56,7 +56,11 @@ function answer(cb: (r: number) => void, r: number | Promise<number>, service: D
   else r.then(cb, (err: unknown) => cb(service.handlerFailed(op, err)));
 }
 
-/** fuse-native's ops over a DiskService (fuse-native's Buffers are views of FUSE's memory: no copies). */
+/**
+ * fuse-native's ops over a DiskService (fuse-native's Buffers are views of
+ * FUSE's memory: no copies). Requests name a path: each data op finds its
+ * MountFile by path (a Map lookup), ENOENT/EISDIR when there is none.
+ */
 export function fuseNativeOps(service: DiskService): FuseOps {
   const stat = (path: string, cb: (code: number, st?: FuseStat) => void) => {
     const r = service.getattr(path);
@@ -66,10 +70,13 @@ export function fuseNativeOps(service: DiskService): FuseOps {
   return {
     getattr: (path, cb) => stat(path, cb),
     fgetattr: (path, _fd, cb) => stat(path, cb),
-    readdir: (path, cb) => (path === '/' ? cb(0, ['.', '..', FILE_NAME]) : cb(-2)),
+    readdir: (path, cb) => {
+      const r = service.readdir(path);
+      return typeof r === 'number' ? cb(r) : cb(0, r);
+    },
     statfs: (_path, cb) => {
       const blocks = Math.min(Math.ceil(service.size / 4096), 0xffffffff);
-      cb(0, { bsize: 4096, frsize: 4096, blocks, bfree: 0, bavail: 0, files: 2, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 });
+      cb(0, { bsize: 4096, frsize: 4096, blocks, bfree: 0, bavail: 0, files: service.tree.nodes.length, ffree: 0, favail: 0, fsid: 0, flag: 0, namemax: 255 });
     },
     open: (path, flags, cb) => {
       const r = service.open(path, flags);
@@ -78,16 +85,19 @@ export function fuseNativeOps(service: DiskService): FuseOps {
     release: (_path, _fd, cb) => cb(0),
     flush: (_path, _fd, cb) => cb(service.flush()),
     read: (path, _fd, buf, len, pos, cb) => {
-      if (path !== '/disk.raw') return cb(-2);
-      answer(cb, service.read(buf, 0, len, pos), service, 'read');
+      const f = service.file(path);
+      if (typeof f === 'number') return cb(f);
+      answer(cb, service.read(f, buf, 0, len, pos), service, 'read');
     },
     write: (path, _fd, buf, len, pos, cb) => {
-      if (path !== '/disk.raw') return cb(-2);
-      answer(cb, service.write(buf, 0, len, pos), service, 'write');
+      const f = service.file(path);
+      if (typeof f === 'number') return cb(f);
+      answer(cb, service.write(f, buf, 0, len, pos), service, 'write');
     },
     fsync: (path, _datasync, _fd, cb) => {
-      if (path !== '/disk.raw') return cb(0);
-      answer(cb, service.fsync(), service, 'fsync');
+      const f = service.file(path);
+      if (typeof f === 'number') return cb(0);
+      answer(cb, service.fsync(f), service, 'fsync');
     },
     truncate: (path, size, cb) => answer(cb, service.truncate(path, size), service, 'truncate'),
     ftruncate: (path, _fd, size, cb) => answer(cb, service.truncate(path, size), service, 'truncate'),
@@ -107,7 +117,11 @@ export class FuseNativeBackend implements FuseBackend {
   private gone = false;
 
   constructor(private readonly ctx: BackendContext) {
-    this.fuse = new QmountFuse(ctx.mountPoint, fuseNativeOps(ctx.service), fuseOptionList(ctx.mount, ctx.readOnly));
+    // kernel_cache keeps pages across opens; with files showing the same bytes (pN.raw in disk.raw) a
+    // write through one would leave the other's pages stale, so then each open drops them (libfuse 2's default).
+    const aliased = ctx.service.tree.files().some((f) => ctx.service.hasAliases(f));
+    const options = fuseOptionList(ctx.mount, ctx.readOnly).filter((o) => !(aliased && o === 'kernel_cache'));
+    this.fuse = new QmountFuse(ctx.mountPoint, fuseNativeOps(ctx.service), options);
     this.options = this.fuse._fuseOptions();
   }
 

@@ -1,9 +1,11 @@
 /**
  * The fuse3 backend: native/fuse3 (libfuse 3 low-level API on the event
  * loop; see native/fuse3/qfuse.h for the design). The addon answers
- * metadata itself from DiskService.attrs and calls `handler` for data
- * requests with the index of the buffer holding the request; we answer with
- * reply(slot, result) at once or when the driver's promise settles.
+ * metadata itself from the node table built here from the service's tree
+ * (inode = index + 1, the numbering of mount/tree.ts) and calls `handler`
+ * for data requests with the file's inode and the index of the buffer
+ * holding the request; we answer with reply(slot, result) at once or when
+ * the driver's promise settles.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -13,13 +15,24 @@ import { oneLine } from '../src/errors.js';
 import type { BackendContext, FuseBackend } from './backend.js';
 import { findMount, readMounts } from './mountinfo.js';
 import { MAX_IO_FUSE3, fuse3OptionList, ioSizes } from './options.js';
-import { FILE_PATH } from './service.js';
+
+/** One node of the addon's table (native/fuse3/session.c read_nodes). */
+export interface Fuse3Node {
+  /** inode of the directory holding it (the root: 1) */
+  parent: number;
+  name: string;
+  dir: boolean;
+  mode: number;
+  nlink: number;
+  size: number;
+  blocks: number;
+  readOnly: boolean;
+  /** false: another file shows the same bytes, so the page cache is dropped at open */
+  keepCache: boolean;
+}
 
 export interface Fuse3Attrs {
-  size: number;
-  /** st_blocks (512-byte units) */
-  blocks: number;
-  fileMode: number;
+  nodes: Fuse3Node[];
   dirMode: number;
   uid: number;
   gid: number;
@@ -29,12 +42,15 @@ export interface Fuse3Attrs {
   maxWrite: number;
 }
 
-export type Fuse3Handler = (op: number, slot: number, offset: number, length: number, arg: number) => void;
+export type Fuse3Handler = (op: number, slot: number, offset: number, length: number, arg: number, ino: number) => void;
 
 export interface Fuse3Addon {
   mount(mountPoint: string, options: string, attrs: Fuse3Attrs, buffers: number, handler: Fuse3Handler): { handle: unknown; buffers: ArrayBuffer[] };
   reply(handle: unknown, slot: number, result: number): void;
-  setFileAttrs(handle: unknown, ino: number, size: number, blocks: number): void;
+  /** Drop the kernel's cached pages of [offset, +length) of a file (asynchronous; inval.c). */
+  invalidate(handle: unknown, ino: number, offset: number, length: number): void;
+  /** New size / st_blocks of a file (getattr answers them from then on). */
+  setFile(handle: unknown, ino: number, size: number, blocks: number): void;
   close(handle: unknown): void;
   stats(handle: unknown): Record<string, number>;
   watchMounts(cb: () => void): unknown;
@@ -46,8 +62,6 @@ export interface Fuse3Addon {
 /** enum qf_op in native/fuse3/qfuse.h */
 export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 5, UNMOUNTED: 6, SETSIZE: 7 } as const;
 const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate', 'unmounted', 'truncate'];
-/** QF_FILE_INO: disk.raw */
-const FILE_INO = 2;
 
 /**
  * Request buffers per mount (1 MiB + 4 KiB each, touched only when used):
@@ -104,14 +118,25 @@ export class Fuse3Backend implements FuseBackend {
   mount(): Promise<void> {
     const { service, mount, readOnly, mountPoint } = this.ctx;
     const { maxRead, maxWrite } = ioSizes(mount, MAX_IO_FUSE3);
-    const attrs: Fuse3Attrs = { ...service.attrs, blocks: service.fileStat().blocks ?? 0, readOnly, directIo: mount.directIo, maxRead, maxWrite };
+    const a = service.attrs;
+    const nodes: Fuse3Node[] = service.tree.nodes.map((n) => {
+      if (n.kind === 'dir') {
+        const st = service.dirStat(n);
+        return { parent: n.parent, name: n.name, dir: true, mode: st.mode, nlink: st.nlink, size: 4096, blocks: 0, readOnly: true, keepCache: true };
+      }
+      const st = service.fileStat(n);
+      return { parent: n.parent, name: n.name, dir: false, mode: st.mode, nlink: 1, size: st.size, blocks: st.blocks ?? 0, readOnly: n.readOnly, keepCache: !service.hasAliases(n) };
+    });
+    const attrs: Fuse3Attrs = { nodes, dirMode: a.dirMode, uid: a.uid, gid: a.gid, readOnly, directIo: mount.directIo, maxRead, maxWrite };
     const m = this.addon.mount(mountPoint, this.options, attrs, bufferCount(), this.handler);
     this.handle = m.handle;
-    // getattr is answered in C: keep its size and st_blocks current (called before the request that changed them is answered).
-    service.onAttrs = (size, blocks) => {
-      if (!this.released) this.addon.setFileAttrs(this.handle, FILE_INO, size, blocks);
+    // getattr is answered in C: keep each file's size and st_blocks current (called before the request that changed them is answered).
+    service.onAttrs = (f, size, blocks) => {
+      if (!this.released) this.addon.setFile(this.handle, f.ino, size, blocks);
     };
     this.bufs = m.buffers.map((ab) => Buffer.from(ab));
+    // With direct_io nothing is cached: nothing to invalidate.
+    if (!mount.directIo) service.invalidate = (f, offset, length) => this.addon.invalidate(this.handle, f.ino, offset, length);
     this.raiseReadahead(maxRead);
     return Promise.resolve();
   }
@@ -134,7 +159,7 @@ export class Fuse3Backend implements FuseBackend {
     })().catch((err: unknown) => this.ctx.log.debug({ err: oneLine(err) }, 'read-ahead not raised'));
   }
 
-  private readonly handler: Fuse3Handler = (op, slot, offset, length, arg) => {
+  private readonly handler: Fuse3Handler = (op, slot, offset, length, arg, ino) => {
     if (op === OP.UNMOUNTED) {
       if (this.unmountedSeen) return;
       this.unmountedSeen = true;
@@ -144,15 +169,20 @@ export class Fuse3Backend implements FuseBackend {
     const service = this.ctx.service;
     let r: number | Promise<number>;
     try {
-      switch (op) {
-        case OP.READ: r = service.read(this.bufs[slot]!, 0, length, offset); break;
-        case OP.WRITE: r = service.write(this.bufs[slot]!, arg, length, offset); break;
-        case OP.FLUSH: r = service.flush(); break;
-        case OP.FSYNC: r = service.fsync(); break;
-        case OP.LSEEK: r = service.lseek(offset, arg); break;
-        case OP.FALLOCATE: r = service.fallocate(arg, offset, length); break;
-        case OP.SETSIZE: r = service.truncate(FILE_PATH, offset); break;
-        default: r = service.handlerFailed(`op ${op}`, new Error('unknown operation'));
+      // The addon forwards only requests for file inodes of its table, which is the service's tree.
+      const f = service.fileByIno(ino);
+      if (f === undefined) r = service.handlerFailed(OP_NAMES[op] ?? `op ${op}`, new Error(`inode ${ino} is not a file`));
+      else {
+        switch (op) {
+          case OP.READ: r = service.read(f, this.bufs[slot]!, 0, length, offset); break;
+          case OP.WRITE: r = service.write(f, this.bufs[slot]!, arg, length, offset); break;
+          case OP.FLUSH: r = service.flush(); break;
+          case OP.FSYNC: r = service.fsync(f); break;
+          case OP.LSEEK: r = service.lseek(f, offset, arg); break;
+          case OP.FALLOCATE: r = service.fallocate(f, arg, offset, length); break;
+          case OP.SETSIZE: r = service.setSize(f, offset); break;
+          default: r = service.handlerFailed(`op ${op}`, new Error('unknown operation'));
+        }
       }
     } catch (err) {
       r = service.handlerFailed(OP_NAMES[op] ?? `op ${op}`, err);
@@ -169,6 +199,8 @@ export class Fuse3Backend implements FuseBackend {
   release(): void {
     if (this.released || this.handle === undefined) return;
     this.released = true;
+    this.ctx.service.invalidate = undefined;
+    this.ctx.service.onAttrs = undefined;
     this.addon.close(this.handle);
   }
 

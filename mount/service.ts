@@ -1,9 +1,12 @@
 /**
- * The file system a mount shows, independent of the FUSE binding: a
- * directory holding one regular file, `disk.raw`, whose bytes are the
- * driver's guest disk. Backends (mount/backend.ts) call in here and pass the
- * answers on. This is the only place where errno names become negative FUSE
- * result codes.
+ * The file system a mount shows, independent of the FUSE binding: the small
+ * static tree of mount/tree.ts (disk.raw, whose bytes are the driver's guest
+ * disk, and whatever else the composition root added: pN.raw partitions,
+ * snapshots/NAME.raw, damage.json). Every file follows the rules below with
+ * its own source, size and read-only flag. Backends (mount/backend.ts) route
+ * each request to its MountFile (fuse3 by inode, fuse-native by path) and
+ * pass the answers on. This is the only place where errno names become
+ * negative FUSE result codes.
  *
  * Results: every data op returns a number (or a promise of one, which never
  * rejects): >= 0 the answer (bytes, offset, 0), < 0 a negative errno.
@@ -32,9 +35,9 @@
 import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
-import type { BlockDriver } from '../src/formats/driver.js';
 import type { Logger } from '../src/log.js';
 import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
+import { MountTree, type MountDir, type MountFile, type MountNode } from './tree.js';
 
 const E = os.constants.errno;
 
@@ -45,6 +48,7 @@ export function fuseCode(name: ErrnoName | 'ENOTCONN' | 'EISDIR' | 'ENOSYS' | 'E
 
 const EIO = fuseCode('EIO');
 const ENOENT = fuseCode('ENOENT');
+const ENOTDIR = fuseCode('ENOTDIR');
 const EROFS = fuseCode('EROFS');
 const ENOSPC = fuseCode('ENOSPC');
 const ENOTSUP = fuseCode('ENOTSUP');
@@ -54,7 +58,7 @@ const ENXIO = fuseCode('ENXIO');
 export const S_IFDIR = 0o040000;
 export const S_IFREG = 0o100000;
 const O_ACCMODE = 3;
-export const FILE_PATH = '/disk.raw';
+/** The main file: the composition root puts the image's guest disk here, first. */
 export const FILE_NAME = 'disk.raw';
 /** Read errors are logged once per guest offset; this bounds the remembered set. */
 const MAX_LOGGED_READ_ERRORS = 1024;
@@ -95,12 +99,21 @@ export interface IoStats {
   unanswered: number;
 }
 
+/** Shown owner and modes (per file: the read-only files lose the write bits, see fileMode()). */
 export interface FileAttrs {
+  /** disk.raw's size (the first file's): statfs reports it */
   size: number;
   fileMode: number;
   dirMode: number;
   uid: number;
   gid: number;
+}
+
+/** Another file showing the same bytes (a partition and disk.raw). */
+interface Alias {
+  file: MountFile;
+  /** the other file's offset in the shared base */
+  baseOffset: number;
 }
 
 export interface Stat extends FileAttrs {
@@ -128,8 +141,15 @@ export class DiskService {
   };
   readonly attrs: FileAttrs;
   readonly readOnly: boolean;
-  private readonly startTime = Date.now();
-  private mtime = this.startTime;
+  readonly tree: MountTree;
+  /** The first file (disk.raw). */
+  readonly main: MountFile;
+  /**
+   * Set by a backend that can drop cached pages of a file (fuse3): called
+   * after a completed change of `file` for every alias range it touched.
+   */
+  invalidate: ((file: MountFile, offset: number, length: number) => void) | undefined;
+  private readonly aliases = new Map<MountFile, { baseOffset: number; others: Alias[] }>();
   private readonly loggedReadErrors = new Set<number>();
   private readonly loggedCauses = new Set<string>();
   /** Requests that reached the driver and are not answered yet. */
@@ -142,21 +162,27 @@ export class DiskService {
   private closing = false;
   private readonly log: Logger;
   private readonly discard: DiscardMode;
-  /** st_blocks last handed to onAttrs */
-  private blocks: number;
-  /** The last block status lseek asked for (every change invalidates it). */
+  /** Each file's size and st_blocks as last handed to onAttrs */
+  private readonly published = new Map<MountFile, { size: number; blocks: number }>();
+  /** The last block status lseek asked for (every change in the mount invalidates it). */
   private readonly statusCache = new StatusCache();
-  /** Set by a backend that answers getattr itself: called with the file's size and st_blocks when either changed. */
-  onAttrs: ((size: number, blocks: number) => void) | undefined;
+  /**
+   * Set by a backend that answers getattr itself (fuse3): called with a
+   * file's size and st_blocks when either changed, before the request that
+   * changed them is answered.
+   */
+  onAttrs: ((file: MountFile, size: number, blocks: number) => void) | undefined;
 
-  constructor(
-    private readonly driver: BlockDriver,
-    opts: DiskServiceOptions,
-  ) {
+  constructor(tree: MountTree, opts: DiskServiceOptions) {
+    this.tree = tree;
+    const main = tree.files()[0];
+    if (!main) throw new Error('DiskService: the mount tree has no file');
+    this.main = main;
+    this.findAliases();
     this.readOnly = opts.readOnly;
     this.log = opts.log;
     this.discard = opts.discard ?? 'unmap';
-    this.blocks = blocksOf(driver);
+    for (const f of tree.files()) this.published.set(f, { size: f.source.virtualSize, blocks: blocksOf(f.source) });
     let fileMode = S_IFREG | (opts.allowOther ? 0o644 : 0o600);
     let dirMode = S_IFDIR | (opts.allowOther ? 0o755 : 0o700);
     if (opts.umask !== undefined) {
@@ -165,7 +191,7 @@ export class DiskService {
       dirMode = S_IFDIR | perm;
     }
     this.attrs = {
-      size: driver.virtualSize,
+      size: main.source.virtualSize,
       fileMode,
       dirMode,
       uid: opts.uid ?? process.getuid?.() ?? 0,
@@ -176,7 +202,47 @@ export class DiskService {
   }
 
   get size(): number {
-    return this.attrs.size;
+    return this.main.source.virtualSize;
+  }
+
+  /** Files showing the same bytes: those whose viewOf names the same base (or the base itself). */
+  private findAliases(): void {
+    const groups = new Map<object, Array<{ file: MountFile; baseOffset: number }>>();
+    for (const f of this.tree.files()) {
+      const base = f.viewOf?.base ?? f.source;
+      const g = groups.get(base) ?? [];
+      g.push({ file: f, baseOffset: f.viewOf?.offset ?? 0 });
+      groups.set(base, g);
+    }
+    for (const g of groups.values()) {
+      if (g.length < 2) continue;
+      for (const m of g) {
+        const others = g.filter((o) => o !== m);
+        this.aliases.set(m.file, { baseOffset: m.baseOffset, others });
+      }
+    }
+  }
+
+  /** True when some other file shows bytes of `f` (its kernel page cache must not outlive an open). */
+  hasAliases(f: MountFile): boolean {
+    return this.aliases.has(f);
+  }
+
+  /**
+   * After a completed change of f's bytes [pos, pos + length): tell the
+   * backend which ranges of other files showed them. Data ops that change
+   * bytes (write, and the sparse ops) call this.
+   */
+  changed(f: MountFile, pos: number, length: number): void {
+    const a = this.aliases.get(f);
+    if (a === undefined || this.invalidate === undefined || length <= 0) return;
+    const lo = a.baseOffset + pos;
+    const hi = lo + length;
+    for (const o of a.others) {
+      const start = Math.max(lo, o.baseOffset);
+      const end = Math.min(hi, o.baseOffset + o.file.source.virtualSize);
+      if (start < end) this.invalidate(o.file, start - o.baseOffset, end - start);
+    }
   }
 
   /** Stop passing requests to the driver; resolves once those already there are answered. */
@@ -226,44 +292,79 @@ export class DiskService {
     return EIO;
   }
 
-  // ---- metadata (the fuse3 backend answers these in C from `attrs`, by the same rules) ----
+  // ---- metadata (the fuse3 backend answers these in C from the same node table, by the same rules) ----
 
-  fileStat(): Stat {
+  /** A read-only file in a writable mount (a snapshot, damage.json) shows no write bits. */
+  fileMode(f: MountFile): number {
+    return f.readOnly && !this.readOnly ? this.attrs.fileMode & ~0o222 : this.attrs.fileMode;
+  }
+
+  fileStat(f: MountFile = this.main): Stat {
     const a = this.attrs;
+    const size = f.source.virtualSize;
     return {
-      ...a, mode: a.fileMode, nlink: 1, blksize: 65536, blocks: blocksOf(this.driver),
-      atime: this.mtime, mtime: this.mtime, ctime: this.mtime,
+      ...a, size, mode: this.fileMode(f), nlink: 1, blksize: 65536, blocks: blocksOf(f.source),
+      atime: f.mtime, mtime: f.mtime, ctime: f.mtime,
     };
   }
 
-  dirStat(): Stat {
+  dirStat(d: MountDir = this.tree.root): Stat {
     const a = this.attrs;
-    return { ...a, mode: a.dirMode, size: 4096, nlink: 2, atime: this.startTime, mtime: this.startTime, ctime: this.startTime };
+    const t = this.tree.startTime;
+    let subdirs = 0;
+    for (const c of d.children.values()) if (c.kind === 'dir') subdirs++;
+    return { ...a, mode: a.dirMode, size: 4096, nlink: 2 + subdirs, atime: t, mtime: t, ctime: t };
+  }
+
+  /** The node at an absolute path ('/', '/disk.raw', '/snapshots/a.raw'). */
+  node(path: string): MountNode | undefined {
+    return this.tree.byPath(path);
+  }
+
+  /** The file at a path, or a negative errno (ENOENT; EISDIR for a directory). */
+  file(path: string): MountFile | number {
+    const n = this.tree.byPath(path);
+    if (n === undefined) return ENOENT;
+    return n.kind === 'file' ? n : EISDIR;
+  }
+
+  /** The file with inode number `ino` (fuse3), or undefined. */
+  fileByIno(ino: number): MountFile | undefined {
+    const n = this.tree.byIno(ino);
+    return n?.kind === 'file' ? n : undefined;
   }
 
   /** getattr: a Stat, or a negative errno. */
   getattr(path: string): Stat | number {
-    if (path === FILE_PATH) return this.fileStat();
-    if (path === '/') return this.dirStat();
-    return ENOENT;
+    const n = this.tree.byPath(path);
+    if (n === undefined) return ENOENT;
+    return n.kind === 'file' ? this.fileStat(n) : this.dirStat(n);
+  }
+
+  /** readdir: the names in a directory ('.' and '..' first), or a negative errno. */
+  readdir(path: string): string[] | number {
+    const n = this.tree.byPath(path);
+    if (n === undefined) return ENOENT;
+    if (n.kind !== 'dir') return ENOTDIR;
+    return ['.', '..', ...n.children.keys()];
   }
 
   open(path: string, flags: number): number {
-    if (path === '/') return EISDIR;
-    if (path !== FILE_PATH) return ENOENT;
-    if (this.readOnly && (flags & O_ACCMODE) !== 0) return EROFS;
+    const f = this.file(path);
+    if (typeof f === 'number') return f;
+    if (f.readOnly && (flags & O_ACCMODE) !== 0) return EROFS;
     return 0;
   }
 
+  /** truncate/ftruncate by path (fuse-native); fuse3 calls setSize with the file. */
   truncate(path: string, size: number): number | Promise<number> {
-    if (path !== FILE_PATH) return path === '/' ? EISDIR : ENOENT;
-    if (this.readOnly) return EROFS;
-    if (size === this.size) return 0;
-    return this.sparseOp('truncate', size, 0, () => truncate(this.driver, size));
+    const f = this.file(path);
+    if (typeof f === 'number') return f;
+    return this.setSize(f, size);
   }
 
   utimens(path: string): number {
-    return path === FILE_PATH || path === '/' ? 0 : ENOENT;
+    return this.tree.byPath(path) ? 0 : ENOENT;
   }
 
   chmod(): number {
@@ -272,12 +373,12 @@ export class DiskService {
 
   // ---- data ----
 
-  private readFailed(err: unknown, guestOffset: number, length: number): number {
+  private readFailed(f: MountFile, err: unknown, guestOffset: number, length: number): number {
     this.stats.readErrors++;
     const code = errnoOf(err);
     if (this.loggedReadErrors.size < MAX_LOGGED_READ_ERRORS && !this.loggedReadErrors.has(guestOffset)) {
       this.loggedReadErrors.add(guestOffset);
-      this.log.error({ guestOffset, length, errno: code, err: oneLine(err) }, 'read failed');
+      this.log.error({ file: f.path, guestOffset, length, errno: code, err: oneLine(err) }, 'read failed');
       if (this.loggedReadErrors.size === MAX_LOGGED_READ_ERRORS) {
         this.log.error('too many failing read offsets; further read errors are not logged');
       }
@@ -285,10 +386,11 @@ export class DiskService {
     return fuseCode(code);
   }
 
-  /** Read `len` bytes at guest offset `pos` into buf[bufOff..]. */
-  read(buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
-    // Reads reaching past the end of the disk get a short count (0 at or after it).
-    const n = pos >= this.size ? 0 : Math.min(len, this.size - pos);
+  /** Read `len` bytes of file `f` at offset `pos` into buf[bufOff..]. */
+  read(f: MountFile, buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
+    // Reads reaching past the end of the file get a short count (0 at or after it).
+    const size = f.source.virtualSize;
+    const n = pos >= size ? 0 : Math.min(len, size - pos);
     if (n === 0) return 0;
     const id = this.enter('read', pos, n);
     if (id === 0) return EIO;
@@ -299,7 +401,7 @@ export class DiskService {
     const t0 = performance.now();
     let p: Promise<void>;
     try {
-      p = this.driver.read(buf, bufOff, n, pos);
+      p = f.source.read(buf, bufOff, n, pos);
     } catch (err) {
       this.leave(id);
       return this.handlerFailed('read', err);
@@ -313,15 +415,16 @@ export class DiskService {
       (err: unknown) => {
         s.readMicros += (performance.now() - t0) * 1000;
         this.leave(id);
-        return this.readFailed(err, pos, n);
+        return this.readFailed(f, err, pos, n);
       },
     );
   }
 
-  write(buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
-    if (this.readOnly) return EROFS;
+  write(f: MountFile, buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
+    if (f.readOnly) return EROFS;
     // Like a block device: a write crossing the end is cut short, one at the end gets ENOSPC.
-    const n = pos >= this.size ? 0 : Math.min(len, this.size - pos);
+    const size = f.source.virtualSize;
+    const n = pos >= size ? 0 : Math.min(len, size - pos);
     if (n === 0) return len === 0 ? 0 : ENOSPC;
     const id = this.enter('write', pos, n);
     if (id === 0) return EIO;
@@ -334,7 +437,7 @@ export class DiskService {
     this.statusCache.invalidate();
     let p: Promise<void>;
     try {
-      p = this.driver.write(buf, bufOff, n, pos);
+      p = f.source.write(buf, bufOff, n, pos);
     } catch (err) {
       this.leave(id);
       return this.handlerFailed('write', err);
@@ -342,10 +445,11 @@ export class DiskService {
     return p.then(
       () => {
         s.writeMicros += (performance.now() - t0) * 1000;
-        this.mtime = Date.now();
+        f.mtime = Date.now();
         this.statusCache.invalidate();
-        this.attrsChanged();
+        this.attrsChanged(f);
         this.leave(id);
+        this.changed(f, pos, n);
         return n;
       },
       (err: unknown) => {
@@ -354,7 +458,7 @@ export class DiskService {
         this.leave(id);
         s.writeErrors++;
         const code = errnoOf(err);
-        this.log.error({ guestOffset: pos, length: n, errno: code, err: oneLine(err) }, 'write failed');
+        this.log.error({ file: f.path, guestOffset: pos, length: n, errno: code, err: oneLine(err) }, 'write failed');
         return fuseCode(code);
       },
     );
@@ -364,12 +468,12 @@ export class DiskService {
     return 0;
   }
 
-  fsync(): number | Promise<number> {
+  fsync(f: MountFile): number | Promise<number> {
     const id = this.enter('fsync', 0, 0);
     if (id === 0) return EIO;
     let p: Promise<void>;
     try {
-      p = this.driver.flush();
+      p = f.source.flush();
     } catch (err) {
       this.leave(id);
       return this.handlerFailed('fsync', err);
@@ -390,18 +494,29 @@ export class DiskService {
 
   // ---- sparse files (mount/sparse.ts) ----
 
-  /** The file's size or st_blocks changed (or may have): tell a backend that caches them. */
-  private attrsChanged(): void {
-    const size = this.driver.virtualSize;
-    const blocks = blocksOf(this.driver);
-    if (size === this.attrs.size && blocks === this.blocks) return;
-    this.attrs.size = size;
-    this.blocks = blocks;
-    this.onAttrs?.(size, blocks);
+  /**
+   * f's size or st_blocks changed (or may have): tell a backend that caches
+   * them, for f and the files sharing its bytes (a partition's allocation is
+   * disk.raw's too). The first file's size is also attrs.size (statfs).
+   */
+  private attrsChanged(f: MountFile): void {
+    this.publish(f);
+    const a = this.aliases.get(f);
+    if (a) for (const o of a.others) this.publish(o.file);
   }
 
-  /** Run a sparse op under in-flight tracking; its QmountError becomes the FUSE code, anything else EIO. */
-  private sparseOp(op: string, pos: number, length: number, run: () => Promise<number | null | void>): Promise<number> | number {
+  private publish(f: MountFile): void {
+    const size = f.source.virtualSize;
+    const blocks = blocksOf(f.source);
+    const last = this.published.get(f);
+    if (last && last.size === size && last.blocks === blocks) return;
+    this.published.set(f, { size, blocks });
+    if (f === this.main) this.attrs.size = size;
+    this.onAttrs?.(f, size, blocks);
+  }
+
+  /** Run a sparse op on f under in-flight tracking; its QmountError becomes the FUSE code, anything else EIO. */
+  private sparseOp(f: MountFile, op: string, pos: number, length: number, run: () => Promise<number | null | void>): Promise<number> | number {
     const id = this.enter(op, pos, length);
     if (id === 0) return EIO;
     const changes = op !== 'lseek';
@@ -413,39 +528,46 @@ export class DiskService {
       this.leave(id);
       return this.handlerFailed(op, err);
     }
+    const after = (): void => {
+      // Also after a failure: a resize or zeroing may have happened in part.
+      if (!changes) return;
+      f.mtime = Date.now();
+      this.statusCache.invalidate();
+      this.attrsChanged(f);
+      if (op === 'fallocate') this.changed(f, pos, Math.min(length, f.source.virtualSize - pos));
+    };
     return p.then(
       (r) => {
-        if (changes) {
-          this.mtime = Date.now();
-          this.statusCache.invalidate();
-          this.attrsChanged();
-        }
+        after();
         this.leave(id);
         return r === null ? ENXIO : (r ?? 0);
       },
       (err: unknown) => {
-        // A resize or zeroing may have happened in part: publish what the driver says now.
-        if (changes) {
-          this.statusCache.invalidate();
-          this.attrsChanged();
-        }
+        after();
         this.leave(id);
         const code = errnoOf(err);
         // Refusals the caller asked for (shrinking over data, a bad mode or size) are not engine failures.
         const level = code === 'EPERM' || code === 'EINVAL' || code === 'ENOTSUP' || code === 'ENOSPC' ? 'info' : 'error';
-        this.log[level]({ op, guestOffset: pos, length, errno: code, err: oneLine(err) }, `${op} failed`);
+        this.log[level]({ file: f.path, op, guestOffset: pos, length, errno: code, err: oneLine(err) }, `${op} failed`);
         return fuseCode(code);
       },
     );
   }
 
   /** lseek SEEK_DATA / SEEK_HOLE: the offset, or a negative errno (ENXIO: none). */
-  lseek(pos: number, whence: number): number | Promise<number> {
-    return this.sparseOp('lseek', pos, 0, () => seek(this.driver, pos, whence, this.statusCache));
+  lseek(f: MountFile, pos: number, whence: number): number | Promise<number> {
+    return this.sparseOp(f, 'lseek', pos, 0, () => seek(f.source, pos, whence, this.statusCache));
   }
 
-  fallocate(mode: number, pos: number, length: number): number | Promise<number> {
-    if (this.readOnly) return EROFS;
-    return this.sparseOp('fallocate', pos, length, () => fallocate(this.driver, mode, pos, length, this.discard));
+  fallocate(f: MountFile, mode: number, pos: number, length: number): number | Promise<number> {
+    if (f.readOnly) return EROFS;
+    return this.sparseOp(f, 'fallocate', pos, length, () => fallocate(f.source, mode, pos, length, this.discard));
+  }
+
+  /** truncate/ftruncate to `size`: the current size succeeds at once, another one resizes. */
+  setSize(f: MountFile, size: number): number | Promise<number> {
+    if (f.readOnly) return EROFS;
+    if (size === f.source.virtualSize) return 0;
+    return this.sparseOp(f, 'truncate', size, 0, () => truncate(f.source, size));
   }
 }

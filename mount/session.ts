@@ -8,7 +8,8 @@
  *      already did: umount / fusermount -u from outside);
  *   2. stop passing requests to the driver and wait for those in flight;
  *   3. release the binding (fuse3: close the session fd);
- *   4. driver.close(): flush caches, clear the dirty/need-check marks.
+ *   4. the extra files' close() (snapshot drivers...), in reverse order, then
+ *      driver.close(): flush caches, clear the dirty/need-check marks.
  * close() is idempotent: a second signal during close only logs.
  */
 import { execFile, execFileSync } from 'node:child_process';
@@ -22,6 +23,7 @@ import { findMount, readMounts, readMountsSync } from './mountinfo.js';
 import type { MountOptions } from './options.js';
 import { DiskService, FILE_NAME } from './service.js';
 import type { DiscardMode } from './sparse.js';
+import { MountTree, type TreeEntry } from './tree.js';
 
 function run(cmd: string, args: string[]): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -66,10 +68,17 @@ export interface MountSessionOptions {
   backend?: BackendChoice;
   /** --discard (mount/sparse.ts); default unmap */
   discard?: DiscardMode;
+  /**
+   * The files to show (mount/tree.ts), disk.raw first; default: disk.raw
+   * alone. The driver passed to mount() is closed by the session; an extra
+   * entry's source is closed through its own `close`.
+   */
+  files?: TreeEntry[];
 }
 
 export class MountSession {
   private readonly service: DiskService;
+  private readonly files: TreeEntry[];
   private backend!: FuseBackend;
   private closing: Promise<number> | undefined;
   private resolveDone!: (code: number) => void;
@@ -83,7 +92,9 @@ export class MountSession {
     opts: MountSessionOptions,
   ) {
     const m = opts.mount;
-    this.service = new DiskService(driver, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, discard: opts.discard, log });
+    this.files = opts.files ?? [{ path: FILE_NAME, source: driver }];
+    const tree = MountTree.build(this.files, { readOnly: opts.readOnly });
+    this.service = new DiskService(tree, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, discard: opts.discard, log });
   }
 
   /** The backend in use ('fuse3' or 'fuse-native'). */
@@ -113,7 +124,7 @@ export class MountSession {
       s.service.drain().catch(() => {});
       throw new QmountError('EIO', `${mountPoint}: cannot mount: ${oneLine(err)}`);
     }
-    log.info({ mountPoint, file: FILE_NAME, size: driver.virtualSize, readOnly: opts.readOnly, backend: s.backend.name, maxIo: s.backend.maxIo }, 'mounted');
+    log.info({ mountPoint, file: FILE_NAME, files: s.files.length, size: driver.virtualSize, readOnly: opts.readOnly, backend: s.backend.name, maxIo: s.backend.maxIo }, 'mounted');
     return s;
   }
 
@@ -137,6 +148,15 @@ export class MountSession {
     await this.service.drain();
     this.backend.release();
     let code = 0;
+    for (const f of [...this.files].reverse()) {
+      if (!('close' in f) || f.close === undefined) continue;
+      try {
+        await f.close();
+      } catch (err) {
+        this.log.error({ file: f.path, err: oneLine(err) }, 'closing a file source failed');
+        code = 2;
+      }
+    }
     try {
       await this.driver.close();
     } catch (err) {

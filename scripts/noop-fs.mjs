@@ -62,7 +62,12 @@ if (backend === 'fuse3') {
   const { OP } = fuse3;
   const o = options.defaultMountOptions();
   const { maxRead, maxWrite } = options.ioSizes(o, options.MAX_IO_FUSE3);
-  const attrs = { size, fileMode: 0o100600, dirMode: 0o040700, uid: process.getuid(), gid: process.getgid(), readOnly, directIo: false, maxRead, maxWrite };
+  // The addon's node table (mount/backend-fuse3.ts Fuse3Node): the root, then disk.raw as inode 2.
+  const nodes = [
+    { parent: 1, name: '', dir: true, mode: 0o040700, nlink: 2, size: 4096, blocks: 0, readOnly: true, keepCache: true },
+    { parent: 1, name: 'disk.raw', dir: false, mode: 0o100600, nlink: 1, size, blocks: Math.ceil(size / 512), readOnly, keepCache: true },
+  ];
+  const attrs = { nodes, dirMode: 0o040700, uid: process.getuid(), gid: process.getgid(), readOnly, directIo: false, maxRead, maxWrite };
   let m;
   const handler = (op, slot, off, len) => {
     if (op === OP.UNMOUNTED) {

@@ -27,6 +27,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { MountSession, checkMountPoint } from '../mount/session.js';
+import { partitionFiles } from '../mount/partitions.js';
+import { FILE_NAME } from '../mount/service.js';
 import { parseMountOptions } from '../mount/options.js';
 import { BACKEND_NAMES, type BackendChoice } from '../mount/backend.js';
 import { ReadyChannel, runDaemonParent } from './daemon.js';
@@ -125,6 +127,7 @@ interface MountFlags {
   fuseBackend?: BackendChoice;
   discard: 'ignore' | 'unmap';
   detectZeroes: DetectZeroes;
+  partitions: boolean;
 }
 
 async function mountCommand(image: string, dir: string, flags: MountFlags): Promise<number> {
@@ -182,7 +185,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      session = await MountSession.mount(withDetectZeroes(driver, flags.detectZeroes), mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, discard: flags.discard });
+      const served = withDetectZeroes(driver, flags.detectZeroes);
+      const files = [{ path: FILE_NAME, source: served }, ...(flags.partitions ? await partitionFiles(served, logger('mount')) : [])];
+      session = await MountSession.mount(served, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files, discard: flags.discard });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
@@ -446,6 +451,7 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .addOption(new Option('--format <format>', 'image format (default: probe)').choices(FORMATS))
     .option('--l2-cache-size <size>', `L2 table cache size, e.g. 32M, 1G, bytes (default: ${DEFAULT_L2_CACHE_BYTES / 1048576}M)`, parseSize)
     .option('--no-backing', 'do not open backing files: unallocated clusters read as zeros')
+    .option('--no-partitions', 'do not show DIR/p1.raw, p2.raw, ... for the partitions of a GPT or MBR disk')
     .option('-U, --force-share', 'with -r: mount even if another process (QEMU, qmount) is writing the image; reads may then be inconsistent')
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS).default('warn'))
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')

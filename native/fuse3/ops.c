@@ -1,26 +1,34 @@
 /*
- * The low-level operations. Metadata is answered here from the attributes
- * JS set at mount (struct qf_attrs): the tree is fixed (inode 1 the root
- * directory, inode 2 disk.raw), so lookup/getattr/readdir/statfs need no JS
- * round trip and FORGET needs no bookkeeping. Data ops go to JS (qf_forward).
+ * The low-level operations. Metadata is answered here from the node table
+ * JS set at mount (struct qf_node, built by mount/tree.ts): the tree is fixed
+ * (inode 1 the root directory, then every node in table order), so
+ * lookup/getattr/readdir/statfs need no JS round trip and FORGET needs no
+ * bookkeeping. Data ops go to JS (qf_forward) with the file's inode; JS finds
+ * the file by the same number.
  *
  * Rules (the same as the fuse-native backend's, see mount/service.ts):
- * - setattr: a size equal to the disk's succeeds here; another size goes to
- *   JS (QF_SETSIZE: the driver resizes, JS updates the attributes, the reply
- *   carries them, so the kernel learns the new size from it); EISDIR on the
- *   directory, EROFS on a read-only mount. mode/owner are ENOTSUP (they
- *   follow from the mount options); times are accepted and ignored.
- * - st_blocks is attrs.blocks, which JS keeps current (guest data allocated
- *   in the chain). The kernel re-asks after every write, fallocate and
- *   setattr (it invalidates the size and times it caches then), so no
+ * - setattr: a size equal to the file's succeeds here; another size goes to
+ *   JS (QF_SETSIZE: the source resizes, JS updates the node with setFile,
+ *   the reply carries the attributes, so the kernel learns the new size from
+ *   it); EISDIR on a directory, EROFS on a read-only file. mode/owner are
+ *   ENOTSUP (they follow from the mount options); times are accepted and
+ *   ignored.
+ * - st_blocks is the node's blocks, which JS keeps current (guest data
+ *   allocated in the chain). The kernel re-asks after every write, fallocate
+ *   and setattr (it invalidates the size and times it caches then), so no
  *   notify_inval_inode is needed for these; ATTR_TIMEOUT bounds the rest.
  * - lseek: the kernel sends only SEEK_DATA and SEEK_HOLE (SEEK_SET/CUR/END
  *   it answers itself); those go to JS, anything else is EINVAL.
  * - fallocate: every mode goes to JS, which knows which it supports (the
  *   kernel already refused all but KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE).
- * - open: EROFS for writing on a read-only mount; keep_cache (the page cache
- *   stays valid across opens: disk.raw changes only through this mount),
- *   or direct_io when the mount asked for it.
+ * - open: EISDIR on a directory, EROFS for writing a read-only file;
+ *   keep_cache (the page cache stays valid across opens: the file changes
+ *   only through this mount) unless another file shows the same bytes
+ *   (a partition and disk.raw: then the cache is dropped at every open, and
+ *   writes through one invalidate the other's pages, see inval.c), or
+ *   direct_io when the mount asked for it.
+ * - lookup/readdir: children of a directory in table order; readdir offsets
+ *   are 1 ("."), 2 (".."), then 3 + the child's node index.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -39,23 +47,32 @@ static struct qf_session *sess(fuse_req_t req) {
 }
 
 static void fill_attr(const struct qf_session *s, fuse_ino_t ino, struct stat *st) {
+  const struct qf_node *n = &s->nodes[ino - 1];
   memset(st, 0, sizeof(*st));
   st->st_ino = ino;
   st->st_uid = s->a.uid;
   st->st_gid = s->a.gid;
-  if (ino == QF_ROOT_INO) {
-    st->st_mode = s->a.dir_mode;
-    st->st_nlink = 2;
+  st->st_mode = n->mode;
+  st->st_nlink = n->nlink;
+  if (n->is_dir) {
     st->st_size = 4096;
     st->st_atim = st->st_mtim = st->st_ctim = s->a.start;
   } else {
-    st->st_mode = s->a.file_mode;
-    st->st_nlink = 1;
-    st->st_size = (off_t)s->a.size;
+    st->st_size = (off_t)n->size;
     st->st_blksize = 65536;
-    st->st_blocks = (blkcnt_t)s->a.blocks;
-    st->st_atim = st->st_mtim = st->st_ctim = s->a.mtime;
+    st->st_blocks = (blkcnt_t)n->blocks;
+    st->st_atim = st->st_mtim = st->st_ctim = n->mtime;
   }
+}
+
+/* The file node of `ino`, or NULL after replying (ENOENT unknown, EISDIR a directory). */
+static struct qf_node *file_or_reply(fuse_req_t req, struct qf_session *s, fuse_ino_t ino) {
+  struct qf_node *n = qf_node(s, ino);
+  if (n == NULL || n->is_dir) {
+    fuse_reply_err(req, n == NULL ? ENOENT : EISDIR);
+    return NULL;
+  }
+  return n;
 }
 
 static void qf_init(void *userdata, struct fuse_conn_info *conn) {
@@ -83,17 +100,24 @@ static void qf_init(void *userdata, struct fuse_conn_info *conn) {
 
 static void qf_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
   struct qf_session *s = sess(req);
-  if (parent != QF_ROOT_INO || strcmp(name, QF_FILE_NAME) != 0) {
-    fuse_reply_err(req, ENOENT);
+  struct qf_node *p = qf_node(s, parent);
+  if (p == NULL || !p->is_dir) {
+    fuse_reply_err(req, p == NULL ? ENOENT : ENOTDIR);
     return;
   }
-  struct fuse_entry_param e;
-  memset(&e, 0, sizeof(e));
-  e.ino = QF_FILE_INO;
-  e.attr_timeout = ATTR_TIMEOUT;
-  e.entry_timeout = ATTR_TIMEOUT;
-  fill_attr(s, QF_FILE_INO, &e.attr);
-  fuse_reply_entry(req, &e);
+  /* Small trees (a few dozen nodes, QF_MAX_NODES at most): a scan; the kernel caches the entries. */
+  for (int i = 1; i < s->nnodes; i++) {
+    if (s->nodes[i].parent != parent || strcmp(s->nodes[i].name, name) != 0) continue;
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof(e));
+    e.ino = (fuse_ino_t)i + 1;
+    e.attr_timeout = ATTR_TIMEOUT;
+    e.entry_timeout = ATTR_TIMEOUT;
+    fill_attr(s, e.ino, &e.attr);
+    fuse_reply_entry(req, &e);
+    return;
+  }
+  fuse_reply_err(req, ENOENT);
 }
 
 static void qf_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
@@ -108,13 +132,9 @@ static void qf_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_dat
   fuse_reply_none(req);
 }
 
-static int known(fuse_ino_t ino) {
-  return ino == QF_ROOT_INO || ino == QF_FILE_INO;
-}
-
 static void qf_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
   (void)fi;
-  if (!known(ino)) {
+  if (qf_node(sess(req), ino) == NULL) {
     fuse_reply_err(req, ENOENT);
     return;
   }
@@ -126,7 +146,8 @@ static void qf_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void qf_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set, struct fuse_file_info *fi) {
   (void)fi;
   struct qf_session *s = sess(req);
-  if (!known(ino)) {
+  struct qf_node *n = qf_node(s, ino);
+  if (n == NULL) {
     fuse_reply_err(req, ENOENT);
     return;
   }
@@ -135,15 +156,14 @@ static void qf_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     return;
   }
   if (to_set & FUSE_SET_ATTR_SIZE) {
-    int err = ino == QF_ROOT_INO ? EISDIR : s->a.read_only ? EROFS : 0;
+    int err = n->is_dir ? EISDIR : n->read_only ? EROFS : 0;
     if (err) {
       fuse_reply_err(req, err);
       return;
     }
-    if ((double)attr->st_size != s->a.size) {
+    if ((double)attr->st_size != n->size) {
       /* Times set along with the size are ignored, as they are alone. */
-      if (s->cur_slot >= 0) s->slots[s->cur_slot].ino = ino;
-      qf_forward(s, req, QF_SETSIZE, (double)attr->st_size, 0, 0);
+      qf_forward(s, req, ino, QF_SETSIZE, (double)attr->st_size, 0, 0);
       return;
     }
   }
@@ -153,8 +173,9 @@ static void qf_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
 }
 
 static void qf_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-  if (ino != QF_ROOT_INO) {
-    fuse_reply_err(req, known(ino) ? ENOTDIR : ENOENT);
+  struct qf_node *n = qf_node(sess(req), ino);
+  if (n == NULL || !n->is_dir) {
+    fuse_reply_err(req, n != NULL ? ENOTDIR : ENOENT);
     return;
   }
   fuse_reply_open(req, fi);
@@ -162,24 +183,32 @@ static void qf_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 
 static void qf_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
   (void)fi;
-  if (ino != QF_ROOT_INO) {
-    fuse_reply_err(req, ENOTDIR);
+  struct qf_session *s = sess(req);
+  struct qf_node *d = qf_node(s, ino);
+  if (d == NULL || !d->is_dir) {
+    fuse_reply_err(req, d != NULL ? ENOTDIR : ENOENT);
     return;
   }
-  static const struct {
-    const char *name;
-    fuse_ino_t ino;
-    mode_t mode;
-  } entries[] = {{".", QF_ROOT_INO, S_IFDIR}, {"..", QF_ROOT_INO, S_IFDIR}, {QF_FILE_NAME, QF_FILE_INO, S_IFREG}};
-  char buf[512];
+  char buf[4096];
   size_t used = 0;
   if (size > sizeof(buf)) size = sizeof(buf);
-  for (off_t i = off; i < 3; i++) {
+  /* Entry k (0 ".", 1 "..", then node index i as k = i + 2) has the offset k + 1 of the one after it. */
+  for (off_t k = off < 0 ? 0 : off; k < (off_t)s->nnodes + 2; k++) {
+    const char *name;
     struct stat st;
     memset(&st, 0, sizeof(st));
-    st.st_ino = entries[i].ino;
-    st.st_mode = entries[i].mode;
-    size_t need = fuse_add_direntry(req, buf + used, size - used, entries[i].name, &st, i + 1);
+    if (k < 2) {
+      name = k == 0 ? "." : "..";
+      st.st_ino = k == 0 ? ino : d->parent;
+      st.st_mode = S_IFDIR;
+    } else {
+      int i = (int)(k - 2);
+      if (i == 0 || s->nodes[i].parent != ino) continue;
+      name = s->nodes[i].name;
+      st.st_ino = (fuse_ino_t)i + 1;
+      st.st_mode = s->nodes[i].mode & S_IFMT;
+    }
+    size_t need = fuse_add_direntry(req, buf + used, size - used, name, &st, k + 1);
     if (need > size - used) break;
     used += need;
   }
@@ -194,17 +223,15 @@ static void qf_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info 
 
 static void qf_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
   struct qf_session *s = sess(req);
-  if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, ino == QF_ROOT_INO ? EISDIR : ENOENT);
-    return;
-  }
-  if (s->a.read_only && (fi->flags & O_ACCMODE) != O_RDONLY) {
+  struct qf_node *n = file_or_reply(req, s, ino);
+  if (n == NULL) return;
+  if (n->read_only && (fi->flags & O_ACCMODE) != O_RDONLY) {
     fuse_reply_err(req, EROFS);
     return;
   }
   fi->fh = 0;
   if (s->a.direct_io) fi->direct_io = 1;
-  else fi->keep_cache = 1;
+  else fi->keep_cache = (unsigned)n->keep_cache;
   fuse_reply_open(req, fi);
 }
 
@@ -219,11 +246,17 @@ static void qf_statfs(fuse_req_t req, fuse_ino_t ino) {
   struct qf_session *s = sess(req);
   struct statvfs sv;
   memset(&sv, 0, sizeof(sv));
-  double blocks = (s->a.size + 4095) / 4096;
+  double blocks = 0; /* disk.raw's size: the first file of the table */
+  for (int i = 0; i < s->nnodes; i++) {
+    if (!s->nodes[i].is_dir) {
+      blocks = (s->nodes[i].size + 4095) / 4096;
+      break;
+    }
+  }
   sv.f_bsize = 4096;
   sv.f_frsize = 4096;
   sv.f_blocks = (fsblkcnt_t)(blocks > 0xffffffffu ? 0xffffffffu : blocks);
-  sv.f_files = 2;
+  sv.f_files = (fsblkcnt_t)s->nnodes;
   sv.f_namemax = 255;
   fuse_reply_statfs(req, &sv);
 }
@@ -232,43 +265,38 @@ static void qf_statfs(fuse_req_t req, fuse_ino_t ino) {
 
 static void qf_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
   (void)fi;
-  if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, EISDIR);
-    return;
-  }
+  if (file_or_reply(req, sess(req), ino) == NULL) return;
   if (size > QF_MAX_IO) size = QF_MAX_IO; /* never more than the buffer the reply is built in */
-  qf_forward(sess(req), req, QF_READ, (double)off, (double)size, 0);
+  qf_forward(sess(req), req, ino, QF_READ, (double)off, (double)size, 0);
 }
 
 static void qf_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
   (void)fi;
   struct qf_session *s = sess(req);
-  if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, EISDIR);
-    return;
-  }
+  if (file_or_reply(req, s, ino) == NULL) return;
   /* The data lies inside the buffer being processed: pass where. */
   const char *base = s->cur_slot >= 0 ? s->slots[s->cur_slot].mem : NULL;
   if (base == NULL || buf < base || buf + size > base + QF_BUF_SIZE) {
     fuse_reply_err(req, EIO);
     return;
   }
-  qf_forward(s, req, QF_WRITE, (double)off, (double)size, (double)(buf - base));
+  qf_forward(s, req, ino, QF_WRITE, (double)off, (double)size, (double)(buf - base));
 }
 
 static void qf_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-  (void)ino;
   (void)fi;
-  qf_forward(sess(req), req, QF_FLUSH, 0, 0, 0);
+  if (file_or_reply(req, sess(req), ino) == NULL) return;
+  qf_forward(sess(req), req, ino, QF_FLUSH, 0, 0, 0);
 }
 
 static void qf_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
   (void)fi;
-  if (ino != QF_FILE_INO) {
+  struct qf_node *n = qf_node(sess(req), ino);
+  if (n == NULL || n->is_dir) {
     fuse_reply_err(req, 0);
     return;
   }
-  qf_forward(sess(req), req, QF_FSYNC, 0, 0, datasync);
+  qf_forward(sess(req), req, ino, QF_FSYNC, 0, 0, datasync);
 }
 
 void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino) {
@@ -279,24 +307,18 @@ void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino) {
 
 static void qf_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi) {
   (void)fi;
-  if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, ino == QF_ROOT_INO ? EISDIR : ENOENT);
-    return;
-  }
+  if (file_or_reply(req, sess(req), ino) == NULL) return;
   if (whence != SEEK_DATA && whence != SEEK_HOLE) {
     fuse_reply_err(req, EINVAL);
     return;
   }
-  qf_forward(sess(req), req, QF_LSEEK, (double)off, 0, whence);
+  qf_forward(sess(req), req, ino, QF_LSEEK, (double)off, 0, whence);
 }
 
 static void qf_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length, struct fuse_file_info *fi) {
   (void)fi;
-  if (ino != QF_FILE_INO) {
-    fuse_reply_err(req, ino == QF_ROOT_INO ? EISDIR : ENOENT);
-    return;
-  }
-  qf_forward(sess(req), req, QF_FALLOCATE, (double)off, (double)length, mode);
+  if (file_or_reply(req, sess(req), ino) == NULL) return;
+  qf_forward(sess(req), req, ino, QF_FALLOCATE, (double)off, (double)length, mode);
 }
 
 const struct fuse_lowlevel_ops qf_ops = {

@@ -8,9 +8,11 @@
  * whose read size is libfuse's own bufsize: from libfuse 3.17 on it follows
  * /proc/sys/fs/fuse/max_pages_limit and could exceed our buffers) and handed
  * to fuse_session_process_buf. Metadata ops are answered in C (ops.c) from
- * attributes JS gave at mount (and keeps current: size and st_blocks, see
- * setFileAttrs in session.c); read, write, flush, fsync, lseek (SEEK_DATA/
- * SEEK_HOLE), fallocate and size changes go to JS with the index of the buffer holding the request, and the buffer
+ * the node table JS gave at mount (struct qf_node: the mount's small static
+ * tree; JS keeps each file's size and st_blocks current with setFile);
+ * read, write, flush, fsync, lseek (SEEK_DATA/SEEK_HOLE), fallocate and
+ * size changes (QF_SETSIZE) go to JS with the file's inode and the index of
+ * the buffer holding the request, and the buffer
  * stays taken until JS replies (a read's data is written into that same
  * buffer, a write's data is a view into it: no copies).
  */
@@ -23,12 +25,15 @@
 #include <time.h>
 #include <uv.h>
 
+#include "inval.h"
+
 /** Largest read/write request negotiated, and one pool buffer (request + headers). */
 #define QF_MAX_IO (1024 * 1024)
 #define QF_BUF_SIZE (QF_MAX_IO + 4096)
 #define QF_ROOT_INO 1
-#define QF_FILE_INO 2
-#define QF_FILE_NAME "disk.raw"
+/* Bounds of the node table (mount/tree.ts keeps the same). */
+#define QF_MAX_NODES 4096
+#define QF_MAX_NAME 255
 
 /* Operations handed to JS (first handler argument); keep in step with mount/backend-fuse3.ts. */
 enum qf_op {
@@ -51,18 +56,33 @@ struct qf_slot {
   fuse_req_t req; /* while SLOT_PENDING */
   int op;
   int state;
-  fuse_ino_t ino; /* the inode a QF_SETSIZE is for (its reply carries that inode's attributes) */
+  fuse_ino_t ino; /* the file the request is for */
   napi_ref ab_ref; /* the ArrayBuffer over mem; its finalizer frees mem */
 };
 
+/*
+ * One file or directory of the mount's tree; inode = index + 1 (the root is
+ * index 0). Fixed at mount: names, parents and kinds never change; a file's
+ * size and blocks change only through setFile() from JS, its mtime with each
+ * completed write.
+ */
+struct qf_node {
+  fuse_ino_t parent; /* the root is its own parent */
+  char *name;        /* "" for the root */
+  int is_dir;
+  uint32_t mode;     /* with the S_IF* bits */
+  uint32_t nlink;
+  double size, blocks;
+  int read_only;     /* a write open is EROFS */
+  int keep_cache;    /* 0: another file shows the same bytes, drop the page cache at open */
+  struct timespec mtime;
+};
+
 struct qf_attrs {
-  double size;
-  /* disk.raw's st_blocks (512-byte units): JS keeps it current with setFileAttrs() */
-  double blocks;
-  uint32_t file_mode, dir_mode, uid, gid;
+  uint32_t dir_mode, uid, gid;
   int read_only, direct_io;
   uint32_t max_read, max_write;
-  struct timespec start, mtime;
+  struct timespec start;
 };
 
 struct qf_stats {
@@ -72,6 +92,9 @@ struct qf_stats {
   double interrupts;     /* INTERRUPTs for requests JS held */
   double late_replies;   /* replies that arrived after close (dropped) */
   double max_batch;      /* most requests read in one wake-up (> 1: several were queued at once) */
+  double inval_sent;     /* page-cache invalidations of aliased files sent (inval.c) */
+  double inval_failed;   /* ... refused by the kernel (nothing cached, or unmounted) */
+  double inval_unqueued; /* ... not queued (no thread, a bad range): a bug */
 };
 
 struct qf_session {
@@ -93,8 +116,11 @@ struct qf_session {
   napi_ref handler_ref;
   napi_async_context actx;
   struct qf_attrs a;
+  struct qf_node *nodes;
+  int nnodes;
   struct qf_stats st;
   int read_errno; /* why receiving stopped, when not ENODEV */
+  struct qf_inval *inval; /* started by the first invalidate() call */
 };
 
 /* ops.c */
@@ -102,8 +128,13 @@ extern const struct fuse_lowlevel_ops qf_ops;
 /* The reply to a QF_SETSIZE JS accepted: the inode's attributes as they are now. */
 void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino);
 
-/* session.c: hand a request to JS (the current buffer becomes SLOT_PENDING). */
-void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double len, double arg);
+/* session.c: hand a request for file `ino` to JS (the current buffer becomes SLOT_PENDING). */
+void qf_forward(struct qf_session *s, fuse_req_t req, fuse_ino_t ino, int op, double off, double len, double arg);
+
+/* The node of a known inode, or NULL. */
+static inline struct qf_node *qf_node(struct qf_session *s, fuse_ino_t ino) {
+  return ino >= 1 && ino <= (fuse_ino_t)s->nnodes ? &s->nodes[ino - 1] : NULL;
+}
 
 /* mountwatch.c */
 napi_value qf_watch_mounts(napi_env env, napi_callback_info info);

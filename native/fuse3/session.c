@@ -5,20 +5,24 @@
  *   mount(mountPoint, options, attrs, nbuffers, handler)
  *       -> { handle, buffers: ArrayBuffer[] }
  *     options: the "-o" list for fuse_session_new (fsname, subtype, max_read,
- *     ro, allow_other, ...); attrs: { size, blocks, fileMode, dirMode, uid,
- *     gid, readOnly, directIo, maxRead, maxWrite }.
- *     handler(op, slot, offset, length, arg) is called for each data request
- *     (op: enum qf_op; slot: index into buffers; arg: a write's data offset in
- *     its buffer, fsync's datasync, lseek's whence, fallocate's mode; offset is
- *     QF_SETSIZE's new size and length fallocate's length), and once
- *     with QF_UNMOUNTED (arg: 0, or the errno that stopped receiving).
+ *     ro, allow_other, ...); attrs: { dirMode, uid, gid, readOnly, directIo,
+ *     maxRead, maxWrite, nodes }. nodes: the tree, root first, inode =
+ *     index + 1: [{ parent, name, dir, mode, nlink, size, blocks, readOnly,
+ *     keepCache }] (parent: an inode before this node's, a directory).
+ *     handler(op, slot, offset, length, arg, ino) is called for each data
+ *     request (op: enum qf_op; slot: index into buffers; arg: a write's data
+ *     offset in its buffer, fsync's datasync, lseek's whence, fallocate's
+ *     mode; offset: QF_SETSIZE's new size; ino: the file's inode), and once
+ *     with QF_UNMOUNTED (arg: 0, or the errno that stopped receiving; ino 0).
  *   reply(handle, slot, result): result >= 0 is the answer (read: bytes
  *     placed at the start of buffers[slot]; write: bytes written; lseek: the
- *     offset; QF_SETSIZE: 0, once setFileAttrs has the new size; others:
- *     0), < 0 is -errno. May be called at once or later.
- *   setFileAttrs(handle, ino, size, blocks): disk.raw's size and st_blocks as
- *     they are now (after a resize, after writes or discards changed what is
- *     allocated); getattr and the QF_SETSIZE reply answer with them.
+ *     offset; QF_SETSIZE: 0, once setFile has the new size; others: 0),
+ *     < 0 is -errno. May be called at once or later.
+ *   invalidate(handle, ino, offset, length): drop the kernel's cached pages
+ *     of that range of a file (another file showing the same bytes was
+ *     written); asynchronous, on a thread of its own (inval.c).
+ *   setFile(handle, ino, size, blocks): new size / st_blocks of a file (after
+ *     a resize, or as the allocation changes); getattr answers them from then on.
  *   close(handle): stop receiving, answer EIO to anything still held, close
  *     the session fd (after an unmount, or to abort a still-mounted one).
  *     The mount point itself is unmounted by the caller (fusermount).
@@ -28,6 +32,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "qfuse.h"
@@ -42,6 +47,10 @@
 
 static void start_polling(struct qf_session *s);
 
+static void inval_counts(struct qf_session *s) {
+  if (s->inval) qf_inval_counts(s->inval, &s->st.inval_sent, &s->st.inval_failed);
+}
+
 static void release_slot(struct qf_session *s, int idx) {
   s->slots[idx].state = SLOT_FREE;
   s->slots[idx].req = NULL;
@@ -49,9 +58,9 @@ static void release_slot(struct qf_session *s, int idx) {
 }
 
 /* Call the JS handler; an exception there is fatal for the process (the JS side never throws). */
-static void emit(struct qf_session *s, int op, int slot, double off, double len, double arg) {
+static void emit(struct qf_session *s, int op, int slot, double off, double len, double arg, fuse_ino_t ino) {
   napi_env env = s->env;
-  napi_value fn, recv, argv[5], result;
+  napi_value fn, recv, argv[6], result;
   if (napi_get_reference_value(env, s->handler_ref, &fn) != napi_ok || fn == NULL) return;
   napi_get_global(env, &recv);
   napi_create_int32(env, op, &argv[0]);
@@ -59,7 +68,8 @@ static void emit(struct qf_session *s, int op, int slot, double off, double len,
   napi_create_double(env, off, &argv[2]);
   napi_create_double(env, len, &argv[3]);
   napi_create_double(env, arg, &argv[4]);
-  napi_status st = napi_make_callback(env, s->actx, recv, fn, 5, argv, &result);
+  napi_create_double(env, (double)ino, &argv[5]);
+  napi_status st = napi_make_callback(env, s->actx, recv, fn, 6, argv, &result);
   if (st == napi_pending_exception) {
     napi_value exc;
     napi_get_and_clear_last_exception(env, &exc);
@@ -78,7 +88,7 @@ static void on_interrupt(fuse_req_t req, void *data) {
   s->st.interrupts++; /* the engine cannot cancel; the reply that follows is dropped by the kernel */
 }
 
-void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double len, double arg) {
+void qf_forward(struct qf_session *s, fuse_req_t req, fuse_ino_t ino, int op, double off, double len, double arg) {
   int idx = s->cur_slot;
   if (idx < 0 || s->slots[idx].state != SLOT_BUSY || s->closed) {
     fuse_reply_err(req, EIO);
@@ -87,11 +97,12 @@ void qf_forward(struct qf_session *s, fuse_req_t req, int op, double off, double
   struct qf_slot *sl = &s->slots[idx];
   sl->req = req;
   sl->op = op;
+  sl->ino = ino;
   sl->state = SLOT_PENDING;
   s->npending++;
   s->st.to_js++;
   fuse_req_interrupt_func(req, on_interrupt, s);
-  emit(s, op, idx, off, len, arg);
+  emit(s, op, idx, off, len, arg, ino);
 }
 
 static void stop_polling(struct qf_session *s) {
@@ -108,7 +119,7 @@ static void mark_unmounted(struct qf_session *s, int err) {
   /* Answers still to come fail quietly (libfuse does not print write errors of an exited session). */
   fuse_session_exit(s->se);
   stop_polling(s);
-  if (!s->closed) emit(s, QF_UNMOUNTED, -1, 0, 0, err);
+  if (!s->closed) emit(s, QF_UNMOUNTED, -1, 0, 0, err, 0);
 }
 
 static void receive(struct qf_session *s) {
@@ -170,7 +181,15 @@ static void start_polling(struct qf_session *s) {
   if (uv_poll_start(&s->poll, UV_READABLE, on_poll) == 0) s->polling = 1;
 }
 
+static void free_nodes(struct qf_session *s) {
+  for (int i = 0; s->nodes && i < s->nnodes; i++) free(s->nodes[i].name);
+  free(s->nodes);
+  s->nodes = NULL;
+  s->nnodes = 0;
+}
+
 static void free_session(struct qf_session *s) {
+  free_nodes(s);
   free(s->slots);
   free(s->free_list);
   free(s);
@@ -211,6 +230,52 @@ static int get_prop_bool(napi_env env, napi_value obj, const char *name, int *ou
   return 0;
 }
 
+static int get_prop_u32(napi_env env, napi_value obj, const char *name, uint32_t *out) {
+  double d;
+  if (get_prop_double(env, obj, name, &d) != 0 || !(d >= 0 && d <= 0xffffffffu)) return -1;
+  *out = (uint32_t)d;
+  return 0;
+}
+
+/*
+ * attrs.nodes -> s->nodes. The table must be a tree as mount/tree.ts builds
+ * it: node 0 the root directory; every other node's parent an earlier
+ * directory; names 1..QF_MAX_NAME bytes without '/'. Returns 0 or -1.
+ */
+static int read_nodes(napi_env env, napi_value attrs, struct qf_session *s) {
+  napi_value arr, item, v;
+  uint32_t n = 0;
+  if (napi_get_named_property(env, attrs, "nodes", &arr) != napi_ok || napi_get_array_length(env, arr, &n) != napi_ok) return -1;
+  if (n < 1 || n > QF_MAX_NODES) return -1;
+  s->nodes = calloc(n, sizeof(*s->nodes));
+  if (!s->nodes) return -1;
+  s->nnodes = (int)n;
+  for (uint32_t i = 0; i < n; i++) {
+    struct qf_node *nd = &s->nodes[i];
+    char name[QF_MAX_NAME + 2];
+    size_t len = 0;
+    double parent;
+    if (napi_get_element(env, arr, i, &item) != napi_ok) return -1;
+    if (napi_get_named_property(env, item, "name", &v) != napi_ok || napi_get_value_string_utf8(env, v, name, sizeof(name), &len) != napi_ok) return -1;
+    int bad = get_prop_double(env, item, "parent", &parent);
+    bad |= get_prop_bool(env, item, "dir", &nd->is_dir);
+    bad |= get_prop_u32(env, item, "mode", &nd->mode);
+    bad |= get_prop_u32(env, item, "nlink", &nd->nlink);
+    bad |= get_prop_double(env, item, "size", &nd->size);
+    bad |= get_prop_double(env, item, "blocks", &nd->blocks);
+    bad |= get_prop_bool(env, item, "readOnly", &nd->read_only);
+    bad |= get_prop_bool(env, item, "keepCache", &nd->keep_cache);
+    if (bad) return -1;
+    if (i == 0 ? (len != 0 || !nd->is_dir || parent != 1) : (len == 0 || len > QF_MAX_NAME || strchr(name, '/') != NULL)) return -1;
+    if (i > 0 && !(parent >= 1 && parent <= i && s->nodes[(int)parent - 1].is_dir)) return -1;
+    if (((nd->mode & S_IFMT) == S_IFDIR) != (nd->is_dir != 0)) return -1;
+    nd->parent = (fuse_ino_t)parent;
+    nd->name = strdup(name);
+    if (!nd->name) return -1;
+  }
+  return 0;
+}
+
 static struct qf_session *get_session(napi_env env, napi_value v) {
   void *p = NULL;
   if (napi_get_value_external(env, v, &p) != napi_ok) return NULL;
@@ -242,10 +307,8 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   s->cur_slot = -1;
   s->poll_closed = 1; /* until uv_poll_init */
   struct qf_attrs *a = &s->a;
-  int bad = get_prop_double(env, argv[2], "size", &a->size);
-  bad |= get_prop_double(env, argv[2], "blocks", &a->blocks);
-  bad |= get_prop_double(env, argv[2], "fileMode", &d), a->file_mode = (uint32_t)d;
-  bad |= get_prop_double(env, argv[2], "dirMode", &d), a->dir_mode = (uint32_t)d;
+  int bad = get_prop_double(env, argv[2], "dirMode", &d);
+  a->dir_mode = (uint32_t)d;
   bad |= get_prop_double(env, argv[2], "uid", &d), a->uid = (uint32_t)d;
   bad |= get_prop_double(env, argv[2], "gid", &d), a->gid = (uint32_t)d;
   bad |= get_prop_double(env, argv[2], "maxRead", &d), a->max_read = (uint32_t)d;
@@ -256,8 +319,13 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
     free(s);
     return throw_msg(env, "bad attrs");
   }
+  if (read_nodes(env, argv[2], s) != 0) {
+    free_nodes(s);
+    free(s);
+    return throw_msg(env, "bad attrs.nodes (a tree as mount/tree.ts builds it)");
+  }
   clock_gettime(CLOCK_REALTIME, &a->start);
-  a->mtime = a->start;
+  for (int i = 0; i < s->nnodes; i++) s->nodes[i].mtime = a->start;
 
   s->nslots = (int)nbuf;
   s->slots = calloc((size_t)s->nslots, sizeof(*s->slots));
@@ -359,18 +427,18 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
         fuse_reply_buf(req, sl->mem, result > QF_MAX_IO ? QF_MAX_IO : (size_t)result);
         break;
       case QF_WRITE:
-        if (result > 0) clock_gettime(CLOCK_REALTIME, &s->a.mtime);
+        if (result > 0 && qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
         fuse_reply_write(req, (size_t)result);
         break;
       case QF_LSEEK:
         fuse_reply_lseek(req, (off_t)result);
         break;
       case QF_SETSIZE:
-        clock_gettime(CLOCK_REALTIME, &s->a.mtime);
+        if (qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
         qf_reply_setsize(s, req, sl->ino);
         break;
       case QF_FALLOCATE:
-        clock_gettime(CLOCK_REALTIME, &s->a.mtime);
+        if (qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
         fuse_reply_err(req, 0);
         break;
       default:
@@ -388,21 +456,6 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-static napi_value qf_set_file_attrs(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
-  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
-  double ino, size, blocks;
-  if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &size) != napi_ok ||
-      napi_get_value_double(env, argv[3], &blocks) != napi_ok || ino != QF_FILE_INO || !(size >= 0) || !(blocks >= 0)) {
-    return throw_msg(env, "setFileAttrs(handle, ino, size, blocks)");
-  }
-  s->a.size = size;
-  s->a.blocks = blocks;
-  return NULL;
-}
-
 static napi_value qf_close(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -413,6 +466,11 @@ static napi_value qf_close(napi_env env, napi_callback_info info) {
   if (s->cur_slot >= 0) return throw_msg(env, "close: called while a request is being dispatched");
   stop_polling(s);
   s->closed = 1;
+  if (s->inval) {
+    inval_counts(s);
+    qf_inval_stop(s->inval); /* the thread has its own fd: it may still finish a write after this */
+    s->inval = NULL;
+  }
   for (int i = 0; i < s->nslots; i++) {
     if (s->slots[i].state == SLOT_PENDING) {
       fuse_reply_err(s->slots[i].req, EIO);
@@ -433,6 +491,39 @@ static napi_value qf_close(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+static napi_value qf_set_file(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
+  double ino, size, blocks;
+  if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &size) != napi_ok ||
+      napi_get_value_double(env, argv[3], &blocks) != napi_ok) {
+    return throw_msg(env, "setFile(handle, ino, size, blocks)");
+  }
+  struct qf_node *n = ino >= 1 && ino <= s->nnodes ? qf_node(s, (fuse_ino_t)ino) : NULL;
+  if (n == NULL || n->is_dir || !(size >= 0) || !(blocks >= 0)) return throw_msg(env, "setFile: not a file, or a negative size");
+  n->size = size;
+  n->blocks = blocks;
+  return NULL;
+}
+
+static napi_value qf_invalidate(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
+  double ino, off, len;
+  if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &off) != napi_ok ||
+      napi_get_value_double(env, argv[3], &len) != napi_ok) {
+    return throw_msg(env, "invalidate(handle, ino, offset, length)");
+  }
+  if (s->closed || s->unmounted) return NULL;
+  if (s->inval == NULL) s->inval = qf_inval_new(s->fd, s->nnodes);
+  if (s->inval == NULL || qf_inval_queue(s->inval, (uint64_t)ino, off, len) != 0) s->st.inval_unqueued++;
+  return NULL;
+}
+
 static napi_value qf_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
@@ -450,6 +541,10 @@ static napi_value qf_stats(napi_env env, napi_callback_info info) {
   PUT("interrupts", s->st.interrupts);
   PUT("lateReplies", s->st.late_replies);
   PUT("maxBatch", s->st.max_batch);
+  inval_counts(s);
+  PUT("invalSent", s->st.inval_sent);
+  PUT("invalFailed", s->st.inval_failed);
+  PUT("invalUnqueued", s->st.inval_unqueued);
   PUT("pending", s->npending);
   PUT("buffers", s->nslots);
 #undef PUT
@@ -460,8 +555,9 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"mount", NULL, qf_mount, NULL, NULL, NULL, napi_default, NULL},
     {"reply", NULL, qf_reply, NULL, NULL, NULL, napi_default, NULL},
-    {"setFileAttrs", NULL, qf_set_file_attrs, NULL, NULL, NULL, napi_default, NULL},
     {"close", NULL, qf_close, NULL, NULL, NULL, napi_default, NULL},
+    {"setFile", NULL, qf_set_file, NULL, NULL, NULL, napi_default, NULL},
+    {"invalidate", NULL, qf_invalidate, NULL, NULL, NULL, napi_default, NULL},
     {"stats", NULL, qf_stats, NULL, NULL, NULL, napi_default, NULL},
     {"watchMounts", NULL, qf_watch_mounts, NULL, NULL, NULL, napi_default, NULL},
     {"unwatchMounts", NULL, qf_unwatch_mounts, NULL, NULL, NULL, napi_default, NULL},

@@ -8,6 +8,7 @@
 import os from 'node:os';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { DiskService } from '../../mount/service.js';
+import { MountTree } from '../../mount/tree.js';
 import { FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO, SEEK_DATA, SEEK_HOLE } from '../../mount/sparse.js';
 import { configureLogging, logger } from '../../src/log.js';
 import { MemDriver } from '../helpers/mem-driver.js';
@@ -20,10 +21,23 @@ const C = 64 * KiB;
 
 beforeAll(() => configureLogging({ level: 'silent' }));
 
+/** A service over a one-file tree (disk.raw = d), with its data ops bound to that file. */
 function service(d: MemDriver, opts: { readOnly?: boolean; discard?: 'unmap' | 'ignore' } = {}) {
-  const svc = new DiskService(d, { readOnly: opts.readOnly ?? false, allowOther: false, discard: opts.discard, log: logger('test') });
+  const readOnly = opts.readOnly ?? false;
+  const disk = new DiskService(MountTree.build([{ path: 'disk.raw', source: d }], { readOnly }), { readOnly, allowOther: false, discard: opts.discard, log: logger('test') });
   const published: Array<[number, number]> = [];
-  svc.onAttrs = (size, blocks) => published.push([size, blocks]);
+  disk.onAttrs = (_f, size, blocks) => published.push([size, blocks]);
+  const f = disk.main;
+  const svc = {
+    get size() {
+      return disk.size;
+    },
+    fileStat: () => disk.fileStat(f),
+    lseek: (pos: number, whence: number) => disk.lseek(f, pos, whence),
+    fallocate: (mode: number, pos: number, length: number) => disk.fallocate(f, mode, pos, length),
+    truncate: (path: string, size: number) => disk.truncate(path, size),
+    write: (buf: Buffer, off: number, len: number, pos: number) => disk.write(f, buf, off, len, pos),
+  };
   return { svc, published };
 }
 
