@@ -223,6 +223,7 @@ describe.each(BACKENDS)('%s backend', (backend) => {
       flush: () => (++flushes === 1 ? held : Promise.resolve()),
       close: () => Promise.resolve(),
       info: () => ({}),
+      allocatedBytes: () => disk.length,
     };
     const dir = fs.realpathSync(makeMountDir());
     const session = await MountSession.mount(driver as never, dir, { readOnly: false, mount: parseMountOptions([]), log: logger('mount'), backend });
@@ -312,6 +313,7 @@ describe('fuse3 request-buffer pool', () => {
       flush: () => Promise.resolve(),
       close: () => Promise.resolve(),
       info: () => ({}),
+      allocatedBytes: () => disk.length,
     };
     const dir = fs.realpathSync(makeMountDir());
     process.env.QMOUNT_FUSE3_BUFFERS = '2';
