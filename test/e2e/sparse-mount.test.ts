@@ -168,6 +168,37 @@ describe('fuse3: fallocate on disk.raw against a raw reference', () => {
   }
 });
 
+describe('fuse3: a partition file (pN.raw)', () => {
+  it('SEEK walk of p1.raw is disk.raw\'s inside the partition; a punch through p1.raw drops disk.raw\'s cached pages', async () => {
+    const kind = KINDS.find((k) => k.format === 'raw')!;
+    const image = img(kind, 64 * MiB, []);
+    run('sfdisk', ['--no-reread', '--no-tell-kernel', '-q', image], { input: 'label: gpt\nstart=2048, size=65536, type=linux\n' });
+    const start = 2048 * 512;
+    qemuIo(image, 'raw', [`write -P 0x5a ${start + MiB} 2M`, `write -P 0xa5 ${start + 20 * MiB} 64k`]);
+    const m = await mountImage(image, { format: 'raw', backend: 'fuse3' });
+    try {
+      const p1 = path.join(m.dir, 'p1.raw');
+      expect((await statBlocks(p1)).size).toBe(32 * MiB);
+      const inDisk = (await seekWalk(m.rawPath)).filter(([a]) => a >= start && a < start + 32 * MiB).map(([a, b]) => [a - start, Math.min(b, start + 32 * MiB) - start]);
+      expect(await seekWalk(p1)).toEqual(inDisk);
+      expect(inDisk).toContainEqual([MiB, 3 * MiB]);
+      // disk.raw's pages of the range are cached by a read, then the range is punched through p1.raw.
+      const fd = fs.openSync(m.rawPath, 'r');
+      const b = Buffer.alloc(4096);
+      fs.readSync(fd, b, 0, 4096, start + 2 * MiB);
+      expect(b[0]).toBe(0x5a);
+      const r = await tool('fallocate', ['-p', '-o', String(MiB), '-l', String(2 * MiB), p1]);
+      expect(r.code, r.out).toBe(0);
+      fs.readSync(fd, b, 0, 4096, start + 2 * MiB);
+      fs.closeSync(fd);
+      expect(b.equals(Buffer.alloc(4096))).toBe(true);
+      expect(await seekWalk(p1)).toEqual(inDisk.filter(([a]) => a !== MiB));
+    } finally {
+      await m.unmount();
+    }
+  });
+});
+
 describe.each(BACKENDS)('%s: --detect-zeroes', (backend) => {
   for (const kind of KINDS.filter((k) => k.name === 'qcow2' || k.name === 'QED' || k.name === 'raw')) {
     it(`zeros written with dd (${kind.name}): on allocates nothing, off stores them, unmap frees data`, async () => {
