@@ -20,8 +20,16 @@
  *     (queueRelease) and released by flush() after steps 1-3 made the tables
  *     that stopped pointing at them durable - one sync per flush, not one
  *     per request. The refcount blocks are then written again.
- *  5. Freed clusters are reused only after that: quarantine (refcount.ts,
- *     invariant 3) ends at a flush with no read in flight.
+ *  5. Freed clusters are reused (and punched out of the file) only after
+ *     that: quarantine (refcount.ts, invariant 3) ends at a flush with no
+ *     read in flight, for the clusters no direct write is in flight on.
+ *  6. Moving the active L1 table (resize grows it): runs right after a
+ *     flush (every in-memory entry copied into the new table points at a
+ *     durable L2 table, no L1 entry is dirty). The new table is written,
+ *     then its refcount flushed (with a sync covering the table), then the
+ *     header is switched in one write (l1_size and l1_table_offset are
+ *     adjacent) and synced; only then is the old table released.
+ *     resize.ts writes the header's size field after this step when growing.
  *  Refcount blocks and the refcount table themselves: refcount.ts,
  *  invariants 1 and 2 (a new block describes itself or is counted and
  *  flushed before the table points at it; a grown table is switched in by
@@ -33,8 +41,15 @@
  * open image or releases the references queued here.
  */
 import type { Refcounts } from './refcount.js';
-import { L1E_BYTES } from './spec.js';
+import { L1E_BYTES, l1TableFields } from './spec.js';
 import type { Qcow2State } from './state.js';
+
+/** What may still touch a quarantined cluster (step 5). */
+export interface InUse {
+  reads: number;
+  /** a direct write is in flight on host cluster `clusterIndex` */
+  directBusy: (clusterIndex: number) => boolean;
+}
 
 export class CommitQueue {
   /** L1 indexes whose in-memory entry is newer than the disk's (step 3). */
@@ -63,8 +78,12 @@ export class CommitQueue {
     return this.pendingReleases.length > CommitQueue.MAX_PENDING_RELEASES;
   }
 
-  /** The whole sequence, steps 1 to 5. `readsInFlight`: reads that may still target quarantined clusters. */
-  async flush(readsInFlight: number): Promise<void> {
+  /**
+   * The whole sequence, steps 1 to 5. `inUse`: reads in flight (which may
+   * still target quarantined clusters) and the host clusters direct writes
+   * are in flight on.
+   */
+  async flush(inUse: InUse): Promise<void> {
     await this.refcounts.cache.flush(); // 1
     await this.s.l2Cache.flush(); // 2 and 1 again; ends with a sync: every L2 change so far is durable
     await this.writeL1(); // 3, synced
@@ -74,7 +93,37 @@ export class CommitQueue {
       for (const [off, len] of releases) await this.refcounts.release(off, len); // 4
     }
     await this.refcounts.cache.flush();
-    if (readsInFlight === 0) this.refcounts.releaseQuarantine(); // 5
+    if (inUse.reads === 0) await this.refcounts.releaseQuarantine(inUse.directBusy); // 5
+  }
+
+  /** Step 6: switch the active L1 table to a copy with `entries` entries (at least as many as now). Call right after flush(). */
+  async moveL1(entries: number): Promise<void> {
+    const s = this.s;
+    const cs = s.g.clusterSize;
+    if (this.dirtyL1.size > 0 || this.pendingReleases.length > 0) throw new Error('moveL1 needs a flush first');
+    const bytes = entries * L1E_BYTES;
+    const newL1 = Buffer.alloc(bytes);
+    s.l1.copy(newL1, 0, 0, Math.min(s.l1.length, bytes));
+    const clusters = Math.max(1, Math.ceil(bytes / cs));
+    const offset = await this.refcounts.allocate(clusters);
+    s.checkOverlap(offset, clusters * cs, 'new L1 table');
+    // Whole clusters, as QEMU writes them: the tail of the last one reads as zeros.
+    const image = Buffer.alloc(clusters * cs);
+    newL1.copy(image);
+    await s.file.write('l1_grow', image, 0, image.length, offset);
+    s.noteFileEnd(offset + image.length);
+    await this.refcounts.cache.flush(); // its refcount, and a sync that covers the table
+    const [at, field] = l1TableFields(offset, entries);
+    await s.file.write('l1_switch', field, 0, field.length, at);
+    await s.syncAll();
+    const oldOffset = s.header.l1TableOffset;
+    const oldBytes = s.l1.length;
+    s.l1 = newL1;
+    s.header.l1TableOffset = offset;
+    s.header.l1Size = entries;
+    s.overlap.l1TableMoved(offset, bytes);
+    s.log.info({ oldOffset, offset, entries }, 'L1 table moved');
+    if (oldBytes > 0 && oldOffset !== 0) await this.refcounts.release(oldOffset, oldBytes);
   }
 
   /**

@@ -83,7 +83,10 @@ export async function writeClusters(s: Qcow2State, buf: Buffer, ops: ClusterOp[]
       return;
     }
     const old = Buffer.allocUnsafe(to - from);
-    await readGuest(s, old, 0, old.length, op.gc * cs + from);
+    // The last cluster may reach past the end of the disk: that part reads as zeros.
+    const inDisk = Math.max(0, Math.min(old.length, s.virtualSize - (op.gc * cs + from)));
+    if (inDisk > 0) await readGuest(s, old, 0, inDisk, op.gc * cs + from);
+    old.fill(0, inDisk);
     add(op.host + from, old, 0, old.length, true);
   };
 

@@ -3,15 +3,18 @@
  * (read.ts) and writes (write.ts) over one Qcow2State.
  */
 import path from 'node:path';
-import { FormatError, QmountError, UnsupportedError } from '../../errors.js';
+import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
 import { lockImageFile } from '../../io/lock.js';
-import { checkRequest, notYet, type BlockDriver, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
+import { checkRequest, type BlockDriver, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
 import { featureList, parseHeader, type Qcow2Header } from './header.js';
 import { readGuest } from './read.js';
+import { resize } from './resize.js';
 import { readSnapshotTable } from './snapshot.js';
+import { blockStatus } from './status.js';
 import { Qcow2State } from './state.js';
 import { Qcow2Writer } from './write.js';
+import { writeZeroes } from './zero.js';
 import { geometryOf, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, HDR, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_BYTES, V3_HEADER_BYTES } from './spec.js';
 
 const KNOWN_BACKING_FORMATS: Record<string, FormatName> = { qcow2: 'qcow2', raw: 'raw', qed: 'qed', file: 'raw' };
@@ -148,21 +151,41 @@ class Qcow2Driver implements BlockDriver {
     }
   }
 
-  // Placeholders: the sparse-image driver work (issue 13) replaces these.
-  blockStatus(_guestOffset: number, _length: number): Promise<BlockExtent[]> {
-    return notYet(this, 'blockStatus');
+  blockStatus(guestOffset: number, length: number): Promise<BlockExtent[]> {
+    try {
+      checkRequest(this, 'read', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return blockStatus(this.s, guestOffset, length);
   }
 
-  writeZeroes(_guestOffset: number, _length: number, _opts: { unmap: boolean }): Promise<void> {
-    return notYet(this, 'writeZeroes');
+  writeZeroes(guestOffset: number, length: number, opts: { unmap: boolean }): Promise<void> {
+    try {
+      checkRequest(this, 'write', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return writeZeroes(this.writer!, guestOffset, length, opts.unmap);
   }
 
-  resize(_newSize: number): Promise<void> {
-    return notYet(this, 'resize');
+  async resize(newSize: number): Promise<void> {
+    if (this.closed) throw new QmountError('EBADF', `${this.filename}: resize after close`);
+    if (!this.writer) throw new ReadOnlyError();
+    await resize(this.writer, newSize);
   }
 
+  /**
+   * Guest bytes of data in the chain (st_blocks): this image's data
+   * clusters (state.ts, DataBytes: exact at cluster or subcluster
+   * granularity once its one-time scan is done, the image file's size
+   * before) plus what the backing chain reports, capped at the disk size. A
+   * range stored in two layers counts twice (up to the cap): an estimate
+   * that never reads metadata on the call.
+   */
   allocatedBytes(): number {
-    return this.virtualSize;
+    const below = this.s.backing ? this.s.backing.allocatedBytes() : 0;
+    return Math.min(this.virtualSize, this.s.dataBytes.value() + below);
   }
 
   info(): ImageInfo {

@@ -103,3 +103,34 @@ export function classify(g: Geometry, e: L2Entry, clusterOffset: number, inClust
   piece.hostOffset = k === dataKind ? host + inCluster : 0;
   piece.length = Math.min(maxLen, end - inCluster);
 }
+
+/**
+ * Guest bytes an L2 entry maps to data of this image (for allocatedBytes):
+ * the whole cluster for a normal or compressed cluster, the allocated
+ * subclusters with extended L2, nothing for zero or unallocated clusters.
+ */
+export function entryDataBytes(g: Geometry, e: L2Entry): number {
+  const t = clusterType(g, e.hi, e.lo);
+  if (t === ClusterType.Compressed) return g.clusterSize;
+  if (t !== ClusterType.Normal) return 0;
+  if (!g.extL2) return g.clusterSize;
+  let bits = e.alloc >>> 0;
+  let n = 0;
+  while (bits !== 0) {
+    bits &= bits - 1;
+    n++;
+  }
+  return n * g.subclusterSize;
+}
+
+/** Guest bytes of data this image maps in the L2 table `table` (one L1 entry's span, cut at `limitEntries`). */
+export function tableDataBytes(g: Geometry, table: Buffer, limitEntries: number): number {
+  const e: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+  let sum = 0;
+  for (let i = 0; i < limitEntries; i++) {
+    readL2Entry(g, table, i, e);
+    if (e.hi === 0 && e.lo === 0) continue;
+    sum += entryDataBytes(g, e);
+  }
+  return sum;
+}

@@ -41,6 +41,7 @@ export class OverlapIndex {
   /** Fixed ranges; the refcount table's is replaced when the table moves. */
   private ranges: Range[] = [];
   private refcountTable: Range = { start: 0, end: 0, what: 'refcount table' };
+  private l1Table: Range = { start: 0, end: 0, what: 'active L1 table' };
   private readonly l2Tables = new Set<number>();
   private readonly refBlocks = new Set<number>();
   private clusterSize = 0;
@@ -48,10 +49,8 @@ export class OverlapIndex {
   build(m: MetadataLayout): void {
     this.clusterSize = m.clusterSize;
     this.refcountTable = { start: m.refcountTableOffset, end: m.refcountTableOffset + m.refcountTableBytes, what: 'refcount table' };
-    this.ranges = [
-      { start: 0, end: m.clusterSize, what: 'header' },
-      { start: m.l1TableOffset, end: m.l1TableOffset + Math.max(m.l1Bytes, 1), what: 'active L1 table' },
-    ];
+    this.ranges = [{ start: 0, end: m.clusterSize, what: 'header' }];
+    this.l1Table = { start: m.l1TableOffset, end: m.l1TableOffset + Math.max(m.l1Bytes, 1), what: 'active L1 table' };
     if (m.snapshotTableBytes > 0) {
       this.ranges.push({ start: m.snapshotTableOffset, end: m.snapshotTableOffset + m.snapshotTableBytes, what: 'snapshot table' });
     }
@@ -84,12 +83,16 @@ export class OverlapIndex {
     this.refcountTable = { start: offset, end: offset + bytes, what: 'refcount table' };
   }
 
+  /** The active L1 table now lives at [offset, offset + bytes) (resize); its old clusters are released and may be reused. */
+  l1TableMoved(offset: number, bytes: number): void {
+    this.l1Table = { start: offset, end: offset + Math.max(bytes, 1), what: 'active L1 table' };
+  }
+
   /** What metadata [offset, offset + length) overlaps, or null. */
   find(offset: number, length: number): string | null {
     const end = offset + length;
     for (const r of this.ranges) if (offset < r.end && r.start < end) return `the ${r.what}`;
-    const rt = this.refcountTable;
-    if (offset < rt.end && rt.start < end) return `the ${rt.what}`;
+    for (const r of [this.l1Table, this.refcountTable]) if (offset < r.end && r.start < end) return `the ${r.what}`;
     const cs = this.clusterSize;
     if (cs === 0) return null; // not built: a read-only open, or before the first write
     for (let c = offset - (offset % cs); c < end; c += cs) {

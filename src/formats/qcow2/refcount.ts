@@ -16,9 +16,10 @@
  *     switched in one write (offset + cluster count are adjacent fields),
  *     synced, and only then is the old table freed.
  *  3. A cluster whose refcount drops to 0 is quarantined: it is not handed
- *     out again until a flush has made the drop (and the L2 change that
- *     caused it) durable and no read that might still target it is in
- *     flight. So an old pointer that survives a crash never meets new data,
+ *     out again (nor punched) until a flush has made the drop (and the L2
+ *     change that caused it) durable, no read that might still target it is
+ *     in flight, and no direct write on it is in flight (write.ts, the fast
+ *     path's invariant). So an old pointer that survives a crash never meets new data,
  *     and a racing read never sees another request's data.
  *  4. A refcount that would overflow its width, or drop below zero, fails
  *     the request before anything is changed.
@@ -224,10 +225,40 @@ export class Refcounts {
     for (let c = first; c <= last; c++) await this.change(c, -1);
   }
 
-  /** Make quarantined clusters allocatable again (invariant 3: caller has flushed, no reads in flight). */
-  releaseQuarantine(): void {
-    for (const c of this.quarantine) if (c < this.freeHint) this.freeHint = c;
-    this.quarantine.clear();
+  /**
+   * Make quarantined clusters allocatable again (invariant 3: the caller has
+   * flushed, no read is in flight). A cluster `busy` says a direct write is
+   * still in flight on stays quarantined until a later flush (write.ts, the
+   * fast path's invariant). The others are punched out of the image file
+   * first (so its allocated size shrinks; a file system that cannot punch
+   * keeps the bytes) and only then handed to the allocator: a punch never
+   * meets a cluster that was reused.
+   */
+  async releaseQuarantine(busy: (cluster: number) => boolean): Promise<void> {
+    const ready = [...this.quarantine].filter((c) => !busy(c)).sort((a, b) => a - b);
+    if (ready.length === 0) return;
+    if (!this.s.file.readOnly) {
+      const endCluster = Math.ceil(this.s.fileSize / this.cs);
+      for (let i = 0; i < ready.length; ) {
+        let j = i + 1;
+        while (j < ready.length && ready[j] === ready[j - 1] + 1) j++;
+        const first = ready[i];
+        const last = Math.min(ready[j - 1] + 1, endCluster);
+        if (last > first) {
+          try {
+            await this.s.file.punchHole('punch_hole', first * this.cs, (last - first) * this.cs);
+          } catch (err) {
+            // The clusters are free either way: an unpunched one only costs space.
+            this.s.log.warn({ hostOffset: first * this.cs, err: (err as Error).message }, 'could not punch freed clusters out of the image file');
+          }
+        }
+        i = j;
+      }
+    }
+    for (const c of ready) {
+      if (c < this.freeHint) this.freeHint = c;
+      this.quarantine.delete(c);
+    }
   }
 
   /**

@@ -122,6 +122,21 @@ export function refcountTableFields(offset: number, clusters: number): [number, 
   return [HDR.refcountTableOffset, b];
 }
 
+/** The active L1 table switch: l1_size and l1_table_offset are adjacent (one 12-byte write, atomic per sector). */
+export function l1TableFields(offset: number, entries: number): [number, Buffer] {
+  const b = Buffer.alloc(12);
+  b.writeUInt32BE(entries, 0);
+  b.writeBigUInt64BE(BigInt(offset), 4);
+  return [HDR.l1Size, b];
+}
+
+/** The guest size field (resize). */
+export function sizeField(bytes: number): [number, Buffer] {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64BE(BigInt(bytes));
+  return [HDR.size, b];
+}
+
 // ---- geometry ----------------------------------------------------------------
 
 export interface Geometry {

@@ -11,6 +11,7 @@ import type { ImageFile } from '../../io/file.js';
 import type { Logger } from '../../log.js';
 import type { BlockDriver } from '../driver.js';
 import type { Qcow2Header } from './header.js';
+import { tableDataBytes } from './map.js';
 import { OverlapIndex } from './overlap.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 import { badClusterOffset, entryOffset, type Geometry, L1E_COPIED } from './spec.js';
@@ -47,6 +48,8 @@ export class Qcow2State {
   readonly overlap = new OverlapIndex();
   /** New L2 tables not written yet (they live dirty in l2Cache). */
   readonly unwrittenL2 = new Set<number>();
+  /** Guest bytes of data this image maps (allocatedBytes); see DataBytes. */
+  readonly dataBytes = new DataBytes(this);
 
   constructor(
     readonly file: ImageFile,
@@ -165,5 +168,61 @@ export class Qcow2State {
     this.corrupt = true;
     this.onCorrupt?.(msg);
     throw new CorruptionError(`${msg}; image marked corrupt`);
+  }
+}
+
+/**
+ * What allocatedBytes() counts for one qcow2 image: the guest bytes its L2
+ * entries map to data of its own - whole clusters for normal and compressed
+ * clusters, allocated subclusters with extended L2; zero and unallocated
+ * clusters count nothing. Counted by one scan of the L2 tables, started by
+ * the first call (one L1 entry at a time under the metadata lock, so no
+ * mapping changes under it), then kept current by every change of an L2
+ * entry (note()). Until the scan is done, value() is an upper estimate: the
+ * image file's size.
+ */
+export class DataBytes {
+  private bytes = 0;
+  /** L1 indexes below this one are counted in `bytes` */
+  private countedL1 = 0;
+  private scan: Promise<void> | null = null;
+  /** the scan has counted every L1 entry (later ones, from a resize, start empty) */
+  private done = false;
+
+  constructor(private readonly s: Qcow2State) {}
+
+  /** Bytes of data this image maps: exact once counted, else an estimate (and the count starts). */
+  value(): number {
+    if (this.done) return this.bytes;
+    void this.start();
+    return this.done ? this.bytes : Math.min(this.s.virtualSize, this.s.fileSize);
+  }
+
+  /** Start the scan (idempotent); the promise settles when it ends (an error only leaves the estimate). */
+  start(): Promise<void> {
+    this.scan ??= this.run().catch((err: unknown) => {
+      this.s.log.warn({ err: (err as Error).message }, 'could not count the allocated clusters (st_blocks stays an estimate)');
+    });
+    return this.scan;
+  }
+
+  /** An L2 entry of guest cluster `clusterIndex` changed the data it maps by `delta` bytes (under the metadata lock). */
+  note(clusterIndex: number, delta: number): void {
+    if (delta !== 0 && (this.done || Math.floor(clusterIndex / this.s.g.l2Entries) < this.countedL1)) this.bytes += delta;
+  }
+
+  private async run(): Promise<void> {
+    const s = this.s;
+    while (this.countedL1 < s.l1Entries) {
+      await s.meta.run(async () => {
+        const l1i = this.countedL1;
+        if (l1i >= s.l1Entries) return;
+        const off = s.l2OffsetOf(l1i);
+        const table = off !== 0 && s.badL2Offset(off) === null ? await s.l2Table(off) : null;
+        if (table) this.bytes += tableDataBytes(s.g, table, s.g.l2Entries);
+        this.countedL1 = l1i + 1;
+      });
+    }
+    this.done = true;
   }
 }

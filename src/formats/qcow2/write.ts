@@ -40,10 +40,11 @@ import { CorruptionError } from '../../errors.js';
 import type { DriverOpenOptions } from '../driver.js';
 import { bitmapRanges } from './bitmaps.js';
 import { serializeHeader } from './header.js';
-import { readL2Entry, type L2Entry } from './map.js';
+import { entryDataBytes, readL2Entry, type L2Entry } from './map.js';
 import { readGuest } from './read.js';
 import { CommitQueue } from './commit.js';
 import { writeClusters } from './data.js';
+import { DirectWrites } from './direct.js';
 import { badOldMapping, directHost, droppedReference, planCluster, type ClusterOp } from './plan.js';
 import { Refcounts } from './refcount.js';
 import { repairRefcounts } from './repair.js';
@@ -62,22 +63,30 @@ function deferred(): Deferred {
 }
 
 export class Qcow2Writer {
-  private refcounts!: Refcounts;
+  /** @internal zero.ts and resize.ts work beside the writer on the same state. */
+  refcounts!: Refcounts;
   private readonly inflight = new Map<number, Deferred>();
   private activeReads = 0;
+  /** Direct writes in flight (direct.ts: the fast path's invariant). */
+  private readonly directWrites: DirectWrites;
   private prepared = false;
-  private lazy = false;
+  /** @internal */
+  lazy = false;
   /** we set the dirty bit on disk and must clear it on clean close */
   private dirtySet = false;
-  /** The commit ordering (commit.ts). */
-  private commit!: CommitQueue;
+  /** The commit ordering (commit.ts). @internal */
+  commit!: CommitQueue;
   /** directWrite's L2 entry (used synchronously only). */
   private readonly scratch: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+  /** link's new entry (used synchronously only). */
+  private readonly linked: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
 
   constructor(
-    private readonly s: Qcow2State,
+    readonly s: Qcow2State,
     private readonly opts: DriverOpenOptions,
-  ) {}
+  ) {
+    this.directWrites = new DirectWrites(s);
+  }
 
   // ---- open / close -------------------------------------------------------
 
@@ -123,8 +132,14 @@ export class Qcow2Writer {
     await this.s.meta.run(() => this.flushLocked());
   }
 
-  private flushLocked(): Promise<void> {
-    return this.commit.flush(this.activeReads);
+  /** @internal Under the metadata lock. */
+  flushLocked(): Promise<void> {
+    return this.commit.flush({ reads: this.activeReads, directBusy: this.directWrites.busy });
+  }
+
+  /** @internal Under the metadata lock, after a change of metadata: write back when caches or queued releases grew large. */
+  async flushIfPressed(): Promise<void> {
+    if (this.s.l2Cache.underPressure || this.refcounts.cache.underPressure || this.commit.tooManyPending) await this.flushLocked();
   }
 
   async close(): Promise<void> {
@@ -172,7 +187,8 @@ export class Qcow2Writer {
    * bitmaps, clear autoclear bits we do not maintain, set the dirty bit for
    * lazy refcounts. Each change reaches the disk before any data does.
    */
-  private async prepareFirstWrite(): Promise<void> {
+  /** @internal */
+  async prepareFirstWrite(): Promise<void> {
     if (this.prepared) return;
     const s = this.s;
     const h = s.header;
@@ -233,6 +249,18 @@ export class Qcow2Writer {
   }
 
   /**
+   * @internal Zeros to be written in place into an own (COPIED) host
+   * cluster, decided under the lock: counted as a direct write at once,
+   * issued by the returned function once the lock is released.
+   */
+  zeroInPlace(hostOffset: number, length: number): () => Promise<void> {
+    const file = this.s.dataFile ?? this.s.file;
+    const c = this.directWrites.clusterOf(file, hostOffset);
+    if (c >= 0) this.directWrites.begin(c);
+    return () => this.directWrites.issue(file, 'zero_write', null, 0, length, hostOffset, true);
+  }
+
+  /**
    * The fast path: a write inside one cluster that is not in flight, whose
    * L2 table is cached and whose entry says "direct" (directHost) goes in
    * place without the metadata lock. The decision is synchronous - no await
@@ -258,11 +286,12 @@ export class Qcow2Writer {
     const at = host + writeStart;
     const file = s.dataFile ?? s.file;
     if (!g.hasDataFile) s.checkOverlap(at, length, 'data write');
-    return file.write('data_write', buf, bufOffset, length, at).then(() => s.noteDataEnd(file, at + length));
+    return this.directWrites.issue(file, 'data_write', buf, bufOffset, length, at);
   }
 
   private async writeChunk(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     const s = this.s;
+    const g = s.g;
     let ops: ClusterOp[];
     for (;;) {
       const planned = await s.meta.run(() => this.plan(bufOffset, length, guestOffset));
@@ -274,13 +303,26 @@ export class Qcow2Writer {
       break;
     }
     const rewrites = ops.filter((o) => o.rewrite);
+    // The direct ops of a planned request are direct writes too, counted by plan() (direct.ts).
+    const busy = g.hasDataFile ? [] : ops.filter((o) => !o.rewrite).map((o) => Math.floor(o.host / g.clusterSize));
     try {
       await writeClusters(this.s, buf, ops);
     } catch (err) {
       await s.meta.run(() => this.undo(rewrites));
       throw err;
+    } finally {
+      for (const c of busy) this.directWrites.end(c);
     }
     if (rewrites.length > 0) await s.meta.run(() => this.link(rewrites));
+  }
+
+  /** @internal Under the lock: a promise to wait for when a guest cluster in [first, last] is in flight, else null. */
+  inflightWait(firstClusterIndex: number, lastClusterIndex: number): Promise<void> | null {
+    for (let gc = firstClusterIndex; gc <= lastClusterIndex; gc++) {
+      const d = this.inflight.get(gc);
+      if (d) return d.promise;
+    }
+    return null;
   }
 
   /** Phase 1 (under the lock): decide, register in-flight clusters, allocate. */
@@ -291,10 +333,8 @@ export class Qcow2Writer {
     const end = guestOffset + length;
     const firstGc = Math.floor(guestOffset / cs);
     const lastGc = Math.floor((end - 1) / cs);
-    for (let gc = firstGc; gc <= lastGc; gc++) {
-      const d = this.inflight.get(gc);
-      if (d) return { wait: d.promise };
-    }
+    const busy = this.inflightWait(firstGc, lastGc);
+    if (busy) return { wait: busy };
     await this.prepareFirstWrite();
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
 
@@ -336,6 +376,8 @@ export class Qcow2Writer {
       this.finish(rewrites);
       throw err;
     }
+    // Counted in this critical section, ended by writeChunk once the data settled (direct.ts).
+    if (!g.hasDataFile) for (const op of ops) if (!op.rewrite) this.directWrites.begin(Math.floor(op.host / cs));
     return { ops };
   }
 
@@ -380,6 +422,8 @@ export class Qcow2Writer {
           table.writeUInt32BE(op.newAlloc, at + L2E_ALLOC_BITMAP);
         }
         s.l2Cache.markDirty(offset, table);
+        readL2Entry(g, table, op.gc % g.l2Entries, this.linked);
+        s.dataBytes.note(op.gc, entryDataBytes(g, this.linked) - entryDataBytes(g, op.old));
         if (op.fresh && !g.hasDataFile) {
           const dropped = droppedReference(g, op.old);
           if (dropped) releases.push(dropped);
@@ -387,9 +431,7 @@ export class Qcow2Writer {
         this.finish([op]);
       }
       for (const [off, len] of releases) this.commit.queueRelease(off, len);
-      if (s.l2Cache.underPressure || this.refcounts.cache.underPressure || this.commit.tooManyPending) {
-        await this.flushLocked();
-      }
+      await this.flushIfPressed();
     } catch (err) {
       await this.undo(ops.slice(i));
       throw err;
@@ -428,8 +470,9 @@ export class Qcow2Writer {
    * cluster are durable (commit.ts, step 3). Until then the old mapping stays on disk,
    * so a crash only leaks. The old table's reference is queued and dropped
    * by that flush after the L1 entry that replaced it is durable.
+   * @internal Under the metadata lock; the table is changed before the next await.
    */
-  private async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
+  async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
     const s = this.s;
     const cs = s.g.clusterSize;
     const old = s.l2OffsetOf(l1i);
