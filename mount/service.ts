@@ -65,6 +65,14 @@ const MAX_LOGGED_READ_ERRORS = 1024;
 /** A request not answered after this long is a bug worth a log line (not a timeout: it stays pending). */
 export const UNANSWERED_MS = 120_000;
 const SWEEP_MS = 30_000;
+/**
+ * A source's allocation can change without a request of ours (qcow2 counts
+ * its data clusters in the background after open and answers an estimate
+ * until then; raw learns its file's allocation after a flush): the sizes and
+ * st_blocks a backend caches are refreshed this often, the kernel's attribute
+ * timeout (native/fuse3/ops.c ATTR_TIMEOUT).
+ */
+const ATTR_REFRESH_MS = 1000;
 
 export interface DiskServiceOptions {
   readOnly: boolean;
@@ -164,6 +172,7 @@ export class DiskService {
   private readonly discard: DiscardMode;
   /** Each file's size and st_blocks as last handed to onAttrs */
   private readonly published = new Map<MountFile, { size: number; blocks: number }>();
+  private refresh: NodeJS.Timeout | undefined;
   /** The last block status lseek asked for (every change in the mount invalidates it). */
   private readonly statusCache = new StatusCache();
   /**
@@ -199,6 +208,10 @@ export class DiskService {
     };
     this.sweep = setInterval(() => this.logUnanswered(), SWEEP_MS);
     this.sweep.unref();
+    this.refresh = setInterval(() => {
+      for (const f of this.tree.files()) this.publish(f);
+    }, ATTR_REFRESH_MS);
+    this.refresh.unref();
   }
 
   get size(): number {
@@ -249,6 +262,7 @@ export class DiskService {
   drain(): Promise<void> {
     this.closing = true;
     clearInterval(this.sweep);
+    clearInterval(this.refresh);
     if (this.inflight === 0) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
   }

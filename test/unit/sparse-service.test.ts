@@ -6,7 +6,7 @@
  * test/e2e/sparse-mount.test.ts.
  */
 import os from 'node:os';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it, vi } from 'vitest';
 import { DiskService } from '../../mount/service.js';
 import { MountTree } from '../../mount/tree.js';
 import { FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO, SEEK_DATA, SEEK_HOLE } from '../../mount/sparse.js';
@@ -232,6 +232,22 @@ describe('truncate', () => {
     expect(d.calls).toEqual([`resize ${4 * C + GiB}`, `resize ${2 * C}`, `resize ${C / 2}`, `resize ${3 * C + 1}`]);
     // Reads and writes follow the new size.
     expect(svc.write(Buffer.alloc(10), 0, 10, 2 * C)).toBe(-E.ENOSPC);
+  });
+
+  it('an allocation that changes without a request (a background count) is published by the next refresh', async () => {
+    vi.useFakeTimers();
+    try {
+      const d = new MemDriver(8 * C);
+      const { published } = service(d);
+      await d.write(Buffer.alloc(10, 1), 0, 10, 0); // behind the service's back
+      expect(published).toEqual([]);
+      vi.advanceTimersByTime(1000);
+      expect(published).toEqual([[8 * C, C / 512]]);
+      vi.advanceTimersByTime(5000);
+      expect(published.length).toBe(1); // unchanged: nothing more
+    } finally {
+      vi.useRealTimers();
+    }
   });
 
   it('st_blocks follows writes (published before the write is answered)', async () => {
