@@ -17,6 +17,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import type { BlockDriver, BlockExtent } from '../../src/formats/driver.js';
 import { openImage } from '../../src/formats/open.js';
 import { errnoOf } from '../../src/errors.js';
+import { ImageFile } from '../../src/io/file.js';
 import { convertToRaw, patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo, run, scratchDir, sha256File } from '../helpers/qemu.js';
 import { rng } from '../helpers/workload.js';
 
@@ -290,3 +291,58 @@ async function isV3(image: string): Promise<boolean> {
   }
   return b.readUInt32BE(4) === 3;
 }
+
+// The fast path's invariant (src/formats/qcow2/direct.ts): a direct write
+// still in flight on a cluster that a discard freed keeps that cluster out of
+// the allocator (and unpunched) until a flush finds it idle. The write is
+// held in flight by a gate on ImageFile.write; without the count the
+// allocation below would get the freed cluster (as the one after the gate
+// opens shows it does), and the late write would land in another cluster's
+// data.
+describe('qcow2: a discard while a direct write is in flight', () => {
+  it('the freed cluster is not reused until the write settled and a flush ran', async () => {
+    const { dir, cleanup } = scratchDir('qcow2-sparse-race');
+    cleanups.push(cleanup);
+    const image = create(dir, 'disk.qcow2', 8 * MiB, []);
+    qemuIo(image, 'qcow2', ['write -P 0x51 0 64k']);
+    const d = await openImage(image, { readOnly: false, log });
+    const proto = ImageFile.prototype as unknown as { write: (...a: unknown[]) => Promise<void> };
+    const orig = proto.write;
+    let open!: () => void;
+    const gate = new Promise<void>((r) => (open = r));
+    let held = 0;
+    try {
+      await d.write(Buffer.alloc(512, 0x52), 0, 512, 4 * MiB); // the first write prepares the image for writing
+      const [first] = await d.blockStatus(0, 65536);
+      const host = first.hostOffset!;
+      proto.write = function (this: ImageFile, ...a: unknown[]) {
+        if (a[0] === 'data_write' && held++ === 0) return gate.then(() => orig.apply(this, a));
+        return orig.apply(this, a);
+      };
+      const direct = d.write(Buffer.alloc(4096, 0x53), 0, 4096, 0);
+      expect(held).toBe(1); // in flight on the fast path
+      await d.writeZeroes(0, 65536, { unmap: true });
+      await d.flush();
+      await d.write(Buffer.alloc(65536, 0x54), 0, 65536, MiB);
+      const [busyTime] = await d.blockStatus(MiB, 65536);
+      expect(busyTime.hostOffset).not.toBe(host);
+      open();
+      await direct;
+      await d.flush();
+      await d.write(Buffer.alloc(65536, 0x55), 0, 65536, 2 * MiB);
+      const [later] = await d.blockStatus(2 * MiB, 65536);
+      expect(later.hostOffset, 'once idle and flushed, the freed cluster is reused').toBe(host);
+      const back = Buffer.alloc(3 * MiB);
+      await d.read(back, 0, back.length, 0);
+      expect(back.subarray(0, 65536).every((b) => b === 0)).toBe(true);
+      expect(back.subarray(MiB, MiB + 65536).every((b) => b === 0x54)).toBe(true);
+      expect(back.subarray(2 * MiB, 2 * MiB + 65536).every((b) => b === 0x55)).toBe(true);
+    } finally {
+      proto.write = orig;
+      open();
+      await d.close();
+    }
+    const c = qemuCheck(image);
+    expect(c.code, c.output).toBe(0);
+  });
+});

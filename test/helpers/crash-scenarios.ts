@@ -33,6 +33,40 @@ export interface Scenario {
   extraCheck?(b: Built, dir: string): string | null;
   /** after recording: the workload reached what it is meant to exercise */
   exercised?(b: Built, points: IoPoint[]): string | null;
+  /** the largest guest size the ops resize to (the model spans it from the start; see guestMismatch) */
+  guestSize?: number;
+}
+
+/** The guest content a workload starts from, as the model of a scenario that may grow the disk. */
+export function initialModel(sc: Scenario, raw: Buffer): Buffer {
+  if (!sc.guestSize || sc.guestSize <= raw.length) return raw;
+  const out = Buffer.alloc(sc.guestSize);
+  raw.copy(out);
+  return out;
+}
+
+/** extraCheck: internal snapshot `name` still reads as `dir/<name>.raw` did when the image was built. */
+function snapshotUnchanged(name: string): (b: Built, dir: string) => string | null {
+  return (b, dir) => {
+    const out = path.join(dir, `${name}-now.raw`);
+    try {
+      qemuImg('convert', '-l', `snapshot.name=${name}`, '-O', 'raw', b.image, out);
+      const want = fs.readFileSync(path.join(dir, `${name}.raw`));
+      const got = fs.readFileSync(out);
+      // Exported at the image's current size (also QEMU's): the part past the snapshot's reads as zeros.
+      const same = got.subarray(0, want.length).equals(want) && got.subarray(want.length).every((x) => x === 0);
+      return same ? null : `snapshot ${name} content changed`;
+    } catch (err) {
+      return `snapshot ${name} unreadable: ${(err as Error).message.split('\n')[0]}`;
+    } finally {
+      fs.rmSync(out, { force: true });
+    }
+  };
+}
+
+/** The header's virtual size (qcow2). */
+function qcow2Size(image: string): number {
+  return be32(image, 24) * 2 ** 32 + be32(image, 28);
 }
 
 function qcow2(dir: string, name: string, size: number, opts: string[], backing?: [string, string]): string {
@@ -218,6 +252,90 @@ export const SCENARIOS: Scenario[] = [
     },
     ops: genOps(808, { count: 30, start: 0, end: 16 * MiB, maxLength: 40 * KiB, flushEvery: 5, align: 4096 }),
     exercised: (_b, pts) => needs(pts, ['data_write', 'l2_alloc', 'l1_update']),
+  },
+  // ---- qcow2 sparse operations (issue 13): writeZeroes with and without unmap, resize ----
+  {
+    name: 'zero-v3',
+    note: 'v3, 4 KiB clusters, with data: writeZeroes with and without unmap (zero flags, freed clusters reused by later writes), beside writes',
+    build(dir) {
+      const image = qcow2(dir, 'img.qcow2', 16 * MiB, ['cluster_size=4096']);
+      qemuIo(image, 'qcow2', [`write -P 0x71 0 ${6 * MiB}`, `write -P 0x72 ${10 * MiB} ${MiB}`]);
+      return { image, format: 'qcow2', written: [image], frozen: [] };
+    },
+    ops: genOps(1212, { count: 36, start: 0, end: 16 * MiB, maxLength: 200 * KiB, flushEvery: 5, align: 4096, groups: true, zeroes: 0.45 }),
+    exercised: (_b, pts) => needs(pts, ['l2_update', 'refblock_update', 'cow_write']),
+  },
+  {
+    name: 'zero-v2',
+    note: 'v2 (compat=0.10), 4 KiB clusters, no backing file: discard unallocates, zeroing without unmap writes zeros in place',
+    build(dir) {
+      const image = qcow2(dir, 'img.qcow2', 16 * MiB, ['cluster_size=4096', 'compat=0.10']);
+      qemuIo(image, 'qcow2', [`write -P 0x73 0 ${8 * MiB}`]);
+      return { image, format: 'qcow2', written: [image], frozen: [] };
+    },
+    ops: genOps(1313, { count: 36, start: 0, end: 16 * MiB, maxLength: 200 * KiB, flushEvery: 5, align: 4096, zeroes: 0.5 }),
+    exercised: (_b, pts) => needs(pts, ['l2_update', 'refblock_update', 'zero_write']),
+  },
+  {
+    name: 'zero-snapshot',
+    note: '64 KiB clusters, data then an internal snapshot: zeroing shared clusters copies the L2 table and only drops a reference',
+    build(dir) {
+      const image = qcow2(dir, 'img.qcow2', 8 * MiB, []);
+      qemuIo(image, 'qcow2', [`write -P 0x74 0 ${6 * MiB}`, `write -P 0x75 ${7 * MiB} 70000`]);
+      qemuImg('snapshot', '-c', 's1', image);
+      convertToRaw(image, path.join(dir, 's1.raw'));
+      return { image, format: 'qcow2', written: [image], frozen: [path.join(dir, 's1.raw')] };
+    },
+    ops: genOps(1414, { count: 30, start: 0, end: 8 * MiB, maxLength: 300 * KiB, flushEvery: 5, align: 65536, zeroes: 0.5 }),
+    extraCheck: snapshotUnchanged('s1'),
+    exercised: (_b, pts) => needs(pts, ['l2_alloc', 'l1_update', 'refblock_update']),
+  },
+  {
+    name: 'zero-compressed',
+    note: '64 KiB clusters from qemu-img convert -c (compressed clusters share host clusters): discard and zeroing drop each entry\'s reference',
+    build(dir) {
+      const src = path.join(dir, 'src.raw');
+      const bytes = Buffer.alloc(8 * MiB);
+      textData(6 * MiB, 6).copy(bytes);
+      fs.writeFileSync(src, bytes);
+      const image = path.join(dir, 'img.qcow2');
+      qemuImg('convert', '-q', '-c', '-f', 'raw', '-O', 'qcow2', src, image);
+      fs.rmSync(src);
+      return { image, format: 'qcow2', written: [image], frozen: [] };
+    },
+    ops: genOps(1515, { count: 30, start: 0, end: 7 * MiB, maxLength: 300 * KiB, flushEvery: 5, align: 65536, zeroes: 0.5 }),
+    exercised: (_b, pts) => needs(pts, ['l2_update', 'refblock_update']),
+  },
+  {
+    name: 'zero-extl2-backing',
+    note: 'extended_l2=on, 64 KiB clusters over a qcow2 backing file: zero bits per subcluster, backing data never shows through',
+    build(dir) {
+      const base = qcow2(dir, 'base.qcow2', 8 * MiB, []);
+      qemuIo(base, 'qcow2', [`write -P 0x76 0 ${7 * MiB}`]);
+      const image = qcow2(dir, 'img.qcow2', 8 * MiB, ['extended_l2=on', 'cluster_size=65536'], ['base.qcow2', 'qcow2']);
+      qemuIo(image, 'qcow2', [`write -P 0x77 0 ${MiB}`, 'write -z 1048576 8192', `write -P 0x78 ${3 * MiB} 70000`]);
+      return { image, format: 'qcow2', written: [image], frozen: [base] };
+    },
+    ops: genOps(1616, { count: 36, start: 0, end: 8 * MiB, maxLength: 150 * KiB, flushEvery: 5, align: 2048, groups: true, zeroes: 0.45 }),
+    exercised: (_b, pts) => needs(pts, ['l2_update', 'cow_write', 'data_write']),
+  },
+  {
+    name: 'resize-grow',
+    note: '4 KiB clusters (an L2 table maps 2 MiB), 8 MiB over a 12 MiB backing file, grown to 40 MiB mid-workload: the L1 table moves, the grown range hides the backing data, the size is written last',
+    guestSize: 40 * MiB,
+    build(dir) {
+      const base = qcow2(dir, 'base.qcow2', 12 * MiB, []);
+      qemuIo(base, 'qcow2', [`write -P 0x79 0 ${12 * MiB}`]);
+      const image = qcow2(dir, 'img.qcow2', 8 * MiB, ['cluster_size=4096'], ['base.qcow2', 'qcow2']);
+      qemuIo(image, 'qcow2', [`write -P 0x7a 0 ${MiB}`]);
+      return { image, format: 'qcow2', written: [image], frozen: [base] };
+    },
+    ops: [
+      ...genOps(1717, { count: 12, start: 0, end: 8 * MiB, maxLength: 40 * KiB, flushEvery: 4, align: 4096, zeroes: 0.3 }),
+      { kind: 'resize', size: 40 * MiB },
+      ...genOps(1718, { count: 24, start: 6 * MiB, end: 40 * MiB, maxLength: 100 * KiB, flushEvery: 5, align: 4096, zeroes: 0.3 }),
+    ],
+    exercised: (b, pts) => needs(pts, ['l1_grow', 'l1_switch', 'header_resize', 'l2_alloc']) ?? (qcow2Size(b.image) === 40 * MiB ? null : `the disk is ${qcow2Size(b.image)} bytes, not 40 MiB`),
   },
   {
     name: 'qed-need-check',

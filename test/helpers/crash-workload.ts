@@ -31,7 +31,11 @@ export interface GuestWriteOp {
 export type Op =
   | { kind: 'write'; w: GuestWriteOp }
   | { kind: 'group'; ws: GuestWriteOp[] } // issued concurrently, disjoint ranges
-  | { kind: 'flush' };
+  | { kind: 'flush' }
+  // driver.writeZeroes: judged like a write of zeros (w.data is all zeros)
+  | { kind: 'zero'; w: GuestWriteOp; unmap: boolean }
+  // driver.resize (growing): the model is sized for the largest size from the start (Scenario.guestSize)
+  | { kind: 'resize'; size: number };
 
 export interface GuestWrite extends GuestWriteOp {
   issued: number;
@@ -57,6 +61,8 @@ export interface GenOptions {
   align: number;
   /** some pairs of writes are issued concurrently */
   groups?: boolean;
+  /** this share of the requests are writeZeroes (half of them with unmap); some run beside a write */
+  zeroes?: number;
 }
 
 /** Deterministic random writes: odd sizes skewed small, some aligned, some all-zero, flushes in between. */
@@ -73,7 +79,18 @@ export function genOps(seed: number, o: GenOptions): Op[] {
   };
   for (let i = 0; i < o.count; i++) {
     const a = one(i);
-    if (o.groups && r() < 0.25) {
+    if (o.zeroes !== undefined && r() < o.zeroes) {
+      // Zeroings favour whole clusters (what discard and fstrim send).
+      if (r() < 0.6) {
+        const start = a.offset - (a.offset % o.align);
+        const len = Math.max(o.align, a.data.length - (a.data.length % o.align));
+        a.offset = start;
+        a.data = Buffer.alloc(Math.min(len, o.end - start));
+      } else {
+        a.data = Buffer.alloc(a.data.length);
+      }
+      ops.push({ kind: 'zero', w: a, unmap: r() < 0.5 });
+    } else if (o.groups && r() < 0.25) {
       let b = one(i + 100_000);
       for (let t = 0; t < 20 && b.offset < a.offset + a.data.length && a.offset < b.offset + b.data.length; t++) b = one(i + 100_000 + t + 1);
       if (b.offset < a.offset + a.data.length && a.offset < b.offset + b.data.length) ops.push({ kind: 'write', w: a });
@@ -102,7 +119,10 @@ export interface RunResult {
 export async function runOps(d: BlockDriver, ops: Op[], model: Buffer, clock: Clock): Promise<RunResult> {
   const writes: GuestWrite[] = [];
   const flushes: GuestFlush[] = [];
+  // A request past the end of the disk is not issued (the disk did not grow: a resize failed).
+  const fits = (w: GuestWriteOp): boolean => w.offset + w.data.length <= d.virtualSize;
   const write = async (w: GuestWriteOp): Promise<void> => {
+    if (!fits(w)) return;
     const rec: GuestWrite = { ...w, issued: clock.tick(), done: Infinity };
     writes.push(rec);
     try {
@@ -113,10 +133,33 @@ export async function runOps(d: BlockDriver, ops: Op[], model: Buffer, clock: Cl
       rec.errno = errnoOf(err);
     }
   };
+  const zero = async (w: GuestWriteOp, unmap: boolean): Promise<void> => {
+    if (!fits(w)) return;
+    const rec: GuestWrite = { ...w, issued: clock.tick(), done: Infinity };
+    writes.push(rec);
+    try {
+      await d.writeZeroes(w.offset, w.data.length, { unmap });
+      rec.done = clock.tick();
+      model.fill(0, w.offset, w.offset + w.data.length);
+    } catch (err) {
+      rec.errno = errnoOf(err);
+    }
+  };
   for (const op of ops) {
     if (op.kind === 'write') await write(op.w);
     else if (op.kind === 'group') await Promise.all(op.ws.map(write));
-    else {
+    else if (op.kind === 'zero') await zero(op.w, op.unmap);
+    else if (op.kind === 'resize') {
+      // A resize is durable when it returns: judged as a flush (the model already spans the new size).
+      const f: GuestFlush = { issued: clock.tick(), done: Infinity };
+      flushes.push(f);
+      try {
+        await d.resize(op.size);
+        f.done = clock.tick();
+      } catch (err) {
+        f.errno = errnoOf(err);
+      }
+    } else {
       const f: GuestFlush = { issued: clock.tick(), done: Infinity };
       flushes.push(f);
       try {
@@ -144,7 +187,16 @@ export async function readAll(d: BlockDriver): Promise<Buffer> {
  * equal `base`; a byte inside may also hold what one of the later writes
  * carried there. Returns a description of the first wrong byte, or null.
  */
-export function guestMismatch(actual: Buffer, base: Buffer, later: GuestWriteOp[]): string | null {
+export function guestMismatch(actual: Buffer, base0: Buffer, later: GuestWriteOp[]): string | null {
+  // A disk that grew (a resize): `base0` spans the largest size. A shorter disk (the grow not durable
+  // yet) must not miss flushed data past its end.
+  let base = base0;
+  if (actual.length > base.length) return `the disk reads ${actual.length} bytes, more than the ${base.length} it may have`;
+  if (actual.length < base.length) {
+    const lost = base.subarray(actual.length).findIndex((b) => b !== 0);
+    if (lost >= 0) return `the disk reads ${actual.length} bytes: flushed data at guest offset ${actual.length + lost} is past its end`;
+    base = base.subarray(0, actual.length);
+  }
   const ranges = later.map((w) => [w.offset, w.offset + w.data.length] as [number, number]).sort((a, b) => a[0] - b[0]);
   const merged: Array<[number, number]> = [];
   for (const rg of ranges) {

@@ -36,7 +36,7 @@ import { openImage } from '../../src/formats/open.js';
 import { ImageFile } from '../../src/io/file.js';
 import { instrumentation, type FaultRule } from '../../src/io/instrument.js';
 import type { IoPoint } from '../../src/io/points.js';
-import { flaggedUnclean, type Built, type Scenario } from './crash-scenarios.js';
+import { flaggedUnclean, initialModel, type Built, type Scenario } from './crash-scenarios.js';
 import { expectation, readAll, runOps, guestMismatch, type Clock, type GuestFlush, type GuestWrite, type GuestWriteOp, type Op, type RunResult } from './crash-workload.js';
 import { convertToRaw, qemuCheck } from './qemu.js';
 import { rng } from './workload.js';
@@ -155,7 +155,7 @@ export interface Recording {
 export async function recordWorkload(sc: Scenario, dir: string): Promise<Recording> {
   const built = sc.build(fs.realpathSync(dir));
   const initialRaw = convertToRaw(built.image, path.join(dir, 'initial.raw'));
-  const initialGuest = fs.readFileSync(initialRaw);
+  const initialGuest = initialModel(sc, fs.readFileSync(initialRaw));
   fs.rmSync(initialRaw);
   return recordRun(sc, dir, built, initialGuest, sc.ops);
 }

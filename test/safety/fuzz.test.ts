@@ -839,6 +839,33 @@ process.on('unhandledRejection', (e) => st && st.bugs.push('unhandled rejection:
       const probes = [size - 1, size - 4096, size - 65537, Math.floor(size / 2), Math.floor(size / 3) | 1, 2 ** 32 - 1, 2 ** 40 + 12345, 1234567, 511];
       for (const p of probes) if (p >= 0 && p < size) await read(p, Math.min(4097, size - p));
       await Promise.all([read(0, Math.min(size, 70000)), read(Math.min(size, 65536) >> 1, Math.min(size - (Math.min(size, 65536) >> 1), 131072))]);
+      if (driver.format === 'qcow2') {
+        // Block status (SEEK_DATA/SEEK_HOLE, st_blocks) over the same ranges: typed errors only, extents cover the range.
+        phase('block status');
+        const status = async (off, len) => {
+          try {
+            let pos = off;
+            for (const e of await driver.blockStatus(off, len)) {
+              if (e.guestOffset !== pos || !(e.length > 0)) {
+                st.bugs.push('blockStatus@' + off + ': extents do not tile the range');
+                return;
+              }
+              pos += e.length;
+            }
+            if (pos !== off + len) st.bugs.push('blockStatus@' + off + ': extents end at ' + pos + ', not ' + (off + len));
+          } catch (e) {
+            check('blockStatus@' + off, e);
+          }
+        };
+        await status(0, seq);
+        for (const p of probes) if (p >= 0 && p < size) await status(p, Math.min(4097, size - p));
+        try {
+          const a = driver.allocatedBytes();
+          if (!Number.isSafeInteger(a) || a < 0 || a > size) st.bugs.push('allocatedBytes is ' + a);
+        } catch (e) {
+          check('allocatedBytes', e);
+        }
+      }
       try {
         await driver.close();
       } catch (e) {

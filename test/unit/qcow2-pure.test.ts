@@ -27,6 +27,7 @@ import {
   refcountTableFields,
   writeEntry,
 } from '../../src/formats/qcow2/spec.js';
+import { zeroEntry } from '../../src/formats/qcow2/zero.js';
 import { INVALID_OFFSET } from '../../src/formats/u64.js';
 
 const KiB = 1024;
@@ -192,5 +193,48 @@ describe('qcow2 overlap index', () => {
     expect(x.find(8 * cs, 1)).toMatch(/L2 table/);
     x.refblockAdded(5 * cs);
     expect(x.find(5 * cs, 1)).toMatch(/refcount block/);
+  });
+});
+
+describe('qcow2 write-zeroes decisions (zero.ts zeroEntry)', () => {
+  const ALL = 0xffffffff;
+  const own = (g = std) => entry(L2E_COPIED, 5 * 64 * KiB, 0, g.extL2 ? ALL : 0);
+
+  it('v3: zero flag; unmap drops the reference, without unmap an own cluster stays behind the flag', () => {
+    const keep = zeroEntry(std, own(), ALL, false, false);
+    expect(keep).toMatchObject({ skip: false, drop: false });
+    expect(clusterType(std, keep.hi, keep.lo)).toBe(ClusterType.ZeroAlloc);
+    const unmap = zeroEntry(std, own(), ALL, true, false);
+    expect(unmap).toMatchObject({ skip: false, drop: true, hi: 0, lo: L2E_ZERO });
+    // Already zero, or unallocated without a backing file: nothing to do.
+    expect(zeroEntry(std, entry(0, 0, L2E_ZERO), ALL, true, true).skip).toBe(true);
+    expect(zeroEntry(std, entry(0, 0), ALL, true, false).skip).toBe(true);
+    // Unallocated over a backing file: the zero flag hides the backing data.
+    expect(zeroEntry(std, entry(0, 0), ALL, false, true)).toMatchObject({ skip: false, drop: false, lo: L2E_ZERO });
+  });
+
+  it('compressed clusters always lose their reference; a shared cluster keeps only the snapshot reference', () => {
+    const compressed = entry(L2E_COMPRESSED, 3 * 64 * KiB + 1000);
+    expect(zeroEntry(std, compressed, ALL, false, false)).toMatchObject({ drop: true, hi: 0, lo: L2E_ZERO });
+    const shared = entry(0, 5 * 64 * KiB);
+    expect(zeroEntry(std, shared, ALL, true, false)).toMatchObject({ drop: true, hi: 0 });
+    expect(zeroEntry(std, shared, ALL, false, false)).toMatchObject({ drop: false });
+  });
+
+  it('v2 without backing: unallocate; an own cluster without unmap gets zeros in place', () => {
+    expect(zeroEntry(v2, own(v2), ALL, true, false)).toMatchObject({ drop: true, hi: 0, lo: 0 });
+    expect(zeroEntry(v2, own(v2), ALL, false, false)).toMatchObject({ skip: true, inPlace: true });
+    expect(zeroEntry(v2, entry(0, 0), ALL, true, false).skip).toBe(true);
+  });
+
+  it('extended L2: zero bits for whole subclusters; the host cluster goes once nothing is allocated (unmap)', () => {
+    const part = zeroEntry(ext, own(ext), 0x0000000f, true, true);
+    expect(part).toMatchObject({ drop: false, alloc: 0xfffffff0, zero: 0x0000000f });
+    const rest = zeroEntry(ext, entry(L2E_COPIED, 5 * 64 * KiB, 0, 0x0000000f), 0x0000000f, true, false);
+    expect(rest).toMatchObject({ drop: true, hi: 0, lo: 0, alloc: 0, zero: 0x0000000f });
+    // A part of a compressed cluster is written as zeros instead.
+    expect(zeroEntry(ext, entry(L2E_COMPRESSED, 3 * 64 * KiB + 1000), 0x1, true, false).viaWrite).toBe(true);
+    // Unallocated subclusters without a backing file already read as zeros.
+    expect(zeroEntry(ext, entry(0, 0), 0xff, true, false).skip).toBe(true);
   });
 });

@@ -17,7 +17,8 @@
  *    that is being replaced.
  *  - A "direct" write (cluster allocated with refcount 1 - the COPIED flag -,
  *    no zero flag, every touched subcluster allocated) goes in place and
- *    changes no metadata.
+ *    changes no metadata. It is counted while in flight (direct.ts), so a
+ *    discard that frees its cluster meanwhile never lets it be reused.
  *  - Reads take no lock: they see the mapping from before or after a link,
  *    so they return old or new content. Host clusters freed by a link are
  *    quarantined (refcount.ts, invariant 3), so a racing read never sees
