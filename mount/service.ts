@@ -254,7 +254,12 @@ export class DiskService {
     for (const o of a.others) {
       const start = Math.max(lo, o.baseOffset);
       const end = Math.min(hi, o.baseOffset + o.file.source.virtualSize);
-      if (start < end) this.invalidate(o.file, start - o.baseOffset, end - start);
+      if (start >= end) continue;
+      try {
+        this.invalidate(o.file, start - o.baseOffset, end - start);
+      } catch (err) {
+        this.handlerFailed('invalidate', err); // logged once; the change itself succeeded
+      }
     }
   }
 

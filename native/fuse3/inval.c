@@ -21,6 +21,7 @@
  * queue when it ends (or the session does, whichever is last).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/fuse.h>
 #include <pthread.h>
 #include <signal.h>
@@ -105,7 +106,7 @@ struct qf_inval *qf_inval_new(int fuse_fd, int nnodes) {
   struct qf_inval *q = calloc(1, sizeof(*q));
   if (!q) return NULL;
   q->pending = calloc((size_t)nnodes, sizeof(*q->pending));
-  q->fd = dup(fuse_fd);
+  q->fd = fcntl(fuse_fd, F_DUPFD_CLOEXEC, 0); /* not inherited by the children qmount runs (fusermount) */
   if (!q->pending || q->fd < 0) goto fail;
   q->nnodes = nnodes;
   q->refs = 2;

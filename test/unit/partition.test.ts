@@ -275,3 +275,55 @@ describe('hostile MBR tables', () => {
     expect(t).toMatchObject({ scheme: 'gpt', partitions: [] });
   });
 });
+
+describe('random tables', () => {
+  it('2000 disks of random MBR/EBR/GPT bytes: every read stays inside the disk, the count and reads stay bounded', async () => {
+    let seed = 12345;
+    const rand = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    const SECTORS = 2048;
+    const seen = { logical: 0, gpt: 0 };
+    for (let i = 0; i < 2000; i++) {
+      const buf = Buffer.alloc(SECTORS * 512);
+      const types = [0x05, 0x0f, 0x85, 0x83, 0xee, 0x07, 0];
+      // a primary table and a few hundred EBR-like sectors pointing around
+      for (let slot = 0; slot < 4; slot++) setMbrEntry(buf, 0, slot, types[rand(types.length)]!, rand(SECTORS + 100), rand(SECTORS * 2));
+      for (let k = 0; k < 300; k++) {
+        const sec = rand(SECTORS);
+        setMbrEntry(buf, sec * 512, rand(4), types[rand(types.length)]!, rand(SECTORS), rand(SECTORS));
+      }
+      if (rand(2) === 0) {
+        // a GPT header with random fields and a valid CRC
+        buf.write('EFI PART', 512, 'latin1');
+        buf.writeUInt32LE(92, 512 + 12);
+        buf.writeBigUInt64LE(1n, 512 + 24);
+        buf.writeBigUInt64LE(BigInt(rand(SECTORS)), 512 + 40);
+        buf.writeBigUInt64LE(BigInt(rand(SECTORS + 10)), 512 + 48);
+        const entriesLba = rand(3) === 0 ? rand(SECTORS + 10) : 2;
+        buf.writeBigUInt64LE(BigInt(entriesLba), 512 + 72);
+        for (let j = 0; j < 8 && (entriesLba + 2) * 512 <= buf.length; j++) {
+          const o = entriesLba * 512 + j * 128;
+          buf[o] = rand(256);
+          buf.writeBigUInt64LE(BigInt(rand(SECTORS + 10)), o + 32);
+          buf.writeBigUInt64LE(BigInt(rand(SECTORS + 10)), o + 40);
+        }
+        buf.writeUInt32LE(rand(3) === 0 ? 0xffffffff : rand(300), 512 + 80);
+        buf.writeUInt32LE([128, 256, 100, 0][rand(4)]!, 512 + 84);
+        fixGptCrcs(buf, 1);
+      }
+      const d = disk(buf);
+      const t = await readPartitionTable(d.read, buf.length);
+      expect(t === undefined || t.partitions.length <= 256).toBe(true);
+      for (const p of t?.partitions ?? []) expect(p.start + p.length).toBeLessThanOrEqual(buf.length);
+      if (t?.partitions.some((p) => p.number >= 5) && t.scheme === 'mbr') seen.logical++;
+      if (t?.scheme === 'gpt' && t.partitions.length > 0) seen.gpt++;
+      expect(d.stats.reads).toBeLessThanOrEqual(4 * (MAX_EBRS + 2));
+      expect(d.stats.bytes).toBeLessThanOrEqual(2 * MAX_ARRAY_BYTES + 4 * (MAX_EBRS + 2) * 4096);
+    }
+    // the inputs reached the interesting paths
+    expect(seen.logical).toBeGreaterThan(20);
+    expect(seen.gpt).toBeGreaterThan(20);
+  });
+});
