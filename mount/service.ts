@@ -26,8 +26,10 @@
  *   status, writeZeroes, resize); st_blocks = ceil(allocatedBytes / 512).
  *   Attributes that change (size after a resize, st_blocks after writes and
  *   discards) are handed to `onAttrs` before the request is answered, for a
- *   backend that answers getattr itself (fuse3); the kernel asks again after
- *   each of these requests, so nothing else needs invalidating.
+ *   backend that answers getattr itself (fuse3), and every ATTR_REFRESH_MS
+ *   for changes the engine makes on its own (a background count); the
+ *   kernel asks again after each of these requests, so nothing else needs
+ *   invalidating.
  * - a handler that throws or rejects where the engine's typed errors are not
  *   expected (a bug) answers EIO and is logged once per cause; a request not
  *   answered after UNANSWERED_MS is logged with its op and offset.

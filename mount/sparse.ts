@@ -29,8 +29,9 @@
  * - truncate: driver.resize (growing reads as zeros; shrinking is EPERM
  *   unless nothing is allocated at or past the new end; a size that is not a
  *   multiple of 512 is EINVAL: the driver contract).
- * - st_blocks = ceil(allocatedBytes / 512): guest data stored in the chain,
- *   not the image file's size and not zero clusters.
+ * - st_blocks = ceil(allocatedBytes / 512): guest data stored in the chain
+ *   (each layer's data summed: an overlay's cluster over backing data counts
+ *   twice), not the image file's size and not zero clusters.
  */
 import { QmountError } from '../src/errors.js';
 import type { BlockDriver, BlockExtent } from '../src/formats/driver.js';
