@@ -10,6 +10,13 @@
  * reading returns ENODEV). Not the mount table: after a lazy unmount the
  * mount point is gone while a loop device or an open file can still send
  * requests.
+ *
+ * Sparse files here: st_blocks (getattr asks the service each time) and
+ * truncate/ftruncate (resize) work. lseek and fallocate do not: fuse-native
+ * has no such ops, so the kernel gets ENOSYS and SEEK_DATA/SEEK_HOLE see one
+ * data extent (SEEK_HOLE finds the end), and fallocate(2), `fallocate -p`,
+ * fstrim through a loop device fail with EOPNOTSUPP (the kernel turns ENOSYS
+ * into that and asks no more). Use the fuse3 backend for them.
  */
 import fs from 'node:fs';
 import Fuse, { type FuseOps, type FuseStat } from 'fuse-native';
@@ -110,8 +117,8 @@ export function fuseNativeOps(service: DiskService): FuseOps {
       if (typeof f === 'number') return cb(0);
       answer(cb, service.fsync(f), service, 'fsync');
     },
-    truncate: (path, size, cb) => cb(service.truncate(path, size)),
-    ftruncate: (path, _fd, size, cb) => cb(service.truncate(path, size)),
+    truncate: (path, size, cb) => answer(cb, service.truncate(path, size), service, 'truncate'),
+    ftruncate: (path, _fd, size, cb) => answer(cb, service.truncate(path, size), service, 'truncate'),
     utimens: (path, _atime, _mtime, cb) => cb(service.utimens(path)),
     chmod: (_path, _mode, cb) => cb(service.chmod()),
     chown: (_path, _uid, _gid, cb) => cb(service.chmod()),

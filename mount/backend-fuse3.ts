@@ -63,8 +63,8 @@ export interface Fuse3Addon {
 }
 
 /** enum qf_op in native/fuse3/qfuse.h */
-export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 5, UNMOUNTED: 6 } as const;
-const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate'];
+export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 5, UNMOUNTED: 6, SETSIZE: 7 } as const;
+const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate', 'unmounted', 'truncate'];
 
 /**
  * Request buffers per mount (1 MiB + 4 KiB each, touched only when used):
@@ -133,6 +133,10 @@ export class Fuse3Backend implements FuseBackend {
     const attrs: Fuse3Attrs = { nodes, dirMode: a.dirMode, uid: a.uid, gid: a.gid, readOnly, directIo: mount.directIo, maxRead, maxWrite };
     const m = this.addon.mount(mountPoint, this.options, attrs, bufferCount(), this.handler);
     this.handle = m.handle;
+    // getattr is answered in C: keep each file's size and st_blocks current (called before the request that changed them is answered).
+    service.onAttrs = (f, size, blocks) => {
+      if (!this.released) this.addon.setFile(this.handle, f.ino, size, blocks);
+    };
     this.bufs = m.buffers.map((ab) => Buffer.from(ab));
     // With direct_io nothing is cached: nothing to invalidate.
     if (!mount.directIo) service.invalidate = (f, offset, length) => this.addon.invalidate(this.handle, f.ino, offset, length);
@@ -179,6 +183,7 @@ export class Fuse3Backend implements FuseBackend {
           case OP.FSYNC: r = service.fsync(f); break;
           case OP.LSEEK: r = service.lseek(f, offset, arg); break;
           case OP.FALLOCATE: r = service.fallocate(f, arg, offset, length); break;
+          case OP.SETSIZE: r = service.setSize(f, offset); break;
           default: r = service.handlerFailed(`op ${op}`, new Error('unknown operation'));
         }
       }
@@ -198,6 +203,7 @@ export class Fuse3Backend implements FuseBackend {
     if (this.released || this.handle === undefined) return;
     this.released = true;
     this.ctx.service.invalidate = undefined;
+    this.ctx.service.onAttrs = undefined;
     this.addon.close(this.handle);
   }
 

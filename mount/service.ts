@@ -15,15 +15,21 @@
  * - read/write hand the backend's buffer (FUSE's own memory) straight to the
  *   driver: no copies. The backend reuses that memory once we answer, so the
  *   driver must be done with it when its promise settles (also on rejection).
- * - truncate/ftruncate to the current size succeed (shells do that with
- *   O_TRUNC-free redirections); any other size is EPERM: the disk has a fixed size.
+ * - truncate/ftruncate resize the disk (mount/sparse.ts has the rules:
+ *   growing reads as zeros, shrinking is EPERM unless nothing is allocated
+ *   past the new end); the current size always succeeds.
  * - utimens is accepted and ignored (touch, cp -p work); chmod/chown answer
  *   ENOTSUP: the mode follows from the mount options.
  * - flush (close(2)) does nothing: writes are answered only once the driver
  *   has them, so there is nothing deferred to report. fsync -> driver.flush().
- * - lseek answers ENOSYS (the kernel then seeks itself: SEEK_DATA/SEEK_HOLE
- *   see one data extent) and fallocate EOPNOTSUPP, until the driver can tell
- *   holes (the sparse-image issue wires both here).
+ * - lseek (SEEK_DATA/SEEK_HOLE) and fallocate: mount/sparse.ts (block
+ *   status, writeZeroes, resize); st_blocks = ceil(allocatedBytes / 512).
+ *   Attributes that change (size after a resize, st_blocks after writes and
+ *   discards) are handed to `onAttrs` before the request is answered, for a
+ *   backend that answers getattr itself (fuse3), and every ATTR_REFRESH_MS
+ *   for changes the engine makes on its own (a background count); the
+ *   kernel asks again after each of these requests, so nothing else needs
+ *   invalidating.
  * - a handler that throws or rejects where the engine's typed errors are not
  *   expected (a bug) answers EIO and is logged once per cause; a request not
  *   answered after UNANSWERED_MS is logged with its op and offset.
@@ -32,12 +38,13 @@ import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
+import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
 import { MountTree, type MountDir, type MountFile, type MountNode } from './tree.js';
 
 const E = os.constants.errno;
 
 /** Negative FUSE result for an errno name. */
-export function fuseCode(name: ErrnoName | 'ENOTCONN' | 'EISDIR' | 'ENOSYS' | 'EOPNOTSUPP'): number {
+export function fuseCode(name: ErrnoName | 'ENOTCONN' | 'EISDIR' | 'ENOSYS' | 'EOPNOTSUPP' | 'ENXIO'): number {
   return -(E[name] ?? E.EIO);
 }
 
@@ -46,11 +53,9 @@ const ENOENT = fuseCode('ENOENT');
 const ENOTDIR = fuseCode('ENOTDIR');
 const EROFS = fuseCode('EROFS');
 const ENOSPC = fuseCode('ENOSPC');
-const EPERM = fuseCode('EPERM');
 const ENOTSUP = fuseCode('ENOTSUP');
 const EISDIR = fuseCode('EISDIR');
-const ENOSYS = fuseCode('ENOSYS');
-const EOPNOTSUPP = fuseCode('EOPNOTSUPP');
+const ENXIO = fuseCode('ENXIO');
 
 export const S_IFDIR = 0o040000;
 export const S_IFREG = 0o100000;
@@ -62,6 +67,14 @@ const MAX_LOGGED_READ_ERRORS = 1024;
 /** A request not answered after this long is a bug worth a log line (not a timeout: it stays pending). */
 export const UNANSWERED_MS = 120_000;
 const SWEEP_MS = 30_000;
+/**
+ * A source's allocation can change without a request of ours (qcow2 counts
+ * its data clusters in the background after open and answers an estimate
+ * until then; raw learns its file's allocation after a flush): the sizes and
+ * st_blocks a backend caches are refreshed this often, the kernel's attribute
+ * timeout (native/fuse3/ops.c ATTR_TIMEOUT).
+ */
+const ATTR_REFRESH_MS = 1000;
 
 export interface DiskServiceOptions {
   readOnly: boolean;
@@ -71,6 +84,8 @@ export interface DiskServiceOptions {
   uid?: number;
   gid?: number;
   umask?: string;
+  /** --discard: 'ignore' makes PUNCH_HOLE zero without freeing clusters; default 'unmap' */
+  discard?: DiscardMode;
   log: Logger;
 }
 
@@ -160,6 +175,18 @@ export class DiskService {
   /** Once set, nothing new reaches the driver (it is about to be closed). */
   private closing = false;
   private readonly log: Logger;
+  private readonly discard: DiscardMode;
+  /** Each file's size and st_blocks as last handed to onAttrs */
+  private readonly published = new Map<MountFile, { size: number; blocks: number }>();
+  private refresh: NodeJS.Timeout | undefined;
+  /** The last block status lseek asked for (every change in the mount invalidates it). */
+  private readonly statusCache = new StatusCache();
+  /**
+   * Set by a backend that answers getattr itself (fuse3): called with a
+   * file's size and st_blocks when either changed, before the request that
+   * changed them is answered.
+   */
+  onAttrs: ((file: MountFile, size: number, blocks: number) => void) | undefined;
 
   constructor(tree: MountTree, opts: DiskServiceOptions) {
     this.tree = tree;
@@ -169,6 +196,8 @@ export class DiskService {
     this.findAliases();
     this.readOnly = opts.readOnly;
     this.log = opts.log;
+    this.discard = opts.discard ?? 'unmap';
+    for (const f of tree.files()) this.published.set(f, { size: f.source.virtualSize, blocks: blocksOf(f.source) });
     let fileMode = S_IFREG | (opts.allowOther ? 0o644 : 0o600);
     let dirMode = S_IFDIR | (opts.allowOther ? 0o755 : 0o700);
     if (opts.umask !== undefined) {
@@ -185,6 +214,10 @@ export class DiskService {
     };
     this.sweep = setInterval(() => this.logUnanswered(), SWEEP_MS);
     this.sweep.unref();
+    this.refresh = setInterval(() => {
+      for (const f of this.tree.files()) this.publish(f);
+    }, ATTR_REFRESH_MS);
+    this.refresh.unref();
   }
 
   get size(): number {
@@ -240,6 +273,7 @@ export class DiskService {
   drain(): Promise<void> {
     this.closing = true;
     clearInterval(this.sweep);
+    clearInterval(this.refresh);
     if (this.inflight === 0) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
   }
@@ -305,7 +339,7 @@ export class DiskService {
     const a = this.attrs;
     const size = f.source.virtualSize;
     return {
-      ...a, size, mode: this.fileMode(f), nlink: 1, blksize: 65536, blocks: Math.ceil(size / 512),
+      ...a, size, mode: this.fileMode(f), nlink: 1, blksize: 65536, blocks: blocksOf(f.source),
       atime: f.mtime, mtime: f.mtime, ctime: f.mtime,
     };
   }
@@ -358,11 +392,11 @@ export class DiskService {
     return 0;
   }
 
-  truncate(path: string, size: number): number {
+  /** truncate/ftruncate by path (fuse-native); fuse3 calls setSize with the file. */
+  truncate(path: string, size: number): number | Promise<number> {
     const f = this.file(path);
     if (typeof f === 'number') return f;
-    if (f.readOnly) return EROFS;
-    return size === f.source.virtualSize ? 0 : EPERM;
+    return this.setSize(f, size);
   }
 
   utimens(path: string): number {
@@ -436,6 +470,7 @@ export class DiskService {
     if (n > s.maxWrite) s.maxWrite = n;
     if (n <= 4096) s.smallWrites++;
     const t0 = performance.now();
+    this.statusCache.invalidate();
     let p: Promise<void>;
     try {
       p = f.source.write(buf, bufOff, n, pos);
@@ -447,12 +482,15 @@ export class DiskService {
       () => {
         s.writeMicros += (performance.now() - t0) * 1000;
         f.mtime = Date.now();
+        this.statusCache.invalidate();
+        this.attrsChanged(f);
         this.leave(id);
         this.changed(f, pos, n);
         return n;
       },
       (err: unknown) => {
         s.writeMicros += (performance.now() - t0) * 1000;
+        this.statusCache.invalidate();
         this.leave(id);
         s.writeErrors++;
         const code = errnoOf(err);
@@ -490,11 +528,82 @@ export class DiskService {
     );
   }
 
-  lseek(_f: MountFile, _pos: number, _whence: number): number {
-    return ENOSYS;
+  // ---- sparse files (mount/sparse.ts) ----
+
+  /**
+   * f's size or st_blocks changed (or may have): tell a backend that caches
+   * them, for f and the files sharing its bytes (a partition's allocation is
+   * disk.raw's too). The first file's size is also attrs.size (statfs).
+   */
+  private attrsChanged(f: MountFile): void {
+    this.publish(f);
+    const a = this.aliases.get(f);
+    if (a) for (const o of a.others) this.publish(o.file);
   }
 
-  fallocate(f: MountFile, _mode: number, _pos: number, _length: number): number {
-    return f.readOnly ? EROFS : EOPNOTSUPP;
+  private publish(f: MountFile): void {
+    const size = f.source.virtualSize;
+    const blocks = blocksOf(f.source);
+    const last = this.published.get(f);
+    if (last && last.size === size && last.blocks === blocks) return;
+    this.published.set(f, { size, blocks });
+    if (f === this.main) this.attrs.size = size;
+    this.onAttrs?.(f, size, blocks);
+  }
+
+  /** Run a sparse op on f under in-flight tracking; its QmountError becomes the FUSE code, anything else EIO. */
+  private sparseOp(f: MountFile, op: string, pos: number, length: number, run: () => Promise<number | null | void>): Promise<number> | number {
+    const id = this.enter(op, pos, length);
+    if (id === 0) return EIO;
+    const changes = op !== 'lseek';
+    if (changes) this.statusCache.invalidate();
+    let p: Promise<number | null | void>;
+    try {
+      p = run();
+    } catch (err) {
+      this.leave(id);
+      return this.handlerFailed(op, err);
+    }
+    const after = (): void => {
+      // Also after a failure: a resize or zeroing may have happened in part.
+      if (!changes) return;
+      f.mtime = Date.now();
+      this.statusCache.invalidate();
+      this.attrsChanged(f);
+      if (op === 'fallocate') this.changed(f, pos, Math.min(length, f.source.virtualSize - pos));
+    };
+    return p.then(
+      (r) => {
+        after();
+        this.leave(id);
+        return r === null ? ENXIO : (r ?? 0);
+      },
+      (err: unknown) => {
+        after();
+        this.leave(id);
+        const code = errnoOf(err);
+        // Refusals the caller asked for (shrinking over data, a bad mode or size) are not engine failures.
+        const level = code === 'EPERM' || code === 'EINVAL' || code === 'ENOTSUP' || code === 'ENOSPC' ? 'info' : 'error';
+        this.log[level]({ file: f.path, op, guestOffset: pos, length, errno: code, err: oneLine(err) }, `${op} failed`);
+        return fuseCode(code);
+      },
+    );
+  }
+
+  /** lseek SEEK_DATA / SEEK_HOLE: the offset, or a negative errno (ENXIO: none). */
+  lseek(f: MountFile, pos: number, whence: number): number | Promise<number> {
+    return this.sparseOp(f, 'lseek', pos, 0, () => seek(f.source, pos, whence, this.statusCache));
+  }
+
+  fallocate(f: MountFile, mode: number, pos: number, length: number): number | Promise<number> {
+    if (f.readOnly) return EROFS;
+    return this.sparseOp(f, 'fallocate', pos, length, () => fallocate(f.source, mode, pos, length, this.discard));
+  }
+
+  /** truncate/ftruncate to `size`: the current size succeeds at once, another one resizes. */
+  setSize(f: MountFile, size: number): number | Promise<number> {
+    if (f.readOnly) return EROFS;
+    if (size === f.source.virtualSize) return 0;
+    return this.sparseOp(f, 'truncate', size, 0, () => truncate(f.source, size));
   }
 }

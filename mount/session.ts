@@ -35,6 +35,7 @@ import { findMount, readMounts, readMountsSync, type MountEntry } from './mounti
 import type { MountOptions } from './options.js';
 import { Registration, type MountState } from './registry.js';
 import { DiskService, FILE_NAME } from './service.js';
+import type { DiscardMode } from './sparse.js';
 import { MountTree, type TreeEntry } from './tree.js';
 import { describeUsers, findUsers } from './users.js';
 
@@ -86,6 +87,8 @@ export interface MountSessionOptions {
   backend?: BackendChoice;
   /** Engine I/O counters for the close log (the composition root passes src/io's). */
   ioCounters?: Readonly<Record<string, number>>;
+  /** --discard (mount/sparse.ts); default unmap */
+  discard?: DiscardMode;
   /**
    * The files to show (mount/tree.ts), disk.raw first; default: disk.raw
    * alone. The driver passed to mount() is closed by the session; an extra
@@ -132,7 +135,7 @@ export class MountSession {
     const m = opts.mount;
     this.files = opts.files ?? [{ path: FILE_NAME, source: driver }];
     const tree = MountTree.build(this.files, { readOnly: opts.readOnly });
-    this.service = new DiskService(tree, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, log });
+    this.service = new DiskService(tree, { readOnly: opts.readOnly, allowOther: m.allowOther, uid: m.uid, gid: m.gid, umask: m.umask, discard: opts.discard, log });
   }
 
   /** The backend in use ('fuse3' or 'fuse-native'). */

@@ -62,6 +62,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+if (process.argv.includes('--sparse')) await import('./bench-sparse.mjs').then((m) => m.main(process.argv.slice(2).filter((a) => a !== '--sparse'))).then(() => process.exit(0), (e) => { process.stderr.write(`bench: ${e.message}\n`); process.exit(1); });
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 if (process.argv.includes('--check')) process.exit(await (await import('./bench-check.mjs')).main(process.argv.slice(2))); // the check benchmark (bench-check.mjs)

@@ -42,6 +42,7 @@ import { checkImagePath, CliError, EXIT_FAIL, EXIT_OK, EXIT_USAGE, printError, p
 import { registerInfo } from './commands/info.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES } from './formats/driver.js';
+import { DETECT_ZEROES_MODES, withDetectZeroes, type DetectZeroes } from './formats/zero-detect.js';
 import { printable } from './errors.js';
 import { ImageFile, ioCounters } from './io/file.js';
 import { lockImageFile } from './io/lock.js';
@@ -89,6 +90,8 @@ interface MountFlags {
   pidFile?: string;
   options: string[];
   fuseBackend?: BackendChoice;
+  discard: 'ignore' | 'unmap';
+  detectZeroes: DetectZeroes;
   partitions: boolean;
   snapshot?: boolean;
   overlay?: string;
@@ -108,6 +111,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
   const readOnly = !!flags.readOnly || mountOpts.readOnly || impliesReadOnly(flags);
   if (flags.forceShare && !readOnly) throw new CliError(EXIT_USAGE, '--force-share needs a read-only mount (-r)');
   if (!flags.backing && !readOnly) throw new CliError(EXIT_USAGE, '--no-backing needs a read-only mount (-r): writes need the backing file');
+  if (flags.detectZeroes === 'unmap' && flags.discard === 'ignore') throw new CliError(EXIT_USAGE, '--detect-zeroes unmap needs --discard unmap (as qemu-nbd)');
 
   if (!flags.foreground) {
     // Check here too so the common mistakes fail fast; the daemon checks again.
@@ -169,8 +173,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     logChain(log, driver.info(), flags.backing);
     try {
       checkInterrupted();
-      const files = [{ path: FILE_NAME, source: driver }, ...(flags.partitions ? await partitionFiles(driver, logger('mount')) : []), ...(await recoveryFiles(opened, logger('mount')))];
-      session = await MountSession.mount(driver, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files, ioCounters });
+      const served = withDetectZeroes(driver, flags.detectZeroes);
+      const files = [{ path: FILE_NAME, source: served }, ...(flags.partitions ? await partitionFiles(served, logger('mount')) : []), ...(await recoveryFiles(opened, logger('mount')))];
+      session = await MountSession.mount(served, mountPoint, { readOnly, mount: mountOpts, log: logger('mount'), backend: flags.fuseBackend, files, ioCounters, discard: flags.discard });
     } catch (err) {
       await driver.close().catch(() => {});
       throw withCode(err, EXIT_FAIL);
@@ -261,6 +266,8 @@ function buildProgram(setResult: (p: Promise<number>) => void): Command {
     .option('--log-file <file>', 'write logs here (a daemon discards them otherwise)')
     .addOption(new Option('--log-format <format>', 'json lines, or human (default: human on a terminal, else json)').choices(LOG_FORMATS))
     .option('--pid-file <file>', 'write the mount process id here while mounted')
+    .addOption(new Option('--discard <mode>', 'discard (fstrim, fallocate --punch-hole) on disk.raw: unmap frees the clusters, ignore only zeros them').choices(['ignore', 'unmap']).default('unmap'))
+    .addOption(new Option('--detect-zeroes <mode>', 'writes of zeros: off; on: allocate nothing for them; unmap: also free the clusters they cover').choices(DETECT_ZEROES_MODES).default('on'))
     .addOption(new Option('--fuse-backend <backend>', 'FUSE binding: fuse3 (libfuse 3 addon), fuse-native (libfuse 2), auto: fuse3, else fuse-native').choices(BACKEND_NAMES).default('auto'))
     .option(
       '-o, --options <opt[,opt...]>',

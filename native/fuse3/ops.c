@@ -7,9 +7,20 @@
  * the file by the same number.
  *
  * Rules (the same as the fuse-native backend's, see mount/service.ts):
- * - setattr: a size equal to the file's succeeds, any other is EPERM (EISDIR
- *   on a directory, EROFS on a read-only file); mode/owner are ENOTSUP
- *   (they follow from the mount options); times are accepted and ignored.
+ * - setattr: a size equal to the file's succeeds here; another size goes to
+ *   JS (QF_SETSIZE: the source resizes, JS updates the node with setFile,
+ *   the reply carries the attributes, so the kernel learns the new size from
+ *   it); EISDIR on a directory, EROFS on a read-only file. mode/owner are
+ *   ENOTSUP (they follow from the mount options); times are accepted and
+ *   ignored.
+ * - st_blocks is the node's blocks, which JS keeps current (guest data
+ *   allocated in the chain). The kernel re-asks after every write, fallocate
+ *   and setattr (it invalidates the size and times it caches then), so no
+ *   notify_inval_inode is needed for these; ATTR_TIMEOUT bounds the rest.
+ * - lseek: the kernel sends only SEEK_DATA and SEEK_HOLE (SEEK_SET/CUR/END
+ *   it answers itself); those go to JS, anything else is EINVAL.
+ * - fallocate: every mode goes to JS, which knows which it supports (the
+ *   kernel already refused all but KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE).
  * - open: EISDIR on a directory, EROFS for writing a read-only file;
  *   keep_cache (the page cache stays valid across opens: the file changes
  *   only through this mount) unless another file shows the same bytes
@@ -24,6 +35,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "qfuse.h"
 
@@ -144,9 +156,14 @@ static void qf_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to
     return;
   }
   if (to_set & FUSE_SET_ATTR_SIZE) {
-    int err = n->is_dir ? EISDIR : n->read_only ? EROFS : (double)attr->st_size == n->size ? 0 : EPERM;
+    int err = n->is_dir ? EISDIR : n->read_only ? EROFS : 0;
     if (err) {
       fuse_reply_err(req, err);
+      return;
+    }
+    if ((double)attr->st_size != n->size) {
+      /* Times set along with the size are ignored, as they are alone. */
+      qf_forward(s, req, ino, QF_SETSIZE, (double)attr->st_size, 0, 0);
       return;
     }
   }
@@ -282,11 +299,17 @@ static void qf_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_f
   qf_forward(sess(req), req, ino, QF_FSYNC, 0, 0, datasync);
 }
 
+void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino) {
+  struct stat st;
+  fill_attr(s, ino, &st);
+  fuse_reply_attr(req, &st, ATTR_TIMEOUT);
+}
+
 static void qf_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi) {
   (void)fi;
-  struct qf_node *n = qf_node(sess(req), ino);
-  if (n == NULL || n->is_dir) {
-    fuse_reply_err(req, ENOSYS);
+  if (file_or_reply(req, sess(req), ino) == NULL) return;
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) {
+    fuse_reply_err(req, EINVAL);
     return;
   }
   qf_forward(sess(req), req, ino, QF_LSEEK, (double)off, 0, whence);
@@ -294,11 +317,7 @@ static void qf_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, stru
 
 static void qf_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length, struct fuse_file_info *fi) {
   (void)fi;
-  struct qf_node *n = qf_node(sess(req), ino);
-  if (n == NULL || n->is_dir) {
-    fuse_reply_err(req, EOPNOTSUPP);
-    return;
-  }
+  if (file_or_reply(req, sess(req), ino) == NULL) return;
   qf_forward(sess(req), req, ino, QF_FALLOCATE, (double)off, (double)length, mode);
 }
 

@@ -9,8 +9,10 @@
  * /proc/sys/fs/fuse/max_pages_limit and could exceed our buffers) and handed
  * to fuse_session_process_buf. Metadata ops are answered in C (ops.c) from
  * the node table JS gave at mount (struct qf_node: the mount's small static
- * tree); read, write, flush, fsync, lseek and fallocate go to JS with the
- * file's inode and the index of the buffer holding the request, and the buffer
+ * tree; JS keeps each file's size and st_blocks current with setFile);
+ * read, write, flush, fsync, lseek (SEEK_DATA/SEEK_HOLE), fallocate and
+ * size changes (QF_SETSIZE) go to JS with the file's inode and the index of
+ * the buffer holding the request, and the buffer
  * stays taken until JS replies (a read's data is written into that same
  * buffer, a write's data is a view into it: no copies).
  */
@@ -43,6 +45,8 @@ enum qf_op {
   QF_FALLOCATE = 5,
   /* not a request: the kernel dropped the mount (umount from outside) or reading failed */
   QF_UNMOUNTED = 6,
+  /* setattr changing the size (truncate/ftruncate): offset = the new size; answered with fuse_reply_attr */
+  QF_SETSIZE = 7,
 };
 
 enum qf_slot_state { SLOT_FREE, SLOT_BUSY, SLOT_PENDING };
@@ -121,6 +125,8 @@ struct qf_session {
 
 /* ops.c */
 extern const struct fuse_lowlevel_ops qf_ops;
+/* The reply to a QF_SETSIZE JS accepted: the inode's attributes as they are now. */
+void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino);
 
 /* session.c: hand a request for file `ino` to JS (the current buffer becomes SLOT_PENDING). */
 void qf_forward(struct qf_session *s, fuse_req_t req, fuse_ino_t ino, int op, double off, double len, double arg);

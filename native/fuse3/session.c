@@ -12,11 +12,12 @@
  *     handler(op, slot, offset, length, arg, ino) is called for each data
  *     request (op: enum qf_op; slot: index into buffers; arg: a write's data
  *     offset in its buffer, fsync's datasync, lseek's whence, fallocate's
- *     mode; ino: the file's inode), and once with QF_UNMOUNTED (arg: 0, or the
- *     errno that stopped receiving; ino 0).
+ *     mode; offset: QF_SETSIZE's new size; ino: the file's inode), and once
+ *     with QF_UNMOUNTED (arg: 0, or the errno that stopped receiving; ino 0).
  *   reply(handle, slot, result): result >= 0 is the answer (read: bytes
  *     placed at the start of buffers[slot]; write: bytes written; lseek: the
- *     offset; others: 0), < 0 is -errno. May be called at once or later.
+ *     offset; QF_SETSIZE: 0, once setFile has the new size; others: 0),
+ *     < 0 is -errno. May be called at once or later.
  *   invalidate(handle, ino, offset, length): drop the kernel's cached pages
  *     of that range of a file (another file showing the same bytes was
  *     written); asynchronous, on a thread of its own (inval.c).
@@ -431,6 +432,14 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
         break;
       case QF_LSEEK:
         fuse_reply_lseek(req, (off_t)result);
+        break;
+      case QF_SETSIZE:
+        if (qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
+        qf_reply_setsize(s, req, sl->ino);
+        break;
+      case QF_FALLOCATE:
+        if (qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
+        fuse_reply_err(req, 0);
         break;
       default:
         fuse_reply_err(req, 0);

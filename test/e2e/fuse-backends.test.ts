@@ -2,9 +2,10 @@
  * FUSE-level behaviour, run against both backends (fuse3: native/fuse3 on
  * libfuse 3; fuse-native: libfuse 2): request sizes and offsets checked
  * against qemu-img's view of a qcow2 image, O_DIRECT at queue depth 16 with
- * fio, lseek/fallocate answers, SIGKILL, two mounts in one process, a full
+ * fio, SIGKILL, two mounts in one process, a full
  * request-buffer pool (fuse3), and a short fio --verify soak with
  * `qemu-img check` after (QMOUNT_SOAK_SECONDS=N for a longer one).
+ * lseek/fallocate/truncate on both backends: test/e2e/sparse-fuse.test.ts.
  */
 import { findMount, readMountsSync } from '../../mount/mountinfo.js';
 import { execFile, spawnSync } from 'node:child_process';
@@ -142,29 +143,6 @@ describe.each(BACKENDS)('%s backend', (backend) => {
     }
   });
 
-  it('lseek answers ENOSYS (the kernel then sees one data extent) and fallocate EOPNOTSUPP', async () => {
-    const img = makeQcow2(`seek-${backend}.qcow2`);
-    const m = await mountImage(img, { backend });
-    try {
-      const py = [
-        'import os, sys, errno',
-        `fd = os.open(${JSON.stringify(m.rawPath)}, os.O_RDWR)`,
-        'print(os.lseek(fd, 4096, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE))',
-      ].join('\n');
-      const r = spawnSync('python3', ['-c', py], { encoding: 'utf8' });
-      expect(r.status, r.stderr).toBe(0);
-      expect(r.stdout.trim()).toBe(`4096 ${SIZE}`);
-      // util-linux fallocate calls fallocate(2) itself (glibc's posix_fallocate would emulate it with writes).
-      for (const args of [['-o', '0', '-l', '4096'], ['-p', '-o', '0', '-l', '4096']]) {
-        const fa = spawnSync('fallocate', [...args, m.rawPath], { encoding: 'utf8' });
-        expect(fa.status).not.toBe(0);
-        expect(fa.stderr).toMatch(/not supported|unsupported/i);
-      }
-    } finally {
-      await m.unmount();
-    }
-  });
-
   it('SIGKILL leaves a stale mount point; fsync\'d data survives and the image checks clean', async () => {
     const img = makeQcow2(`kill-${backend}.qcow2`);
     const m = await mountImage(img, { backend });
@@ -245,6 +223,7 @@ describe.each(BACKENDS)('%s backend', (backend) => {
       flush: () => (++flushes === 1 ? held : Promise.resolve()),
       close: () => Promise.resolve(),
       info: () => ({}),
+      allocatedBytes: () => disk.length,
     };
     const dir = fs.realpathSync(makeMountDir());
     const session = await MountSession.mount(driver as never, dir, { readOnly: false, mount: parseMountOptions([]), log: logger('mount'), backend });
@@ -334,6 +313,7 @@ describe('fuse3 request-buffer pool', () => {
       flush: () => Promise.resolve(),
       close: () => Promise.resolve(),
       info: () => ({}),
+      allocatedBytes: () => disk.length,
     };
     const dir = fs.realpathSync(makeMountDir());
     process.env.QMOUNT_FUSE3_BUFFERS = '2';

@@ -28,7 +28,7 @@ function memSource(bytes: Buffer, readOnly: boolean) {
     flush: () => Promise.resolve(),
     blockStatus: () => Promise.resolve([]),
     writeZeroes: () => Promise.resolve(),
-    resize: () => Promise.resolve(),
+    resize: () => Promise.reject(Object.assign(new Error('fixed size'), { code: 'EPERM' })),
     allocatedBytes: () => bytes.length,
   };
 }
@@ -105,7 +105,8 @@ describe.each(BACKENDS)('%s backend', (backend) => {
       expect((await sh(`printf 'ZZZZ' | dd of=${dir}/disk.raw bs=1 seek=1000 conv=notrunc,fsync status=none`)).code).toBe(0);
       expect(disk.toString('latin1', 1000, 1004)).toBe('ZZZZ');
       expect(snapA.equals(patternBytes(3 * MiB + 777, 2))).toBe(true);
-      // a size change of a file is refused
+      // a size change of a read-only file is refused; disk.raw's goes to its source (whose resize refuses here)
+      expect((await sh(`truncate -s 1M ${dir}/snapshots/first.raw`)).err).toMatch(/Read-only file system/);
       expect((await sh(`truncate -s 1M ${dir}/disk.raw`)).err).toMatch(/Operation not permitted/);
 
       closes = [];
