@@ -537,3 +537,18 @@ export class ImageFile {
     await new Promise<void>((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 }
+
+/**
+ * Create `file` for a new image, never overwriting one (O_EXCL): EEXIST if
+ * it exists (qmount create is used next to evidence), else the errno of the
+ * failure.
+ */
+export async function createNewFile(file: string): Promise<fs.promises.FileHandle> {
+  try {
+    return await fs.promises.open(file, 'wx', 0o644);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw new QmountError('EEXIST', `${file} already exists (qmount create never overwrites a file)`);
+    throw new QmountError(code === 'EACCES' ? 'EACCES' : code === 'ENOENT' ? 'ENOENT' : 'EIO', `${file}: cannot create: ${code ?? 'error'}`);
+  }
+}

@@ -14,6 +14,7 @@
  */
 import fs from 'node:fs';
 import { QmountError } from '../../errors.js';
+import { createNewFile } from '../../io/file.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header.js';
 import {
@@ -224,14 +225,7 @@ function setRefcountOne(block: Buffer, idx: number, order: number): void {
 /** Write the image described by `o` to `file` (which must not exist). */
 export async function createQcow2(file: string, o: Qcow2CreateOptions): Promise<Qcow2Plan> {
   const plan = planQcow2(o);
-  let fh: fs.promises.FileHandle;
-  try {
-    fh = await fs.promises.open(file, 'wx', 0o644);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') throw new QmountError('EEXIST', `${file} already exists (qmount create never overwrites a file)`);
-    throw new QmountError(code === 'EACCES' ? 'EACCES' : code === 'ENOENT' ? 'ENOENT' : 'EIO', `${file}: cannot create: ${code ?? 'error'}`);
-  }
+  const fh = await createNewFile(file);
   try {
     await writeLayout(fh, plan);
     await fh.sync();

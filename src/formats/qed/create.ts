@@ -9,6 +9,7 @@
  */
 import fs from 'node:fs';
 import { QmountError } from '../../errors.js';
+import { createNewFile } from '../../io/file.js';
 import { MAX_DISK_BYTES } from '../u64.js';
 import {
   MAX_BACKING_NAME,
@@ -78,14 +79,7 @@ export function planQed(o: QedCreateOptions): { header: QedHeader; backing: Buff
 
 export async function createQed(file: string, o: QedCreateOptions): Promise<QedHeader> {
   const { header, backing } = planQed(o);
-  let fh: fs.promises.FileHandle;
-  try {
-    fh = await fs.promises.open(file, 'wx', 0o644);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') throw new QmountError('EEXIST', `${file} already exists (qmount create never overwrites a file)`);
-    throw new QmountError(code === 'EACCES' ? 'EACCES' : code === 'ENOENT' ? 'ENOENT' : 'EIO', `${file}: cannot create: ${code ?? 'error'}`);
-  }
+  const fh = await createNewFile(file);
   try {
     const head = Buffer.alloc(header.clusterSize);
     serializeHeader(header).copy(head, 0);
