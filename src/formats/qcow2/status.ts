@@ -39,6 +39,31 @@ export function pushExtent(out: BlockExtent[], e: BlockExtent): void {
   out.push(e);
 }
 
+/**
+ * pushExtent for this image's own (present, depth 0) extents without
+ * allocating one per cluster: the last extent grows when it continues.
+ */
+function pushOwn(out: BlockExtent[], guestOffset: number, length: number, data: boolean, compressed: boolean, hostOffset: number | undefined): void {
+  const last = out[out.length - 1];
+  if (
+    last &&
+    last.guestOffset + last.length === guestOffset &&
+    last.depth === 0 &&
+    last.present &&
+    last.data === data &&
+    last.zero === !data &&
+    (last.compressed ?? false) === compressed &&
+    (last.hostOffset === undefined ? hostOffset === undefined : hostOffset !== undefined && last.hostOffset + last.length === hostOffset)
+  ) {
+    last.length += length;
+    return;
+  }
+  const e: BlockExtent = { guestOffset, length, data, zero: !data, present: true, depth: 0 };
+  if (hostOffset !== undefined) e.hostOffset = hostOffset;
+  if (compressed) e.compressed = true;
+  out.push(e);
+}
+
 const UNALLOCATED_ZERO = { data: false, zero: true, present: false } as const;
 
 export async function blockStatus(s: Qcow2State, guestOffset: number, length: number): Promise<BlockExtent[]> {
@@ -70,10 +95,9 @@ export async function blockStatus(s: Qcow2State, guestOffset: number, length: nu
     runStart = at;
     runEnd = at + len;
   };
-  const own = async (e: BlockExtent): Promise<void> => {
-    await flushBacking();
-    pushExtent(out, e);
-  };
+  // An all-zero L2 entry: unallocated (backing) across its whole cluster? Then runs of them are skipped in one step.
+  classify(g, entry, 0, 0, g.clusterSize, piece);
+  const zeroEntryIsBacking = piece.kind === ExtentKind.Backing && piece.length === g.clusterSize;
 
   let pos = guestOffset;
   while (pos < end) {
@@ -86,30 +110,35 @@ export async function blockStatus(s: Qcow2State, guestOffset: number, length: nu
       continue;
     }
     const table = await s.l2Table(l2Offset);
-    // The table is used synchronously from here to the next await (own/flushBacking only await when
+    // The table is used synchronously from here to the next await (flushBacking awaits only when
     // the backing file is asked); it is re-read for the next cluster after any await.
     while (pos < spanEnd) {
       const ci = Math.floor(pos / g.clusterSize);
       const clusterOffset = ci * g.clusterSize;
-      readL2Entry(g, s.l2Cache.peek(l2Offset) ?? table, ci % g.l2Entries, entry);
+      const current = s.l2Cache.peek(l2Offset) ?? table;
+      const index = ci % g.l2Entries;
+      if (zeroEntryIsBacking && pos === clusterOffset) {
+        const run = zeroEntries(current, index, Math.min(g.l2Entries, index + Math.ceil((spanEnd - pos) / g.clusterSize)), g.l2EntryBytes);
+        if (run > 0) {
+          const runEndOffset = Math.min(spanEnd, clusterOffset + run * g.clusterSize);
+          backingRun(pos, runEndOffset - pos);
+          pos = runEndOffset;
+          continue;
+        }
+      }
+      readL2Entry(g, current, index, entry);
       const clusterEnd = Math.min(spanEnd, clusterOffset + g.clusterSize);
       while (pos < clusterEnd) {
         classify(g, entry, clusterOffset, pos - clusterOffset, clusterEnd - pos, piece);
         const len = piece.length;
-        switch (piece.kind) {
-          case ExtentKind.Data:
-          case ExtentKind.ExternalData:
-            await own({ guestOffset: pos, length: len, data: true, zero: false, present: true, depth: 0, hostOffset: piece.hostOffset });
-            break;
-          case ExtentKind.Compressed:
-            await own({ guestOffset: pos, length: len, data: true, zero: false, present: true, depth: 0, compressed: true });
-            break;
-          case ExtentKind.Zero:
-            await own({ guestOffset: pos, length: len, data: false, zero: true, present: true, depth: 0 });
-            break;
-          case ExtentKind.Backing:
-            backingRun(pos, len);
-            break;
+        if (piece.kind === ExtentKind.Backing) {
+          backingRun(pos, len);
+        } else {
+          if (runStart >= 0) await flushBacking();
+          const data = piece.kind !== ExtentKind.Zero;
+          const compressed = piece.kind === ExtentKind.Compressed;
+          const hostOffset = data && !compressed ? piece.hostOffset : undefined;
+          pushOwn(out, pos, len, data, compressed, hostOffset);
         }
         pos += len;
       }
@@ -117,4 +146,21 @@ export async function blockStatus(s: Qcow2State, guestOffset: number, length: nu
   }
   await flushBacking();
   return out;
+}
+
+/** How many entries from `from` (below `to`) are all zero bytes (unallocated). */
+function zeroEntries(table: Buffer, from: number, to: number, entryBytes: number): number {
+  let i = from;
+  for (; i < to; i++) {
+    const at = i * entryBytes;
+    let zero = true;
+    for (let b = 0; b < entryBytes; b += 4) {
+      if (table.readUInt32LE(at + b) !== 0) {
+        zero = false;
+        break;
+      }
+    }
+    if (!zero) break;
+  }
+  return i - from;
 }

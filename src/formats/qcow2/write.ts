@@ -360,7 +360,12 @@ export class Qcow2Writer {
       if (bad) s.corruptionFound(`a write to guest offset ${clusterStart} needs its L2 entry, whose ${bad}`);
       ops.push(planCluster(g, gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
     }
-    if (!g.hasDataFile) for (const op of ops) if (op.fresh) await this.checkReleasable(op);
+    if (!g.hasDataFile) {
+      for (const op of ops) {
+        const dropped = op.fresh ? droppedReference(g, op.old) : null;
+        if (dropped) await this.checkReleasable('write', op.gc * g.clusterSize, dropped);
+      }
+    }
     const rewrites = ops.filter((o) => o.rewrite);
     for (const op of rewrites) this.inflight.set(op.gc, deferred());
     try {
@@ -383,22 +388,26 @@ export class Qcow2Writer {
   }
 
   /**
-   * A rewrite into a new cluster drops the old mapping's reference at the
-   * next flush (commit.ts, step 4). A referenced cluster whose refcount is
-   * already 0 means the refcounts lie: the allocator may hand it out (even to
-   * this very request), and the drop would leave a live COPIED cluster at
-   * refcount 0, to be handed out again. Such a write is refused and the image
-   * marked corrupt. Called under the lock, after the L2 entries were read.
+   * A reference about to be dropped (a rewrite into a new cluster, a
+   * discard) must be a real one, or the drop corrupts the refcounts:
+   *  - a referenced cluster whose refcount is already 0 means the refcounts
+   *    lie: the allocator may hand it out (even to this very request), and
+   *    the drop would leave a live COPIED cluster at refcount 0;
+   *  - a data mapping into known metadata (overlap index) is damage: its
+   *    drop would take the metadata's own reference, and the freed cluster
+   *    would be punched out of the file and reused.
+   * Such a request is refused and the image marked corrupt. Called under the
+   * lock, after the L2 entries were read (messages are built only on failure).
    */
-  private async checkReleasable(op: ClusterOp): Promise<void> {
+  async checkReleasable(op: 'write' | 'zeroing', guestOffset: number, [start, bytes]: [number, number]): Promise<void> {
     const s = this.s;
     const cs = s.g.clusterSize;
-    const dropped = droppedReference(s.g, op.old);
-    if (!dropped) return;
-    const [start, bytes] = dropped;
+    const what = (): string => `${op === 'write' ? 'a write to' : 'zeroing'} guest offset ${guestOffset}`;
+    const hit = s.overlap.find(start, bytes);
+    if (hit) s.corruptionFound(`metadata overlap: ${what()} drops a data reference to ${start}, which overlaps ${hit}`);
     for (let c = Math.floor(start / cs); c <= Math.floor((start + bytes - 1) / cs); c++) {
       if ((await this.refcounts.get(c)) === 0) {
-        s.corruptionFound(`a write to guest offset ${op.gc * cs} replaces a mapping of host cluster ${c * cs}, whose refcount is 0`);
+        s.corruptionFound(`${what()} drops a reference to host cluster ${c * cs}, whose refcount is 0`);
       }
     }
   }
