@@ -202,7 +202,7 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
 function printReady(image: string, mountPoint: string, readOnly: boolean): void {
   process.stderr.write(
     `qmount: ready: ${printable(image)} is mounted at ${printable(path.join(mountPoint, 'disk.raw'))} (${readOnly ? 'read-only' : 'read-write'}); ` +
-      `stop with Ctrl-C or fusermount -u ${printable(mountPoint)}\n`,
+      `stop with Ctrl-C or qmount umount ${printable(mountPoint)}\n`,
   );
 }
 

@@ -50,6 +50,21 @@ export async function statBlocks(file: string): Promise<{ size: number; blocks: 
   return { size: size!, blocks: blocks! };
 }
 
+/**
+ * st_blocks once the engine's count settled: a qcow2 or QED mount counts its
+ * data clusters in the background after open and shows an estimate until
+ * then (published within a second of the count's end). Polls until `ok`
+ * holds or 30 s passed, then returns the last value (the caller asserts).
+ */
+export async function settledBlocks(file: string, ok: (bytes: number) => boolean): Promise<{ size: number; blocks: number }> {
+  const until = Date.now() + 30_000;
+  for (;;) {
+    const st = await statBlocks(file);
+    if (ok(st.blocks * 512) || Date.now() > until) return st;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
 /** Run a command as a child without blocking the event loop; resolves with its exit code and output. */
 export async function tool(cmd: string, args: string[]): Promise<{ code: number; out: string }> {
   try {

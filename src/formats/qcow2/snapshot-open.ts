@@ -15,8 +15,9 @@
  * padded with unallocated entries.
  */
 import { QmountError } from '../../errors.js';
-import { checkRequest, notYet, type BlockDriver, type BlockExtent, type ImageInfo } from '../driver.js';
+import { checkRequest, type BlockDriver, type BlockExtent, type ImageInfo } from '../driver.js';
 import { readGuest } from './read.js';
+import { blockStatus } from './status.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 import { Qcow2State } from './state.js';
 import { L1E_BYTES } from './spec.js';
@@ -109,8 +110,13 @@ class SnapshotDisk implements BlockDriver {
     return { ...this.base.info(), virtualSize: this.virtualSize };
   }
 
-  blockStatus(_guestOffset: number, _length: number): Promise<BlockExtent[]> {
-    return notYet(this, 'blockStatus of a snapshot');
+  blockStatus(guestOffset: number, length: number): Promise<BlockExtent[]> {
+    try {
+      checkRequest(this, 'read', guestOffset, length, this.closed);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return blockStatus(this.s, guestOffset, length);
   }
 
   writeZeroes(): Promise<void> {
@@ -121,6 +127,7 @@ class SnapshotDisk implements BlockDriver {
     return this.write();
   }
 
+  /** An upper bound (st_blocks of a snapshot file): the snapshot's own data is not counted. */
   allocatedBytes(): number {
     return this.virtualSize;
   }
