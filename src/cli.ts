@@ -120,7 +120,9 @@ async function mountCommand(image: string, dir: string, flags: MountFlags): Prom
     // The daemon's stderr goes nowhere: the --force-share warning is given here.
     if (flags.forceShare) await warnIfInUse(image);
     if (readOnly && !flags.salvage && flags.backing) {
-      for (const w of await missingBackingWarnings(path.resolve(image), { format: flags.format, forceShare: flags.forceShare, log: logger('image') })) printWarning(w);
+      // Its open's own log lines stay quiet here: the daemon opens the image again and logs them.
+      const quiet = logger('image').child({}, { level: 'silent' });
+      for (const w of await missingBackingWarnings(path.resolve(image), { format: flags.format, forceShare: flags.forceShare, log: quiet })) printWarning(w);
     }
     return runDaemonParent(fileURLToPath(import.meta.url), process.argv.slice(2), printError);
   }
