@@ -23,6 +23,7 @@ import { printable } from '../errors.js';
 import { createQcow2, planQcow2, type Qcow2CreateOptions } from '../formats/qcow2/create.js';
 import { createQed, planQed, type QedCreateOptions } from '../formats/qed/create.js';
 import { configureLogging, logger } from '../log.js';
+import { ProgressLine } from '../progress.js';
 
 const EXIT_OK = 0;
 const EXIT_USAGE = 1;
@@ -60,6 +61,7 @@ interface CreateFlags {
   backingFormat?: string;
   options: string[];
   quiet?: boolean;
+  progress?: boolean;
 }
 
 const BACKING_FORMATS: FormatName[] = ['qcow2', 'qed', 'raw'];
@@ -135,7 +137,13 @@ async function createCommand(file: string, sizeText: string | undefined, flags: 
       }
     }
     usage(() => planQcow2(o));
-    const plan = await createQcow2(file, o);
+    const progress = ProgressLine.forStream(process.stderr, flags.progress);
+    let plan;
+    try {
+      plan = await createQcow2(file, o, { progress: progress.update });
+    } finally {
+      progress.done();
+    }
     const h = plan.header;
     if (!flags.quiet) {
       const parts = [`Formatting '${file}', fmt=qcow2 cluster_size=${plan.clusterSize} extended_l2=${o.extendedL2 ? 'on' : 'off'}`];
@@ -178,6 +186,8 @@ export function registerCreate(program: Command, setResult: (p: Promise<number>)
     .option('-o, --options <opt=val[,...]>', 'qcow2: compat, cluster_size, lazy_refcounts, extended_l2, refcount_bits, preallocation; qed: cluster_size, table_size',
       (v: string, prev: string[]) => [...prev, v], [] as string[])
     .option('-q, --quiet', 'print nothing on success')
+    .option('-p, --progress', 'show progress (default: when stderr is a terminal)')
+    .option('--no-progress', 'never show progress')
     .action((file: string, size: string | undefined, flags: CreateFlags) => {
       setResult(
         createCommand(file, size, flags).catch((err: unknown) => {

@@ -141,6 +141,17 @@ describe('qmount create refuses what qemu-img refuses, and never overwrites', ()
     expect(qmount(['info', mine]).code).toBe(0);
   });
 
+  it('progress: -p draws one updating line while a preallocated image is written; nothing without it off a terminal', () => {
+    const shown = path.join(scratch.dir, 'progress-p.qcow2');
+    const r = qmount(['create', '-q', '-p', '-f', 'qcow2', '-o', 'preallocation=metadata', shown, '64G']);
+    expect(r.code).toBe(0);
+    expect(r.stderr).toMatch(/\r\x1b\[Kcreating +\d+\.\d%/);
+    expect(r.stderr).not.toMatch(/\n/);
+    expect(qemuCheck(shown, 'qcow2').code).toBe(0);
+    const quiet = path.join(scratch.dir, 'progress-none.qcow2');
+    expect(qmount(['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', quiet, '64G']).stderr).toBe('');
+  });
+
   it('an existing file is left alone (EEXIST)', () => {
     const before = sha256File(base);
     const r = qmount(['create', '-f', 'qcow2', base, '1M']);

@@ -15,6 +15,7 @@
 import fs from 'node:fs';
 import { QmountError } from '../../errors.js';
 import { createNewFile } from '../../io/file.js';
+import type { WorkHooks } from '../../progress.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header.js';
 import {
@@ -223,11 +224,12 @@ function setRefcountOne(block: Buffer, idx: number, order: number): void {
 }
 
 /** Write the image described by `o` to `file` (which must not exist). */
-export async function createQcow2(file: string, o: Qcow2CreateOptions): Promise<Qcow2Plan> {
+/** `hooks`: progress (metadata clusters written of all) for a large preallocated image. */
+export async function createQcow2(file: string, o: Qcow2CreateOptions, hooks?: WorkHooks): Promise<Qcow2Plan> {
   const plan = planQcow2(o);
   const fh = await createNewFile(file);
   try {
-    await writeLayout(fh, plan);
+    await writeLayout(fh, plan, hooks);
     await fh.sync();
     await fh.close();
   } catch (err) {
@@ -238,7 +240,7 @@ export async function createQcow2(file: string, o: Qcow2CreateOptions): Promise<
   return plan;
 }
 
-async function writeLayout(fh: fs.promises.FileHandle, p: Qcow2Plan): Promise<void> {
+async function writeLayout(fh: fs.promises.FileHandle, p: Qcow2Plan, hooks: WorkHooks | undefined): Promise<void> {
   const cs = p.clusterSize;
   const h = p.header;
   const write = async (buf: Buffer, at: number): Promise<void> => {
@@ -253,7 +255,9 @@ async function writeLayout(fh: fs.promises.FileHandle, p: Qcow2Plan): Promise<vo
   for (let i = 0; i < p.refBlocks; i++) writeEntry(reftable, i * 8, 0, (firstBlock + i) * cs, 0);
   await write(reftable, cs);
   const perBlock = (cs * 8) / 2 ** p.refcountOrder;
+  const metaTotal = p.refBlocks + p.l2Tables;
   for (let i = 0; i < p.refBlocks; i++) {
+    hooks?.progress?.('creating', i, metaTotal);
     const block = Buffer.alloc(cs);
     const n = Math.min(perBlock, p.totalClusters - i * perBlock);
     for (let j = 0; j < n; j++) setRefcountOne(block, j, p.refcountOrder);
@@ -269,6 +273,7 @@ async function writeLayout(fh: fs.promises.FileHandle, p: Qcow2Plan): Promise<vo
     const entryBytes = extL2 ? L2E_EXT_BYTES : L2E_BYTES;
     const entries = cs / entryBytes;
     for (let t = 0; t < p.l2Tables; t++) {
+      hooks?.progress?.('creating', p.refBlocks + t, metaTotal);
       writeEntry(l1, t * L1E_BYTES, L1E_COPIED, (firstL2 + t) * cs, 0);
       const l2 = Buffer.alloc(cs);
       for (let e = 0; e < entries; e++) {
