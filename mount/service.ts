@@ -38,6 +38,8 @@ import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
+import { Aliases } from './aliases.js';
+import { RequestTracker } from './requests.js';
 import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
 import { MountTree, type MountDir, type MountFile, type MountNode } from './tree.js';
 
@@ -65,8 +67,7 @@ export const FILE_NAME = 'disk.raw';
 /** Read errors are logged once per guest offset; this bounds the remembered set. */
 const MAX_LOGGED_READ_ERRORS = 1024;
 /** A request not answered after this long is a bug worth a log line (not a timeout: it stays pending). */
-export const UNANSWERED_MS = 120_000;
-const SWEEP_MS = 30_000;
+export { UNANSWERED_MS } from './requests.js';
 /**
  * A source's allocation can change without a request of ours (qcow2 counts
  * its data clusters in the background after open and answers an estimate
@@ -119,13 +120,6 @@ export interface FileAttrs {
   gid: number;
 }
 
-/** Another file showing the same bytes (a partition and disk.raw). */
-interface Alias {
-  file: MountFile;
-  /** the other file's offset in the shared base */
-  baseOffset: number;
-}
-
 export interface Stat extends FileAttrs {
   mode: number;
   nlink: number;
@@ -137,15 +131,6 @@ export interface Stat extends FileAttrs {
 }
 
 /** A request that reached the driver; records are reused (no allocation per request). */
-interface Pending {
-  op: string;
-  pos: number;
-  length: number;
-  start: number;
-  logged: boolean;
-  busy: boolean;
-}
-
 export class DiskService {
   readonly stats: IoStats = {
     reads: 0, readBytes: 0, maxRead: 0, writes: 0, writeBytes: 0, maxWrite: 0, smallWrites: 0,
@@ -161,19 +146,11 @@ export class DiskService {
    * after a completed change of `file` for every alias range it touched.
    */
   invalidate: ((file: MountFile, offset: number, length: number) => void) | undefined;
-  private readonly aliases = new Map<MountFile, { baseOffset: number; others: Alias[] }>();
+  private readonly aliases: Aliases;
   private readonly loggedReadErrors = new Set<number>();
   private readonly loggedCauses = new Set<string>();
-  /** Requests that reached the driver and are not answered yet. */
-  private inflight = 0;
-  /** Request records; the id enter() hands out is index + 1 (0: refused). */
-  private readonly pending: Pending[] = [];
-  /** Indexes of records not in use. */
-  private readonly freePending: number[] = [];
-  private sweep: NodeJS.Timeout | undefined;
-  private drainWaiters: Array<() => void> = [];
-  /** Once set, nothing new reaches the driver (it is about to be closed). */
-  private closing = false;
+  /** Requests that reached the driver and are not answered yet (mount/requests.ts). */
+  private readonly requests: RequestTracker;
   private readonly log: Logger;
   private readonly discard: DiscardMode;
   /** Each file's size and st_blocks as last handed to onAttrs */
@@ -193,7 +170,7 @@ export class DiskService {
     const main = tree.files()[0];
     if (!main) throw new Error('DiskService: the mount tree has no file');
     this.main = main;
-    this.findAliases();
+    this.aliases = new Aliases(tree.files());
     this.readOnly = opts.readOnly;
     this.log = opts.log;
     this.discard = opts.discard ?? 'unmap';
@@ -212,8 +189,7 @@ export class DiskService {
       uid: opts.uid ?? process.getuid?.() ?? 0,
       gid: opts.gid ?? process.getgid?.() ?? 0,
     };
-    this.sweep = setInterval(() => this.logUnanswered(), SWEEP_MS);
-    this.sweep.unref();
+    this.requests = new RequestTracker(opts.log, () => this.stats.unanswered++);
     this.refresh = setInterval(() => {
       for (const f of this.tree.files()) this.publish(f);
     }, ATTR_REFRESH_MS);
@@ -222,24 +198,6 @@ export class DiskService {
 
   get size(): number {
     return this.main.source.virtualSize;
-  }
-
-  /** Files showing the same bytes: those whose viewOf names the same base (or the base itself). */
-  private findAliases(): void {
-    const groups = new Map<object, Array<{ file: MountFile; baseOffset: number }>>();
-    for (const f of this.tree.files()) {
-      const base = f.viewOf?.base ?? f.source;
-      const g = groups.get(base) ?? [];
-      g.push({ file: f, baseOffset: f.viewOf?.offset ?? 0 });
-      groups.set(base, g);
-    }
-    for (const g of groups.values()) {
-      if (g.length < 2) continue;
-      for (const m of g) {
-        const others = g.filter((o) => o !== m);
-        this.aliases.set(m.file, { baseOffset: m.baseOffset, others });
-      }
-    }
   }
 
   /** True when some other file shows bytes of `f` (its kernel page cache must not outlive an open). */
@@ -253,67 +211,21 @@ export class DiskService {
    * bytes (write, and the sparse ops) call this.
    */
   changed(f: MountFile, pos: number, length: number): void {
-    const a = this.aliases.get(f);
-    if (a === undefined || this.invalidate === undefined || length <= 0) return;
-    const lo = a.baseOffset + pos;
-    const hi = lo + length;
-    for (const o of a.others) {
-      const start = Math.max(lo, o.baseOffset);
-      const end = Math.min(hi, o.baseOffset + o.file.source.virtualSize);
-      if (start >= end) continue;
+    const invalidate = this.invalidate;
+    if (invalidate === undefined) return;
+    this.aliases.ranges(f, pos, length, (file, offset, len) => {
       try {
-        this.invalidate(o.file, start - o.baseOffset, end - start);
+        invalidate(file, offset, len);
       } catch (err) {
         this.handlerFailed('invalidate', err); // logged once; the change itself succeeded
       }
-    }
+    });
   }
 
   /** Stop passing requests to the driver; resolves once those already there are answered. */
   drain(): Promise<void> {
-    this.closing = true;
-    clearInterval(this.sweep);
     clearInterval(this.refresh);
-    if (this.inflight === 0) return Promise.resolve();
-    return new Promise((resolve) => this.drainWaiters.push(resolve));
-  }
-
-  private enter(op: string, pos: number, length: number): number {
-    if (this.closing) return 0;
-    this.inflight++;
-    let i = this.freePending.pop();
-    if (i === undefined) {
-      i = this.pending.length;
-      this.pending.push({ op, pos, length, start: 0, logged: false, busy: false });
-    }
-    const p = this.pending[i]!;
-    p.op = op;
-    p.pos = pos;
-    p.length = length;
-    p.start = Date.now();
-    p.logged = false;
-    p.busy = true;
-    return i + 1;
-  }
-
-  private leave(id: number): void {
-    this.pending[id - 1]!.busy = false;
-    this.freePending.push(id - 1);
-    if (--this.inflight === 0 && this.drainWaiters.length > 0) {
-      const waiters = this.drainWaiters;
-      this.drainWaiters = [];
-      for (const w of waiters) w();
-    }
-  }
-
-  private logUnanswered(): void {
-    const now = Date.now();
-    for (const p of this.pending) {
-      if (!p.busy || p.logged || now - p.start < UNANSWERED_MS) continue;
-      p.logged = true;
-      this.stats.unanswered++;
-      this.log.error({ op: p.op, guestOffset: p.pos, length: p.length, waitingMs: now - p.start }, 'request not answered (a bug: it stays pending)');
-    }
+    return this.requests.drain();
   }
 
   /** A bug in a handler (not an engine error): EIO, logged once per op and message. */
@@ -428,7 +340,7 @@ export class DiskService {
     const size = f.source.virtualSize;
     const n = pos >= size ? 0 : Math.min(len, size - pos);
     if (n === 0) return 0;
-    const id = this.enter('read', pos, n);
+    const id = this.requests.enter('read', pos, n);
     if (id === 0) return EIO;
     const s = this.stats;
     s.reads++;
@@ -439,18 +351,18 @@ export class DiskService {
     try {
       p = f.source.read(buf, bufOff, n, pos);
     } catch (err) {
-      this.leave(id);
+      this.requests.leave(id);
       return this.handlerFailed('read', err);
     }
     return p.then(
       () => {
         s.readMicros += (performance.now() - t0) * 1000;
-        this.leave(id);
+        this.requests.leave(id);
         return n;
       },
       (err: unknown) => {
         s.readMicros += (performance.now() - t0) * 1000;
-        this.leave(id);
+        this.requests.leave(id);
         return this.readFailed(f, err, pos, n);
       },
     );
@@ -462,7 +374,7 @@ export class DiskService {
     const size = f.source.virtualSize;
     const n = pos >= size ? 0 : Math.min(len, size - pos);
     if (n === 0) return len === 0 ? 0 : ENOSPC;
-    const id = this.enter('write', pos, n);
+    const id = this.requests.enter('write', pos, n);
     if (id === 0) return EIO;
     const s = this.stats;
     s.writes++;
@@ -475,7 +387,7 @@ export class DiskService {
     try {
       p = f.source.write(buf, bufOff, n, pos);
     } catch (err) {
-      this.leave(id);
+      this.requests.leave(id);
       return this.handlerFailed('write', err);
     }
     return p.then(
@@ -484,14 +396,14 @@ export class DiskService {
         f.mtime = Date.now();
         this.statusCache.invalidate();
         this.attrsChanged(f);
-        this.leave(id);
+        this.requests.leave(id);
         this.changed(f, pos, n);
         return n;
       },
       (err: unknown) => {
         s.writeMicros += (performance.now() - t0) * 1000;
         this.statusCache.invalidate();
-        this.leave(id);
+        this.requests.leave(id);
         s.writeErrors++;
         const code = errnoOf(err);
         this.log.error({ file: f.path, guestOffset: pos, length: n, errno: code, err: oneLine(err) }, 'write failed');
@@ -505,22 +417,22 @@ export class DiskService {
   }
 
   fsync(f: MountFile): number | Promise<number> {
-    const id = this.enter('fsync', 0, 0);
+    const id = this.requests.enter('fsync', 0, 0);
     if (id === 0) return EIO;
     let p: Promise<void>;
     try {
       p = f.source.flush();
     } catch (err) {
-      this.leave(id);
+      this.requests.leave(id);
       return this.handlerFailed('fsync', err);
     }
     return p.then(
       () => {
-        this.leave(id);
+        this.requests.leave(id);
         return 0;
       },
       (err: unknown) => {
-        this.leave(id);
+        this.requests.leave(id);
         const code = errnoOf(err);
         this.log.error({ errno: code, err: oneLine(err) }, 'flush failed');
         return fuseCode(code);
@@ -537,8 +449,7 @@ export class DiskService {
    */
   private attrsChanged(f: MountFile): void {
     this.publish(f);
-    const a = this.aliases.get(f);
-    if (a) for (const o of a.others) this.publish(o.file);
+    for (const o of this.aliases.others(f)) this.publish(o);
   }
 
   private publish(f: MountFile): void {
@@ -553,7 +464,7 @@ export class DiskService {
 
   /** Run a sparse op on f under in-flight tracking; its QmountError becomes the FUSE code, anything else EIO. */
   private sparseOp(f: MountFile, op: string, pos: number, length: number, run: () => Promise<number | null | void>): Promise<number> | number {
-    const id = this.enter(op, pos, length);
+    const id = this.requests.enter(op, pos, length);
     if (id === 0) return EIO;
     const changes = op !== 'lseek';
     if (changes) this.statusCache.invalidate();
@@ -561,7 +472,7 @@ export class DiskService {
     try {
       p = run();
     } catch (err) {
-      this.leave(id);
+      this.requests.leave(id);
       return this.handlerFailed(op, err);
     }
     const after = (): void => {
@@ -575,12 +486,12 @@ export class DiskService {
     return p.then(
       (r) => {
         after();
-        this.leave(id);
+        this.requests.leave(id);
         return r === null ? ENXIO : (r ?? 0);
       },
       (err: unknown) => {
         after();
-        this.leave(id);
+        this.requests.leave(id);
         const code = errnoOf(err);
         // Refusals the caller asked for (shrinking over data, a bad mode or size) are not engine failures.
         const level = code === 'EPERM' || code === 'EINVAL' || code === 'ENOTSUP' || code === 'ENOSPC' ? 'info' : 'error';
