@@ -289,11 +289,6 @@ export class RequestsInFlight {
   }
 }
 
-/** A sparse-image call a driver has not implemented yet (placeholder until issue 13's driver work lands). */
-export function notYet(d: { readonly filename: string }, op: string): Promise<never> {
-  return Promise.reject(new QmountError('ENOTSUP', `${d.filename}: ${op} is not implemented for this format yet`));
-}
-
 /** Throws the contract's errno for a request a driver must refuse before doing anything (see BlockDriver). */
 export function checkRequest(
   d: { readonly filename: string; readonly virtualSize: number; readonly readOnly: boolean },

@@ -19,7 +19,7 @@
  * damage like any other (and never zeros without --salvage).
  */
 import { CorruptionError, errnoOf, oneLine, QmountError } from '../errors.js';
-import { checkRequest, notYet, type BlockDriver, type BlockExtent, type FormatName, type ImageInfo } from './driver.js';
+import { checkRequest, type BlockDriver, type BlockExtent, type FormatName, type ImageInfo } from './driver.js';
 
 export interface DamagedRange {
   /** guest bytes [start, start + length) */
@@ -233,8 +233,9 @@ export class MissingBacking implements BlockDriver {
     return { format: this.format, filename: this.filename, virtualSize: 0, features: ['missing'] };
   }
 
-  blockStatus(): Promise<BlockExtent[]> {
-    return notYet(this, 'blockStatus');
+  /** Unknown bytes count as data (SEEK_DATA finds them, cp reads them and meets the EIO), never as a hole. */
+  blockStatus(guestOffset: number, length: number): Promise<BlockExtent[]> {
+    return Promise.resolve(length > 0 ? [{ guestOffset, length, data: true, zero: false, present: true, depth: 0 }] : []);
   }
 
   writeZeroes(): Promise<void> {

@@ -14,6 +14,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI, logLines, mountImage } from '../helpers/mount.js';
+import { lseekOnce } from '../helpers/sparse-tools.js';
 import { convertToRaw, qemuImg, qemuIo, readAt, run, scratchDir, sha256File, writeAt } from '../helpers/qemu.js';
 
 const MiB = 1024 * 1024;
@@ -206,6 +207,19 @@ describe.each(NAMES.map((name, i) => ({ name, i })))('salvage: $name', ({ name, 
       await m.unmount();
     }
     expect(sha256File(c().image)).toBe(before);
+  });
+});
+
+describe('holes over a missing backing file', () => {
+  it('SEEK_HOLE/SEEK_DATA count what the missing backing file would show as data (never a hole: reads there fail)', async () => {
+    const gone = cases.find((x) => x.name === 'missing backing file')!;
+    const m = await mountImage(gone.image, { readOnly: true });
+    try {
+      expect(await lseekOnce(m.rawPath, 0, 'SEEK_DATA')).toBe(0);
+      expect(await lseekOnce(m.rawPath, 0, 'SEEK_HOLE')).toBe(SIZE);
+    } finally {
+      await m.unmount();
+    }
   });
 });
 
