@@ -14,33 +14,12 @@
  *    opened: zero, not present, depth 0 (QEMU: unallocated blocks of an
  *    image without backing, or past the backing file's end, read as zeros).
  */
-import type { BlockExtent } from '../driver.js';
+import { backingStatus, type BlockExtent } from '../driver.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import type { Qcow2State } from './state.js';
 
-/** Append `e` to `out`, merging it into the last extent when their status is equal and host bytes contiguous. */
-export function pushExtent(out: BlockExtent[], e: BlockExtent): void {
-  const last = out[out.length - 1];
-  if (
-    last &&
-    last.guestOffset + last.length === e.guestOffset &&
-    last.data === e.data &&
-    last.zero === e.zero &&
-    last.present === e.present &&
-    last.depth === e.depth &&
-    (last.compressed ?? false) === (e.compressed ?? false) &&
-    (last.hostOffset === undefined
-      ? e.hostOffset === undefined
-      : e.hostOffset !== undefined && last.hostOffset + last.length === e.hostOffset)
-  ) {
-    last.length += e.length;
-    return;
-  }
-  out.push(e);
-}
-
 /**
- * pushExtent for this image's own (present, depth 0) extents without
+ * driver.ts's pushExtent for this image's own (present, depth 0) extents without
  * allocating one per cluster: the last extent grows when it continues.
  */
 function pushOwn(out: BlockExtent[], guestOffset: number, length: number, data: boolean, compressed: boolean, hostOffset: number | undefined): void {
@@ -64,8 +43,6 @@ function pushOwn(out: BlockExtent[], guestOffset: number, length: number, data: 
   out.push(e);
 }
 
-const UNALLOCATED_ZERO = { data: false, zero: true, present: false } as const;
-
 export async function blockStatus(s: Qcow2State, guestOffset: number, length: number): Promise<BlockExtent[]> {
   const g = s.g;
   const out: BlockExtent[] = [];
@@ -80,12 +57,7 @@ export async function blockStatus(s: Qcow2State, guestOffset: number, length: nu
     const from = runStart;
     const to = runEnd;
     runStart = runEnd = -1;
-    const backing = s.backing;
-    const avail = backing ? Math.max(0, Math.min(to, backing.virtualSize) - from) : 0;
-    if (avail > 0) {
-      for (const e of await backing!.blockStatus(from, avail)) pushExtent(out, { ...e, depth: e.depth + 1 });
-    }
-    if (from + avail < to) pushExtent(out, { guestOffset: from + avail, length: to - from - avail, ...UNALLOCATED_ZERO, depth: 0 });
+    await backingStatus(s.backing, from, to - from, out);
   };
   const backingRun = (at: number, len: number): void => {
     if (runStart >= 0 && runEnd === at) {
