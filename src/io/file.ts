@@ -413,16 +413,26 @@ export class ImageFile {
 }
 
 /**
- * Create `file` for a new image, never overwriting one (O_EXCL): EEXIST if
- * it exists (qmount create is used next to evidence), else the errno of the
- * failure.
+ * Write a new image file: `file` is created, never overwriting one (O_EXCL:
+ * EEXIST if it exists; qmount create is used next to evidence), filled by
+ * `fill`, synced and closed. On any failure the partial file is removed.
  */
-export async function createNewFile(file: string): Promise<fs.promises.FileHandle> {
+export async function writeNewFile(file: string, fill: (fh: fs.promises.FileHandle) => Promise<void>): Promise<void> {
+  let fh: fs.promises.FileHandle;
   try {
-    return await fs.promises.open(file, 'wx', 0o644);
+    fh = await fs.promises.open(file, 'wx', 0o644);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'EEXIST') throw new QmountError('EEXIST', `${file} already exists (qmount create never overwrites a file)`);
     throw new QmountError(code === 'EACCES' ? 'EACCES' : code === 'ENOENT' ? 'ENOENT' : 'EIO', `${file}: cannot create: ${code ?? 'error'}`);
+  }
+  try {
+    await fill(fh);
+    await fh.sync();
+    await fh.close();
+  } catch (err) {
+    await fh.close().catch(() => {});
+    await fs.promises.unlink(file).catch(() => {});
+    throw err;
   }
 }

@@ -14,7 +14,7 @@
  */
 import fs from 'node:fs';
 import { QmountError } from '../../errors.js';
-import { createNewFile } from '../../io/file.js';
+import { writeNewFile } from '../../io/file.js';
 import type { WorkHooks } from '../../progress.js';
 import type { Qcow2Header } from './header.js';
 import { serializeHeader } from './header.js';
@@ -227,16 +227,7 @@ function setRefcountOne(block: Buffer, idx: number, order: number): void {
 /** `hooks`: progress (metadata clusters written of all) for a large preallocated image. */
 export async function createQcow2(file: string, o: Qcow2CreateOptions, hooks?: WorkHooks): Promise<Qcow2Plan> {
   const plan = planQcow2(o);
-  const fh = await createNewFile(file);
-  try {
-    await writeLayout(fh, plan, hooks);
-    await fh.sync();
-    await fh.close();
-  } catch (err) {
-    await fh.close().catch(() => {});
-    await fs.promises.unlink(file).catch(() => {});
-    throw err;
-  }
+  await writeNewFile(file, (fh) => writeLayout(fh, plan, hooks));
   return plan;
 }
 

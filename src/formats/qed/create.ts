@@ -7,9 +7,8 @@
  * Invariant (as for qcow2, qcow2/create.ts): the file is created exclusively
  * and unlinked when anything fails; fsynced before create resolves.
  */
-import fs from 'node:fs';
 import { QmountError } from '../../errors.js';
-import { createNewFile } from '../../io/file.js';
+import { writeNewFile } from '../../io/file.js';
 import { MAX_DISK_BYTES } from '../u64.js';
 import {
   MAX_BACKING_NAME,
@@ -79,20 +78,13 @@ export function planQed(o: QedCreateOptions): { header: QedHeader; backing: Buff
 
 export async function createQed(file: string, o: QedCreateOptions): Promise<QedHeader> {
   const { header, backing } = planQed(o);
-  const fh = await createNewFile(file);
-  try {
+  await writeNewFile(file, async (fh) => {
     const head = Buffer.alloc(header.clusterSize);
     serializeHeader(header).copy(head, 0);
     backing.copy(head, QED_HEADER_BYTES);
     await fh.write(head, 0, head.length, 0);
     // The L1 table is all zeros: extending the file writes it.
     await fh.truncate(header.clusterSize * (1 + header.tableSize));
-    await fh.sync();
-    await fh.close();
-  } catch (err) {
-    await fh.close().catch(() => {});
-    await fs.promises.unlink(file).catch(() => {});
-    throw err;
-  }
+  });
   return header;
 }
