@@ -3,7 +3,7 @@
     {
       "target_name": "fileops",
       "sources": ["fileops.c"],
-      "cflags": ["-Wall", "-Wextra", "-O2"]
+      "cflags": ["-Wall", "-Wextra", "-O3"]
     }
   ]
 }

@@ -10,6 +10,12 @@
  *     at or after offset)
  *     lseek(2) with SEEK_DATA or SEEK_HOLE, synchronous: it reads the file's
  *     extent map, which the kernel has in memory for a file in use.
+ *   isZero(buffer, offset, length) -> boolean
+ *     are buffer[offset, +length) all zero bytes? One pass over the bytes
+ *     (an OR of 256-byte blocks, AVX2 where the CPU has it), stopping at the
+ *     first block that is not zero: about half the memory traffic of a
+ *     memcmp against a zero buffer. Malformed arguments (not a Buffer, a
+ *     range outside it) answer false.
  *   constants: { PUNCH_HOLE, KEEP_SIZE, ZERO_RANGE, SEEK_DATA, SEEK_HOLE }
  *
  * Errors are returned as negative errno values, never thrown (as in
@@ -136,6 +142,38 @@ static napi_value lseek_data_hole(napi_env env, napi_callback_info info) {
   return int_value(env, r == (off_t)-1 ? -errno : (int64_t)r);
 }
 
+/* Built twice, chosen once at load by the CPU (GCC function multiversioning). */
+__attribute__((target_clones("avx2", "default"))) static int all_zero(const unsigned char *p, size_t n) {
+  size_t i = 0;
+  for (; i < n && ((uintptr_t)(p + i) & 31) != 0; i++) {
+    if (p[i]) return 0;
+  }
+  for (; i + 256 <= n; i += 256) {
+    const uint64_t *q = (const uint64_t *)(const void *)(p + i);
+    uint64_t acc = 0;
+    for (int j = 0; j < 32; j++) acc |= q[j];
+    if (acc) return 0;
+  }
+  for (; i < n; i++) {
+    if (p[i]) return 0;
+  }
+  return 1;
+}
+
+static napi_value is_zero(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  napi_value out;
+  void *data = NULL;
+  size_t size = 0;
+  int64_t off, len;
+  int ok = napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == 3 &&
+           napi_get_buffer_info(env, argv[0], &data, &size) == napi_ok && napi_get_value_int64(env, argv[1], &off) == napi_ok &&
+           napi_get_value_int64(env, argv[2], &len) == napi_ok && off >= 0 && len >= 0 && (uint64_t)off + (uint64_t)len <= size;
+  napi_get_boolean(env, ok && all_zero((const unsigned char *)data + off, (size_t)len), &out);
+  return out;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_value constants;
   napi_create_object(env, &constants);
@@ -148,6 +186,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fallocate", NULL, fallocate_async, NULL, NULL, NULL, napi_default, NULL},
     {"fallocateSync", NULL, fallocate_sync, NULL, NULL, NULL, napi_default, NULL},
     {"lseek", NULL, lseek_data_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"isZero", NULL, is_zero, NULL, NULL, NULL, napi_default, NULL},
     {"constants", NULL, NULL, NULL, NULL, constants, napi_enumerable, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);

@@ -16,11 +16,14 @@
  * size is not a multiple of the cluster counts as whole when the write runs
  * to the end of the disk.
  *
- * Cost: the zero test is memcmp (Buffer.compare against a static zero
- * buffer, in 1 MiB steps) after a look at the first and last byte, so a
- * write of ordinary data is judged at its first non-zero byte, almost always
- * the first.
+ * Cost: after a look at the first and last byte (so a write of ordinary
+ * data is judged at its first non-zero byte, almost always the first), the
+ * zero test of ranges of NATIVE_FROM bytes and more is native/fileops's
+ * one-pass OR (~2x faster than memcmp on a 1 MiB write fresh from the
+ * kernel); smaller ones, and all of them without the addon, are memcmp
+ * (Buffer.compare against a static zero buffer, in 1 MiB steps).
  */
+import { nativeZeroTest } from '../io/fileops.js';
 import type { BlockDriver, BlockExtent, ImageInfo } from './driver.js';
 
 export type DetectZeroes = 'off' | 'on' | 'unmap';
@@ -32,10 +35,15 @@ const DEFAULT_GRANULE = 4096;
 
 const ZERO = Buffer.alloc(1024 * 1024);
 
-/** Are buf[offset, +length) all zero bytes? Stops at the first non-zero 1 MiB step. */
+/** Below this many bytes the call into the addon costs more than its faster scan saves. */
+const NATIVE_FROM = 64 * 1024;
+const nativeIsZero = nativeZeroTest();
+
+/** Are buf[offset, +length) all zero bytes? Stops at the first non-zero block. */
 export function isAllZero(buf: Buffer, offset: number, length: number): boolean {
   if (length === 0) return true;
   if (buf[offset] !== 0 || buf[offset + length - 1] !== 0) return false;
+  if (nativeIsZero !== null && length >= NATIVE_FROM) return nativeIsZero(buf, offset, length);
   for (let done = 0; done < length; done += ZERO.length) {
     const n = Math.min(ZERO.length, length - done);
     if (ZERO.compare(buf, offset + done, offset + done + n, 0, n) !== 0) return false;

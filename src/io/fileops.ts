@@ -16,6 +16,10 @@
  *   for the disk, so ImageFile picks per call with its InlinePolicy, as for
  *   writes. lseek is synchronous only: it reads the extent tree the kernel
  *   holds for an open file (~1 µs per call measured, fragmented file too).
+ * - isZero: a one-pass zero test of a buffer range (the addon's AVX2 OR of
+ *   256-byte blocks), for --detect-zeroes; callers keep a plain JavaScript
+ *   test for small ranges (where the call costs more than it saves) and for
+ *   when the addon is missing.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -30,6 +34,7 @@ interface FileOpsAddon {
   fallocateSync(fd: number, mode: number, offset: number, length: number): number;
   /** the offset found, or -errno (-ENXIO: none at or after offset) */
   lseek(fd: number, offset: number, whence: number): number;
+  isZero(buf: Buffer, offset: number, length: number): boolean;
   constants: { PUNCH_HOLE: number; KEEP_SIZE: number; ZERO_RANGE: number; SEEK_DATA: number; SEEK_HOLE: number };
 }
 
@@ -116,4 +121,10 @@ export function seek(fd: number, offset: number, what: 'data' | 'hole'): number 
   if (rc >= 0) return rc;
   if (rc === -os.constants.errno.ENXIO) return null;
   throw sysErr(rc, `lseek SEEK_${what.toUpperCase()} at ${offset}`);
+}
+
+/** The addon's zero test of buf[offset, +length), or null when the addon is not built. */
+export function nativeZeroTest(): ((buf: Buffer, offset: number, length: number) => boolean) | null {
+  const a = load();
+  return a ? a.isZero.bind(a) : null;
 }

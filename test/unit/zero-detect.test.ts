@@ -12,6 +12,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { BlockDriver, BlockExtent, ImageInfo } from '../../src/formats/driver.js';
 import { openImage } from '../../src/formats/open.js';
 import { isAllZero, withDetectZeroes } from '../../src/formats/zero-detect.js';
+import { nativeZeroTest } from '../../src/io/fileops.js';
 import { qemuCheck, qemuImg, qemuIo, scratchDir } from '../helpers/qemu.js';
 
 const KiB = 1024;
@@ -57,6 +58,24 @@ describe('isAllZero', () => {
       expect(isAllZero(b, at + 1, b.length - at - 1), `after byte ${at}`).toBe(true);
       b[at] = 0;
     }
+  });
+});
+
+describe('native/fileops isZero (the one-pass test isAllZero uses from 64 KiB)', () => {
+  it('is built, and agrees with a byte scan at unaligned starts, block edges and the last byte', () => {
+    const test = nativeZeroTest();
+    expect(test).not.toBeNull();
+    const b = Buffer.alloc(MiB + 300);
+    const slow = (off: number, len: number): boolean => b.subarray(off, off + len).every((x) => x === 0);
+    const ranges: Array<[number, number]> = [[0, b.length], [1, 255], [31, 257], [33, 64 * KiB], [7, MiB + 200], [b.length - 1, 1], [5, 0]];
+    for (const at of [0, 1, 31, 32, 255, 256, 257, 64 * KiB - 1, MiB, b.length - 1]) {
+      b[at] = 0x80;
+      for (const [off, len] of ranges) expect(test!(b, off, len), `byte ${at}, range ${off}+${len}`).toBe(slow(off, len));
+      b[at] = 0;
+    }
+    // Malformed: outside the buffer, negative.
+    expect(test!(b, b.length, 1)).toBe(false);
+    expect(test!(b, -1, 4)).toBe(false);
   });
 });
 

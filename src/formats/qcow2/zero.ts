@@ -58,20 +58,35 @@ export interface ZeroDecision {
   viaWrite: boolean;
 }
 
+/** A decision to fill in (zeroEntry's `d`). */
+export function newZeroDecision(): ZeroDecision {
+  return { skip: false, hi: 0, lo: 0, alloc: 0, zero: 0, drop: false, inPlace: false, viaWrite: false };
+}
+
+/** The entry cleared: no host cluster; the old one's reference dropped if it had one. */
+function clearEntry(d: ZeroDecision, t: ClusterType): void {
+  d.hi = 0;
+  d.lo = 0;
+  d.alloc = 0;
+  d.drop = t !== ClusterType.Unallocated && t !== ClusterType.ZeroPlain;
+}
+
 /**
  * Pure: the new entry of a cluster whose subclusters `mask` (all of them
  * without extended L2) must read as zeros. `backed`: the image names a
- * backing file (an unallocated cluster would show its data).
+ * backing file (an unallocated cluster would show its data). Fills and
+ * returns `d` (a fresh decision unless the caller passes one to reuse).
  */
-export function zeroEntry(g: Geometry, old: L2Entry, mask: number, unmap: boolean, backed: boolean): ZeroDecision {
-  const d: ZeroDecision = { skip: false, hi: old.hi, lo: old.lo, alloc: old.alloc, zero: old.zero, drop: false, inPlace: false, viaWrite: false };
+export function zeroEntry(g: Geometry, old: L2Entry, mask: number, unmap: boolean, backed: boolean, d: ZeroDecision = newZeroDecision()): ZeroDecision {
+  d.skip = false;
+  d.hi = old.hi;
+  d.lo = old.lo;
+  d.alloc = old.alloc;
+  d.zero = old.zero;
+  d.drop = false;
+  d.inPlace = false;
+  d.viaWrite = false;
   const t = clusterType(g, old.hi, old.lo);
-  const clear = (): void => {
-    d.hi = 0;
-    d.lo = 0;
-    d.alloc = 0;
-    d.drop = t !== ClusterType.Unallocated && t !== ClusterType.ZeroPlain;
-  };
   const all = (mask >>> 0) === ALL_SUBCLUSTERS || !g.extL2;
   if (g.extL2) {
     if (t === ClusterType.Compressed) {
@@ -79,7 +94,7 @@ export function zeroEntry(g: Geometry, old: L2Entry, mask: number, unmap: boolea
         d.viaWrite = true;
         return d;
       }
-      clear();
+      clearEntry(d, t);
       d.zero = ALL_SUBCLUSTERS;
       return d;
     }
@@ -90,7 +105,7 @@ export function zeroEntry(g: Geometry, old: L2Entry, mask: number, unmap: boolea
       d.skip = true;
       return d;
     }
-    if (alloc === 0 && unmap && t === ClusterType.Normal) clear(); // nothing allocated is left: the host cluster goes
+    if (alloc === 0 && unmap && t === ClusterType.Normal) clearEntry(d, t); // nothing allocated is left: the host cluster goes
     else d.alloc = alloc;
     d.zero = zero;
     return d;
@@ -105,7 +120,7 @@ export function zeroEntry(g: Geometry, old: L2Entry, mask: number, unmap: boolea
       d.lo = (old.lo | L2E_ZERO) >>> 0; // zero, allocated: the host cluster stays (COPIED as it was)
       return d;
     }
-    clear();
+    clearEntry(d, t);
     d.lo = L2E_ZERO;
     return d;
   }
@@ -119,8 +134,47 @@ export function zeroEntry(g: Geometry, old: L2Entry, mask: number, unmap: boolea
     d.inPlace = true;
     return d;
   }
-  clear();
+  clearEntry(d, t);
   return d;
+}
+
+/** Subclusters [from, to) of a cluster (bytes within it) as an allocation/zero bitmap mask. */
+function unitMask(g: Geometry, from: number, to: number): number {
+  return g.extL2 ? (2 ** (to / g.subclusterSize) - 2 ** (from / g.subclusterSize)) >>> 0 : ALL_SUBCLUSTERS;
+}
+
+const scratchEntry: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+const scratchDecision = newZeroDecision();
+
+/**
+ * Lock-free, synchronous: do the whole units [start, end) of one L2 table's
+ * span all read as zeros already, so that zeroing them changes nothing
+ * (zeroEntry skips every cluster)? Only from what is in memory: the L1
+ * table and a cached L2 table; anything else (a table not cached, a bad
+ * offset) answers false and the caller takes the locked path. Safe without
+ * the lock because nothing is changed: an entry seen here was linked by a
+ * write already answered, or belongs to a request still in flight, and
+ * requests in flight on one range have no order between them.
+ */
+function spanReadsZero(w: Qcow2Writer, start: number, end: number, unmap: boolean, backed: boolean): boolean {
+  const s = w.s;
+  const g = s.g;
+  const cs = g.clusterSize;
+  const firstCi = Math.floor(start / cs);
+  const lastCi = Math.floor((end - 1) / cs);
+  const l2Offset = s.l2OffsetOf(Math.floor(firstCi / g.l2Entries));
+  if (l2Offset === 0) return !backed; // every entry unallocated: zeros unless a backing file shows through
+  if (s.badL2Offset(l2Offset) !== null) return false;
+  const table = s.l2Cache.peek(l2Offset);
+  if (table === undefined) return false;
+  for (let ci = firstCi; ci <= lastCi; ci++) {
+    readL2Entry(g, table, ci % g.l2Entries, scratchEntry);
+    const from = Math.max(start, ci * cs) - ci * cs;
+    const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+    const d = zeroEntry(g, scratchEntry, unitMask(g, from, to), unmap, backed, scratchDecision);
+    if (!d.skip || d.inPlace) return false;
+  }
+  return true;
 }
 
 interface Planned {
@@ -148,14 +202,14 @@ export async function writeZeroes(w: Qcow2Writer, guestOffset: number, length: n
     await zeroPartial(w, guestOffset, length, backed);
     return;
   }
-  await zeroPartial(w, guestOffset, alignedStart - guestOffset, backed);
-  // One critical section per L2 table's span.
+  if (alignedStart > guestOffset) await zeroPartial(w, guestOffset, alignedStart - guestOffset, backed);
+  // One critical section per L2 table's span (none where the span reads as zeros already).
   for (let pos = alignedStart; pos < alignedEnd; ) {
     const spanEnd = Math.min(alignedEnd, (Math.floor(pos / g.l2Span) + 1) * g.l2Span);
-    await zeroUnits(w, pos, spanEnd, unmap, backed);
+    if (!spanReadsZero(w, pos, spanEnd, unmap, backed)) await zeroUnits(w, pos, spanEnd, unmap, backed);
     pos = spanEnd;
   }
-  await zeroPartial(w, alignedEnd, end - alignedEnd, backed);
+  if (end > alignedEnd) await zeroPartial(w, alignedEnd, end - alignedEnd, backed);
 }
 
 /** Zeros through the normal write path (allocating where needed). */
@@ -235,7 +289,6 @@ async function zeroLocked(
   const s = w.s;
   const g = s.g;
   const cs = g.clusterSize;
-  const sc = g.subclusterSize;
   const l2off = s.l2OffsetOf(l1i);
   const bad = l2off ? s.badL2Offset(l2off) : null;
   if (bad) s.corruptionFound(`zeroing guest offset ${start} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
@@ -250,8 +303,7 @@ async function zeroLocked(
     if (table) readL2Entry(g, table, ci % g.l2Entries, old);
     const from = Math.max(start, ci * cs) - ci * cs;
     const to = Math.min(end, (ci + 1) * cs) - ci * cs;
-    const mask = g.extL2 ? ((2 ** (to / sc) - 2 ** (from / sc)) >>> 0) : ALL_SUBCLUSTERS;
-    const d = zeroEntry(g, old, mask, unmap, backed);
+    const d = zeroEntry(g, old, unitMask(g, from, to), unmap, backed);
     if (d.viaWrite) {
       later.push(() => writeZeroBytes(w, ci * cs + from, to - from));
       continue;

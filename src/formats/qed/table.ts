@@ -204,6 +204,32 @@ export class QedTables {
    * valid cluster offset throws (EIO), as map() does. Caller holds the
    * metadata lock, so the entries stay what they are until it changes them.
    */
+  /**
+   * Synchronous, from memory only: does `pred` hold for the entry of every
+   * guest cluster in [firstCluster, +count) (inside one L2 table)? Entries
+   * of a missing L2 table are 0. undefined when the table is not cached or
+   * its offset is bad: the caller asks entries() instead.
+   */
+  everyCachedEntry(firstCluster: number, count: number, pred: (entry: number, cluster: number) => boolean): boolean | undefined {
+    const g = this.geo;
+    const l1Index = Math.floor(firstCluster / g.tableEntries);
+    const off = readEntry(this.l1, l1Index);
+    let table: Buffer | undefined;
+    if (off !== 0) {
+      try {
+        table = this.l2.peek(this.l2Offset(l1Index, firstCluster * g.clusterSize));
+      } catch {
+        return undefined;
+      }
+      if (table === undefined) return undefined;
+    }
+    const idx0 = firstCluster - l1Index * g.tableEntries;
+    for (let i = 0; i < count; i++) {
+      if (!pred(table ? readEntry(table, idx0 + i) : 0, firstCluster + i)) return false;
+    }
+    return true;
+  }
+
   async entries(firstCluster: number, count: number): Promise<number[]> {
     const g = this.geo;
     const l1Index = Math.floor(firstCluster / g.tableEntries);

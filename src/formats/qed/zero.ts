@@ -99,15 +99,33 @@ function runsOf(hosts: number[], cs: number): Array<[number, number]> {
   return out;
 }
 
+/**
+ * Does a cluster with this entry read zeros already, so that zeroing it
+ * changes nothing? Yes for the zero cluster value and for an unallocated
+ * entry over no backing data; no for a data cluster (punched or zeroed in
+ * place) and for an unallocated entry with backing data under it (it gets
+ * the zero cluster value).
+ */
+function zeroAlready(entry: number, underBacking: boolean): boolean {
+  return entry === QED_ZERO_CLUSTER || (entry === 0 && !underBacking);
+}
+
 async function zeroClusters(c: ZeroContext, firstCluster: number, count: number, unmap: boolean): Promise<void> {
   const g = c.geo;
   const cs = g.clusterSize;
   const backingEnd = c.backing ? c.backing.virtualSize : 0;
+  const readsZero = (e: number, cluster: number): boolean => zeroAlready(e, cluster * cs < backingEnd);
   let cl = firstCluster;
   const endCluster = firstCluster + count;
   while (cl < endCluster) {
     const n = Math.min(endCluster - cl, g.tableEntries - (cl % g.tableEntries));
     const first = cl;
+    // Lock-free, from memory: a span that reads zeros already needs nothing (nothing changes, so no order to keep
+    // with requests in flight; an entry linked by an answered write is in memory).
+    if (c.tables.everyCachedEntry(first, n, readsZero) === true) {
+      cl += n;
+      continue;
+    }
     const plan = await c.metaLock.run(async (): Promise<{ wait: Promise<void> } | { punch: number[]; inPlace: number[] }> => {
       for (let i = 0; i < n; i++) {
         const busy = c.inflight.get(first + i);
@@ -120,12 +138,13 @@ async function zeroClusters(c: ZeroContext, firstCluster: number, count: number,
       let changed = false;
       for (let i = 0; i < n; i++) {
         const e = cur[i];
-        const zeroEntry = (first + i) * cs < backingEnd ? QED_ZERO_CLUSTER : 0;
-        if (e === 0 || e === QED_ZERO_CLUSTER) {
-          // Already reads zeros unless backing data lies under an unallocated entry.
-          const want = e === 0 ? zeroEntry : e;
-          next.push(want);
-          changed ||= want !== e;
+        const underBacking = (first + i) * cs < backingEnd;
+        const zeroEntry = underBacking ? QED_ZERO_CLUSTER : 0;
+        if (zeroAlready(e, underBacking)) {
+          next.push(e);
+        } else if (e === 0) {
+          next.push(QED_ZERO_CLUSTER); // backing data lies under it: the zero cluster value hides it
+          changed = true;
         } else if (unmap) {
           next.push(zeroEntry);
           punch.push(e);
