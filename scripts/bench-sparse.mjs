@@ -294,6 +294,11 @@ function jobs() {
   ].filter((j) => !opts.jobs || opts.jobs.includes(j.id));
 }
 
+/** A time as shown: milliseconds below a second (the cp job takes tens of them), else seconds. */
+function secondsText(v) {
+  return v < 1 ? `${(v * 1000).toFixed(1)} ms` : `${v.toFixed(2)} s`;
+}
+
 function median(values) {
   const v = [...values].sort((a, b) => a - b);
   return v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
@@ -325,7 +330,7 @@ export async function main(argv) {
       for (const system of round % 2 ? [...SYSTEMS].reverse() : SYSTEMS) {
         const r = await job.run(system, ctx, round);
         samples[system].push(r);
-        const shown = job.kind === 'time' ? `${r.seconds.toFixed(2)} s` : `${r.mbps.toFixed(1)} MB/s`;
+        const shown = job.kind === 'time' ? secondsText(r.seconds) : `${r.mbps.toFixed(1)} MB/s`;
         process.stderr.write(`  ${job.id.padEnd(10)} ${system.padEnd(7)} ${shown}\n`);
       }
     }
@@ -339,7 +344,7 @@ export async function main(argv) {
   const result = { date: new Date().toISOString(), format: opts.format, quick: opts.quick, repeat: opts.repeat, cpus: os.cpus().length, kernel: os.release(), loadAverage: { before: load, after: os.loadavg() }, wallSeconds: Math.round((Date.now() - started) / 1000), jobs: results };
   const head = ['job', 'qmount', 'qemu', 'ratio', 'target', ''];
   const rows = results.map((r) => {
-    const f = (v) => (r.unit === 'seconds' ? `${v.toFixed(2)} s` : `${v.toFixed(1)} MB/s`);
+    const f = (v) => (r.unit === 'seconds' ? secondsText(v) : `${v.toFixed(1)} MB/s`);
     return [r.title, f(r.median.qmount), f(r.median.qemu), `${r.ratio.toFixed(2)}x`, r.target, r.met ? 'met' : 'MISSED'];
   });
   const outFile = opts.out ?? path.join(ROOT, 'bench-results', 'sparse.json');

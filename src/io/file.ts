@@ -104,6 +104,19 @@ export class ImageFile {
    * writeZeroes a real write.
    */
   private zeroFrom: number;
+  /**
+   * Skipping syncs that have nothing to do: `changesDone` counts the calls
+   * that change the file (writes, zeroing, fallocate, truncate) once they
+   * settled, `changesInFlight` those issued and not settled, `syncedThrough`
+   * the value of changesDone when the last successful fdatasync began. A
+   * flush with no change in flight and none settled since that sync began
+   * makes nothing more durable, so it issues no system call (the commit
+   * sequence of qcow2 flushes its caches one after another, most of them
+   * with nothing new to sync). A failed sync leaves syncedThrough alone.
+   */
+  private changesDone = 0;
+  private changesInFlight = 0;
+  private syncedThrough = 0;
 
   private constructor(
     readonly path: string,
@@ -261,13 +274,34 @@ export class ImageFile {
       return Promise.resolve();
     } catch (err) {
       return Promise.reject(sysError(err));
+    } finally {
+      this.changesDone++;
     }
+  }
+
+  /** A change of the file issued asynchronously: counted in flight until it settles (see changesDone). */
+  private changing<T>(p: Promise<T>): Promise<T> {
+    this.changesInFlight++;
+    const settled = (): void => {
+      this.changesInFlight--;
+      this.changesDone++;
+    };
+    return p.then(
+      (v) => {
+        settled();
+        return v;
+      },
+      (err: unknown) => {
+        settled();
+        throw err;
+      },
+    );
   }
 
   /** write() without the read-only and instrumentation checks (the caller made them). */
   private writeRaw(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
     if (position + length > this.zeroFrom) this.zeroFrom = position + length;
-    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) return this.writePooled(buf, bufOffset, length, position);
+    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) return this.changing(this.writePooled(buf, bufOffset, length, position));
     try {
       const start = this.policy.now();
       let done = 0;
@@ -276,6 +310,8 @@ export class ImageFile {
       return Promise.resolve();
     } catch (err) {
       return Promise.reject(sysError(err));
+    } finally {
+      this.changesDone++;
     }
   }
 
@@ -323,11 +359,15 @@ export class ImageFile {
       if (!this.policy.allowed()) {
         this.policy.stats.pooled++;
         ioCounters.pooled++;
-        await fallocate(this.fd, mode, position, length);
+        await this.changing(fallocate(this.fd, mode, position, length));
         return true;
       }
       const start = this.policy.now();
-      fallocateSync(this.fd, mode, position, length);
+      try {
+        fallocateSync(this.fd, mode, position, length);
+      } finally {
+        this.changesDone++;
+      }
       this.policy.done(start, 0);
       return true;
     } catch (err) {
@@ -372,7 +412,11 @@ export class ImageFile {
     return st.blocks * 512;
   }
 
-  /** fdatasync: everything written before is durable when this resolves. */
+  /**
+   * fdatasync: everything written before is durable when this resolves. No
+   * system call when nothing changed since the last sync began (see
+   * changesDone); tests' fault injection and crash recording see every call.
+   */
   async flush(): Promise<void> {
     if (this.closed) throw new QmountError('EBADF', `${this.path}: refusing to flush after close`);
     if (this.readOnly) return;
@@ -381,7 +425,14 @@ export class ImageFile {
     } catch (err) {
       throw sysError(err);
     }
+    if (this.changesInFlight === 0 && this.changesDone === this.syncedThrough) {
+      ioCounters.syncsSkipped++;
+      return;
+    }
+    const through = this.changesDone;
     await new Promise<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(sysError(err)) : resolve())));
+    ioCounters.syncs++;
+    if (through > this.syncedThrough) this.syncedThrough = through;
   }
 
   async size(): Promise<number> {
@@ -402,7 +453,7 @@ export class ImageFile {
     // Growing makes zeros (zeroFrom may stay); shrinking and regrowing would too, but a
     // write in flight beyond `size` may still land: zeroFrom never goes down.
     if (size > this.zeroFrom) this.zeroFrom = size;
-    await new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(sysError(err)) : resolve())));
+    await this.changing(new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(sysError(err)) : resolve()))));
   }
 
   async close(): Promise<void> {

@@ -68,8 +68,12 @@ const PROBE_CALLS = 8;
 const BACKOFF_MIN_MS = 20;
 const BACKOFF_MAX_MS = 2000;
 
-/** Totals over every ImageFile of the process (logged when a mount closes). */
-export const ioCounters = { inline: 0, pooled: 0, slow: 0 };
+/**
+ * Totals over every ImageFile of the process (logged when a mount closes):
+ * calls inline, on the pool, slow inline ones; fdatasyncs issued and
+ * skipped (nothing changed since the last one, file.ts).
+ */
+export const ioCounters = { inline: 0, pooled: 0, slow: 0, syncs: 0, syncsSkipped: 0 };
 
 export class InlinePolicy {
   /** 0: inline. Else calls go to the pool until this time, then a probe runs. */

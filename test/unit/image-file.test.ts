@@ -3,7 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { ReadOnlyError } from '../../src/errors.js';
-import { checkRange, ImageFile, InlinePolicy, IoRangeError, ioTuning } from '../../src/io/file.js';
+import { checkRange, ImageFile, InlinePolicy, ioCounters, IoRangeError, ioTuning } from '../../src/io/file.js';
 import { instrumentation } from '../../src/io/instrument.js';
 
 /** A clock the test moves by hand; `step` is added on every reading. */
@@ -209,6 +209,56 @@ describe('ImageFile', () => {
       expect(await f.read(back, 0, big, 0)).toBe(big);
       expect(back.equals(data)).toBe(true);
       expect(f.ioStats).toMatchObject({ inline: 2, pooled: 1 });
+    } finally {
+      await f.close();
+    }
+  });
+});
+
+describe('ImageFile.flush skips a sync with nothing to do', () => {
+  let dir: string;
+  beforeEach(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qmount-sync-'));
+  });
+  afterEach(() => {
+    instrumentation.clearFaults();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('syncs after each kind of change (inline, pooled, in flight, zeroing, truncate) and not again until the next one; a failed sync is retried', async () => {
+    const file = path.join(dir, 'f.bin');
+    fs.writeFileSync(file, Buffer.alloc(65536, 1));
+    const f = await ImageFile.open(file, { readOnly: false });
+    const synced = async (): Promise<boolean> => {
+      const before = ioCounters.syncs;
+      await f.flush();
+      return ioCounters.syncs === before + 1;
+    };
+    try {
+      expect(await synced()).toBe(false); // nothing written since open
+      f.policy = new InlinePolicy(() => 0);
+      await f.write('data_write', Buffer.alloc(512, 2), 0, 512, 0);
+      expect(await synced()).toBe(true);
+      expect(await synced()).toBe(false);
+      f.policy = Object.assign(new InlinePolicy(), { allowed: () => false }); // on the thread pool
+      await f.write('data_write', Buffer.alloc(512, 3), 0, 512, 512);
+      expect(await synced()).toBe(true);
+      // A change still in flight when the flush starts: synced (conservatively), and again once it settled.
+      const inFlight = f.write('data_write', Buffer.alloc(512, 4), 0, 512, 1024);
+      expect(await synced()).toBe(true);
+      await inFlight;
+      expect(await synced()).toBe(true);
+      expect(await synced()).toBe(false);
+      await f.writeZeroes('cow_write', 4096, 8192);
+      expect(await synced()).toBe(true);
+      await f.truncate(200000);
+      expect(await synced()).toBe(true);
+      // A failed sync (injected) makes nothing durable: the next flush syncs.
+      await f.write('data_write', Buffer.alloc(512, 5), 0, 512, 0);
+      instrumentation.setFaults([{ point: 'flush', errno: 'EIO', times: 1 }]);
+      await expect(f.flush()).rejects.toMatchObject({ code: 'EIO' });
+      instrumentation.clearFaults();
+      expect(await synced()).toBe(true);
     } finally {
       await f.close();
     }
