@@ -40,7 +40,7 @@ import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
 import { Aliases } from './aliases.js';
 import { RequestTracker } from './requests.js';
-import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode } from './sparse.js';
+import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode, SEEK_DATA } from './sparse.js';
 import { MountTree, type MountDir, type MountFile, type MountNode } from './tree.js';
 
 const E = os.constants.errno;
@@ -226,6 +226,35 @@ export class DiskService {
   drain(): Promise<void> {
     clearInterval(this.refresh);
     return this.requests.drain();
+  }
+
+  /**
+   * Right after the mount is ready, in the background: the SEEK_DATA a
+   * client would ask at offset 0 (through lseek, so its answer is kept for
+   * the real one) and a read of the first sector into a private buffer, not
+   * counted. The first requests of a fresh process run cold code (measured
+   * in-process: a first blockStatus 2.6 ms, the same call on a second image
+   * 0.2 ms; a first read 0.4 ms, then 0.05), and nearly every client starts
+   * there (a partition table, cp's first SEEK_DATA). Only reads; errors (a
+   * damaged image) are ignored here, the client's own request meets them.
+   * Tracked like requests, so draining waits for it.
+   */
+  warmUp(): void {
+    const f = this.main;
+    const size = f.source.virtualSize;
+    if (size === 0) return;
+    const buf = Buffer.alloc(Math.min(512, size));
+    const warm = async (): Promise<void> => {
+      await this.lseek(f, 0, SEEK_DATA);
+      const id = this.requests.enter('warm-up read', 0, buf.length);
+      if (id === 0) return;
+      try {
+        await f.source.read(buf, 0, buf.length, 0);
+      } finally {
+        this.requests.leave(id);
+      }
+    };
+    warm().catch(() => {});
   }
 
   /** A bug in a handler (not an engine error): EIO, logged once per op and message. */

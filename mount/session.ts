@@ -168,6 +168,7 @@ export class MountSession {
     }
     log.info({ mountPoint, file: FILE_NAME, files: s.files.length, size: driver.virtualSize, readOnly: opts.readOnly, backend: s.backend.name, maxIo: s.backend.maxIo }, 'mounted');
     await s.announce();
+    s.service.warmUp();
     return s;
   }
 
