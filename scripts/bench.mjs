@@ -50,6 +50,10 @@
  *   --variant NAME:K=V,.. one more system, qmount-fuse3~NAME: qmount on fuse3 with this extra
  *                         environment (e.g. pool:QMOUNT_POOL_FROM=0), taking turns with the others;
  *                         the table adds NAME/fuse3 and NAME/qemu ratios. Repeatable.
+ *   --baseline DIR        one more system, qmount-fuse3~base: qmount on fuse3 from another
+ *                         checkout's build (DIR/dist/src/cli.js, with its own native addons),
+ *                         e.g. a git worktree of the commit before a change, taking turns with the
+ *                         others: the before/after check of a change (base/fuse3 ratio)
  *   --strace              attach `strace -c -f` to qmount during each job (slows it; numbers
  *                         are then not comparable) and report syscalls per request
  *   --scale               instead: the scale check (scripts/bench-scale.mjs, bench-results/scale.json)
@@ -120,6 +124,12 @@ function parseArgs(argv) {
         o.variants.push({ name, env });
         break;
       }
+      case '--baseline': {
+        const cli = path.join(path.resolve(next()), 'dist', 'src', 'cli.js');
+        if (!fs.existsSync(cli)) die(`--baseline: ${cli} is missing (build that checkout first: node scripts/setup.mjs --test)`);
+        o.variants.push({ name: 'base', env: {}, cli });
+        break;
+      }
       case '--strace': o.strace = true; break;
       case '--cold': o.cold = true; break;
       case '--scale': o.scale = true; break;
@@ -151,6 +161,8 @@ const ALL_SYSTEMS = ['qmount-fuse3', 'qmount-fuse-native', 'qemu', 'noop-fuse3',
 const SYSTEMS = ALL_SYSTEMS.filter((s) => !opts.systems || opts.systems.includes(s) || opts.systems.includes(s.split('-')[0]));
 /** --variant NAME:ENV: qmount on fuse3 again with other environment (same run, taking turns with the rest). */
 const VARIANT_ENV = Object.fromEntries(opts.variants.map((v) => [`qmount-fuse3~${v.name}`, v.env]));
+/** --baseline: the variant's own build of qmount. */
+const VARIANT_CLI = Object.fromEntries(opts.variants.filter((v) => v.cli).map((v) => [`qmount-fuse3~${v.name}`, v.cli]));
 SYSTEMS.push(...Object.keys(VARIANT_ENV));
 if (SYSTEMS.length === 0) die(`no system selected (systems: ${ALL_SYSTEMS.join(', ')})`);
 const isQmount = (system) => system.startsWith('qmount-');
@@ -311,7 +323,7 @@ function spawnServer(name, cmd, args, mounted, extra = {}) {
 
 /** qmount -f with the readiness pipe (src/daemon.ts). */
 async function startQmount(system, image, dir, logFile) {
-  const args = [...opts.nodeArgs, CLI, '-f', '--fuse-backend', backendOf(system), '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
+  const args = [...opts.nodeArgs, VARIANT_CLI[system] ?? CLI, '-f', '--fuse-backend', backendOf(system), '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
   const s = spawnServer(system, process.execPath, args, dir, {
     stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
     env: { ...opts.env, ...VARIANT_ENV[system], QMOUNT_READY_FD: '3' },
