@@ -95,7 +95,31 @@ struct qf_stats {
   double inval_sent;     /* page-cache invalidations of aliased files sent (inval.c) */
   double inval_failed;   /* ... refused by the kernel (nothing cached, or unmounted) */
   double inval_unqueued; /* ... not queued (no thread, a bad range): a bug */
+  double poll_hits;      /* requests caught by polling (no sleep, no wake-up) */
+  double poll_misses;    /* polling windows that ran out (then the loop slept) */
 };
+
+/*
+ * Adaptive polling of /dev/fuse (QEMU's poll-max-ns of its iothreads is the
+ * model). When the receive loop finds no request and nothing waits for JS,
+ * it goes on reading (non-blocking) for up to poll_ns before it returns to
+ * the event loop's epoll. A request that arrives meanwhile costs no sleep
+ * and no cross-CPU wake-up, which on a VM is most of a qd1 request's
+ * latency. poll_ns adapts at each wake-up from epoll by how long the loop
+ * slept: a sleep shorter than poll_max_ns means a longer window would have
+ * caught the request (poll_ns doubles, from QF_POLL_START_NS), a longer one
+ * means the device is idle (poll_ns drops to 0: an idle mount never spins).
+ * QMOUNT_FUSE_POLL_US sets poll_max_ns at mount (0: never poll).
+ */
+struct qf_poll {
+  uint64_t max_ns;
+  uint64_t ns;          /* the current window */
+  uint64_t slept_at;    /* when the loop last returned to epoll (0: not sleeping) */
+};
+#define QF_POLL_START_NS 4000
+#define QF_POLL_DEFAULT_US 64
+/* Longest one receive loop runs before the event loop gets its turn (session.c receive). */
+#define QF_RECEIVE_BUDGET_NS 1000000
 
 struct qf_session {
   napi_env env;
@@ -121,6 +145,7 @@ struct qf_session {
   struct qf_stats st;
   int read_errno; /* why receiving stopped, when not ENODEV */
   struct qf_inval *inval; /* started by the first invalidate() call */
+  struct qf_poll poll_state;
 };
 
 /* ops.c */

@@ -122,8 +122,33 @@ static void mark_unmounted(struct qf_session *s, int err) {
   if (!s->closed) emit(s, QF_UNMOUNTED, -1, 0, 0, err, 0);
 }
 
+static uint64_t mono_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* Woken from epoll: adapt the polling window to how long the loop slept (struct qf_poll). */
+static void poll_adapt(struct qf_session *s) {
+  struct qf_poll *p = &s->poll_state;
+  if (p->slept_at == 0 || p->max_ns == 0) return;
+  uint64_t slept = mono_ns() - p->slept_at;
+  p->slept_at = 0;
+  if (slept > p->max_ns) p->ns = 0;
+  else if (p->ns < slept) p->ns = p->ns == 0 ? QF_POLL_START_NS : (p->ns * 2 > p->max_ns ? p->max_ns : p->ns * 2);
+}
+
 static void receive(struct qf_session *s) {
   double batch = 0;
+  uint64_t poll_until = 0; /* polling for the next request until then (0: not polling) */
+  /*
+   * One call of this loop runs for at most QF_RECEIVE_BUDGET_NS, then lets
+   * the event loop run (timers, signals, thread-pool completions, other
+   * mounts); the poll handle stays armed, so a queued request brings it back
+   * at once. Without the bound a stream of requests answered in the same
+   * tick, each caught by polling, would never give the loop back.
+   */
+  const uint64_t started = mono_ns();
   while (!s->closed && !s->unmounted) {
     if (batch > s->st.max_batch) s->st.max_batch = batch;
     if (s->nfree == 0) {
@@ -138,7 +163,21 @@ static void receive(struct qf_session *s) {
     if (n <= 0) {
       int err = n == 0 ? ENODEV : errno;
       s->free_list[s->nfree++] = idx;
-      if (err == EAGAIN) return;
+      if (err == EAGAIN) {
+        /* Poll only while every request was answered: one waiting for JS needs the event loop. */
+        if (s->npending == 0 && s->poll_state.ns > 0) {
+          uint64_t now = mono_ns();
+          if (now - started > QF_RECEIVE_BUDGET_NS) {
+            s->poll_state.slept_at = now;
+            return;
+          }
+          if (poll_until == 0) poll_until = now + s->poll_state.ns;
+          if (now < poll_until) continue;
+          s->st.poll_misses++;
+        }
+        s->poll_state.slept_at = mono_ns();
+        return;
+      }
       /* EINTR; ENOENT: the request was interrupted before we read it. */
       if (err == EINTR || err == ENOENT) continue;
       /* ENODEV: unmounted (or the connection aborted). Anything else cannot be recovered either. */
@@ -146,6 +185,10 @@ static void receive(struct qf_session *s) {
       return;
     }
     s->st.received++;
+    if (poll_until != 0) {
+      s->st.poll_hits++;
+      poll_until = 0;
+    }
     batch++;
     sl->state = SLOT_BUSY;
     s->cur_slot = idx;
@@ -161,6 +204,7 @@ static void receive(struct qf_session *s) {
       mark_unmounted(s, 0);
       return;
     }
+    if (mono_ns() - started > QF_RECEIVE_BUDGET_NS) return; /* the event loop's turn; the poll handle stays armed */
   }
 }
 
@@ -172,7 +216,10 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
   /* libuv reports POLLERR as UV_EBADF: /dev/fuse says that when the mount is gone. */
   if (status == UV_EBADF) mark_unmounted(s, 0);
   else if (status < 0) mark_unmounted(s, -status);
-  else receive(s);
+  else {
+    poll_adapt(s);
+    receive(s);
+  }
   napi_close_handle_scope(s->env, scope);
 }
 
@@ -325,6 +372,11 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
     return throw_msg(env, "bad attrs.nodes (a tree as mount/tree.ts builds it)");
   }
   clock_gettime(CLOCK_REALTIME, &a->start);
+  {
+    const char *us = getenv("QMOUNT_FUSE_POLL_US");
+    long v = us != NULL && *us != 0 ? strtol(us, NULL, 10) : QF_POLL_DEFAULT_US;
+    s->poll_state.max_ns = v > 0 && v <= 10000 ? (uint64_t)v * 1000 : 0;
+  }
   for (int i = 0; i < s->nnodes; i++) s->nodes[i].mtime = a->start;
 
   s->nslots = (int)nbuf;
@@ -546,6 +598,9 @@ static napi_value qf_stats(napi_env env, napi_callback_info info) {
   PUT("invalFailed", s->st.inval_failed);
   PUT("invalUnqueued", s->st.inval_unqueued);
   PUT("pending", s->npending);
+  PUT("pollHits", s->st.poll_hits);
+  PUT("pollMisses", s->st.poll_misses);
+  PUT("pollWindowUs", (double)s->poll_state.ns / 1000);
   PUT("buffers", s->nslots);
 #undef PUT
   return o;

@@ -344,6 +344,63 @@ describe('fuse3 request-buffer pool', () => {
   });
 });
 
+describe('fuse3 adaptive polling', () => {
+  it('a stream of requests answered in the same tick is caught by polling and never starves the event loop', async () => {
+    // In this process, over a driver answering every request at once, so the receive loop could
+    // go on polling for as long as fio keeps asking; a 5 ms timer must keep firing meanwhile.
+    const { MountSession } = await import('../../mount/session.js');
+    const { configureLogging, logger } = await import('../../src/log.js');
+    const { parseMountOptions } = await import('../../mount/options.js');
+    configureLogging({ level: 'silent' });
+    const disk = Buffer.alloc(32 * MiB, 0x5a);
+    const driver = {
+      format: 'raw', filename: 'fake', virtualSize: disk.length, readOnly: true,
+      read: (buf: Buffer, off: number, len: number, pos: number) => {
+        disk.copy(buf, off, pos, pos + len);
+        return Promise.resolve();
+      },
+      write: () => Promise.reject(new Error('read-only')),
+      flush: () => Promise.resolve(),
+      close: () => Promise.resolve(),
+      info: () => ({}),
+      allocatedBytes: () => disk.length,
+      blockStatus: (guestOffset: number, length: number) => Promise.resolve([{ guestOffset, length, data: true, zero: false, present: true, depth: 0 }]),
+    };
+    const dir = fs.realpathSync(makeMountDir());
+    // A 5 ms window: every gap between fio's requests is caught, so only the loop's time budget gives the event loop its turn.
+    process.env.QMOUNT_FUSE_POLL_US = '5000';
+    let session;
+    try {
+      session = await MountSession.mount(driver as never, dir, { readOnly: true, mount: parseMountOptions([]), log: logger('mount'), backend: 'fuse3' });
+    } finally {
+      delete process.env.QMOUNT_FUSE_POLL_US;
+    }
+    const stats = () => (session as unknown as { backend: { stats(): { pollHits: number; pollMisses: number; received: number } } }).backend.stats();
+    let ticks = 0;
+    const timer = setInterval(() => ticks++, 5);
+    try {
+      const r = await execFileP('fio', [
+        '--output-format=normal', '--name=poll', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=psync', '--readonly',
+        '--rw=randread', '--bs=4k', '--runtime=2', '--time_based',
+      ]).catch((err: { stdout?: string; stderr?: string }) => ({ stdout: `${err.stdout ?? ''}${err.stderr ?? ''}`, failed: true }));
+      clearInterval(timer);
+      expect('failed' in r, r.stdout).toBe(false);
+      expect(r.stdout).toMatch(/err= 0/);
+      const st = stats();
+      expect(st.received).toBeGreaterThan(1000);
+      expect(st.pollHits).toBeGreaterThan(st.received / 2); // polling caught most requests
+      // 2 s of a 5 ms timer is ~400 ticks (measured: ~450); without the time budget about 60.
+      expect(ticks).toBeGreaterThan(150);
+      expect(await session.close('test done')).toBe(0);
+    } finally {
+      clearInterval(timer);
+      await session.close('cleanup');
+      if (isMounted(dir)) detach(dir);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('--fuse-backend auto without the fuse3 addon', () => {
   it('auto falls back to fuse-native with one warning saying why; fuse3 refuses to mount', async () => {
     // A copy of the built tree without native/fuse3 (node_modules and the locking addon linked in).
