@@ -229,7 +229,8 @@ static void qf_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
     fuse_reply_err(req, EROFS);
     return;
   }
-  fi->fh = 0;
+  /* The handle says whether its I/O is direct: polling serves only such clients (struct qf_poll). */
+  fi->fh = (fi->flags & O_DIRECT) != 0 ? QF_FH_DIRECT : 0;
   if (s->a.direct_io) fi->direct_io = 1;
   else fi->keep_cache = (unsigned)n->keep_cache;
   fuse_reply_open(req, fi);
@@ -264,16 +265,16 @@ static void qf_statfs(fuse_req_t req, fuse_ino_t ino) {
 /* ---- data ops: to JS ---- */
 
 static void qf_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
-  (void)fi;
   if (file_or_reply(req, sess(req), ino) == NULL) return;
+  sess(req)->poll_state.direct = (fi->fh & QF_FH_DIRECT) != 0;
   if (size > QF_MAX_IO) size = QF_MAX_IO; /* never more than the buffer the reply is built in */
   qf_forward(sess(req), req, ino, QF_READ, (double)off, (double)size, 0);
 }
 
 static void qf_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off, struct fuse_file_info *fi) {
-  (void)fi;
   struct qf_session *s = sess(req);
   if (file_or_reply(req, s, ino) == NULL) return;
+  s->poll_state.direct = (fi->fh & QF_FH_DIRECT) != 0;
   /* The data lies inside the buffer being processed: pass where. */
   const char *base = s->cur_slot >= 0 ? s->slots[s->cur_slot].mem : NULL;
   if (base == NULL || buf < base || buf + size > base + QF_BUF_SIZE) {

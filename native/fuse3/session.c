@@ -165,14 +165,18 @@ static void receive(struct qf_session *s) {
       s->free_list[s->nfree++] = idx;
       if (err == EAGAIN) {
         /* Poll only while every request was answered: one waiting for JS needs the event loop. */
-        if (s->npending == 0 && s->poll_state.ns > 0) {
+        if (s->npending == 0 && s->poll_state.ns > 0 && s->poll_state.direct) {
           uint64_t now = mono_ns();
           if (now - started > QF_RECEIVE_BUDGET_NS) {
             s->poll_state.slept_at = now;
             return;
           }
           if (poll_until == 0) poll_until = now + s->poll_state.ns;
-          if (now < poll_until) continue;
+          if (now < poll_until) {
+            uint64_t resume = now + QF_POLL_GAP_NS;
+            while (mono_ns() < resume) __builtin_ia32_pause();
+            continue;
+          }
           s->st.poll_misses++;
         }
         s->poll_state.slept_at = mono_ns();
