@@ -7,14 +7,10 @@
  *  - `s.meta` (the metadata mutex) is held across every decision about how
  *    to write (lookup), every allocation, every link (L2/L1 update), every
  *    refcount change and every cache flush. Data I/O never holds it.
- *  - `inflight` holds the guest clusters whose mapping a request is about to
- *    change (a "rewrite": allocation, copy-on-write, materialising a zero
- *    cluster or unallocated subclusters). A cluster is registered in the same
- *    critical section that decided to rewrite it and removed in the one that
- *    links the new mapping (or undoes the attempt). A write that touches an
- *    in-flight cluster waits for it and then decides again from scratch: two
- *    writes never allocate one cluster twice, and no write lands in a cluster
- *    that is being replaced.
+ *  - `inflight` (../inflight.ts, its invariant is written there) holds the
+ *    guest clusters of every "rewrite" (allocation, copy-on-write,
+ *    materialising a zero cluster or unallocated subclusters): registered by
+ *    plan(), settled by link() or undo().
  *  - A "direct" write (cluster allocated with refcount 1 - the COPIED flag -,
  *    no zero flag, every touched subcluster allocated) goes in place and
  *    changes no metadata. It is counted while in flight (direct.ts), so a
@@ -43,6 +39,7 @@ import { bitmapRanges } from './bitmaps.js';
 import { serializeHeader } from './header.js';
 import { entryDataBytes, readL2Entry, type L2Entry } from './map.js';
 import { readGuest } from './read.js';
+import { InflightClusters } from '../inflight.js';
 import { CommitQueue } from './commit.js';
 import { writeClusters } from './data.js';
 import { DirectWrites } from './direct.js';
@@ -52,21 +49,11 @@ import { repairRefcounts } from './repair.js';
 import type { Qcow2State } from './state.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
 
-interface Deferred {
-  promise: Promise<void>;
-  resolve: () => void;
-}
-
-function deferred(): Deferred {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => (resolve = r));
-  return { promise, resolve };
-}
-
 export class Qcow2Writer {
   /** @internal zero.ts and resize.ts work beside the writer on the same state. */
   refcounts!: Refcounts;
-  private readonly inflight = new Map<number, Deferred>();
+  /** Guest clusters being rewritten (../inflight.ts). @internal zero.ts waits for them. */
+  readonly inflight = new InflightClusters();
   private activeReads = 0;
   /** Direct writes in flight (direct.ts: the fast path's invariant). */
   private readonly directWrites: DirectWrites;
@@ -317,15 +304,6 @@ export class Qcow2Writer {
     if (rewrites.length > 0) await s.meta.run(() => this.link(rewrites));
   }
 
-  /** @internal Under the lock: a promise to wait for when a guest cluster in [first, last] is in flight, else null. */
-  inflightWait(firstClusterIndex: number, lastClusterIndex: number): Promise<void> | null {
-    for (let gc = firstClusterIndex; gc <= lastClusterIndex; gc++) {
-      const d = this.inflight.get(gc);
-      if (d) return d.promise;
-    }
-    return null;
-  }
-
   /** Phase 1 (under the lock): decide, register in-flight clusters, allocate. */
   private async plan(bufOffset: number, length: number, guestOffset: number): Promise<{ ops: ClusterOp[] } | { wait: Promise<void> }> {
     const s = this.s;
@@ -334,7 +312,7 @@ export class Qcow2Writer {
     const end = guestOffset + length;
     const firstGc = Math.floor(guestOffset / cs);
     const lastGc = Math.floor((end - 1) / cs);
-    const busy = this.inflightWait(firstGc, lastGc);
+    const busy = this.inflight.waitFor(firstGc, lastGc);
     if (busy) return { wait: busy };
     await this.prepareFirstWrite();
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
@@ -367,7 +345,7 @@ export class Qcow2Writer {
       }
     }
     const rewrites = ops.filter((o) => o.rewrite);
-    for (const op of rewrites) this.inflight.set(op.gc, deferred());
+    for (const op of rewrites) this.inflight.register(op.gc);
     try {
       const fresh = rewrites.filter((o) => o.fresh);
       if (fresh.length > 0 && !g.hasDataFile) {
@@ -462,13 +440,7 @@ export class Qcow2Writer {
   }
 
   private finish(ops: ClusterOp[]): void {
-    for (const op of ops) {
-      const d = this.inflight.get(op.gc);
-      if (d) {
-        this.inflight.delete(op.gc);
-        d.resolve();
-      }
-    }
+    for (const op of ops) this.inflight.settle(op.gc);
   }
 
   /**

@@ -269,7 +269,7 @@ async function zeroUnits(w: Qcow2Writer, start: number, end: number, unmap: bool
   for (;;) {
     // Wrapped: a promise returned bare would be awaited inside the critical section (a deadlock).
     const r = await s.meta.run(async (): Promise<{ wait: Promise<void> | null }> => {
-      const busy = w.inflightWait(firstCi, lastCi);
+      const busy = w.inflight.waitFor(firstCi, lastCi);
       if (busy) return { wait: busy };
       await w.prepareFirstWrite();
       if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');

@@ -8,11 +8,11 @@
  *     lookup + allocate step of an allocating write, linking new clusters
  *     into L1/L2, setting and clearing the need-check bit. Data I/O of an
  *     allocating write (backing read, cluster write) runs outside it.
- *  2. In-flight tracking: between "allocate" and "link" a guest cluster is in
- *     `inflight` (set under the lock). A write that finds its first cluster
- *     in flight waits for it and starts over (the cluster is then allocated,
- *     so it becomes a plain data write); an allocation run stops before any
- *     cluster in flight. So no guest cluster is ever allocated twice and no
+ *  2. In-flight tracking (../inflight.ts, the invariant is written there):
+ *     between "allocate" and "link" a guest cluster is in `inflight`. A
+ *     write that finds its first cluster in flight waits for it and starts
+ *     over (the cluster is then allocated, so it becomes a plain data write);
+ *     an allocation run stops before any cluster in flight, so no
  *     copy-on-write fill can overwrite another write's data.
  *  3. Reads and writes into allocated clusters take no lock: an L2 entry is
  *     set only after its cluster's data is written, so a read racing an
@@ -51,6 +51,7 @@ import {
   type DriverOpenOptions,
   type ImageInfo,
 } from '../driver.js';
+import { InflightClusters } from '../inflight.js';
 import { AppendAllocator, DataClusterCount } from './alloc.js';
 import { clearNeedCheck, readQedMeta, scanQed } from './check.js';
 import {
@@ -128,7 +129,6 @@ export async function openQed(file: ImageFile, opts: DriverOpenOptions): Promise
 interface AllocPlan {
   run: FreeRun;
   host: number;
-  release: () => void;
 }
 
 class QedDriver implements BlockDriver {
@@ -138,8 +138,8 @@ class QedDriver implements BlockDriver {
   private readonly count: DataClusterCount;
   private readonly zero: ZeroContext;
   private readonly metaLock = new Mutex();
-  /** guest cluster -> settles when its allocating write linked it (or failed) */
-  private readonly inflight = new Map<number, Promise<void>>();
+  /** guest clusters of allocating writes between their allocate and link steps (../inflight.ts) */
+  private readonly inflight = new InflightClusters();
   /** allocating writes between their allocate and link steps */
   private activeAllocs = 0;
   private needCheckOnDisk: boolean;
@@ -231,17 +231,16 @@ class QedDriver implements BlockDriver {
     const cs = this.geo.clusterSize;
     // A promise returned from inside run() would be awaited under the lock: wrap it.
     const plan = await this.metaLock.run(async (): Promise<AllocPlan | { wait: Promise<void> } | null> => {
-      const busy = this.inflight.get(Math.floor(g / cs));
+      const first = Math.floor(g / cs);
+      const busy = this.inflight.waitFor(first, first);
       if (busy) return { wait: busy };
       const run = await this.tables.allocScan(g, rem, (c) => this.inflight.has(c));
       if (!run) return null;
       await this.markNeedCheckLocked();
       const host = this.space.alloc(run.clusters);
-      let release!: () => void;
-      const settled = new Promise<void>((r) => (release = r));
-      for (let i = 0; i < run.clusters; i++) this.inflight.set(run.firstCluster + i, settled);
+      this.inflight.register(run.firstCluster, run.clusters);
       this.activeAllocs++;
-      return { run, host, release };
+      return { run, host };
     });
     if (plan === null) return 0;
     if ('wait' in plan) {
@@ -256,9 +255,8 @@ class QedDriver implements BlockDriver {
         this.count.changed(run.firstCluster, run.clusters);
       });
     } finally {
-      for (let i = 0; i < run.clusters; i++) this.inflight.delete(run.firstCluster + i);
       this.activeAllocs--;
-      plan.release();
+      this.inflight.settle(run.firstCluster, run.clusters);
       this.armIdleTimer();
     }
     if (this.tables.l2.underPressure) await this.tables.l2.writeBack();
