@@ -190,26 +190,29 @@ export class Refcounts {
       throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero (it has no refcount block)`);
     }
     const blockOff = await this.ensureBlock(i);
-    const block = await this.cache.get(blockOff);
     const idx = cluster % this.entries;
-    const old = this.readEntry(block, idx);
-    const v = old + delta;
-    if (v < 0) throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero`);
-    if (v > this.maxRefcount) {
-      throw new QmountError('EOVERFLOW', `refcount of cluster ${cluster} would exceed ${this.maxRefcount} (refcount_bits=${2 ** this.s.g.refcountOrder})`);
-    }
-    return this.store(blockOff, block, cluster, v);
+    return this.cache.modify(blockOff, (block) => {
+      const n = this.readEntry(block, idx) + delta;
+      if (n < 0) throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero`);
+      if (n > this.maxRefcount) {
+        throw new QmountError('EOVERFLOW', `refcount of cluster ${cluster} would exceed ${this.maxRefcount} (refcount_bits=${2 ** this.s.g.refcountOrder})`);
+      }
+      this.writeEntry(block, idx, n);
+      return this.stored(cluster, n);
+    });
   }
 
   /** Set a cluster's refcount to `v` (repair: the stored value may be unreadable). */
   async set(cluster: number, v: number): Promise<void> {
     const blockOff = await this.ensureBlock(Math.floor(cluster / this.entries));
-    this.store(blockOff, await this.cache.get(blockOff), cluster, v);
+    await this.cache.modify(blockOff, (block) => {
+      this.writeEntry(block, cluster % this.entries, v);
+      this.stored(cluster, v);
+    });
   }
 
-  private store(blockOff: number, block: Buffer, cluster: number, v: number): number {
-    this.writeEntry(block, cluster % this.entries, v);
-    this.cache.markDirty(blockOff, block);
+  /** A cluster's refcount became `v` (in the same synchronous step that changed its block). */
+  private stored(cluster: number, v: number): number {
     if (v === 0) {
       this.quarantine.add(cluster);
       this.s.decompressed.clear();

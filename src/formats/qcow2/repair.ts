@@ -157,12 +157,13 @@ export async function reconcile(
       }
     }
     if (!rereadL2) continue;
-    const table = await s.l2Table(l2);
-    let changed = false;
+    // A copy to read across the awaits below; the fixes go into the cached table through one modify().
+    const copy = await s.l2With(l2, (table) => Buffer.from(table));
+    const fixes: Array<[at: number, hi: number]> = [];
     for (let j = 0; j < s.g.l2Entries; j++) {
       const at = j * s.g.l2EntryBytes;
-      const hi = table.readUInt32BE(at);
-      const lo = table.readUInt32BE(at + 4);
+      const hi = copy.readUInt32BE(at);
+      const lo = copy.readUInt32BE(at + 4);
       const type = clusterType(s.g, hi, lo);
       if (!hasHostCluster(type)) continue; // unallocated, plain zero or compressed: COPIED means nothing
       const host = entryOffset(hi, lo);
@@ -174,12 +175,15 @@ export async function reconcile(
       r.corruptions++;
       note(`${fix.corruptions ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry at ${l2 + at}`);
       if (fix.corruptions) {
-        table.writeUInt32BE((wantCopied ? hi | L2E_COPIED : hi & ~L2E_COPIED) >>> 0, at);
-        changed = true;
+        fixes.push([at, (wantCopied ? hi | L2E_COPIED : hi & ~L2E_COPIED) >>> 0]);
         r.fixedCorruptions++;
       }
     }
-    if (changed) s.l2Cache.markDirty(l2, table);
+    if (fixes.length > 0) {
+      await s.l2Modify(l2, (table) => {
+        for (const [at, hi] of fixes) table.writeUInt32BE(hi, at);
+      });
+    }
   }
   return r;
 }

@@ -4,7 +4,7 @@
  * (driver.ts) is the BlockDriver face over it.
  */
 import { LRUCache } from 'lru-cache';
-import { TableCache } from '../../../cache/table-cache.js';
+import { TableCache, type Sync } from '../../../cache/table-cache.js';
 import { Mutex } from '../../../cache/mutex.js';
 import { CorruptionError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
@@ -129,11 +129,28 @@ export class Qcow2State {
     return null;
   }
 
-  /** The L2 table at `offset`, validated and loaded through the cache. */
-  async l2Table(offset: number): Promise<Buffer> {
+  /** Throws when an L2 table offset cannot be used. */
+  private checkL2Offset(offset: number): void {
     const bad = this.badL2Offset(offset);
     if (bad) throw new CorruptionError(`L2 table offset ${bad}`);
+  }
+
+  /** The L2 table at `offset`, validated and loaded through the cache: read it synchronously, never change it (TableCache, borrowing). */
+  async l2Table(offset: number): Promise<Buffer> {
+    this.checkL2Offset(offset);
     return this.l2Cache.get(offset);
+  }
+
+  /** Borrow the L2 table at `offset` (validated) for reading inside the synchronous `use`. */
+  async l2With<T>(offset: number, use: (table: Buffer) => Sync<T>): Promise<T> {
+    this.checkL2Offset(offset);
+    return this.l2Cache.with(offset, use);
+  }
+
+  /** Change the L2 table at `offset` (validated) inside the synchronous `change`; marked dirty after. Under the metadata lock. */
+  async l2Modify<T>(offset: number, change: (table: Buffer) => Sync<T>): Promise<T> {
+    this.checkL2Offset(offset);
+    return this.l2Cache.modify(offset, change);
   }
 
   /** A write reached `end`: the file is at least that long now. */
@@ -179,7 +196,9 @@ export class Qcow2State {
  * the first call (one L1 entry at a time under the metadata lock, so no
  * mapping changes under it), then kept current by every change of an L2
  * entry (note()). Until the scan is done, value() is an upper estimate: the
- * image file's size.
+ * image file's size. The scan reads the tables beside the L2 cache
+ * (TableCache.scan: a cached copy, dirty ones included, else the file), so
+ * counting a big image does not evict the working set.
  */
 export class DataBytes {
   private bytes = 0;
@@ -218,8 +237,7 @@ export class DataBytes {
         const l1i = this.countedL1;
         if (l1i >= s.l1Entries) return;
         const off = s.l2OffsetOf(l1i);
-        const table = off !== 0 && s.badL2Offset(off) === null ? await s.l2Table(off) : null;
-        if (table) this.bytes += tableDataBytes(s.g, table, s.g.l2Entries);
+        if (off !== 0 && s.badL2Offset(off) === null) this.bytes += await s.l2Cache.scan(off, (table) => tableDataBytes(s.g, table, s.g.l2Entries));
         this.countedL1 = l1i + 1;
       });
     }

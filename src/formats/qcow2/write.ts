@@ -318,25 +318,29 @@ export class Qcow2Writer {
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
 
     const ops: ClusterOp[] = [];
-    let table: Buffer | null = null;
-    let tableL1 = -1;
-    for (let gc = firstGc; gc <= lastGc; gc++) {
-      const clusterStart = gc * cs;
-      const writeStart = Math.max(guestOffset, clusterStart) - clusterStart;
-      const writeEnd = Math.min(end, clusterStart + cs) - clusterStart;
-      const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-      const l1i = Math.floor(gc / g.l2Entries);
-      if (l1i !== tableL1) {
-        const l2off = s.l2OffsetOf(l1i);
-        const bad = l2off ? s.badL2Offset(l2off) : null;
-        if (bad) s.corruptionFound(`a write to guest offset ${gc * cs} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
-        table = l2off ? await s.l2Table(l2off) : null;
-        tableL1 = l1i;
+    // One L2 table at a time, its entries read inside one borrow (TableCache).
+    const planSpan = (table: Buffer | null, from: number, to: number): void => {
+      for (let gc = from; gc <= to; gc++) {
+        const clusterStart = gc * cs;
+        const writeStart = Math.max(guestOffset, clusterStart) - clusterStart;
+        const writeEnd = Math.min(end, clusterStart + cs) - clusterStart;
+        const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+        if (table) readL2Entry(g, table, gc % g.l2Entries, old);
+        const bad = badOldMapping(g, s.fileSizeAtOpen, old, clusterStart);
+        if (bad) s.corruptionFound(`a write to guest offset ${clusterStart} needs its L2 entry, whose ${bad}`);
+        ops.push(planCluster(g, gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
       }
-      if (table) readL2Entry(g, table, gc % g.l2Entries, old);
-      const bad = badOldMapping(g, s.fileSizeAtOpen, old, clusterStart);
-      if (bad) s.corruptionFound(`a write to guest offset ${clusterStart} needs its L2 entry, whose ${bad}`);
-      ops.push(planCluster(g, gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
+    };
+    for (let gc = firstGc; gc <= lastGc; ) {
+      const l1i = Math.floor(gc / g.l2Entries);
+      const to = Math.min(lastGc, (l1i + 1) * g.l2Entries - 1);
+      const l2off = s.l2OffsetOf(l1i);
+      const bad = l2off ? s.badL2Offset(l2off) : null;
+      if (bad) s.corruptionFound(`a write to guest offset ${gc * cs} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
+      const from = gc;
+      if (l2off) await s.l2With(l2off, (table) => planSpan(table, from, to));
+      else planSpan(null, from, to);
+      gc = to + 1;
     }
     if (!g.hasDataFile) {
       for (const op of ops) {
@@ -400,17 +404,18 @@ export class Qcow2Writer {
       for (; i < ops.length; i++) {
         const op = ops[i];
         const l1i = Math.floor(op.gc / g.l2Entries);
-        const { table, offset } = await this.l2ForWrite(l1i);
+        const offset = await this.l2ForWrite(l1i);
         if (op.fresh && !this.lazy && !g.hasDataFile) await s.l2Cache.dependOn(this.refcounts.cache);
         s.l2Cache.dependOnSync();
-        const at = (op.gc % g.l2Entries) * g.l2EntryBytes;
-        writeEntry(table, at, L2E_COPIED, op.host, 0);
-        if (g.extL2) {
-          table.writeUInt32BE(op.newZero, at + L2E_ZERO_BITMAP);
-          table.writeUInt32BE(op.newAlloc, at + L2E_ALLOC_BITMAP);
-        }
-        s.l2Cache.markDirty(offset, table);
-        readL2Entry(g, table, op.gc % g.l2Entries, this.linked);
+        await s.l2Modify(offset, (table) => {
+          const at = (op.gc % g.l2Entries) * g.l2EntryBytes;
+          writeEntry(table, at, L2E_COPIED, op.host, 0);
+          if (g.extL2) {
+            table.writeUInt32BE(op.newZero, at + L2E_ZERO_BITMAP);
+            table.writeUInt32BE(op.newAlloc, at + L2E_ALLOC_BITMAP);
+          }
+          readL2Entry(g, table, op.gc % g.l2Entries, this.linked);
+        });
         s.dataBytes.note(op.gc, entryDataBytes(g, this.linked) - entryDataBytes(g, op.old));
         if (op.fresh && !g.hasDataFile) {
           const dropped = droppedReference(g, op.old);
@@ -452,14 +457,15 @@ export class Qcow2Writer {
    * cluster are durable (commit.ts, step 3). Until then the old mapping stays on disk,
    * so a crash only leaks. The old table's reference is queued and dropped
    * by that flush after the L1 entry that replaced it is durable.
-   * @internal Under the metadata lock; the table is changed before the next await.
+   * Returns the table's offset: the caller changes it with s.l2Modify.
+   * @internal Under the metadata lock.
    */
-  async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
+  async l2ForWrite(l1i: number): Promise<number> {
     const s = this.s;
     const cs = s.g.clusterSize;
     const old = s.l2OffsetOf(l1i);
-    if (old !== 0 && s.l1Copied(l1i)) return { table: await s.l2Table(old), offset: old };
-    const table = old !== 0 ? Buffer.from(await s.l2Table(old)) : Buffer.alloc(cs);
+    if (old !== 0 && s.l1Copied(l1i)) return old;
+    const table = old !== 0 ? await s.l2With(old, (t) => Buffer.from(t)) : Buffer.alloc(cs);
     const offset = await this.refcounts.allocate(1);
     s.checkOverlap(offset, cs, 'new L2 table');
     if (!this.lazy) await s.l2Cache.dependOn(this.refcounts.cache);
@@ -475,6 +481,6 @@ export class Qcow2Writer {
       this.commit.queueRelease(old, cs);
     }
     s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
-    return { table, offset };
+    return offset;
   }
 }

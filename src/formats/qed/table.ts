@@ -19,9 +19,9 @@
  *    caller links after its data write completed), and the cache syncs the
  *    file before writing a dirty L2 table (dependOnSync), so data is durable
  *    before the table entry pointing at it.
- * Callers hold the driver's metadata lock around link(); map() and
- * allocScan() read a table and then scan it synchronously (a cached table
- * buffer is only valid until the next await).
+ * Callers hold the driver's metadata lock around link(). Every L2 table is
+ * read inside a borrow (TableCache: with, modify, scan), never across an
+ * await.
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError } from '../../errors.js';
@@ -117,14 +117,17 @@ export class QedTables {
    */
   async map(guest: number, maxBytes: number): Promise<Extent> {
     const g = this.geo;
-    const cs = g.clusterSize;
     const l1Index = Math.floor(guest / g.l2Span);
     const inSpan = guest - l1Index * g.l2Span;
     const limit = Math.min(maxBytes, g.l2Span - inSpan);
     const l2off = this.l2Offset(l1Index, guest);
     if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
-    const table = await this.l2.get(l2off);
-    // From here to the return: synchronous (the table buffer is only valid until an await).
+    return this.l2.with(l2off, (table) => this.extentIn(table, guest, inSpan, limit));
+  }
+
+  /** map() inside its borrow of the L2 table. */
+  private extentIn(table: Buffer, guest: number, inSpan: number, limit: number): Extent {
+    const cs = this.geo.clusterSize;
     let idx = Math.floor(inSpan / cs);
     const within = inSpan - idx * cs;
     const first = readEntry(table, idx);
@@ -163,30 +166,31 @@ export class QedTables {
     const within = guest - firstCluster * cs;
     const limitClusters = Math.min(g.tableEntries - idx0, Math.ceil((within + maxBytes) / cs));
     const l2off = this.l2Offset(l1Index, guest);
-    const table = l2off === 0 ? null : await this.l2.get(l2off);
-    // Synchronous from here.
-    const kindAt = (i: number): 'unalloc' | 'zero' | null => {
-      const e = table ? readEntry(table, idx0 + i) : 0;
-      if (e === 0) return 'unalloc';
-      if (e === QED_ZERO_CLUSTER) return 'zero';
-      return null;
+    const scan = (table: Buffer | null): FreeRun | null => {
+      const kindAt = (i: number): 'unalloc' | 'zero' | null => {
+        const e = table ? readEntry(table, idx0 + i) : 0;
+        if (e === 0) return 'unalloc';
+        if (e === QED_ZERO_CLUSTER) return 'zero';
+        return null;
+      };
+      const firstKind = kindAt(0);
+      if (firstKind === null) {
+        const e = readEntry(table!, idx0);
+        if (!this.isDataEntry(e)) throw this.corruptData(e, guest);
+        return null;
+      }
+      let n = 1;
+      let lastKind = firstKind;
+      while (n < limitClusters && !busy(firstCluster + n)) {
+        const k = kindAt(n);
+        if (k === null) break;
+        lastKind = k;
+        n++;
+      }
+      const bytes = Math.min(maxBytes, n * cs - within);
+      return { firstCluster, clusters: n, firstKind, lastKind, bytes };
     };
-    const firstKind = kindAt(0);
-    if (firstKind === null) {
-      const e = readEntry(table!, idx0);
-      if (!this.isDataEntry(e)) throw this.corruptData(e, guest);
-      return null;
-    }
-    let n = 1;
-    let lastKind = firstKind;
-    while (n < limitClusters && !busy(firstCluster + n)) {
-      const k = kindAt(n);
-      if (k === null) break;
-      lastKind = k;
-      n++;
-    }
-    const bytes = Math.min(maxBytes, n * cs - within);
-    return { firstCluster, clusters: n, firstKind, lastKind, bytes };
+    return l2off === 0 ? scan(null) : this.l2.with(l2off, scan);
   }
 
   /**
@@ -236,14 +240,15 @@ export class QedTables {
     const idx0 = firstCluster - l1Index * g.tableEntries;
     const l2off = this.l2Offset(l1Index, firstCluster * g.clusterSize);
     if (l2off === 0) return new Array<number>(count).fill(0);
-    const table = await this.l2.get(l2off);
-    const out: number[] = [];
-    for (let i = 0; i < count; i++) {
-      const e = readEntry(table, idx0 + i);
-      if (e !== 0 && e !== QED_ZERO_CLUSTER && !this.isDataEntry(e)) throw this.corruptData(e, (firstCluster + i) * g.clusterSize);
-      out.push(e);
-    }
-    return out;
+    return this.l2.with(l2off, (table) => {
+      const out: number[] = [];
+      for (let i = 0; i < count; i++) {
+        const e = readEntry(table, idx0 + i);
+        if (e !== 0 && e !== QED_ZERO_CLUSTER && !this.isDataEntry(e)) throw this.corruptData(e, (firstCluster + i) * g.clusterSize);
+        out.push(e);
+      }
+      return out;
+    });
   }
 
   /**
@@ -263,9 +268,9 @@ export class QedTables {
     const idx0 = firstCluster - l1Index * g.tableEntries;
     const l2off = this.l2Offset(l1Index, firstCluster * cs);
     if (l2off !== 0) {
-      const table = await this.l2.get(l2off);
-      for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, entryAt(i));
-      this.l2.markDirty(l2off, table);
+      await this.l2.modify(l2off, (table) => {
+        for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, entryAt(i));
+      });
       this.l2.dependOnSync();
       return;
     }
@@ -293,13 +298,14 @@ export class QedTables {
   async countData(l1Index: number): Promise<number> {
     const l2off = this.l2Offset(l1Index, l1Index * this.geo.l2Span);
     if (l2off === 0) return 0;
-    const table = await this.l2.get(l2off);
-    let n = 0;
-    for (let i = 0; i < this.geo.tableEntries; i++) {
-      const e = readEntry(table, i);
-      if (e !== 0 && e !== QED_ZERO_CLUSTER) n++;
-    }
-    return n;
+    return this.l2.with(l2off, (table) => {
+      let n = 0;
+      for (let i = 0; i < this.geo.tableEntries; i++) {
+        const e = readEntry(table, i);
+        if (e !== 0 && e !== QED_ZERO_CLUSTER) n++;
+      }
+      return n;
+    });
   }
 
   /** Write dirty L2 tables (data synced first) and sync the file. */
