@@ -40,6 +40,7 @@ import { serializeHeader } from './header.js';
 import { entryDataBytes, readL2Entry, type L2Entry } from './map.js';
 import { readGuest } from './read.js';
 import { InflightClusters } from '../inflight.js';
+import { l2ForWrite } from './l2-table.js';
 import { CommitQueue } from './commit.js';
 import { writeClusters } from './data.js';
 import { DirectWrites } from './direct.js';
@@ -404,7 +405,7 @@ export class Qcow2Writer {
       for (; i < ops.length; i++) {
         const op = ops[i];
         const l1i = Math.floor(op.gc / g.l2Entries);
-        const offset = await this.l2ForWrite(l1i);
+        const offset = await l2ForWrite(this, l1i);
         if (op.fresh && !this.lazy && !g.hasDataFile) await s.l2Cache.dependOn(this.refcounts.cache);
         s.l2Cache.dependOnSync();
         await s.l2Modify(offset, (table) => {
@@ -446,41 +447,5 @@ export class Qcow2Writer {
 
   private finish(ops: ClusterOp[]): void {
     for (const op of ops) this.inflight.settle(op.gc);
-  }
-
-  /**
-   * The L2 table for L1 index `l1i`, ready to be modified: allocated if
-   * missing, copied if shared with a snapshot (no COPIED flag). The new
-   * table goes into the cache dirty and the in-memory L1 entry points at it
-   * at once (reads and writes find it there); the on-disk L1 entry is
-   * written by the next flush, after the table and the refcount of its
-   * cluster are durable (commit.ts, step 3). Until then the old mapping stays on disk,
-   * so a crash only leaks. The old table's reference is queued and dropped
-   * by that flush after the L1 entry that replaced it is durable.
-   * Returns the table's offset: the caller changes it with s.l2Modify.
-   * @internal Under the metadata lock.
-   */
-  async l2ForWrite(l1i: number): Promise<number> {
-    const s = this.s;
-    const cs = s.g.clusterSize;
-    const old = s.l2OffsetOf(l1i);
-    if (old !== 0 && s.l1Copied(l1i)) return old;
-    const table = old !== 0 ? await s.l2With(old, (t) => Buffer.from(t)) : Buffer.alloc(cs);
-    const offset = await this.refcounts.allocate(1);
-    s.checkOverlap(offset, cs, 'new L2 table');
-    if (!this.lazy) await s.l2Cache.dependOn(this.refcounts.cache);
-    s.unwrittenL2.add(offset);
-    s.l2Cache.install(offset, table, true);
-    s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
-    writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
-    this.commit.l1Changed(l1i);
-    s.overlap.l2Allocated(offset);
-    if (old !== 0) {
-      // No longer a table of the active L1: once released it may be reused like any free cluster.
-      s.overlap.l2Dropped(old);
-      this.commit.queueRelease(old, cs);
-    }
-    s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
-    return offset;
   }
 }

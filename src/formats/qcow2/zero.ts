@@ -24,7 +24,7 @@
  * allocated for them). Partial clusters and subclusters are zeroed in place
  * through the normal write path, unless they already read as zeros.
  *
- * Shared L2 tables are copied first (Qcow2Writer.l2ForWrite); a cluster
+ * Shared L2 tables are copied first (l2-table.ts); a cluster
  * shared with a snapshot (no COPIED flag) only loses this entry's reference.
  * Dropped references go to the commit queue: released after the cleared
  * entry is durable (commit.ts, step 4); the freed clusters are punched and
@@ -33,6 +33,7 @@
  */
 import { CorruptionError } from '../../errors.js';
 import { classify, entryDataBytes, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
+import { l2ForWrite } from './l2-table.js';
 import { badOldMapping, droppedReference } from './plan.js';
 import {
   ALL_SUBCLUSTERS, ClusterType, clusterType, entryOffset, type Geometry, L2E_ALLOC_BITMAP, L2E_COPIED, L2E_ZERO, L2E_ZERO_BITMAP,
@@ -333,7 +334,7 @@ async function zeroLocked(
   }
   if (planned.length === 0) return result();
   // Entries cannot change while the lock is held; the table may be copied (shared) or allocated here.
-  const offset = await w.l2ForWrite(l1i);
+  const offset = await l2ForWrite(w, l1i);
   await s.l2Modify(offset, (t) => {
     for (const { clusterIndex, d } of planned) {
       const at = (clusterIndex % g.l2Entries) * g.l2EntryBytes;
