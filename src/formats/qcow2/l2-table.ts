@@ -35,7 +35,7 @@ export async function l2ForWrite(w: L2Writer, l1i: number): Promise<number> {
   const old = s.l2OffsetOf(l1i);
   if (old !== 0 && s.l1Copied(l1i)) return old;
   const table = old !== 0 ? await s.l2With(old, (t) => Buffer.from(t)) : Buffer.alloc(cs);
-  const offset = await w.refcounts.allocate(1);
+  const offset = await w.refcounts.allocateHostOffset(1);
   s.checkOverlap(offset, cs, 'new L2 table');
   if (!w.lazy) await s.l2Cache.dependOn(w.refcounts.cache);
   s.unwrittenL2.add(offset);

@@ -75,7 +75,7 @@ export async function reconcile(
   // Like qemu-img, only clusters inside the file are compared: a refcount
   // past the end describes space that does not exist yet, which costs nothing.
   const total = scan.clusters;
-  if (fix.corruptions || fix.leaks) rc.freeHint = Math.max(rc.freeHint, total);
+  if (fix.corruptions || fix.leaks) rc.freeHintIndex = Math.max(rc.freeHintIndex, total);
   const counts = scan.counts;
   const copied = scan.copied;
   /** An active L2 entry's COPIED flag disagrees with its cluster's refcount (after repair): re-read the tables below. */
@@ -84,7 +84,7 @@ export async function reconcile(
   const order = s.g.refcountOrder;
   // The block is compared from a copy taken when it is loaded: a repair
   // changes only the entry it repairs (new refcount blocks go past the
-  // compared range, see freeHint above), whose new value `final` is known.
+  // compared range, see freeHintIndex above), whose new value `final` is known.
   // With 16-bit refcounts (the default) the copy is byte-swapped to native
   // order and read as a Uint16Array.
   const copy = Buffer.alloc(cs);

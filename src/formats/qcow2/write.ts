@@ -354,7 +354,7 @@ export class Qcow2Writer {
     try {
       const fresh = rewrites.filter((o) => o.fresh);
       if (fresh.length > 0 && !g.hasDataFile) {
-        const first = await this.refcounts.allocate(fresh.length);
+        const first = await this.refcounts.allocateHostOffset(fresh.length);
         fresh.forEach((o, i) => (o.host = first + i * cs));
         s.checkOverlap(first, fresh.length * cs, 'new data cluster');
       }
