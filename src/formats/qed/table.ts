@@ -45,7 +45,7 @@ export interface FreeRun {
   clusters: number;
   firstKind: 'unalloc' | 'zero';
   lastKind: 'unalloc' | 'zero';
-  /** bytes of the request [guest, guest + bytes) inside the run */
+  /** bytes of the request [guestOffset, guestOffset + bytes) inside the run */
   bytes: number;
 }
 
@@ -89,22 +89,22 @@ export class QedTables {
   }
 
   /** The L2 table offset for an L1 index: 0 when unallocated; throws when corrupt. */
-  private l2Offset(l1Index: number, guest: number): number {
+  private l2Offset(l1Index: number, guestOffset: number): number {
     const off = readEntry(this.l1, l1Index);
     if (off === 0) return 0;
     const tb = this.geo.tableBytes;
     const onL1 = off < this.l1Offset + tb && this.l1Offset < off + tb; // a table over the L1 table: writes would destroy it
     if (onL1 || !validTableOffset(this.geo, off, this.space.fileEnd)) {
       throw new CorruptionError(
-        `${this.file.path}: corrupt QED L1 entry ${l1Index} (L2 table offset ${hex(off)}) for guest offset ${hex(guest)}`,
+        `${this.file.path}: corrupt QED L1 entry ${l1Index} (L2 table offset ${hex(off)}) for guest offset ${hex(guestOffset)}`,
       );
     }
     return off;
   }
 
-  private corruptData(entry: number, guest: number): CorruptionError {
+  private corruptData(entry: number, guestOffset: number): CorruptionError {
     const why = entry >= this.space.fileEnd ? 'past the end of the file' : 'not a valid cluster offset';
-    return new CorruptionError(`${this.file.path}: QED data cluster ${hex(entry)} for guest offset ${hex(guest)} is ${why}`);
+    return new CorruptionError(`${this.file.path}: QED data cluster ${hex(entry)} for guest offset ${hex(guestOffset)} is ${why}`);
   }
 
   private isDataEntry(e: number): boolean {
@@ -112,21 +112,21 @@ export class QedTables {
   }
 
   /**
-   * The longest extent of one kind starting at `guest`, at most `maxBytes`,
+   * The longest extent of one kind starting at `guestOffset`, at most `maxBytes`,
    * inside one L2 table; data extents are host-contiguous.
    */
-  async map(guest: number, maxBytes: number): Promise<Extent> {
+  async map(guestOffset: number, maxBytes: number): Promise<Extent> {
     const g = this.geo;
-    const l1Index = Math.floor(guest / g.l2Span);
-    const inSpan = guest - l1Index * g.l2Span;
+    const l1Index = Math.floor(guestOffset / g.l2Span);
+    const inSpan = guestOffset - l1Index * g.l2Span;
     const limit = Math.min(maxBytes, g.l2Span - inSpan);
-    const l2off = this.l2Offset(l1Index, guest);
+    const l2off = this.l2Offset(l1Index, guestOffset);
     if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
-    return this.l2.with(l2off, (table) => this.extentIn(table, guest, inSpan, limit));
+    return this.l2.with(l2off, (table) => this.extentIn(table, guestOffset, inSpan, limit));
   }
 
   /** map() inside its borrow of the L2 table. */
-  private extentIn(table: Buffer, guest: number, inSpan: number, limit: number): Extent {
+  private extentIn(table: Buffer, guestOffset: number, inSpan: number, limit: number): Extent {
     const cs = this.geo.clusterSize;
     let idx = Math.floor(inSpan / cs);
     const within = inSpan - idx * cs;
@@ -139,7 +139,7 @@ export class QedTables {
       }
       return { kind: first === 0 ? 'unalloc' : 'zero', host: 0, bytes };
     }
-    if (!this.isDataEntry(first)) throw this.corruptData(first, guest);
+    if (!this.isDataEntry(first)) throw this.corruptData(first, guestOffset);
     let next = first + cs;
     while (bytes < limit) {
       const e = readEntry(table, idx + 1);
@@ -152,20 +152,20 @@ export class QedTables {
   }
 
   /**
-   * For an allocating write at `guest` (caller holds the metadata lock): the
-   * run of unallocated or zero clusters from guest's cluster, inside one L2
+   * For an allocating write at `guestOffset` (caller holds the metadata lock): the
+   * run of unallocated or zero clusters from guestOffset's cluster, inside one L2
    * table and the request, skipping none and stopping before a cluster that
    * `busy` reports in flight. Null when the first cluster is now allocated.
    */
-  async allocScan(guest: number, maxBytes: number, busy: (cluster: number) => boolean): Promise<FreeRun | null> {
+  async allocScan(guestOffset: number, maxBytes: number, busy: (clusterIndex: number) => boolean): Promise<FreeRun | null> {
     const g = this.geo;
     const cs = g.clusterSize;
-    const firstCluster = Math.floor(guest / cs);
+    const firstCluster = Math.floor(guestOffset / cs);
     const l1Index = Math.floor(firstCluster / g.tableEntries);
     const idx0 = firstCluster - l1Index * g.tableEntries;
-    const within = guest - firstCluster * cs;
+    const within = guestOffset - firstCluster * cs;
     const limitClusters = Math.min(g.tableEntries - idx0, Math.ceil((within + maxBytes) / cs));
-    const l2off = this.l2Offset(l1Index, guest);
+    const l2off = this.l2Offset(l1Index, guestOffset);
     const scan = (table: Buffer | null): FreeRun | null => {
       const kindAt = (i: number): 'unalloc' | 'zero' | null => {
         const e = table ? readEntry(table, idx0 + i) : 0;
@@ -176,7 +176,7 @@ export class QedTables {
       const firstKind = kindAt(0);
       if (firstKind === null) {
         const e = readEntry(table!, idx0);
-        if (!this.isDataEntry(e)) throw this.corruptData(e, guest);
+        if (!this.isDataEntry(e)) throw this.corruptData(e, guestOffset);
         return null;
       }
       let n = 1;

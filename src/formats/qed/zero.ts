@@ -74,10 +74,10 @@ export async function zeroRange(c: ZeroContext, guestOffset: number, length: num
   if (wholeEnd < end) await zeroPartial(c, wholeEnd, end - wholeEnd);
 }
 
-async function zeroPartial(c: ZeroContext, guest: number, length: number): Promise<void> {
+async function zeroPartial(c: ZeroContext, guestOffset: number, length: number): Promise<void> {
   let done = 0;
   while (done < length) {
-    const at = guest + done;
+    const at = guestOffset + done;
     const ext = await c.tables.map(at, length - done);
     if (ext.kind === 'data') {
       await c.file.writeZeroes('zero_write', ext.host, ext.bytes);
