@@ -20,8 +20,16 @@
  *    while its write-back is in flight never tears the on-disk copy; the
  *    modification re-marks it dirty.
  *
- * Table buffers returned by get() are valid until the caller's next await;
- * callers modify them synchronously and then call markDirty().
+ * Borrowing. A table is changed only inside `modify(key, change)`, and read
+ * by the engine's locked paths inside `with(key, use)`: the synchronous
+ * callback gets the cache's own copy (modify marks it dirty after), and the
+ * callbacks' type refuses an async function, so no caller can read or change
+ * a table across an await - after one, the buffer may have been evicted,
+ * re-read or replaced by a newer copy. `get()` and `peek()` hand out the
+ * buffer itself, for the hot read paths: read it synchronously right after
+ * the call, never change it. `scan(key, use)` borrows like with() for a
+ * one-off pass over many tables: a table not cached is read beside the cache
+ * and not installed, so the pass never evicts the working set.
  */
 import { LRUCache } from 'lru-cache';
 import { Mutex } from './mutex.js';
@@ -32,6 +40,9 @@ export interface TableStore {
   /** Make all earlier writes to the underlying file(s) durable. */
   sync(): Promise<void>;
 }
+
+/** A borrowing callback's result: anything but a promise (the table is lent only while the callback runs). */
+export type Sync<T> = T & (T extends PromiseLike<unknown> ? never : unknown);
 
 export interface TableCacheOptions {
   name: string;
@@ -112,6 +123,46 @@ export class TableCache {
     }
   }
 
+  /** Borrow the table at `key` (loaded on a miss) for reading, inside the synchronous `use`. */
+  async with<T>(key: number, use: (table: Buffer) => Sync<T>): Promise<T> {
+    const loaded = await this.get(key);
+    return use(this.peek(key) ?? loaded);
+  }
+
+  /**
+   * Change the table at `key` (loaded on a miss) in place, inside the
+   * synchronous `change`; it is marked dirty after (not when `change`
+   * throws: check before changing anything).
+   */
+  async modify<T>(key: number, change: (table: Buffer) => Sync<T>): Promise<T> {
+    const loaded = await this.get(key);
+    const table = this.peek(key) ?? loaded;
+    const r = change(table);
+    this.markDirty(key, table);
+    return r;
+  }
+
+  /**
+   * Borrow the table at `key` for reading, inside the synchronous `use`,
+   * without making it recent: the cached copy (dirty, being written, or
+   * clean) when there is one, else a copy read through the store and not
+   * installed. For a pass over many tables that must not evict the others.
+   */
+  async scan<T>(key: number, use: (table: Buffer) => Sync<T>): Promise<T> {
+    const cached = this.dirty.get(key) ?? this.writing.get(key) ?? this.lru.peek(key);
+    if (cached) return use(cached);
+    const loading = this.loading.get(key);
+    let table: Buffer;
+    if (loading) {
+      table = await loading;
+    } else {
+      table = Buffer.allocUnsafe(this.tableBytes);
+      await this.store.read(key, table);
+    }
+    // Cached meanwhile (a newer copy, if it was changed): that one.
+    return use(this.dirty.get(key) ?? this.writing.get(key) ?? this.lru.peek(key) ?? table);
+  }
+
   /** Put a table the caller built (a new, copied or repaired table). */
   install(key: number, buf: Buffer, dirty: boolean): void {
     if (buf.length !== this.tableBytes) throw new RangeError(`${this.name}: table size mismatch`);
@@ -120,8 +171,8 @@ export class TableCache {
     else this.dirty.delete(key);
   }
 
-  /** The caller changed `buf` (the table at key) in place. */
-  markDirty(key: number, buf: Buffer): void {
+  /** `buf` (the table at key) was changed in place (by modify()). */
+  private markDirty(key: number, buf: Buffer): void {
     this.dirty.set(key, buf);
     this.lru.set(key, buf);
   }

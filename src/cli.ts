@@ -42,10 +42,10 @@ import { checkImagePath, CliError, EXIT_FAIL, EXIT_OK, EXIT_USAGE, printError, p
 import { registerInfo } from './commands/info.js';
 import type { FormatName, ImageInfo } from './formats/driver.js';
 import { DEFAULT_L2_CACHE_BYTES } from './formats/driver.js';
+import { lockForUse } from './formats/image-lock.js';
 import { DETECT_ZEROES_MODES, withDetectZeroes, type DetectZeroes } from './formats/zero-detect.js';
 import { printable } from './errors.js';
 import { ImageFile, ioCounters } from './io/file.js';
-import { lockImageFile } from './io/lock.js';
 import { configureLogging, LOG_FORMATS, logger, type LogFormat, type Logger } from './log.js';
 import { ProgressLine } from './progress.js';
 
@@ -213,8 +213,7 @@ async function warnIfInUse(image: string): Promise<void> {
   let file: ImageFile | undefined;
   try {
     file = await ImageFile.open(image, { readOnly: true });
-    const lock = lockImageFile(file.descriptor, path.resolve(image), image, 'shared-read');
-    if (lock.inUseBy) printWarning(`${image} is being written by ${lock.inUseBy}; --force-share: the mount may see inconsistent data`);
+    lockForUse(file, path.resolve(image), image, { readOnly: true, forceShare: true }, { onWarning: printWarning });
   } catch {
     // the daemon opens the image again and reports what is wrong
   } finally {

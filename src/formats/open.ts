@@ -6,12 +6,12 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { FormatError, printable, QmountError, safeError } from '../errors.js';
+import { FormatError, QmountError, safeError } from '../errors.js';
 import { ImageFile } from '../io/file.js';
-import { lockImageFile, type LockMode } from '../io/lock.js';
 import { logger, type Logger } from '../log.js';
 import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES, type BlockDriver, type DriverOpenOptions, type FormatName } from './driver.js';
 import type { WorkHooks } from '../progress.js';
+import { checkImageUse, lockForUse } from './image-lock.js';
 import { guardProbedRaw } from './raw-guard.js';
 import { PROBE_BYTES, probeOrRefuse } from './probe.js';
 import { openRaw } from './raw/raw.js';
@@ -56,7 +56,7 @@ export async function openImage(imagePath: string, opts: OpenImageOptions): Prom
     // cluster from the backing file; without it that would become zeros.
     throw new QmountError('EINVAL', `${imagePath}: --no-backing is only allowed read-only (-r): writes need the backing file`);
   }
-  if (opts.forceShare && !opts.readOnly) throw new QmountError('EINVAL', `${imagePath}: --force-share is only allowed read-only (-r)`);
+  checkImageUse(imagePath, { readOnly: opts.readOnly, forceShare: opts.forceShare });
   try {
     return await openInChain(imagePath, opts.format, opts.readOnly, opts, []);
   } catch (err) {
@@ -99,18 +99,8 @@ async function openInChain(
     throw new QmountError(code === 'EACCES' ? 'EACCES' : 'EIO', `${imagePath}: cannot open: ${code}`);
   }
   try {
-    // Image locking (src/io/lock.ts), before the driver reads or writes a
-    // byte: a writable image as a QEMU writer, read-only images and backing
-    // files as readers; --force-share as a reader that shares everything.
-    const lockMode: LockMode = !readOnly ? 'write' : opts.forceShare ? 'shared-read' : 'read';
-    const lock = lockImageFile(file.descriptor, real, imagePath, lockMode);
-    const lockLog = opts.log ?? logger('image');
-    if (!lock.locked) lockLog.warn({ image: real, reason: lock.unsupported }, 'file system does not support locks: image not locked');
-    if (lock.inUseBy) {
-      const msg = printable(`${imagePath} is being written by ${lock.inUseBy}; --force-share: the mount may see inconsistent data`);
-      lockLog.warn({ image: real, writer: lock.inUseBy }, 'image in use by a writer; opened because of --force-share');
-      opts.onWarning?.(msg);
-    }
+    // Before the driver reads or writes a byte (the policy: image-lock.ts).
+    lockForUse(file, real, imagePath, { readOnly, forceShare: opts.forceShare }, { log: opts.log ?? logger('image'), onWarning: opts.onWarning });
     let fmt = format;
     if (!fmt) {
       const head = Buffer.alloc(PROBE_BYTES);

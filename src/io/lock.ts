@@ -13,19 +13,21 @@
  * nor 100 + p for a permission p it does not share. Taking before testing
  * means two processes racing for the same image cannot both miss each other.
  *
- * What qmount takes (the same bytes as QEMU 7.2's qemu-io, seen in /proc/locks):
- *   read-write open   holds consistent read, write, resize (100, 101, 103),
- *                     shares consistent read and write unchanged (201, 203)
- *   read-only open    holds consistent read (100), shares all but write and
- *   and backing files resize (201, 203): a reader keeps writers away
- *   --force-share     holds consistent read (100), shares everything (QEMU -U)
- *   qcow2 external data file (QEMU shares write on it, not resize):
- *     read-write      holds consistent read, write, resize (100, 101, 103), 203
- *     read-only       holds consistent read (100), 203
- * So a running QEMU or qmount that writes an image makes a read-write qmount
- * fail ("write" is not shared) and a read-only one too (it would not share
- * write); --force-share lets the read-only one proceed, seeing whatever the
- * writer leaves on disk at any moment.
+ * The modes (the same bytes as QEMU 7.2's qemu-io, seen in /proc/locks; which
+ * open takes which mode, and what is told about it, is the policy in
+ * src/formats/image-lock.ts):
+ *   'write'         holds consistent read, write, resize (100, 101, 103),
+ *                   shares consistent read and write unchanged (201, 203)
+ *   'read'          holds consistent read (100), shares all but write and
+ *                   resize (201, 203): a reader keeps writers away
+ *   'shared-read'   holds consistent read (100), shares everything (QEMU -U)
+ *   'data-write'    holds consistent read, write, resize (100, 101, 103),
+ *                   shares all but resize (203)
+ *   'data-read'     holds consistent read (100), shares all but resize (203)
+ * So a running QEMU or qmount that writes an image makes a 'write' lock
+ * fail ("write" is not shared) and a 'read' one too (it would not share
+ * write); 'shared-read' proceeds, seeing whatever the writer leaves on disk
+ * at any moment.
  *
  * The locks belong to the image's open file description (ImageFile's fd):
  * they need no unlock call, they go when that descriptor is closed, also when

@@ -120,8 +120,8 @@ describe('qcow2 write planning', () => {
     expect(fresh).toMatchObject({ rewrite: true, fresh: true, segments: [[0, cs]] });
     expect(planCluster(std, 3, 0, 10, 0, entry(0, 9 * cs))).toMatchObject({ rewrite: true, fresh: true }); // shared
     expect(planCluster(std, 3, 0, 10, 0, entry(L2E_COMPRESSED, 70000))).toMatchObject({ rewrite: true, fresh: true });
-    expect(planCluster(std, 3, 0, 10, 0, entry(L2E_COPIED, 9 * cs, L2E_ZERO))).toMatchObject({ rewrite: true, fresh: false, host: 9 * cs });
-    expect(planCluster(std, 3, 0, 10, 0, entry(L2E_COPIED, 9 * cs))).toMatchObject({ rewrite: false, host: 9 * cs });
+    expect(planCluster(std, 3, 0, 10, 0, entry(L2E_COPIED, 9 * cs, L2E_ZERO))).toMatchObject({ rewrite: true, fresh: false, hostOffset: 9 * cs });
+    expect(planCluster(std, 3, 0, 10, 0, entry(L2E_COPIED, 9 * cs))).toMatchObject({ rewrite: false, hostOffset: 9 * cs });
   });
 
   it('extended L2: writes only the touched subclusters of a new cluster and keeps the bitmaps right', () => {
@@ -132,7 +132,7 @@ describe('qcow2 write planning', () => {
     expect(op.newZero).toBe(0); // the zero bit of subcluster 2 is cleared: it now holds data
     const kept = planCluster(ext, 0, 10, sc + 10, 0, entry(L2E_COPIED, 4 * cs, 0, 0b01));
     // subcluster 0 allocated: only the guest bytes; subcluster 1 not: written whole
-    expect(kept).toMatchObject({ fresh: false, host: 4 * cs, segments: [[10, 2 * sc]], newAlloc: 0b11 });
+    expect(kept).toMatchObject({ fresh: false, hostOffset: 4 * cs, segments: [[10, 2 * sc]], newAlloc: 0b11 });
   });
 
   it('refuses mappings no write may act on', () => {

@@ -76,11 +76,11 @@ function makeCache(name: string, tables: number, log?: Ev[]): { cache: TableCach
   return { cache, store };
 }
 
-/** Modify a table in place the way drivers do: get, change synchronously, markDirty. */
+/** Modify a table in place the way drivers do (modify: a synchronous change, then marked dirty). */
 async function modify(cache: TableCache, key: number, byte: number): Promise<void> {
-  const t = await cache.get(key);
-  t.fill(byte);
-  cache.markDirty(key, t);
+  await cache.modify(key, (t) => {
+    t.fill(byte);
+  });
 }
 
 /** Reject instead of hanging forever, so a deadlock is a test failure, not a timeout of the whole file. */
@@ -229,10 +229,10 @@ describe('TableCache: write-back', () => {
     const flushing = cache.flush();
     await started.promise;
     // The write is in flight: change the table in memory.
-    const t = await cache.get(5);
-    expect(t.equals(Buffer.alloc(TB, 0x11))).toBe(true);
-    t.fill(0x22, 0, TB / 2);
-    cache.markDirty(5, t);
+    await cache.modify(5, (t) => {
+      expect(t.equals(Buffer.alloc(TB, 0x11))).toBe(true);
+      t.fill(0x22, 0, TB / 2);
+    });
     store.writeGate = null;
     gate.resolve();
     await flushing;
@@ -436,5 +436,42 @@ describe('TableCache: ordering between caches', () => {
     // b depends on a (the latest declaration): a written and synced before b written.
     expect(ops.indexOf('a.sync')).toBeLessThan(ops.indexOf('b.write'));
     expect(a.dirtyCount + b.dirtyCount).toBe(0);
+  });
+});
+
+describe('TableCache: borrowing', () => {
+  it('modify() changes the cached copy and marks it dirty; a throwing change marks nothing', async () => {
+    const { cache, store } = makeCache('t', 8);
+    expect(await cache.modify(3, (t) => (t[0] = 0x77))).toBe(0x77);
+    expect(cache.dirtyCount).toBe(1);
+    expect(await cache.with(3, (t) => t[0])).toBe(0x77);
+    await cache.flush();
+    expect(store.disk.get(3)?.[0]).toBe(0x77);
+    await expect(
+      cache.modify(4, () => {
+        throw new Error('refused');
+      }),
+    ).rejects.toThrow('refused');
+    expect(cache.dirtyCount).toBe(0);
+  });
+
+  it('with() lends the current copy even when the loaded buffer was evicted before the callback ran', async () => {
+    const { cache } = makeCache('t', 4);
+    const lent = cache.with(1, (t) => t);
+    cache.install(1, Buffer.alloc(TB, 0x55), false); // a newer copy arrives while the load settles
+    expect((await lent).equals(Buffer.alloc(TB, 0x55))).toBe(true);
+  });
+
+  it('scan() reads beside the cache: a miss is not installed and evicts nothing; a cached (dirty) copy is used', async () => {
+    const { cache, store } = makeCache('t', 4);
+    for (const k of [0, 1, 2, 3]) await cache.get(k);
+    await modify(cache, 2, 0x42);
+    const reads = store.reads;
+    for (let k = 10; k < 20; k++) expect(await cache.scan(k, (t) => t[0])).toBe(k & 0xff);
+    expect(store.reads).toBe(reads + 10);
+    expect(cache.cachedCount).toBe(4);
+    expect(await cache.scan(2, (t) => t[0])).toBe(0x42);
+    for (const k of [0, 1, 3]) await cache.get(k);
+    expect(store.reads).toBe(reads + 10); // the working set is still cached
   });
 });

@@ -6,10 +6,10 @@
  * the dirty and corrupt bits once nothing is left to fix.
  */
 import { ImageFile } from '../../io/file.js';
-import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
 import type { WorkHooks } from '../../progress.js';
 import { DEFAULT_L2_CACHE_BYTES, DEFAULT_REFCOUNT_CACHE_BYTES, type CheckReport, type RepairMode } from '../driver.js';
+import { lockForUse } from '../image-lock.js';
 import { loadQcow2 } from './driver.js';
 import { Refcounts } from './refcount.js';
 import { reconcile } from './repair.js';
@@ -19,8 +19,7 @@ export async function checkQcow2(path: string, opts: { repair: RepairMode; log: 
   const readOnly = opts.repair === 'none';
   const file = await ImageFile.open(path, { readOnly });
   try {
-    // Like qemu-img check: a repair is a writer, a check a reader (-U: one that shares everything).
-    lockImageFile(file.descriptor, path, path, readOnly ? (opts.forceShare ? 'shared-read' : 'read') : 'write');
+    lockForUse(file, path, path, { readOnly, forceShare: opts.forceShare }); // like qemu-img check (../image-lock.ts)
     const s = await loadQcow2(
       file,
       { readOnly, l2CacheBytes: DEFAULT_L2_CACHE_BYTES, refcountCacheBytes: DEFAULT_REFCOUNT_CACHE_BYTES, log: opts.log },

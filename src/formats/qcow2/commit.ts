@@ -105,7 +105,7 @@ export class CommitQueue {
     const newL1 = Buffer.alloc(bytes);
     s.l1.copy(newL1, 0, 0, Math.min(s.l1.length, bytes));
     const clusters = Math.max(1, Math.ceil(bytes / cs));
-    const offset = await this.refcounts.allocate(clusters);
+    const offset = await this.refcounts.allocateHostOffset(clusters);
     s.checkOverlap(offset, clusters * cs, 'new L1 table');
     // Whole clusters, as QEMU writes them: the tail of the last one reads as zeros.
     const image = Buffer.alloc(clusters * cs);

@@ -78,22 +78,22 @@ export async function writeClusters(s: Qcow2State, buf: Buffer, ops: ClusterOp[]
   // [from, to) of a rewritten cluster, outside the guest data: what the old mapping shows there.
   const fill = async (op: ClusterOp, from: number, to: number): Promise<void> => {
     if (to <= from) return;
-    if (readsAsZero(s, op.old, op.gc * cs, from, to)) {
-      zeroes(op.host + from, to - from);
+    if (readsAsZero(s, op.old, op.clusterIndex * cs, from, to)) {
+      zeroes(op.hostOffset + from, to - from);
       return;
     }
     const old = Buffer.allocUnsafe(to - from);
     // The last cluster may reach past the end of the disk: that part reads as zeros.
-    const inDisk = Math.max(0, Math.min(old.length, s.virtualSize - (op.gc * cs + from)));
-    if (inDisk > 0) await readGuest(s, old, 0, inDisk, op.gc * cs + from);
+    const inDisk = Math.max(0, Math.min(old.length, s.virtualSize - (op.clusterIndex * cs + from)));
+    if (inDisk > 0) await readGuest(s, old, 0, inDisk, op.clusterIndex * cs + from);
     old.fill(0, inDisk);
-    add(op.host + from, old, 0, old.length, true);
+    add(op.hostOffset + from, old, 0, old.length, true);
   };
 
   try {
     for (const op of ops) {
       if (!op.rewrite) {
-        add(op.host + op.writeStart, buf, op.bufAt, op.writeEnd - op.writeStart, false);
+        add(op.hostOffset + op.writeStart, buf, op.bufAt, op.writeEnd - op.writeStart, false);
         continue;
       }
       for (const [start, end] of op.segments) {
@@ -101,7 +101,7 @@ export async function writeClusters(s: Qcow2State, buf: Buffer, ops: ClusterOp[]
         const dataStart = Math.min(Math.max(start, op.writeStart), end);
         const dataEnd = Math.max(Math.min(end, op.writeEnd), dataStart);
         await fill(op, start, dataStart);
-        add(op.host + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart, dataStart > start || end > dataEnd);
+        add(op.hostOffset + dataStart, buf, op.bufAt + (dataStart - op.writeStart), dataEnd - dataStart, dataStart > start || end > dataEnd);
         await fill(op, dataEnd, end);
       }
     }

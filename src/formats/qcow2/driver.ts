@@ -5,8 +5,8 @@
 import path from 'node:path';
 import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
-import { lockImageFile } from '../../io/lock.js';
 import { checkRequest, type BlockDriver, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
+import { lockForUse } from '../image-lock.js';
 import { featureList, parseHeader, type Qcow2Header } from './header.js';
 import { readGuest } from './read.js';
 import { resize } from './resize.js';
@@ -66,8 +66,7 @@ export async function loadQcow2(file: ImageFile, opts: DriverOpenOptions, forChe
         throw new QmountError('ENOENT', `external data file ${resolved} cannot be opened: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
       }
       closeOnError.push(dataFile);
-      // Locked like QEMU locks a data file (src/io/lock.ts).
-      lockImageFile(dataFile.descriptor, resolved, name, opts.readOnly ? 'data-read' : 'data-write');
+      lockForUse(dataFile, resolved, name, { readOnly: opts.readOnly, dataFile: true }); // like QEMU locks a data file (../image-lock.ts)
     }
     const l1 = Buffer.alloc(header.l1Size * 8);
     if (header.l1Size > 0) await file.read(l1, 0, l1.length, header.l1TableOffset);

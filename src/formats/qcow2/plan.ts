@@ -25,14 +25,14 @@ import {
 /** One guest cluster touched by a write. Offsets in bytes within the cluster unless named otherwise. */
 export interface ClusterOp {
   /** guest cluster index */
-  gc: number;
+  clusterIndex: number;
   writeStart: number;
   writeEnd: number;
   /** offset into the caller's buffer of writeStart */
   bufAt: number;
   rewrite: boolean;
-  /** host byte offset of the target cluster (in the data file when there is one) */
-  host: number;
+  /** host offset (bytes) of the target cluster (in the data file when there is one) */
+  hostOffset: number;
   /** host cluster newly allocated by this request */
   fresh: boolean;
   old: L2Entry;
@@ -43,14 +43,14 @@ export interface ClusterOp {
 }
 
 /**
- * Where a write of [writeStart, writeEnd) into guest cluster `gc` can go
+ * Where a write of [writeStart, writeEnd) into guest cluster `clusterIndex` can go
  * in place, or -1. In place ("direct") means: the cluster has a host
  * cluster of its own (COPIED: refcount 1; with a data file, any allocated
  * cluster), no zero flag, and with extended L2 every touched subcluster is
  * allocated. Such a write changes no metadata. The one rule for both the
  * planned path and the unlocked fast path in write().
  */
-export function directHost(g: Geometry, gc: number, writeStart: number, writeEnd: number, old: L2Entry): number {
+export function directHost(g: Geometry, clusterIndex: number, writeStart: number, writeEnd: number, old: L2Entry): number {
   if (clusterType(g, old.hi, old.lo) !== ClusterType.Normal) return -1; // compressed, zero or unallocated
   const host = entryOffset(old.hi, old.lo);
   if (host !== 0 && badClusterOffset(g, host) !== null) return -1; // planCluster's caller reports it (badOldMapping)
@@ -64,21 +64,21 @@ export function directHost(g: Geometry, gc: number, writeStart: number, writeEnd
     if ((old.alloc & old.zero) !== 0) return -1; // badOldMapping reports it
   }
   // With a data file, every cluster with a host cluster is its own (refcount 1, host offset = guest offset).
-  if (g.hasDataFile) return host === 0 || host === gc * g.clusterSize ? gc * g.clusterSize : -1;
+  if (g.hasDataFile) return host === 0 || host === clusterIndex * g.clusterSize ? clusterIndex * g.clusterSize : -1;
   return copied ? host : -1;
 }
 
 /** How one cluster is written, from its current L2 entry. */
-export function planCluster(g: Geometry, gc: number, writeStart: number, writeEnd: number, bufAt: number, old: L2Entry): ClusterOp {
+export function planCluster(g: Geometry, clusterIndex: number, writeStart: number, writeEnd: number, bufAt: number, old: L2Entry): ClusterOp {
   const cs = g.clusterSize;
   const op: ClusterOp = {
-    gc, writeStart, writeEnd, bufAt, rewrite: true, host: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
+    clusterIndex, writeStart, writeEnd, bufAt, rewrite: true, hostOffset: 0, fresh: true, old, segments: [[0, cs]], newAlloc: 0, newZero: 0,
   };
-  const direct = directHost(g, gc, writeStart, writeEnd, old);
+  const direct = directHost(g, clusterIndex, writeStart, writeEnd, old);
   if (direct >= 0) {
     op.rewrite = false;
     op.fresh = false;
-    op.host = direct;
+    op.hostOffset = direct;
     return op;
   }
   const sc = g.subclusterSize;
@@ -94,7 +94,7 @@ export function planCluster(g: Geometry, gc: number, writeStart: number, writeEn
   }
   if (g.hasDataFile) {
     // Host offset is the guest offset; nothing is refcounted or allocated.
-    op.host = gc * cs;
+    op.hostOffset = clusterIndex * cs;
     op.fresh = false;
     if (g.extL2) subclusterSegments(g, op, touched, type === ClusterType.Normal ? old.alloc : 0);
     return op;
@@ -102,7 +102,7 @@ export function planCluster(g: Geometry, gc: number, writeStart: number, writeEn
   const host = entryOffset(old.hi, old.lo);
   if (hasHostCluster(type) && copied) {
     // Our own cluster with a zero flag or unallocated subclusters: rewritten in place.
-    op.host = host;
+    op.hostOffset = host;
     op.fresh = false;
     if (g.extL2) subclusterSegments(g, op, touched, old.alloc);
     return op;

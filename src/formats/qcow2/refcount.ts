@@ -39,11 +39,11 @@ export class Refcounts {
   tableOffset: number;
   tableClusters: number;
   readonly cache: TableCache;
-  /** Cluster index where the next free-cluster search starts. */
-  freeHint = 0;
-  /** Clusters whose refcount reached 0 since the last release (invariant 3). */
+  /** Host cluster index where the next free-cluster search starts. */
+  freeHintIndex = 0;
+  /** Host cluster indexes whose refcount reached 0 since the last release (invariant 3). */
   readonly quarantine = new Set<number>();
-  private readonly entries: number; // per block
+  private readonly entries: number; // refcounts per block
   private readonly cs: number;
   private readonly maxRefcount: number;
 
@@ -78,42 +78,42 @@ export class Refcounts {
     return this.table.length / 8;
   }
 
-  /** Offset of refcount block `i`, 0 if none; INVALID_OFFSET at or above 2^52 (../u64.ts). */
-  blockOffset(i: number): number {
-    if (i >= this.tableEntries) return 0;
-    return entryOffset(this.table.readUInt32BE(i * 8), this.table.readUInt32BE(i * 8 + 4));
+  /** Host offset of the refcount block of table entry `tableIndex`, 0 if none; INVALID_OFFSET at or above 2^52 (../u64.ts). */
+  blockOffset(tableIndex: number): number {
+    if (tableIndex >= this.tableEntries) return 0;
+    return entryOffset(this.table.readUInt32BE(tableIndex * 8), this.table.readUInt32BE(tableIndex * 8 + 4));
   }
 
-  /** Refcount block `i` through the cache, null when the table has none (valid until the caller's next await). */
-  block(i: number): Promise<Buffer | null> {
-    return this.loadBlock(i);
+  /** The refcount block of table entry `tableIndex` through the cache, null when the table has none (read it synchronously: TableCache, borrowing). */
+  block(tableIndex: number): Promise<Buffer | null> {
+    return this.loadBlock(tableIndex);
   }
 
   /**
-   * Why refcount table entry `i` names no usable block (null when it does,
-   * or names none): reserved bits set, an offset that is not a cluster
-   * offset, or one outside the file.
+   * Why refcount table entry `tableIndex` names no usable block (null when
+   * it does, or names none): reserved bits set, an offset that is not a
+   * cluster offset, or one outside the file.
    */
-  blockProblem(i: number): string | null {
-    if (i >= this.tableEntries) return null;
-    if ((this.table.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) !== 0) return 'has reserved bits set';
-    const off = this.blockOffset(i);
+  blockProblem(tableIndex: number): string | null {
+    if (tableIndex >= this.tableEntries) return null;
+    if ((this.table.readUInt32BE(tableIndex * 8 + 4) & REFT_RESERVED_LO) !== 0) return 'has reserved bits set';
+    const off = this.blockOffset(tableIndex);
     if (off === 0) return null;
     if (off === INVALID_OFFSET || off % this.cs !== 0) return `offset ${hexOffset(off)} is not a cluster offset`;
     if (off >= this.s.fileSize) return `offset ${hexOffset(off)} lies outside the image`;
     return null;
   }
 
-  private async loadBlock(i: number): Promise<Buffer | null> {
-    const off = this.blockOffset(i);
+  private async loadBlock(tableIndex: number): Promise<Buffer | null> {
+    const off = this.blockOffset(tableIndex);
     if (off === 0) return null;
-    if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(i, off);
+    if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(tableIndex, off);
     return this.cache.get(off);
   }
 
   /** A refcount table entry that names no usable block: nothing may be allocated or freed by it (QEMU too marks the image corrupt). */
-  private badBlock(i: number, off: number): never {
-    this.s.corruptionFound(`refcount table entry ${i} names refcount block ${hexOffset(off)}, which is unaligned or outside the file`);
+  private badBlock(tableIndex: number, blockOffset: number): never {
+    this.s.corruptionFound(`refcount table entry ${tableIndex} names refcount block ${hexOffset(blockOffset)}, which is unaligned or outside the file`);
   }
 
   /** Read entry `idx` of a refcount block. */
@@ -164,65 +164,67 @@ export class Refcounts {
     }
   }
 
-  /** The refcount of one cluster when its block is cached (or absent: 0), without an await; undefined otherwise. */
-  peek(cluster: number): number | undefined {
-    const i = Math.floor(cluster / this.entries);
-    const off = this.blockOffset(i);
+  /** The refcount of host cluster `clusterIndex` when its block is cached (or absent: 0), without an await; undefined otherwise. */
+  peek(clusterIndex: number): number | undefined {
+    const off = this.blockOffset(Math.floor(clusterIndex / this.entries));
     if (off === 0) return 0;
     const block = this.cache.peek(off);
-    return block ? this.readEntry(block, cluster % this.entries) : undefined;
+    return block ? this.readEntry(block, clusterIndex % this.entries) : undefined;
   }
 
-  /** The refcount of one cluster (by index). */
-  async get(cluster: number): Promise<number> {
-    const block = await this.loadBlock(Math.floor(cluster / this.entries));
-    return block ? this.readEntry(block, cluster % this.entries) : 0;
+  /** The refcount of host cluster `clusterIndex`. */
+  async get(clusterIndex: number): Promise<number> {
+    const block = await this.loadBlock(Math.floor(clusterIndex / this.entries));
+    return block ? this.readEntry(block, clusterIndex % this.entries) : 0;
   }
 
   /**
-   * Add `delta` to a cluster's refcount; allocates its refcount block if
-   * needed (never for a decrement: a cluster without a block has refcount
-   * 0). Returns the new value.
+   * Add `delta` to the refcount of host cluster `clusterIndex`; allocates
+   * its refcount block if needed (never for a decrement: a cluster without
+   * a block has refcount 0). Returns the new value.
    */
-  async change(cluster: number, delta: number): Promise<number> {
-    const i = Math.floor(cluster / this.entries);
-    if (delta < 0 && this.blockOffset(i) === 0) {
-      throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero (it has no refcount block)`);
+  async change(clusterIndex: number, delta: number): Promise<number> {
+    const tableIndex = Math.floor(clusterIndex / this.entries);
+    if (delta < 0 && this.blockOffset(tableIndex) === 0) {
+      throw new CorruptionError(`refcount of cluster ${clusterIndex} would drop below zero (it has no refcount block)`);
     }
-    const blockOff = await this.ensureBlock(i);
-    const block = await this.cache.get(blockOff);
-    const idx = cluster % this.entries;
-    const old = this.readEntry(block, idx);
-    const v = old + delta;
-    if (v < 0) throw new CorruptionError(`refcount of cluster ${cluster} would drop below zero`);
-    if (v > this.maxRefcount) {
-      throw new QmountError('EOVERFLOW', `refcount of cluster ${cluster} would exceed ${this.maxRefcount} (refcount_bits=${2 ** this.s.g.refcountOrder})`);
-    }
-    return this.store(blockOff, block, cluster, v);
+    const blockOff = await this.ensureBlock(tableIndex);
+    const idx = clusterIndex % this.entries;
+    return this.cache.modify(blockOff, (block) => {
+      const n = this.readEntry(block, idx) + delta;
+      if (n < 0) throw new CorruptionError(`refcount of cluster ${clusterIndex} would drop below zero`);
+      if (n > this.maxRefcount) {
+        throw new QmountError('EOVERFLOW', `refcount of cluster ${clusterIndex} would exceed ${this.maxRefcount} (refcount_bits=${2 ** this.s.g.refcountOrder})`);
+      }
+      this.writeEntry(block, idx, n);
+      return this.stored(clusterIndex, n);
+    });
   }
 
-  /** Set a cluster's refcount to `v` (repair: the stored value may be unreadable). */
-  async set(cluster: number, v: number): Promise<void> {
-    const blockOff = await this.ensureBlock(Math.floor(cluster / this.entries));
-    this.store(blockOff, await this.cache.get(blockOff), cluster, v);
+  /** Set the refcount of host cluster `clusterIndex` to `v` (repair: the stored value may be unreadable). */
+  async set(clusterIndex: number, v: number): Promise<void> {
+    const blockOff = await this.ensureBlock(Math.floor(clusterIndex / this.entries));
+    await this.cache.modify(blockOff, (block) => {
+      this.writeEntry(block, clusterIndex % this.entries, v);
+      this.stored(clusterIndex, v);
+    });
   }
 
-  private store(blockOff: number, block: Buffer, cluster: number, v: number): number {
-    this.writeEntry(block, cluster % this.entries, v);
-    this.cache.markDirty(blockOff, block);
+  /** The refcount of host cluster `clusterIndex` became `v` (in the same synchronous step that changed its block). */
+  private stored(clusterIndex: number, v: number): number {
     if (v === 0) {
-      this.quarantine.add(cluster);
+      this.quarantine.add(clusterIndex);
       this.s.decompressed.clear();
     }
     return v;
   }
 
-  /** Drop one reference from every cluster overlapping [hostOffset, hostOffset + bytes). */
-  async release(hostOffset: number, bytes: number): Promise<void> {
-    if (!representable(hostOffset + bytes)) throw new CorruptionError('refusing to release clusters at or above 2^52');
+  /** Drop one reference from every host cluster overlapping [hostOffset, hostOffset + lengthBytes). */
+  async release(hostOffset: number, lengthBytes: number): Promise<void> {
+    if (!representable(hostOffset + lengthBytes)) throw new CorruptionError('refusing to release clusters at or above 2^52');
     const first = Math.floor(hostOffset / this.cs);
-    const last = Math.floor((hostOffset + bytes - 1) / this.cs);
-    for (let c = first; c <= last; c++) await this.change(c, -1);
+    const last = Math.floor((hostOffset + lengthBytes - 1) / this.cs);
+    for (let ci = first; ci <= last; ci++) await this.change(ci, -1);
   }
 
   /**
@@ -234,7 +236,7 @@ export class Refcounts {
    * keeps the bytes) and only then handed to the allocator: a punch never
    * meets a cluster that was reused.
    */
-  async releaseQuarantine(busy: (cluster: number) => boolean): Promise<void> {
+  async releaseQuarantine(busy: (clusterIndex: number) => boolean): Promise<void> {
     const ready = [...this.quarantine].filter((c) => !busy(c)).sort((a, b) => a - b);
     if (ready.length === 0) return;
     if (!this.s.file.readOnly) {
@@ -256,26 +258,26 @@ export class Refcounts {
       }
     }
     for (const c of ready) {
-      if (c < this.freeHint) this.freeHint = c;
+      if (c < this.freeHintIndex) this.freeHintIndex = c;
       this.quarantine.delete(c);
     }
   }
 
   /**
-   * First cluster of `n` contiguous free clusters at or after freeHint
-   * (refcounts untouched). A cluster the overlap index knows as metadata is
+   * The host cluster index of the first of `clusterCount` contiguous free
+   * clusters at or after freeHintIndex (refcounts untouched). A cluster the overlap index knows as metadata is
    * never free, whatever its refcount says (a damaged refcount of 0 on the
    * header would otherwise hand it out).
    */
-  async findFree(n: number): Promise<number> {
-    let start = this.freeHint;
+  async findFreeIndex(clusterCount: number): Promise<number> {
+    let start = this.freeHintIndex;
     let run = 0;
     let c = start;
-    while (run < n) {
+    while (run < clusterCount) {
       const i = Math.floor(c / this.entries);
       const block = i < this.tableEntries ? await this.loadBlock(i) : null;
       const blockEnd = (i + 1) * this.entries;
-      for (; c < blockEnd && run < n; c++) {
+      for (; c < blockEnd && run < clusterCount; c++) {
         const free =
           (block === null || this.readEntry(block, c % this.entries) === 0) &&
           !this.quarantine.has(c) &&
@@ -292,32 +294,32 @@ export class Refcounts {
   }
 
   /**
-   * Allocate `n` contiguous clusters with refcount 1 and return the byte
-   * offset of the first. The search hint moves past them before any
+   * Allocate `clusterCount` contiguous host clusters with refcount 1 and
+   * return the host offset (bytes) of the first. The search hint moves past them before any
    * refcount block is allocated, so a new block never lands inside them.
    */
-  async allocate(n: number): Promise<number> {
-    const start = await this.findFree(n);
-    this.freeHint = start + n;
-    for (let c = start; c < start + n; c++) await this.change(c, 1);
+  async allocateHostOffset(clusterCount: number): Promise<number> {
+    const start = await this.findFreeIndex(clusterCount);
+    this.freeHintIndex = start + clusterCount;
+    for (let ci = start; ci < start + clusterCount; ci++) await this.change(ci, 1);
     return start * this.cs;
   }
 
-  /** Offset of refcount block `i`, allocating it (or growing the table) first if needed. */
-  private async ensureBlock(i: number): Promise<number> {
-    if (i >= this.tableEntries) await this.growTable(i);
-    const off = this.blockOffset(i);
+  /** Host offset of the refcount block of table entry `tableIndex`, allocating it (or growing the table) first if needed. */
+  private async ensureBlock(tableIndex: number): Promise<number> {
+    if (tableIndex >= this.tableEntries) await this.growTable(tableIndex);
+    const off = this.blockOffset(tableIndex);
     if (off !== 0) {
-      if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(i, off);
+      if (off % this.cs !== 0 || off >= this.s.fileSize) this.badBlock(tableIndex, off);
       return off;
     }
-    return this.allocBlock(i);
+    return this.allocBlock(tableIndex);
   }
 
   /** Invariant 1. */
   private async allocBlock(i: number): Promise<number> {
-    const c = await this.findFree(1);
-    this.freeHint = Math.max(this.freeHint, c + 1);
+    const c = await this.findFreeIndex(1);
+    this.freeHintIndex = Math.max(this.freeHintIndex, c + 1);
     const blockOff = c * this.cs;
     this.s.checkOverlap(blockOff, this.cs, 'refcount block');
     const block = Buffer.alloc(this.cs);
@@ -346,7 +348,7 @@ export class Refcounts {
     const cs = this.cs;
     const oldEntries = this.tableEntries;
     const endCluster = Math.ceil(this.s.fileSize / cs);
-    const metaStart = Math.max(endCluster, this.freeHint, oldEntries * E);
+    const metaStart = Math.max(endCluster, this.freeHintIndex, oldEntries * E);
     let nBlocks = 1;
     let tableClusters = 0;
     let indices: number[] = [];

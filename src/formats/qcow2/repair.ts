@@ -75,7 +75,7 @@ export async function reconcile(
   // Like qemu-img, only clusters inside the file are compared: a refcount
   // past the end describes space that does not exist yet, which costs nothing.
   const total = scan.clusters;
-  if (fix.corruptions || fix.leaks) rc.freeHint = Math.max(rc.freeHint, total);
+  if (fix.corruptions || fix.leaks) rc.freeHintIndex = Math.max(rc.freeHintIndex, total);
   const counts = scan.counts;
   const copied = scan.copied;
   /** An active L2 entry's COPIED flag disagrees with its cluster's refcount (after repair): re-read the tables below. */
@@ -84,7 +84,7 @@ export async function reconcile(
   const order = s.g.refcountOrder;
   // The block is compared from a copy taken when it is loaded: a repair
   // changes only the entry it repairs (new refcount blocks go past the
-  // compared range, see freeHint above), whose new value `final` is known.
+  // compared range, see freeHintIndex above), whose new value `final` is known.
   // With 16-bit refcounts (the default) the copy is byte-swapped to native
   // order and read as a Uint16Array.
   const copy = Buffer.alloc(cs);
@@ -157,12 +157,13 @@ export async function reconcile(
       }
     }
     if (!rereadL2) continue;
-    const table = await s.l2Table(l2);
-    let changed = false;
+    // A copy to read across the awaits below; the fixes go into the cached table through one modify().
+    const copy = await s.l2With(l2, (table) => Buffer.from(table));
+    const fixes: Array<[at: number, hi: number]> = [];
     for (let j = 0; j < s.g.l2Entries; j++) {
       const at = j * s.g.l2EntryBytes;
-      const hi = table.readUInt32BE(at);
-      const lo = table.readUInt32BE(at + 4);
+      const hi = copy.readUInt32BE(at);
+      const lo = copy.readUInt32BE(at + 4);
       const type = clusterType(s.g, hi, lo);
       if (!hasHostCluster(type)) continue; // unallocated, plain zero or compressed: COPIED means nothing
       const host = entryOffset(hi, lo);
@@ -174,12 +175,15 @@ export async function reconcile(
       r.corruptions++;
       note(`${fix.corruptions ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry at ${l2 + at}`);
       if (fix.corruptions) {
-        table.writeUInt32BE((wantCopied ? hi | L2E_COPIED : hi & ~L2E_COPIED) >>> 0, at);
-        changed = true;
+        fixes.push([at, (wantCopied ? hi | L2E_COPIED : hi & ~L2E_COPIED) >>> 0]);
         r.fixedCorruptions++;
       }
     }
-    if (changed) s.l2Cache.markDirty(l2, table);
+    if (fixes.length > 0) {
+      await s.l2Modify(l2, (table) => {
+        for (const [at, hi] of fixes) table.writeUInt32BE(hi, at);
+      });
+    }
   }
   return r;
 }

@@ -48,7 +48,7 @@ export async function scanQcow2Damage(s: Qcow2State, report: DamageReport, opts:
     }
     let table: Buffer;
     try {
-      table = await s.l2Table(l2Offset);
+      table = await s.l2With(l2Offset, (t) => Buffer.from(t)); // a copy: the loop below awaits (compressed clusters)
     } catch (err) {
       if (errnoOf(err) !== 'EIO') throw err;
       report.add(spanStart, spanEnd - spanStart, oneLine(err));

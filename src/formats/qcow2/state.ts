@@ -4,7 +4,7 @@
  * (driver.ts) is the BlockDriver face over it.
  */
 import { LRUCache } from 'lru-cache';
-import { TableCache } from '../../../cache/table-cache.js';
+import { TableCache, type Sync } from '../../../cache/table-cache.js';
 import { Mutex } from '../../../cache/mutex.js';
 import { CorruptionError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
@@ -120,42 +120,59 @@ export class Qcow2State {
     return (this.l1.readUInt32BE(l1Index * 8) & L1E_COPIED) !== 0;
   }
 
-  /** Why an L1 entry's L2 table offset cannot be used (null when it can). */
-  badL2Offset(offset: number): string | null {
-    const bad = badClusterOffset(this.g, offset);
+  /** Why an L1 entry's L2 table offset (host, bytes) cannot be used (null when it can). */
+  badL2Offset(l2Offset: number): string | null {
+    const bad = badClusterOffset(this.g, l2Offset);
     if (bad) return bad;
-    if (offset < this.g.clusterSize) return 'is in the header cluster';
-    if (offset >= this.fileSize) return `0x${offset.toString(16)} lies past the end of the file`;
+    if (l2Offset < this.g.clusterSize) return 'is in the header cluster';
+    if (l2Offset >= this.fileSize) return `0x${l2Offset.toString(16)} lies past the end of the file`;
     return null;
   }
 
-  /** The L2 table at `offset`, validated and loaded through the cache. */
-  async l2Table(offset: number): Promise<Buffer> {
-    const bad = this.badL2Offset(offset);
+  /** Throws when an L2 table offset cannot be used. */
+  private checkL2Offset(l2Offset: number): void {
+    const bad = this.badL2Offset(l2Offset);
     if (bad) throw new CorruptionError(`L2 table offset ${bad}`);
-    return this.l2Cache.get(offset);
   }
 
-  /** A write reached `end`: the file is at least that long now. */
-  noteFileEnd(end: number): void {
-    if (end > this.fileSize) this.fileSize = end;
+  /** The L2 table at `offset`, validated and loaded through the cache: read it synchronously, never change it (TableCache, borrowing). */
+  async l2Table(l2Offset: number): Promise<Buffer> {
+    this.checkL2Offset(l2Offset);
+    return this.l2Cache.get(l2Offset);
   }
 
-  /** A guest-data write reached `end` in `file`: the image file or the external data file. */
-  noteDataEnd(file: ImageFile, end: number): void {
-    if (file === this.file) this.noteFileEnd(end);
-    else if (end > this.dataFileSize) this.dataFileSize = end;
+  /** Borrow the L2 table at `offset` (validated) for reading inside the synchronous `use`. */
+  async l2With<T>(l2Offset: number, use: (table: Buffer) => Sync<T>): Promise<T> {
+    this.checkL2Offset(l2Offset);
+    return this.l2Cache.with(l2Offset, use);
+  }
+
+  /** Change the L2 table at `offset` (validated) inside the synchronous `change`; marked dirty after. Under the metadata lock. */
+  async l2Modify<T>(l2Offset: number, change: (table: Buffer) => Sync<T>): Promise<T> {
+    this.checkL2Offset(l2Offset);
+    return this.l2Cache.modify(l2Offset, change);
+  }
+
+  /** A write reached host offset `hostEnd`: the file is at least that long now. */
+  noteFileEnd(hostEnd: number): void {
+    if (hostEnd > this.fileSize) this.fileSize = hostEnd;
+  }
+
+  /** A guest-data write reached host offset `hostEnd` in `file`: the image file or the external data file. */
+  noteDataEnd(file: ImageFile, hostEnd: number): void {
+    if (file === this.file) this.noteFileEnd(hostEnd);
+    else if (hostEnd > this.dataFileSize) this.dataFileSize = hostEnd;
   }
 
   /**
-   * Throws (and reports corruption) if [offset, offset + length) of the image
-   * file overlaps metadata. Called before every data write and before a newly
+   * Throws (and reports corruption) if [hostOffset, hostOffset +
+   * lengthBytes) of the image file overlaps metadata. Called before every data write and before a newly
    * allocated cluster is written: refcounts that lie about a metadata cluster
    * must not lead to overwriting it.
    */
-  checkOverlap(offset: number, length: number, what: string): void {
-    const hit = this.overlap.find(offset, length);
-    if (hit) this.corruptionFound(`metadata overlap: ${what} at ${offset} overlaps ${hit}`);
+  checkOverlap(hostOffset: number, lengthBytes: number, what: string): void {
+    const hit = this.overlap.find(hostOffset, lengthBytes);
+    if (hit) this.corruptionFound(`metadata overlap: ${what} at ${hostOffset} overlaps ${hit}`);
   }
 
   /**
@@ -179,7 +196,9 @@ export class Qcow2State {
  * the first call (one L1 entry at a time under the metadata lock, so no
  * mapping changes under it), then kept current by every change of an L2
  * entry (note()). Until the scan is done, value() is an upper estimate: the
- * image file's size.
+ * image file's size. The scan reads the tables beside the L2 cache
+ * (TableCache.scan: a cached copy, dirty ones included, else the file), so
+ * counting a big image does not evict the working set.
  */
 export class DataBytes {
   private bytes = 0;
@@ -218,8 +237,7 @@ export class DataBytes {
         const l1i = this.countedL1;
         if (l1i >= s.l1Entries) return;
         const off = s.l2OffsetOf(l1i);
-        const table = off !== 0 && s.badL2Offset(off) === null ? await s.l2Table(off) : null;
-        if (table) this.bytes += tableDataBytes(s.g, table, s.g.l2Entries);
+        if (off !== 0 && s.badL2Offset(off) === null) this.bytes += await s.l2Cache.scan(off, (table) => tableDataBytes(s.g, table, s.g.l2Entries));
         this.countedL1 = l1i + 1;
       });
     }

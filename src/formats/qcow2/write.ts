@@ -7,14 +7,10 @@
  *  - `s.meta` (the metadata mutex) is held across every decision about how
  *    to write (lookup), every allocation, every link (L2/L1 update), every
  *    refcount change and every cache flush. Data I/O never holds it.
- *  - `inflight` holds the guest clusters whose mapping a request is about to
- *    change (a "rewrite": allocation, copy-on-write, materialising a zero
- *    cluster or unallocated subclusters). A cluster is registered in the same
- *    critical section that decided to rewrite it and removed in the one that
- *    links the new mapping (or undoes the attempt). A write that touches an
- *    in-flight cluster waits for it and then decides again from scratch: two
- *    writes never allocate one cluster twice, and no write lands in a cluster
- *    that is being replaced.
+ *  - `inflight` (../inflight.ts, its invariant is written there) holds the
+ *    guest clusters of every "rewrite" (allocation, copy-on-write,
+ *    materialising a zero cluster or unallocated subclusters): registered by
+ *    plan(), settled by link() or undo().
  *  - A "direct" write (cluster allocated with refcount 1 - the COPIED flag -,
  *    no zero flag, every touched subcluster allocated) goes in place and
  *    changes no metadata. It is counted while in flight (direct.ts), so a
@@ -43,6 +39,8 @@ import { bitmapRanges } from './bitmaps.js';
 import { serializeHeader } from './header.js';
 import { entryDataBytes, readL2Entry, type L2Entry } from './map.js';
 import { readGuest } from './read.js';
+import { InflightClusters } from '../inflight.js';
+import { l2ForWrite } from './l2-table.js';
 import { CommitQueue } from './commit.js';
 import { writeClusters } from './data.js';
 import { DirectWrites } from './direct.js';
@@ -52,21 +50,11 @@ import { repairRefcounts } from './repair.js';
 import type { Qcow2State } from './state.js';
 import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, hasBit, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, incompatibleField, L2E_ALLOC_BITMAP, L2E_COPIED, L2E_ZERO_BITMAP, writeEntry } from './spec.js';
 
-interface Deferred {
-  promise: Promise<void>;
-  resolve: () => void;
-}
-
-function deferred(): Deferred {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => (resolve = r));
-  return { promise, resolve };
-}
-
 export class Qcow2Writer {
   /** @internal zero.ts and resize.ts work beside the writer on the same state. */
   refcounts!: Refcounts;
-  private readonly inflight = new Map<number, Deferred>();
+  /** Guest clusters being rewritten (../inflight.ts). @internal zero.ts waits for them. */
+  readonly inflight = new InflightClusters();
   private activeReads = 0;
   /** Direct writes in flight (direct.ts: the fast path's invariant). */
   private readonly directWrites: DirectWrites;
@@ -240,12 +228,12 @@ export class Qcow2Writer {
     const cs = s.g.clusterSize;
     // Split large writes so one request never holds many clusters in flight.
     const maxChunk = Math.max(cs, 4 * 1024 * 1024);
-    let done = 0;
-    while (done < length) {
-      const pos = guestOffset + done;
-      const chunkEnd = Math.min(guestOffset + length, Math.floor(pos / maxChunk) * maxChunk + maxChunk);
-      await this.writeChunk(buf, bufOffset + done, chunkEnd - pos, pos);
-      done = chunkEnd - guestOffset;
+    let doneBytes = 0;
+    while (doneBytes < length) {
+      const chunkGuestOffset = guestOffset + doneBytes;
+      const chunkGuestEnd = Math.min(guestOffset + length, Math.floor(chunkGuestOffset / maxChunk) * maxChunk + maxChunk);
+      await this.writeChunk(buf, bufOffset + doneBytes, chunkGuestEnd - chunkGuestOffset, chunkGuestOffset);
+      doneBytes = chunkGuestEnd - guestOffset;
     }
   }
 
@@ -256,8 +244,8 @@ export class Qcow2Writer {
    */
   zeroInPlace(hostOffset: number, length: number): () => Promise<void> {
     const file = this.s.dataFile ?? this.s.file;
-    const c = this.directWrites.clusterOf(file, hostOffset);
-    if (c >= 0) this.directWrites.begin(c);
+    const hostCluster = this.directWrites.clusterOf(file, hostOffset);
+    if (hostCluster >= 0) this.directWrites.begin(hostCluster);
     return () => this.directWrites.issue(file, 'zero_write', null, 0, length, hostOffset, true);
   }
 
@@ -275,19 +263,19 @@ export class Qcow2Writer {
     const g = s.g;
     if (!this.prepared) return null;
     const cs = g.clusterSize;
-    const gc = Math.floor(guestOffset / cs);
-    const writeStart = guestOffset - gc * cs;
-    if (writeStart + length > cs || this.inflight.has(gc)) return null;
-    const l2Offset = s.l2OffsetOf(Math.floor(gc / g.l2Entries));
+    const clusterIndex = Math.floor(guestOffset / cs);
+    const writeStart = guestOffset - clusterIndex * cs;
+    if (writeStart + length > cs || this.inflight.has(clusterIndex)) return null;
+    const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
     const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
     if (!table) return null;
-    readL2Entry(g, table, gc % g.l2Entries, this.scratch);
-    const host = directHost(g, gc, writeStart, writeStart + length, this.scratch);
-    if (host < 0) return null;
-    const at = host + writeStart;
+    readL2Entry(g, table, clusterIndex % g.l2Entries, this.scratch);
+    const clusterHostOffset = directHost(g, clusterIndex, writeStart, writeStart + length, this.scratch);
+    if (clusterHostOffset < 0) return null;
+    const hostOffset = clusterHostOffset + writeStart;
     const file = s.dataFile ?? s.file;
-    if (!g.hasDataFile) s.checkOverlap(at, length, 'data write');
-    return this.directWrites.issue(file, 'data_write', buf, bufOffset, length, at);
+    if (!g.hasDataFile) s.checkOverlap(hostOffset, length, 'data write');
+    return this.directWrites.issue(file, 'data_write', buf, bufOffset, length, hostOffset);
   }
 
   private async writeChunk(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
@@ -305,7 +293,7 @@ export class Qcow2Writer {
     }
     const rewrites = ops.filter((o) => o.rewrite);
     // The direct ops of a planned request are direct writes too, counted by plan() (direct.ts).
-    const busy = g.hasDataFile ? [] : ops.filter((o) => !o.rewrite).map((o) => Math.floor(o.host / g.clusterSize));
+    const busy = g.hasDataFile ? [] : ops.filter((o) => !o.rewrite).map((o) => Math.floor(o.hostOffset / g.clusterSize));
     try {
       await writeClusters(this.s, buf, ops);
     } catch (err) {
@@ -317,73 +305,68 @@ export class Qcow2Writer {
     if (rewrites.length > 0) await s.meta.run(() => this.link(rewrites));
   }
 
-  /** @internal Under the lock: a promise to wait for when a guest cluster in [first, last] is in flight, else null. */
-  inflightWait(firstClusterIndex: number, lastClusterIndex: number): Promise<void> | null {
-    for (let gc = firstClusterIndex; gc <= lastClusterIndex; gc++) {
-      const d = this.inflight.get(gc);
-      if (d) return d.promise;
-    }
-    return null;
-  }
-
   /** Phase 1 (under the lock): decide, register in-flight clusters, allocate. */
   private async plan(bufOffset: number, length: number, guestOffset: number): Promise<{ ops: ClusterOp[] } | { wait: Promise<void> }> {
     const s = this.s;
     const g = s.g;
     const cs = g.clusterSize;
-    const end = guestOffset + length;
-    const firstGc = Math.floor(guestOffset / cs);
-    const lastGc = Math.floor((end - 1) / cs);
-    const busy = this.inflightWait(firstGc, lastGc);
+    const guestEnd = guestOffset + length;
+    const firstClusterIndex = Math.floor(guestOffset / cs);
+    const lastClusterIndex = Math.floor((guestEnd - 1) / cs);
+    const busy = this.inflight.waitFor(firstClusterIndex, lastClusterIndex);
     if (busy) return { wait: busy };
     await this.prepareFirstWrite();
     if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
 
     const ops: ClusterOp[] = [];
-    let table: Buffer | null = null;
-    let tableL1 = -1;
-    for (let gc = firstGc; gc <= lastGc; gc++) {
-      const clusterStart = gc * cs;
-      const writeStart = Math.max(guestOffset, clusterStart) - clusterStart;
-      const writeEnd = Math.min(end, clusterStart + cs) - clusterStart;
-      const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-      const l1i = Math.floor(gc / g.l2Entries);
-      if (l1i !== tableL1) {
-        const l2off = s.l2OffsetOf(l1i);
-        const bad = l2off ? s.badL2Offset(l2off) : null;
-        if (bad) s.corruptionFound(`a write to guest offset ${gc * cs} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
-        table = l2off ? await s.l2Table(l2off) : null;
-        tableL1 = l1i;
+    // One L2 table at a time, its entries read inside one borrow (TableCache).
+    const planSpan = (table: Buffer | null, from: number, to: number): void => {
+      for (let clusterIndex = from; clusterIndex <= to; clusterIndex++) {
+        const clusterGuestOffset = clusterIndex * cs;
+        const writeStart = Math.max(guestOffset, clusterGuestOffset) - clusterGuestOffset;
+        const writeEnd = Math.min(guestEnd, clusterGuestOffset + cs) - clusterGuestOffset;
+        const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+        if (table) readL2Entry(g, table, clusterIndex % g.l2Entries, old);
+        const bad = badOldMapping(g, s.fileSizeAtOpen, old, clusterGuestOffset);
+        if (bad) s.corruptionFound(`a write to guest offset ${clusterGuestOffset} needs its L2 entry, whose ${bad}`);
+        ops.push(planCluster(g, clusterIndex, writeStart, writeEnd, bufOffset + (clusterGuestOffset + writeStart - guestOffset), old));
       }
-      if (table) readL2Entry(g, table, gc % g.l2Entries, old);
-      const bad = badOldMapping(g, s.fileSizeAtOpen, old, clusterStart);
-      if (bad) s.corruptionFound(`a write to guest offset ${clusterStart} needs its L2 entry, whose ${bad}`);
-      ops.push(planCluster(g, gc, writeStart, writeEnd, bufOffset + (clusterStart + writeStart - guestOffset), old));
+    };
+    for (let clusterIndex = firstClusterIndex; clusterIndex <= lastClusterIndex; ) {
+      const l1i = Math.floor(clusterIndex / g.l2Entries);
+      const to = Math.min(lastClusterIndex, (l1i + 1) * g.l2Entries - 1);
+      const l2off = s.l2OffsetOf(l1i);
+      const bad = l2off ? s.badL2Offset(l2off) : null;
+      if (bad) s.corruptionFound(`a write to guest offset ${clusterIndex * cs} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
+      const from = clusterIndex;
+      if (l2off) await s.l2With(l2off, (table) => planSpan(table, from, to));
+      else planSpan(null, from, to);
+      clusterIndex = to + 1;
     }
     if (!g.hasDataFile) {
       for (const op of ops) {
         const dropped = op.fresh ? droppedReference(g, op.old) : null;
-        if (dropped) await this.checkReleasable('write', op.gc * g.clusterSize, dropped);
+        if (dropped) await this.checkReleasable('write', op.clusterIndex * g.clusterSize, dropped);
       }
     }
     const rewrites = ops.filter((o) => o.rewrite);
-    for (const op of rewrites) this.inflight.set(op.gc, deferred());
+    for (const op of rewrites) this.inflight.register(op.clusterIndex);
     try {
       const fresh = rewrites.filter((o) => o.fresh);
       if (fresh.length > 0 && !g.hasDataFile) {
-        const first = await this.refcounts.allocate(fresh.length);
-        fresh.forEach((o, i) => (o.host = first + i * cs));
-        s.checkOverlap(first, fresh.length * cs, 'new data cluster');
+        const firstHostOffset = await this.refcounts.allocateHostOffset(fresh.length);
+        fresh.forEach((o, i) => (o.hostOffset = firstHostOffset + i * cs));
+        s.checkOverlap(firstHostOffset, fresh.length * cs, 'new data cluster');
       }
       if (!g.hasDataFile) {
-        for (const op of ops) if (!op.fresh) s.checkOverlap(op.host + op.writeStart, op.writeEnd - op.writeStart, 'data write');
+        for (const op of ops) if (!op.fresh) s.checkOverlap(op.hostOffset + op.writeStart, op.writeEnd - op.writeStart, 'data write');
       }
     } catch (err) {
       this.finish(rewrites);
       throw err;
     }
     // Counted in this critical section, ended by writeChunk once the data settled (direct.ts).
-    if (!g.hasDataFile) for (const op of ops) if (!op.rewrite) this.directWrites.begin(Math.floor(op.host / cs));
+    if (!g.hasDataFile) for (const op of ops) if (!op.rewrite) this.directWrites.begin(Math.floor(op.hostOffset / cs));
     return { ops };
   }
 
@@ -399,15 +382,15 @@ export class Qcow2Writer {
    * Such a request is refused and the image marked corrupt. Called under the
    * lock, after the L2 entries were read (messages are built only on failure).
    */
-  async checkReleasable(op: 'write' | 'zeroing', guestOffset: number, [start, bytes]: [number, number]): Promise<void> {
+  async checkReleasable(op: 'write' | 'zeroing', guestOffset: number, [hostOffset, lengthBytes]: [number, number]): Promise<void> {
     const s = this.s;
     const cs = s.g.clusterSize;
     const what = (): string => `${op === 'write' ? 'a write to' : 'zeroing'} guest offset ${guestOffset}`;
-    const hit = s.overlap.find(start, bytes);
-    if (hit) s.corruptionFound(`metadata overlap: ${what()} drops a data reference to ${start}, which overlaps ${hit}`);
-    for (let c = Math.floor(start / cs); c <= Math.floor((start + bytes - 1) / cs); c++) {
-      if ((await this.refcounts.get(c)) === 0) {
-        s.corruptionFound(`${what()} drops a reference to host cluster ${c * cs}, whose refcount is 0`);
+    const hit = s.overlap.find(hostOffset, lengthBytes);
+    if (hit) s.corruptionFound(`metadata overlap: ${what()} drops a data reference to ${hostOffset}, which overlaps ${hit}`);
+    for (let ci = Math.floor(hostOffset / cs); ci <= Math.floor((hostOffset + lengthBytes - 1) / cs); ci++) {
+      if ((await this.refcounts.get(ci)) === 0) {
+        s.corruptionFound(`${what()} drops a reference to host cluster ${ci * cs}, whose refcount is 0`);
       }
     }
   }
@@ -421,19 +404,20 @@ export class Qcow2Writer {
     try {
       for (; i < ops.length; i++) {
         const op = ops[i];
-        const l1i = Math.floor(op.gc / g.l2Entries);
-        const { table, offset } = await this.l2ForWrite(l1i);
+        const l1i = Math.floor(op.clusterIndex / g.l2Entries);
+        const offset = await l2ForWrite(this, l1i);
         if (op.fresh && !this.lazy && !g.hasDataFile) await s.l2Cache.dependOn(this.refcounts.cache);
         s.l2Cache.dependOnSync();
-        const at = (op.gc % g.l2Entries) * g.l2EntryBytes;
-        writeEntry(table, at, L2E_COPIED, op.host, 0);
-        if (g.extL2) {
-          table.writeUInt32BE(op.newZero, at + L2E_ZERO_BITMAP);
-          table.writeUInt32BE(op.newAlloc, at + L2E_ALLOC_BITMAP);
-        }
-        s.l2Cache.markDirty(offset, table);
-        readL2Entry(g, table, op.gc % g.l2Entries, this.linked);
-        s.dataBytes.note(op.gc, entryDataBytes(g, this.linked) - entryDataBytes(g, op.old));
+        await s.l2Modify(offset, (table) => {
+          const at = (op.clusterIndex % g.l2Entries) * g.l2EntryBytes;
+          writeEntry(table, at, L2E_COPIED, op.hostOffset, 0);
+          if (g.extL2) {
+            table.writeUInt32BE(op.newZero, at + L2E_ZERO_BITMAP);
+            table.writeUInt32BE(op.newAlloc, at + L2E_ALLOC_BITMAP);
+          }
+          readL2Entry(g, table, op.clusterIndex % g.l2Entries, this.linked);
+        });
+        s.dataBytes.note(op.clusterIndex, entryDataBytes(g, this.linked) - entryDataBytes(g, op.old));
         if (op.fresh && !g.hasDataFile) {
           const dropped = droppedReference(g, op.old);
           if (dropped) releases.push(dropped);
@@ -452,7 +436,7 @@ export class Qcow2Writer {
   private async undo(ops: ClusterOp[]): Promise<void> {
     try {
       if (!this.s.g.hasDataFile) {
-        for (const op of ops) if (op.fresh && op.host !== 0) await this.refcounts.release(op.host, this.s.g.clusterSize);
+        for (const op of ops) if (op.fresh && op.hostOffset !== 0) await this.refcounts.release(op.hostOffset, this.s.g.clusterSize);
       }
     } catch (err) {
       this.s.log.warn({ err: (err as Error).message }, 'could not release clusters of a failed write (leaked)');
@@ -462,47 +446,6 @@ export class Qcow2Writer {
   }
 
   private finish(ops: ClusterOp[]): void {
-    for (const op of ops) {
-      const d = this.inflight.get(op.gc);
-      if (d) {
-        this.inflight.delete(op.gc);
-        d.resolve();
-      }
-    }
-  }
-
-  /**
-   * The L2 table for L1 index `l1i`, ready to be modified: allocated if
-   * missing, copied if shared with a snapshot (no COPIED flag). The new
-   * table goes into the cache dirty and the in-memory L1 entry points at it
-   * at once (reads and writes find it there); the on-disk L1 entry is
-   * written by the next flush, after the table and the refcount of its
-   * cluster are durable (commit.ts, step 3). Until then the old mapping stays on disk,
-   * so a crash only leaks. The old table's reference is queued and dropped
-   * by that flush after the L1 entry that replaced it is durable.
-   * @internal Under the metadata lock; the table is changed before the next await.
-   */
-  async l2ForWrite(l1i: number): Promise<{ table: Buffer; offset: number }> {
-    const s = this.s;
-    const cs = s.g.clusterSize;
-    const old = s.l2OffsetOf(l1i);
-    if (old !== 0 && s.l1Copied(l1i)) return { table: await s.l2Table(old), offset: old };
-    const table = old !== 0 ? Buffer.from(await s.l2Table(old)) : Buffer.alloc(cs);
-    const offset = await this.refcounts.allocate(1);
-    s.checkOverlap(offset, cs, 'new L2 table');
-    if (!this.lazy) await s.l2Cache.dependOn(this.refcounts.cache);
-    s.unwrittenL2.add(offset);
-    s.l2Cache.install(offset, table, true);
-    s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
-    writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
-    this.commit.l1Changed(l1i);
-    s.overlap.l2Allocated(offset);
-    if (old !== 0) {
-      // No longer a table of the active L1: once released it may be reused like any free cluster.
-      s.overlap.l2Dropped(old);
-      this.commit.queueRelease(old, cs);
-    }
-    s.log.debug({ l1i, offset, copiedFrom: old }, 'L2 table allocated');
-    return { table, offset };
+    for (const op of ops) this.inflight.settle(op.clusterIndex);
   }
 }

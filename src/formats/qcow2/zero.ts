@@ -24,7 +24,7 @@
  * allocated for them). Partial clusters and subclusters are zeroed in place
  * through the normal write path, unless they already read as zeros.
  *
- * Shared L2 tables are copied first (Qcow2Writer.l2ForWrite); a cluster
+ * Shared L2 tables are copied first (l2-table.ts); a cluster
  * shared with a snapshot (no COPIED flag) only loses this entry's reference.
  * Dropped references go to the commit queue: released after the cleared
  * entry is durable (commit.ts, step 4); the freed clusters are punched and
@@ -33,6 +33,7 @@
  */
 import { CorruptionError } from '../../errors.js';
 import { classify, entryDataBytes, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
+import { l2ForWrite } from './l2-table.js';
 import { badOldMapping, droppedReference } from './plan.js';
 import {
   ALL_SUBCLUSTERS, ClusterType, clusterType, entryOffset, type Geometry, L2E_ALLOC_BITMAP, L2E_COPIED, L2E_ZERO, L2E_ZERO_BITMAP,
@@ -242,9 +243,8 @@ async function zeroInCluster(w: Qcow2Writer, guestOffset: number, length: number
   const l2Offset = s.l2OffsetOf(l1i);
   let zero = !backed && l2Offset === 0;
   if (l2Offset !== 0 && s.badL2Offset(l2Offset) === null) {
-    const table = await s.l2Table(l2Offset);
     const e: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-    readL2Entry(g, table, ci % g.l2Entries, e);
+    await s.l2With(l2Offset, (table) => readL2Entry(g, table, ci % g.l2Entries, e));
     const piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
     zero = true;
     const inCluster = guestOffset - ci * cs;
@@ -269,7 +269,7 @@ async function zeroUnits(w: Qcow2Writer, start: number, end: number, unmap: bool
   for (;;) {
     // Wrapped: a promise returned bare would be awaited inside the critical section (a deadlock).
     const r = await s.meta.run(async (): Promise<{ wait: Promise<void> | null }> => {
-      const busy = w.inflightWait(firstCi, lastCi);
+      const busy = w.inflight.waitFor(firstCi, lastCi);
       if (busy) return { wait: busy };
       await w.prepareFirstWrite();
       if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
@@ -292,15 +292,24 @@ async function zeroLocked(
   const l2off = s.l2OffsetOf(l1i);
   const bad = l2off ? s.badL2Offset(l2off) : null;
   if (bad) s.corruptionFound(`zeroing guest offset ${start} needs L1 entry ${l1i}, whose L2 table offset ${bad}`);
-  const table = l2off ? await s.l2Table(l2off) : null;
+  // The entries, read in one borrow: the loop below awaits (checkReleasable), and under the lock they stay what they are.
+  const olds: L2Entry[] = [];
+  const decode = (table: Buffer | null): void => {
+    for (let ci = firstCi; ci <= lastCi; ci++) {
+      const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
+      if (table) readL2Entry(g, table, ci % g.l2Entries, old);
+      olds.push(old);
+    }
+  };
+  if (l2off) await s.l2With(l2off, decode);
+  else decode(null);
   const planned: Planned[] = [];
   const later: Array<() => Promise<void>> = [];
   const inPlace: number[] = [];
   // Counted as direct writes only once nothing here can throw any more.
   const result = (): Array<() => Promise<void>> => [...later, ...inPlace.map((host) => w.zeroInPlace(host, cs))];
   for (let ci = firstCi; ci <= lastCi; ci++) {
-    const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-    if (table) readL2Entry(g, table, ci % g.l2Entries, old);
+    const old = olds[ci - firstCi];
     const from = Math.max(start, ci * cs) - ci * cs;
     const to = Math.min(end, (ci + 1) * cs) - ci * cs;
     const d = zeroEntry(g, old, unitMask(g, from, to), unmap, backed);
@@ -325,22 +334,25 @@ async function zeroLocked(
   }
   if (planned.length === 0) return result();
   // Entries cannot change while the lock is held; the table may be copied (shared) or allocated here.
-  const { table: t, offset } = await w.l2ForWrite(l1i);
-  for (const { clusterIndex, d, old } of planned) {
-    const at = (clusterIndex % g.l2Entries) * g.l2EntryBytes;
-    t.writeUInt32BE(d.hi, at);
-    t.writeUInt32BE(d.lo, at + 4);
-    if (g.extL2) {
-      t.writeUInt32BE(d.zero, at + L2E_ZERO_BITMAP);
-      t.writeUInt32BE(d.alloc, at + L2E_ALLOC_BITMAP);
+  const offset = await l2ForWrite(w, l1i);
+  await s.l2Modify(offset, (t) => {
+    for (const { clusterIndex, d } of planned) {
+      const at = (clusterIndex % g.l2Entries) * g.l2EntryBytes;
+      t.writeUInt32BE(d.hi, at);
+      t.writeUInt32BE(d.lo, at + 4);
+      if (g.extL2) {
+        t.writeUInt32BE(d.zero, at + L2E_ZERO_BITMAP);
+        t.writeUInt32BE(d.alloc, at + L2E_ALLOC_BITMAP);
+      }
     }
+  });
+  for (const { clusterIndex, d, old } of planned) {
     s.dataBytes.note(clusterIndex, entryDataBytes(g, { hi: d.hi, lo: d.lo, alloc: d.alloc, zero: d.zero }) - entryDataBytes(g, old));
     if (d.drop) {
       const dropped = droppedReference(g, old);
       if (dropped) w.commit.queueRelease(dropped[0], dropped[1]);
     }
   }
-  s.l2Cache.markDirty(offset, t);
   s.log.debug({ l1Index: l1i, clusters: planned.length, unmap }, 'clusters zeroed');
   await w.flushIfPressed();
   return result();

@@ -20,7 +20,6 @@
 import { FormatError } from '../../errors.js';
 import { hexOffset } from '../u64.js';
 import { ImageFile } from '../../io/file.js';
-import { lockImageFile } from '../../io/lock.js';
 import type { Logger } from '../../log.js';
 import type { CheckReport as GenericCheckReport, FragInfo, RepairMode } from '../driver.js';
 import {
@@ -35,6 +34,7 @@ import {
   type QedGeometry,
   type QedHeader,
 } from './header.js';
+import { lockForUse } from '../image-lock.js';
 import { validClusterOffset, validTableOffset } from './table.js';
 
 /** The dispatcher's report type, narrowed to this format. */
@@ -237,8 +237,7 @@ export async function checkQed(path: string, opts: { repair: RepairMode; log: Lo
     throw new FormatError(`${path}: cannot open: ${(err as NodeJS.ErrnoException).code ?? 'error'}`, 'EIO');
   }
   try {
-    // Like qemu-img check: a repair is a writer, a check a reader.
-    lockImageFile(file.descriptor, path, path, repairing ? 'write' : opts.forceShare ? 'shared-read' : 'read');
+    lockForUse(file, path, path, { readOnly: !repairing, forceShare: opts.forceShare }); // like qemu-img check (../image-lock.ts)
     let meta: Awaited<ReturnType<typeof readQedMeta>>;
     try {
       meta = await readQedMeta(file);

@@ -8,11 +8,11 @@
  *     lookup + allocate step of an allocating write, linking new clusters
  *     into L1/L2, setting and clearing the need-check bit. Data I/O of an
  *     allocating write (backing read, cluster write) runs outside it.
- *  2. In-flight tracking: between "allocate" and "link" a guest cluster is in
- *     `inflight` (set under the lock). A write that finds its first cluster
- *     in flight waits for it and starts over (the cluster is then allocated,
- *     so it becomes a plain data write); an allocation run stops before any
- *     cluster in flight. So no guest cluster is ever allocated twice and no
+ *  2. In-flight tracking (../inflight.ts, the invariant is written there):
+ *     between "allocate" and "link" a guest cluster is in `inflight`. A
+ *     write that finds its first cluster in flight waits for it and starts
+ *     over (the cluster is then allocated, so it becomes a plain data write);
+ *     an allocation run stops before any cluster in flight, so no
  *     copy-on-write fill can overwrite another write's data.
  *  3. Reads and writes into allocated clusters take no lock: an L2 entry is
  *     set only after its cluster's data is written, so a read racing an
@@ -51,6 +51,7 @@ import {
   type DriverOpenOptions,
   type ImageInfo,
 } from '../driver.js';
+import { InflightClusters } from '../inflight.js';
 import { AppendAllocator, DataClusterCount } from './alloc.js';
 import { clearNeedCheck, readQedMeta, scanQed } from './check.js';
 import {
@@ -127,8 +128,8 @@ export async function openQed(file: ImageFile, opts: DriverOpenOptions): Promise
 
 interface AllocPlan {
   run: FreeRun;
-  host: number;
-  release: () => void;
+  /** host offset of the first new cluster */
+  hostOffset: number;
 }
 
 class QedDriver implements BlockDriver {
@@ -138,8 +139,8 @@ class QedDriver implements BlockDriver {
   private readonly count: DataClusterCount;
   private readonly zero: ZeroContext;
   private readonly metaLock = new Mutex();
-  /** guest cluster -> settles when its allocating write linked it (or failed) */
-  private readonly inflight = new Map<number, Promise<void>>();
+  /** guest clusters of allocating writes between their allocate and link steps (../inflight.ts) */
+  private readonly inflight = new InflightClusters();
   /** allocating writes between their allocate and link steps */
   private activeAllocs = 0;
   private needCheckOnDisk: boolean;
@@ -172,7 +173,7 @@ class QedDriver implements BlockDriver {
       count: this.count,
       markNeedCheckLocked: () => this.markNeedCheckLocked(),
       changedMetadata: () => this.armIdleTimer(),
-      write: (buf, off, len, g) => this.writeChecked(buf, off, len, g),
+      write: (buf, bufOffset, length, guestOffset) => this.writeChecked(buf, bufOffset, length, guestOffset),
       wrote: (end) => space.wrote(end),
     };
   }
@@ -185,16 +186,16 @@ class QedDriver implements BlockDriver {
     checkRequest(this, 'read', guestOffset, length, this.closed);
     let done = 0;
     while (done < length) {
-      const g = guestOffset + done;
+      const extentGuestOffset = guestOffset + done;
       const at = bufOffset + done;
-      const ext = await this.tables.map(g, length - done);
+      const ext = await this.tables.map(extentGuestOffset, length - done);
       if (ext.kind === 'data') {
         // A cluster straddling the end of the file reads zeros past it.
         await this.file.readZeroFill(buf, at, ext.bytes, ext.host);
       } else if (ext.kind === 'zero' || !this.backing) {
         buf.fill(0, at, at + ext.bytes);
       } else {
-        await readFromBacking(this.backing, buf, at, ext.bytes, g);
+        await readFromBacking(this.backing, buf, at, ext.bytes, extentGuestOffset);
       }
       done += ext.bytes;
     }
@@ -209,56 +210,54 @@ class QedDriver implements BlockDriver {
   private async writeChecked(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     let done = 0;
     while (done < length) {
-      const g = guestOffset + done;
+      const extentGuestOffset = guestOffset + done;
       const at = bufOffset + done;
-      const ext = await this.tables.map(g, length - done);
+      const ext = await this.tables.map(extentGuestOffset, length - done);
       if (ext.kind === 'data') {
         await this.file.write('data_write', buf, at, ext.bytes, ext.host);
         this.space.wrote(ext.host + ext.bytes);
         done += ext.bytes;
       } else {
-        done += await this.allocatingWrite(buf, at, length - done, g);
+        done += await this.allocatingWrite(buf, at, length - done, extentGuestOffset);
       }
     }
   }
 
   /**
-   * Write [g, g + rem) starting in an unallocated or zero cluster. Returns the
-   * bytes written: 0 when the cluster turned out allocated or in flight (the
-   * caller maps again).
+   * Write guest [guestOffset, guestOffset + remBytes) starting in an
+   * unallocated or zero cluster. Returns the bytes written: 0 when the
+   * cluster turned out allocated or in flight (the caller maps again).
    */
-  private async allocatingWrite(buf: Buffer, at: number, rem: number, g: number): Promise<number> {
+  private async allocatingWrite(buf: Buffer, bufOffset: number, remBytes: number, guestOffset: number): Promise<number> {
     const cs = this.geo.clusterSize;
     // A promise returned from inside run() would be awaited under the lock: wrap it.
     const plan = await this.metaLock.run(async (): Promise<AllocPlan | { wait: Promise<void> } | null> => {
-      const busy = this.inflight.get(Math.floor(g / cs));
+      const clusterIndex = Math.floor(guestOffset / cs);
+      const busy = this.inflight.waitFor(clusterIndex, clusterIndex);
       if (busy) return { wait: busy };
-      const run = await this.tables.allocScan(g, rem, (c) => this.inflight.has(c));
+      const run = await this.tables.allocScan(guestOffset, remBytes, (c) => this.inflight.has(c));
       if (!run) return null;
       await this.markNeedCheckLocked();
-      const host = this.space.alloc(run.clusters);
-      let release!: () => void;
-      const settled = new Promise<void>((r) => (release = r));
-      for (let i = 0; i < run.clusters; i++) this.inflight.set(run.firstCluster + i, settled);
+      const hostOffset = this.space.alloc(run.clusters);
+      this.inflight.register(run.firstCluster, run.clusters);
       this.activeAllocs++;
-      return { run, host, release };
+      return { run, hostOffset };
     });
     if (plan === null) return 0;
     if ('wait' in plan) {
       await plan.wait;
       return 0;
     }
-    const { run, host } = plan;
+    const { run, hostOffset } = plan;
     try {
-      await this.writeNewClusters(buf, at, g, run, host);
+      await this.writeNewClusters(buf, bufOffset, guestOffset, run, hostOffset);
       await this.metaLock.run(async () => {
-        await this.tables.link(run.firstCluster, run.clusters, host);
+        await this.tables.link(run.firstCluster, run.clusters, hostOffset);
         this.count.changed(run.firstCluster, run.clusters);
       });
     } finally {
-      for (let i = 0; i < run.clusters; i++) this.inflight.delete(run.firstCluster + i);
       this.activeAllocs--;
-      plan.release();
+      this.inflight.settle(run.firstCluster, run.clusters);
       this.armIdleTimer();
     }
     if (this.tables.l2.underPressure) await this.tables.l2.writeBack();
@@ -266,36 +265,36 @@ class QedDriver implements BlockDriver {
   }
 
   /** One write of the new clusters: fill before the data, the data, fill after it. */
-  private async writeNewClusters(buf: Buffer, at: number, g: number, run: FreeRun, host: number): Promise<void> {
+  private async writeNewClusters(buf: Buffer, bufOffset: number, guestOffset: number, run: FreeRun, hostOffset: number): Promise<void> {
     const cs = this.geo.clusterSize;
-    const start = run.firstCluster * cs;
-    const end = start + run.clusters * cs;
-    const head = g - start;
-    const tail = end - (g + run.bytes);
+    const runGuestStart = run.firstCluster * cs;
+    const runGuestEnd = runGuestStart + run.clusters * cs;
+    const head = guestOffset - runGuestStart;
+    const tail = runGuestEnd - (guestOffset + run.bytes);
     const zeroHead = run.firstKind === 'zero' || !this.backing;
     const zeroTail = run.lastKind === 'zero' || !this.backing;
     if ((head === 0 || zeroHead) && (tail === 0 || zeroTail)) {
       // Fill that reads as zeros is written as zeros without a buffer; past
       // the end of the file that is only a resize (ImageFile.writeZeroes).
-      const ios: Promise<void>[] = [this.file.write('cow_write', buf, at, run.bytes, host + head)];
-      if (head > 0) ios.push(this.file.writeZeroes('cow_write', host, head));
-      if (tail > 0) ios.push(this.file.writeZeroes('cow_write', host + head + run.bytes, tail));
+      const ios: Promise<void>[] = [this.file.write('cow_write', buf, bufOffset, run.bytes, hostOffset + head)];
+      if (head > 0) ios.push(this.file.writeZeroes('cow_write', hostOffset, head));
+      if (tail > 0) ios.push(this.file.writeZeroes('cow_write', hostOffset + head + run.bytes, tail));
       await settleAll(ios);
     } else {
       const out = Buffer.alloc(run.clusters * cs);
-      if (head > 0) await this.fill(run.firstKind, out, 0, head, start);
-      buf.copy(out, head, at, at + run.bytes);
-      if (tail > 0) await this.fill(run.lastKind, out, head + run.bytes, tail, g + run.bytes);
-      await this.file.write('cow_write', out, 0, out.length, host);
+      if (head > 0) await this.fill(run.firstKind, out, 0, head, runGuestStart);
+      buf.copy(out, head, bufOffset, bufOffset + run.bytes);
+      if (tail > 0) await this.fill(run.lastKind, out, head + run.bytes, tail, guestOffset + run.bytes);
+      await this.file.write('cow_write', out, 0, out.length, hostOffset);
     }
-    this.space.wrote(host + run.clusters * cs);
+    this.space.wrote(hostOffset + run.clusters * cs);
   }
 
   /** Fill a zeroed buffer range with what the guest sees there before the write. */
-  private async fill(kind: 'unalloc' | 'zero', out: Buffer, off: number, len: number, guest: number): Promise<void> {
+  private async fill(kind: 'unalloc' | 'zero', out: Buffer, outOffset: number, lengthBytes: number, guestOffset: number): Promise<void> {
     if (kind === 'zero' || !this.backing) return;
-    const inDisk = Math.max(0, Math.min(len, this.virtualSize - guest));
-    if (inDisk > 0) await readFromBacking(this.backing, out, off, inDisk, guest);
+    const inDisk = Math.max(0, Math.min(lengthBytes, this.virtualSize - guestOffset));
+    if (inDisk > 0) await readFromBacking(this.backing, out, outOffset, inDisk, guestOffset);
   }
 
   /** Set the need-check bit durably (caller holds metaLock). */
@@ -377,14 +376,14 @@ class QedDriver implements BlockDriver {
     const out: BlockExtent[] = [];
     let done = 0;
     while (done < length) {
-      const g = guestOffset + done;
-      const ext = await this.tables.map(g, length - done);
+      const extentGuestOffset = guestOffset + done;
+      const ext = await this.tables.map(extentGuestOffset, length - done);
       if (ext.kind === 'data') {
-        pushExtent(out, { guestOffset: g, length: ext.bytes, data: true, zero: false, present: true, depth: 0, hostOffset: ext.host });
+        pushExtent(out, { guestOffset: extentGuestOffset, length: ext.bytes, data: true, zero: false, present: true, depth: 0, hostOffset: ext.host });
       } else if (ext.kind === 'zero') {
-        pushExtent(out, { guestOffset: g, length: ext.bytes, data: false, zero: true, present: true, depth: 0 });
+        pushExtent(out, { guestOffset: extentGuestOffset, length: ext.bytes, data: false, zero: true, present: true, depth: 0 });
       } else {
-        await backingStatus(this.backing, g, ext.bytes, out);
+        await backingStatus(this.backing, extentGuestOffset, ext.bytes, out);
       }
       done += ext.bytes;
     }

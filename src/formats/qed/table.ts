@@ -19,9 +19,9 @@
  *    caller links after its data write completed), and the cache syncs the
  *    file before writing a dirty L2 table (dependOnSync), so data is durable
  *    before the table entry pointing at it.
- * Callers hold the driver's metadata lock around link(); map() and
- * allocScan() read a table and then scan it synchronously (a cached table
- * buffer is only valid until the next await).
+ * Callers hold the driver's metadata lock around link(). Every L2 table is
+ * read inside a borrow (TableCache: with, modify, scan), never across an
+ * await.
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError } from '../../errors.js';
@@ -45,7 +45,7 @@ export interface FreeRun {
   clusters: number;
   firstKind: 'unalloc' | 'zero';
   lastKind: 'unalloc' | 'zero';
-  /** bytes of the request [guest, guest + bytes) inside the run */
+  /** bytes of the request [guestOffset, guestOffset + bytes) inside the run */
   bytes: number;
 }
 
@@ -89,22 +89,22 @@ export class QedTables {
   }
 
   /** The L2 table offset for an L1 index: 0 when unallocated; throws when corrupt. */
-  private l2Offset(l1Index: number, guest: number): number {
+  private l2Offset(l1Index: number, guestOffset: number): number {
     const off = readEntry(this.l1, l1Index);
     if (off === 0) return 0;
     const tb = this.geo.tableBytes;
     const onL1 = off < this.l1Offset + tb && this.l1Offset < off + tb; // a table over the L1 table: writes would destroy it
     if (onL1 || !validTableOffset(this.geo, off, this.space.fileEnd)) {
       throw new CorruptionError(
-        `${this.file.path}: corrupt QED L1 entry ${l1Index} (L2 table offset ${hex(off)}) for guest offset ${hex(guest)}`,
+        `${this.file.path}: corrupt QED L1 entry ${l1Index} (L2 table offset ${hex(off)}) for guest offset ${hex(guestOffset)}`,
       );
     }
     return off;
   }
 
-  private corruptData(entry: number, guest: number): CorruptionError {
+  private corruptData(entry: number, guestOffset: number): CorruptionError {
     const why = entry >= this.space.fileEnd ? 'past the end of the file' : 'not a valid cluster offset';
-    return new CorruptionError(`${this.file.path}: QED data cluster ${hex(entry)} for guest offset ${hex(guest)} is ${why}`);
+    return new CorruptionError(`${this.file.path}: QED data cluster ${hex(entry)} for guest offset ${hex(guestOffset)} is ${why}`);
   }
 
   private isDataEntry(e: number): boolean {
@@ -112,19 +112,22 @@ export class QedTables {
   }
 
   /**
-   * The longest extent of one kind starting at `guest`, at most `maxBytes`,
+   * The longest extent of one kind starting at `guestOffset`, at most `maxBytes`,
    * inside one L2 table; data extents are host-contiguous.
    */
-  async map(guest: number, maxBytes: number): Promise<Extent> {
+  async map(guestOffset: number, maxBytes: number): Promise<Extent> {
     const g = this.geo;
-    const cs = g.clusterSize;
-    const l1Index = Math.floor(guest / g.l2Span);
-    const inSpan = guest - l1Index * g.l2Span;
+    const l1Index = Math.floor(guestOffset / g.l2Span);
+    const inSpan = guestOffset - l1Index * g.l2Span;
     const limit = Math.min(maxBytes, g.l2Span - inSpan);
-    const l2off = this.l2Offset(l1Index, guest);
+    const l2off = this.l2Offset(l1Index, guestOffset);
     if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
-    const table = await this.l2.get(l2off);
-    // From here to the return: synchronous (the table buffer is only valid until an await).
+    return this.l2.with(l2off, (table) => this.extentIn(table, guestOffset, inSpan, limit));
+  }
+
+  /** map() inside its borrow of the L2 table. */
+  private extentIn(table: Buffer, guestOffset: number, inSpan: number, limit: number): Extent {
+    const cs = this.geo.clusterSize;
     let idx = Math.floor(inSpan / cs);
     const within = inSpan - idx * cs;
     const first = readEntry(table, idx);
@@ -136,7 +139,7 @@ export class QedTables {
       }
       return { kind: first === 0 ? 'unalloc' : 'zero', host: 0, bytes };
     }
-    if (!this.isDataEntry(first)) throw this.corruptData(first, guest);
+    if (!this.isDataEntry(first)) throw this.corruptData(first, guestOffset);
     let next = first + cs;
     while (bytes < limit) {
       const e = readEntry(table, idx + 1);
@@ -149,44 +152,45 @@ export class QedTables {
   }
 
   /**
-   * For an allocating write at `guest` (caller holds the metadata lock): the
-   * run of unallocated or zero clusters from guest's cluster, inside one L2
+   * For an allocating write at `guestOffset` (caller holds the metadata lock): the
+   * run of unallocated or zero clusters from guestOffset's cluster, inside one L2
    * table and the request, skipping none and stopping before a cluster that
    * `busy` reports in flight. Null when the first cluster is now allocated.
    */
-  async allocScan(guest: number, maxBytes: number, busy: (cluster: number) => boolean): Promise<FreeRun | null> {
+  async allocScan(guestOffset: number, maxBytes: number, busy: (clusterIndex: number) => boolean): Promise<FreeRun | null> {
     const g = this.geo;
     const cs = g.clusterSize;
-    const firstCluster = Math.floor(guest / cs);
+    const firstCluster = Math.floor(guestOffset / cs);
     const l1Index = Math.floor(firstCluster / g.tableEntries);
     const idx0 = firstCluster - l1Index * g.tableEntries;
-    const within = guest - firstCluster * cs;
+    const within = guestOffset - firstCluster * cs;
     const limitClusters = Math.min(g.tableEntries - idx0, Math.ceil((within + maxBytes) / cs));
-    const l2off = this.l2Offset(l1Index, guest);
-    const table = l2off === 0 ? null : await this.l2.get(l2off);
-    // Synchronous from here.
-    const kindAt = (i: number): 'unalloc' | 'zero' | null => {
-      const e = table ? readEntry(table, idx0 + i) : 0;
-      if (e === 0) return 'unalloc';
-      if (e === QED_ZERO_CLUSTER) return 'zero';
-      return null;
+    const l2off = this.l2Offset(l1Index, guestOffset);
+    const scan = (table: Buffer | null): FreeRun | null => {
+      const kindAt = (i: number): 'unalloc' | 'zero' | null => {
+        const e = table ? readEntry(table, idx0 + i) : 0;
+        if (e === 0) return 'unalloc';
+        if (e === QED_ZERO_CLUSTER) return 'zero';
+        return null;
+      };
+      const firstKind = kindAt(0);
+      if (firstKind === null) {
+        const e = readEntry(table!, idx0);
+        if (!this.isDataEntry(e)) throw this.corruptData(e, guestOffset);
+        return null;
+      }
+      let n = 1;
+      let lastKind = firstKind;
+      while (n < limitClusters && !busy(firstCluster + n)) {
+        const k = kindAt(n);
+        if (k === null) break;
+        lastKind = k;
+        n++;
+      }
+      const bytes = Math.min(maxBytes, n * cs - within);
+      return { firstCluster, clusters: n, firstKind, lastKind, bytes };
     };
-    const firstKind = kindAt(0);
-    if (firstKind === null) {
-      const e = readEntry(table!, idx0);
-      if (!this.isDataEntry(e)) throw this.corruptData(e, guest);
-      return null;
-    }
-    let n = 1;
-    let lastKind = firstKind;
-    while (n < limitClusters && !busy(firstCluster + n)) {
-      const k = kindAt(n);
-      if (k === null) break;
-      lastKind = k;
-      n++;
-    }
-    const bytes = Math.min(maxBytes, n * cs - within);
-    return { firstCluster, clusters: n, firstKind, lastKind, bytes };
+    return l2off === 0 ? scan(null) : this.l2.with(l2off, scan);
   }
 
   /**
@@ -236,14 +240,15 @@ export class QedTables {
     const idx0 = firstCluster - l1Index * g.tableEntries;
     const l2off = this.l2Offset(l1Index, firstCluster * g.clusterSize);
     if (l2off === 0) return new Array<number>(count).fill(0);
-    const table = await this.l2.get(l2off);
-    const out: number[] = [];
-    for (let i = 0; i < count; i++) {
-      const e = readEntry(table, idx0 + i);
-      if (e !== 0 && e !== QED_ZERO_CLUSTER && !this.isDataEntry(e)) throw this.corruptData(e, (firstCluster + i) * g.clusterSize);
-      out.push(e);
-    }
-    return out;
+    return this.l2.with(l2off, (table) => {
+      const out: number[] = [];
+      for (let i = 0; i < count; i++) {
+        const e = readEntry(table, idx0 + i);
+        if (e !== 0 && e !== QED_ZERO_CLUSTER && !this.isDataEntry(e)) throw this.corruptData(e, (firstCluster + i) * g.clusterSize);
+        out.push(e);
+      }
+      return out;
+    });
   }
 
   /**
@@ -263,9 +268,9 @@ export class QedTables {
     const idx0 = firstCluster - l1Index * g.tableEntries;
     const l2off = this.l2Offset(l1Index, firstCluster * cs);
     if (l2off !== 0) {
-      const table = await this.l2.get(l2off);
-      for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, entryAt(i));
-      this.l2.markDirty(l2off, table);
+      await this.l2.modify(l2off, (table) => {
+        for (let i = 0; i < count; i++) writeEntry(table, idx0 + i, entryAt(i));
+      });
       this.l2.dependOnSync();
       return;
     }
@@ -293,13 +298,14 @@ export class QedTables {
   async countData(l1Index: number): Promise<number> {
     const l2off = this.l2Offset(l1Index, l1Index * this.geo.l2Span);
     if (l2off === 0) return 0;
-    const table = await this.l2.get(l2off);
-    let n = 0;
-    for (let i = 0; i < this.geo.tableEntries; i++) {
-      const e = readEntry(table, i);
-      if (e !== 0 && e !== QED_ZERO_CLUSTER) n++;
-    }
-    return n;
+    return this.l2.with(l2off, (table) => {
+      let n = 0;
+      for (let i = 0; i < this.geo.tableEntries; i++) {
+        const e = readEntry(table, i);
+        if (e !== 0 && e !== QED_ZERO_CLUSTER) n++;
+      }
+      return n;
+    });
   }
 
   /** Write dirty L2 tables (data synced first) and sync the file. */

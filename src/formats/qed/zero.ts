@@ -32,6 +32,7 @@
 import type { Mutex } from '../../../cache/mutex.js';
 import type { ImageFile } from '../../io/file.js';
 import type { BlockDriver } from '../driver.js';
+import type { InflightClusters } from '../inflight.js';
 import type { DataClusterCount } from './alloc.js';
 import { QED_ZERO_CLUSTER, type QedGeometry } from './header.js';
 import type { QedTables } from './table.js';
@@ -42,8 +43,8 @@ export interface ZeroContext {
   tables: QedTables;
   backing: BlockDriver | null;
   metaLock: Mutex;
-  /** guest cluster -> settles when its allocating write linked it */
-  inflight: Map<number, Promise<void>>;
+  /** guest clusters of allocating writes in flight (../inflight.ts) */
+  inflight: InflightClusters;
   count: DataClusterCount;
   markNeedCheckLocked(): Promise<void>;
   /** the metadata changed: arm the need-check idle timer */
@@ -73,10 +74,10 @@ export async function zeroRange(c: ZeroContext, guestOffset: number, length: num
   if (wholeEnd < end) await zeroPartial(c, wholeEnd, end - wholeEnd);
 }
 
-async function zeroPartial(c: ZeroContext, guest: number, length: number): Promise<void> {
+async function zeroPartial(c: ZeroContext, guestOffset: number, length: number): Promise<void> {
   let done = 0;
   while (done < length) {
-    const at = guest + done;
+    const at = guestOffset + done;
     const ext = await c.tables.map(at, length - done);
     if (ext.kind === 'data') {
       await c.file.writeZeroes('zero_write', ext.host, ext.bytes);
@@ -127,10 +128,8 @@ async function zeroClusters(c: ZeroContext, firstCluster: number, count: number,
       continue;
     }
     const plan = await c.metaLock.run(async (): Promise<{ wait: Promise<void> } | { punch: number[]; inPlace: number[] }> => {
-      for (let i = 0; i < n; i++) {
-        const busy = c.inflight.get(first + i);
-        if (busy) return { wait: busy };
-      }
+      const busy = c.inflight.waitFor(first, first + n - 1);
+      if (busy) return { wait: busy };
       const cur = await c.tables.entries(first, n);
       const next: number[] = [];
       const punch: number[] = [];
