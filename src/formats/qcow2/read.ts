@@ -38,14 +38,14 @@ export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, l
   // requests: FUSE splits I/O at 128 KiB, clusters are 64 KiB). Everything
   // up to the read is synchronous, so the scratch objects are not shared.
   const cs = g.clusterSize;
-  const ci = Math.floor(guestOffset / cs);
-  const inCluster = guestOffset - ci * cs;
+  const clusterIndex = Math.floor(guestOffset / cs);
+  const inCluster = guestOffset - clusterIndex * cs;
   if (length > 0 && inCluster + length <= cs) {
-    const l2Offset = s.l2OffsetOf(Math.floor(ci / g.l2Entries));
+    const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
     const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
     if (table) {
-      readL2Entry(g, table, ci % g.l2Entries, fastEntry);
-      classify(g, fastEntry, ci * cs, inCluster, length, fastPiece);
+      readL2Entry(g, table, clusterIndex % g.l2Entries, fastEntry);
+      classify(g, fastEntry, clusterIndex * cs, inCluster, length, fastPiece);
       if (fastPiece.length === length) {
         switch (fastPiece.kind) {
           case ExtentKind.Data:

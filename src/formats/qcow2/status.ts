@@ -85,10 +85,10 @@ export async function blockStatus(s: Qcow2State, guestOffset: number, length: nu
     // The table is used synchronously from here to the next await (flushBacking awaits only when
     // the backing file is asked); it is re-read for the next cluster after any await.
     while (pos < spanEnd) {
-      const ci = Math.floor(pos / g.clusterSize);
-      const clusterOffset = ci * g.clusterSize;
+      const clusterIndex = Math.floor(pos / g.clusterSize);
+      const clusterOffset = clusterIndex * g.clusterSize;
       const current = s.l2Cache.peek(l2Offset) ?? table;
-      const index = ci % g.l2Entries;
+      const index = clusterIndex % g.l2Entries;
       if (zeroEntryIsBacking && pos === clusterOffset) {
         const run = zeroEntries(current, index, Math.min(g.l2Entries, index + Math.ceil((spanEnd - pos) / g.clusterSize)), g.l2EntryBytes);
         if (run > 0) {

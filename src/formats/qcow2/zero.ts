@@ -161,17 +161,17 @@ function spanReadsZero(w: Qcow2Writer, start: number, end: number, unmap: boolea
   const s = w.s;
   const g = s.g;
   const cs = g.clusterSize;
-  const firstCi = Math.floor(start / cs);
-  const lastCi = Math.floor((end - 1) / cs);
-  const l2Offset = s.l2OffsetOf(Math.floor(firstCi / g.l2Entries));
+  const firstClusterIndex = Math.floor(start / cs);
+  const lastClusterIndex = Math.floor((end - 1) / cs);
+  const l2Offset = s.l2OffsetOf(Math.floor(firstClusterIndex / g.l2Entries));
   if (l2Offset === 0) return !backed; // every entry unallocated: zeros unless a backing file shows through
   if (s.badL2Offset(l2Offset) !== null) return false;
   const table = s.l2Cache.peek(l2Offset);
   if (table === undefined) return false;
-  for (let ci = firstCi; ci <= lastCi; ci++) {
-    readL2Entry(g, table, ci % g.l2Entries, scratchEntry);
-    const from = Math.max(start, ci * cs) - ci * cs;
-    const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+  for (let clusterIndex = firstClusterIndex; clusterIndex <= lastClusterIndex; clusterIndex++) {
+    readL2Entry(g, table, clusterIndex % g.l2Entries, scratchEntry);
+    const from = Math.max(start, clusterIndex * cs) - clusterIndex * cs;
+    const to = Math.min(end, (clusterIndex + 1) * cs) - clusterIndex * cs;
     const d = zeroEntry(g, scratchEntry, unitMask(g, from, to), unmap, backed, scratchDecision);
     if (!d.skip || d.inPlace) return false;
   }
@@ -238,18 +238,18 @@ async function zeroInCluster(w: Qcow2Writer, guestOffset: number, length: number
   const s = w.s;
   const g = s.g;
   const cs = g.clusterSize;
-  const ci = Math.floor(guestOffset / cs);
-  const l1i = Math.floor(ci / g.l2Entries);
+  const clusterIndex = Math.floor(guestOffset / cs);
+  const l1i = Math.floor(clusterIndex / g.l2Entries);
   const l2Offset = s.l2OffsetOf(l1i);
   let zero = !backed && l2Offset === 0;
   if (l2Offset !== 0 && s.badL2Offset(l2Offset) === null) {
     const e: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-    await s.l2With(l2Offset, (table) => readL2Entry(g, table, ci % g.l2Entries, e));
+    await s.l2With(l2Offset, (table) => readL2Entry(g, table, clusterIndex % g.l2Entries, e));
     const piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
     zero = true;
-    const inCluster = guestOffset - ci * cs;
+    const inCluster = guestOffset - clusterIndex * cs;
     for (let at = inCluster; at < inCluster + length && zero; at += piece.length) {
-      classify(g, e, ci * cs, at, inCluster + length - at, piece);
+      classify(g, e, clusterIndex * cs, at, inCluster + length - at, piece);
       zero = piece.kind === ExtentKind.Zero || (piece.kind === ExtentKind.Backing && !backed);
     }
   }
@@ -262,18 +262,18 @@ async function zeroUnits(w: Qcow2Writer, start: number, end: number, unmap: bool
   const s = w.s;
   const g = s.g;
   const cs = g.clusterSize;
-  const firstCi = Math.floor(start / cs);
-  const lastCi = Math.floor((end - 1) / cs);
-  const l1i = Math.floor(firstCi / g.l2Entries);
+  const firstClusterIndex = Math.floor(start / cs);
+  const lastClusterIndex = Math.floor((end - 1) / cs);
+  const l1i = Math.floor(firstClusterIndex / g.l2Entries);
   let later: Array<() => Promise<void>> = [];
   for (;;) {
     // Wrapped: a promise returned bare would be awaited inside the critical section (a deadlock).
     const r = await s.meta.run(async (): Promise<{ wait: Promise<void> | null }> => {
-      const busy = w.inflight.waitFor(firstCi, lastCi);
+      const busy = w.inflight.waitFor(firstClusterIndex, lastClusterIndex);
       if (busy) return { wait: busy };
       await w.prepareFirstWrite();
       if (s.corrupt) throw new CorruptionError('image is marked corrupt; writes are refused');
-      later = await zeroLocked(w, l1i, firstCi, lastCi, start, end, unmap, backed);
+      later = await zeroLocked(w, l1i, firstClusterIndex, lastClusterIndex, start, end, unmap, backed);
       return { wait: null };
     });
     if (!r.wait) break;
@@ -284,7 +284,7 @@ async function zeroUnits(w: Qcow2Writer, start: number, end: number, unmap: bool
 
 /** Under the lock: decide every cluster, then change the table in one synchronous step. Returns the zero writes to do after. */
 async function zeroLocked(
-  w: Qcow2Writer, l1i: number, firstCi: number, lastCi: number, start: number, end: number, unmap: boolean, backed: boolean,
+  w: Qcow2Writer, l1i: number, firstClusterIndex: number, lastClusterIndex: number, start: number, end: number, unmap: boolean, backed: boolean,
 ): Promise<Array<() => Promise<void>>> {
   const s = w.s;
   const g = s.g;
@@ -295,9 +295,9 @@ async function zeroLocked(
   // The entries, read in one borrow: the loop below awaits (checkReleasable), and under the lock they stay what they are.
   const olds: L2Entry[] = [];
   const decode = (table: Buffer | null): void => {
-    for (let ci = firstCi; ci <= lastCi; ci++) {
+    for (let clusterIndex = firstClusterIndex; clusterIndex <= lastClusterIndex; clusterIndex++) {
       const old: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
-      if (table) readL2Entry(g, table, ci % g.l2Entries, old);
+      if (table) readL2Entry(g, table, clusterIndex % g.l2Entries, old);
       olds.push(old);
     }
   };
@@ -308,18 +308,18 @@ async function zeroLocked(
   const inPlace: number[] = [];
   // Counted as direct writes only once nothing here can throw any more.
   const result = (): Array<() => Promise<void>> => [...later, ...inPlace.map((host) => w.zeroInPlace(host, cs))];
-  for (let ci = firstCi; ci <= lastCi; ci++) {
-    const old = olds[ci - firstCi];
-    const from = Math.max(start, ci * cs) - ci * cs;
-    const to = Math.min(end, (ci + 1) * cs) - ci * cs;
+  for (let clusterIndex = firstClusterIndex; clusterIndex <= lastClusterIndex; clusterIndex++) {
+    const old = olds[clusterIndex - firstClusterIndex];
+    const from = Math.max(start, clusterIndex * cs) - clusterIndex * cs;
+    const to = Math.min(end, (clusterIndex + 1) * cs) - clusterIndex * cs;
     const d = zeroEntry(g, old, unitMask(g, from, to), unmap, backed);
     if (d.viaWrite) {
-      later.push(() => writeZeroBytes(w, ci * cs + from, to - from));
+      later.push(() => writeZeroBytes(w, clusterIndex * cs + from, to - from));
       continue;
     }
     if (d.skip && !d.inPlace) continue;
-    const badOld = badOldMapping(g, s.fileSizeAtOpen, old, ci * cs);
-    if (badOld) s.corruptionFound(`zeroing guest offset ${ci * cs} needs its L2 entry, whose ${badOld}`);
+    const badOld = badOldMapping(g, s.fileSizeAtOpen, old, clusterIndex * cs);
+    if (badOld) s.corruptionFound(`zeroing guest offset ${clusterIndex * cs} needs its L2 entry, whose ${badOld}`);
     if (d.inPlace) {
       const host = entryOffset(old.hi, old.lo);
       s.checkOverlap(host, cs, 'zero write');
@@ -328,9 +328,9 @@ async function zeroLocked(
     }
     if (d.drop) {
       const dropped = droppedReference(g, old);
-      if (dropped) await w.checkReleasable('zeroing', ci * g.clusterSize, dropped);
+      if (dropped) await w.checkReleasable('zeroing', clusterIndex * g.clusterSize, dropped);
     }
-    planned.push({ clusterIndex: ci, d, old });
+    planned.push({ clusterIndex, d, old });
   }
   if (planned.length === 0) return result();
   // Entries cannot change while the lock is held; the table may be copied (shared) or allocated here.
