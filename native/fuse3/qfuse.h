@@ -129,6 +129,12 @@ struct qf_poll {
 #define QF_FH_DIRECT 1
 #define QF_POLL_START_NS 4000
 #define QF_POLL_DEFAULT_US 64
+/* The spin-wait hint between polling attempts (x86 PAUSE; elsewhere none). */
+#if defined(__x86_64__) || defined(__i386__)
+#define QF_CPU_RELAX() __builtin_ia32_pause()
+#else
+#define QF_CPU_RELAX() ((void)0)
+#endif
 #ifndef QF_POLL_GAP_NS
 #define QF_POLL_GAP_NS 2000
 #endif

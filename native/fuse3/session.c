@@ -174,7 +174,7 @@ static void receive(struct qf_session *s) {
           if (poll_until == 0) poll_until = now + s->poll_state.ns;
           if (now < poll_until) {
             uint64_t resume = now + QF_POLL_GAP_NS;
-            while (mono_ns() < resume) __builtin_ia32_pause();
+            while (mono_ns() < resume) QF_CPU_RELAX();
             continue;
           }
           s->st.poll_misses++;
