@@ -181,6 +181,12 @@ static inline struct qf_node *qf_node(struct qf_session *s, fuse_ino_t ino) {
   return ino >= 1 && ino <= (fuse_ino_t)s->nnodes ? &s->nodes[ino - 1] : NULL;
 }
 
+/* poll.c (struct qf_poll) */
+uint64_t qf_mono_ns(void);
+void qf_poll_init(struct qf_poll *p);
+void qf_poll_adapt(struct qf_session *s);
+int qf_poll_again(struct qf_session *s, uint64_t started, uint64_t *poll_until);
+
 /* mountwatch.c */
 napi_value qf_watch_mounts(napi_env env, napi_callback_info info);
 napi_value qf_unwatch_mounts(napi_env env, napi_callback_info info);

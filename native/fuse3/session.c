@@ -122,22 +122,6 @@ static void mark_unmounted(struct qf_session *s, int err) {
   if (!s->closed) emit(s, QF_UNMOUNTED, -1, 0, 0, err, 0);
 }
 
-static uint64_t mono_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
-/* Woken from epoll: adapt the polling window to how long the loop slept (struct qf_poll). */
-static void poll_adapt(struct qf_session *s) {
-  struct qf_poll *p = &s->poll_state;
-  if (p->slept_at == 0 || p->max_ns == 0) return;
-  uint64_t slept = mono_ns() - p->slept_at;
-  p->slept_at = 0;
-  if (slept > p->max_ns) p->ns = 0;
-  else if (p->ns < slept) p->ns = p->ns == 0 ? QF_POLL_START_NS : (p->ns * 2 > p->max_ns ? p->max_ns : p->ns * 2);
-}
-
 static void receive(struct qf_session *s) {
   double batch = 0;
   uint64_t poll_until = 0; /* polling for the next request until then (0: not polling) */
@@ -148,7 +132,7 @@ static void receive(struct qf_session *s) {
    * at once. Without the bound a stream of requests answered in the same
    * tick, each caught by polling, would never give the loop back.
    */
-  const uint64_t started = mono_ns();
+  const uint64_t started = qf_mono_ns();
   while (!s->closed && !s->unmounted) {
     if (batch > s->st.max_batch) s->st.max_batch = batch;
     if (s->nfree == 0) {
@@ -164,22 +148,7 @@ static void receive(struct qf_session *s) {
       int err = n == 0 ? ENODEV : errno;
       s->free_list[s->nfree++] = idx;
       if (err == EAGAIN) {
-        /* Poll only while every request was answered: one waiting for JS needs the event loop. */
-        if (s->npending == 0 && s->poll_state.ns > 0 && s->poll_state.direct) {
-          uint64_t now = mono_ns();
-          if (now - started > QF_RECEIVE_BUDGET_NS) {
-            s->poll_state.slept_at = now;
-            return;
-          }
-          if (poll_until == 0) poll_until = now + s->poll_state.ns;
-          if (now < poll_until) {
-            uint64_t resume = now + QF_POLL_GAP_NS;
-            while (mono_ns() < resume) QF_CPU_RELAX();
-            continue;
-          }
-          s->st.poll_misses++;
-        }
-        s->poll_state.slept_at = mono_ns();
+        if (qf_poll_again(s, started, &poll_until)) continue;
         return;
       }
       /* EINTR; ENOENT: the request was interrupted before we read it. */
@@ -208,7 +177,7 @@ static void receive(struct qf_session *s) {
       mark_unmounted(s, 0);
       return;
     }
-    if (mono_ns() - started > QF_RECEIVE_BUDGET_NS) return; /* the event loop's turn; the poll handle stays armed */
+    if (qf_mono_ns() - started > QF_RECEIVE_BUDGET_NS) return; /* the event loop's turn; the poll handle stays armed */
   }
 }
 
@@ -221,7 +190,7 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
   if (status == UV_EBADF) mark_unmounted(s, 0);
   else if (status < 0) mark_unmounted(s, -status);
   else {
-    poll_adapt(s);
+    qf_poll_adapt(s);
     receive(s);
   }
   napi_close_handle_scope(s->env, scope);
@@ -376,11 +345,7 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
     return throw_msg(env, "bad attrs.nodes (a tree as mount/tree.ts builds it)");
   }
   clock_gettime(CLOCK_REALTIME, &a->start);
-  {
-    const char *us = getenv("QMOUNT_FUSE_POLL_US");
-    long v = us != NULL && *us != 0 ? strtol(us, NULL, 10) : QF_POLL_DEFAULT_US;
-    s->poll_state.max_ns = v > 0 && v <= 10000 ? (uint64_t)v * 1000 : 0;
-  }
+  qf_poll_init(&s->poll_state);
   for (int i = 0; i < s->nnodes; i++) s->nodes[i].mtime = a->start;
 
   s->nslots = (int)nbuf;
