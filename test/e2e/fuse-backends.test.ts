@@ -280,14 +280,41 @@ describe.each(BACKENDS)('%s backend', (backend) => {
   });
 });
 
+/**
+ * Mount `driver` (a fake BlockDriver) in this process on the fuse3 backend, with `env` set in the
+ * environment while mounting (the addon reads it then); stats() reads the addon's counters.
+ */
+async function mountInProcess(driver: object, readOnly: boolean, env: Record<string, string>) {
+  const { MountSession } = await import('../../mount/session.js');
+  const { configureLogging, logger } = await import('../../src/log.js');
+  const { parseMountOptions } = await import('../../mount/options.js');
+  configureLogging({ level: 'silent' });
+  const dir = fs.realpathSync(makeMountDir());
+  Object.assign(process.env, env);
+  let session;
+  try {
+    session = await MountSession.mount(driver as never, dir, { readOnly, mount: parseMountOptions([]), log: logger('mount'), backend: 'fuse3' });
+  } finally {
+    for (const k of Object.keys(env)) delete process.env[k];
+  }
+  const stats = () => (session as unknown as { backend: { stats(): Record<string, number> } }).backend.stats();
+  const cleanup = async (): Promise<void> => {
+    await session.close('cleanup');
+    if (isMounted(dir)) detach(dir);
+    fs.rmSync(dir, { recursive: true, force: true });
+  };
+  return { session, dir, stats, cleanup };
+}
+
+/** fio as a child process, without blocking this process's event loop (which serves the mount). */
+function fioChild(args: string[]): Promise<{ stdout: string; failed?: true }> {
+  return execFileP('fio', args).catch((err: { stdout?: string; stderr?: string }) => ({ stdout: `${err.stdout ?? ''}${err.stderr ?? ''}`, failed: true as const }));
+}
+
 describe('fuse3 request-buffer pool', () => {
   it('a pool of 2 buffers under O_DIRECT qd16: receiving pauses while it is full, every request is still answered', async () => {
     // In this process, over a driver that holds each request until two are waiting (or 50 ms passed,
     // for the tail), so both buffers are certainly taken at once; fio runs as a child process.
-    const { MountSession } = await import('../../mount/session.js');
-    const { configureLogging, logger } = await import('../../src/log.js');
-    const { parseMountOptions } = await import('../../mount/options.js');
-    configureLogging({ level: 'silent' });
     const disk = Buffer.alloc(32 * MiB);
     let waiting: Array<() => void> = [];
     let timer: NodeJS.Timeout | undefined;
@@ -315,20 +342,12 @@ describe('fuse3 request-buffer pool', () => {
       info: () => ({}),
       allocatedBytes: () => disk.length,
     };
-    const dir = fs.realpathSync(makeMountDir());
-    process.env.QMOUNT_FUSE3_BUFFERS = '2';
-    let session;
+    const { session, dir, stats, cleanup } = await mountInProcess(driver, false, { QMOUNT_FUSE3_BUFFERS: '2' });
     try {
-      session = await MountSession.mount(driver as never, dir, { readOnly: false, mount: parseMountOptions([]), log: logger('mount'), backend: 'fuse3' });
-    } finally {
-      delete process.env.QMOUNT_FUSE3_BUFFERS;
-    }
-    const stats = () => (session as unknown as { backend: { stats(): { buffers: number; poolFull: number; pending: number } } }).backend.stats();
-    try {
-      const r = await execFileP('fio', [
+      const r = await fioChild([
         '--output-format=normal', '--verify_state_save=0', '--name=pool', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=libaio',
         '--iodepth=16', '--rw=randwrite', '--bssplit=4k/50:1m/50', '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randseed=3',
-      ]).catch((err: { stdout?: string; stderr?: string }) => ({ stdout: `${err.stdout ?? ''}${err.stderr ?? ''}`, failed: true }));
+      ]);
       expect('failed' in r, r.stdout).toBe(false);
       expect(r.stdout).toMatch(/err= 0/);
       expect(stats().buffers).toBe(2);
@@ -337,9 +356,7 @@ describe('fuse3 request-buffer pool', () => {
       expect(stats().pending).toBe(0);
     } finally {
       releaseAll();
-      await session.close('cleanup');
-      if (isMounted(dir)) detach(dir);
-      fs.rmSync(dir, { recursive: true, force: true });
+      await cleanup();
     }
   });
 });
@@ -348,10 +365,6 @@ describe('fuse3 adaptive polling', () => {
   it('a stream of requests answered in the same tick is caught by polling and never starves the event loop', async () => {
     // In this process, over a driver answering every request at once, so the receive loop could
     // go on polling for as long as fio keeps asking; a 5 ms timer must keep firing meanwhile.
-    const { MountSession } = await import('../../mount/session.js');
-    const { configureLogging, logger } = await import('../../src/log.js');
-    const { parseMountOptions } = await import('../../mount/options.js');
-    configureLogging({ level: 'silent' });
     const disk = Buffer.alloc(32 * MiB, 0x5a);
     const driver = {
       format: 'raw', filename: 'fake', virtualSize: disk.length, readOnly: true,
@@ -366,23 +379,15 @@ describe('fuse3 adaptive polling', () => {
       allocatedBytes: () => disk.length,
       blockStatus: (guestOffset: number, length: number) => Promise.resolve([{ guestOffset, length, data: true, zero: false, present: true, depth: 0 }]),
     };
-    const dir = fs.realpathSync(makeMountDir());
     // A 5 ms window: every gap between fio's requests is caught, so only the loop's time budget gives the event loop its turn.
-    process.env.QMOUNT_FUSE_POLL_US = '5000';
-    let session;
-    try {
-      session = await MountSession.mount(driver as never, dir, { readOnly: true, mount: parseMountOptions([]), log: logger('mount'), backend: 'fuse3' });
-    } finally {
-      delete process.env.QMOUNT_FUSE_POLL_US;
-    }
-    const stats = () => (session as unknown as { backend: { stats(): { pollHits: number; pollMisses: number; received: number } } }).backend.stats();
+    const { session, dir, stats, cleanup } = await mountInProcess(driver, true, { QMOUNT_FUSE_POLL_US: '5000' });
     let ticks = 0;
     const timer = setInterval(() => ticks++, 5);
     try {
-      const r = await execFileP('fio', [
+      const r = await fioChild([
         '--output-format=normal', '--name=poll', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=psync', '--readonly',
         '--rw=randread', '--bs=4k', '--runtime=2', '--time_based',
-      ]).catch((err: { stdout?: string; stderr?: string }) => ({ stdout: `${err.stdout ?? ''}${err.stderr ?? ''}`, failed: true }));
+      ]);
       clearInterval(timer);
       expect('failed' in r, r.stdout).toBe(false);
       expect(r.stdout).toMatch(/err= 0/);
@@ -394,9 +399,7 @@ describe('fuse3 adaptive polling', () => {
       expect(await session.close('test done')).toBe(0);
     } finally {
       clearInterval(timer);
-      await session.close('cleanup');
-      if (isMounted(dir)) detach(dir);
-      fs.rmSync(dir, { recursive: true, force: true });
+      await cleanup();
     }
   });
 });
