@@ -142,10 +142,17 @@ static napi_value lseek_data_hole(napi_env env, napi_callback_info info) {
   return int_value(env, r == (off_t)-1 ? -errno : (int64_t)r);
 }
 
-/* Built twice, chosen once at load by the CPU (GCC function multiversioning). */
-__attribute__((target_clones("avx2", "default"))) static int all_zero(const unsigned char *p, size_t n) {
+/*
+ * The zero test. Portable: 8-byte words ORed in 256-byte blocks. On x86 with
+ * AVX2 (chosen once at load): 32 bytes unaligned at each end, and between
+ * them aligned 256-byte blocks as eight loads ORed into one register and one
+ * VPTEST, which on a 1 MiB buffer fresh from the kernel's copy runs twice as
+ * fast as the compiler's vectorisation of the portable loop (measured: 11
+ * against 21 us). Both stop at the first block that is not all zeros.
+ */
+static int all_zero_portable(const unsigned char *p, size_t n) {
   size_t i = 0;
-  for (; i < n && ((uintptr_t)(p + i) & 31) != 0; i++) {
+  for (; i < n && ((uintptr_t)(p + i) & 7) != 0; i++) {
     if (p[i]) return 0;
   }
   for (; i + 256 <= n; i += 256) {
@@ -159,6 +166,47 @@ __attribute__((target_clones("avx2", "default"))) static int all_zero(const unsi
   }
   return 1;
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+
+__attribute__((target("avx2"))) static int all_zero_avx2(const unsigned char *p, size_t n) {
+  if (n < 64) return all_zero_portable(p, n);
+  const unsigned char *end = p + n;
+  __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)p);
+  if (!_mm256_testz_si256(v, v)) return 0;
+  v = _mm256_loadu_si256((const __m256i *)(const void *)(end - 32));
+  if (!_mm256_testz_si256(v, v)) return 0;
+  const unsigned char *q = (const unsigned char *)(((uintptr_t)p + 32) & ~(uintptr_t)31);
+  for (; q + 256 <= end; q += 256) {
+    const __m256i *b = (const __m256i *)(const void *)q;
+    __m256i a0 = _mm256_or_si256(_mm256_load_si256(b), _mm256_load_si256(b + 1));
+    __m256i a1 = _mm256_or_si256(_mm256_load_si256(b + 2), _mm256_load_si256(b + 3));
+    __m256i a2 = _mm256_or_si256(_mm256_load_si256(b + 4), _mm256_load_si256(b + 5));
+    __m256i a3 = _mm256_or_si256(_mm256_load_si256(b + 6), _mm256_load_si256(b + 7));
+    a0 = _mm256_or_si256(_mm256_or_si256(a0, a1), _mm256_or_si256(a2, a3));
+    if (!_mm256_testz_si256(a0, a0)) return 0;
+  }
+  /* what is left before the last 32 bytes (tested above) */
+  for (; q + 32 <= end; q += 32) {
+    v = _mm256_load_si256((const __m256i *)(const void *)q);
+    if (!_mm256_testz_si256(v, v)) return 0;
+  }
+  return 1;
+}
+
+static int (*all_zero_impl)(const unsigned char *, size_t);
+
+static int all_zero(const unsigned char *p, size_t n) {
+  if (!all_zero_impl) {
+    __builtin_cpu_init();
+    all_zero_impl = __builtin_cpu_supports("avx2") ? all_zero_avx2 : all_zero_portable;
+  }
+  return all_zero_impl(p, n);
+}
+#else
+static int all_zero(const unsigned char *p, size_t n) { return all_zero_portable(p, n); }
+#endif
 
 static napi_value is_zero(napi_env env, napi_callback_info info) {
   size_t argc = 3;

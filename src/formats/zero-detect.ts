@@ -19,8 +19,9 @@
  * Cost: after a look at the first and last byte (so a write of ordinary
  * data is judged at its first non-zero byte, almost always the first), the
  * zero test of ranges of NATIVE_FROM bytes and more is native/fileops's
- * one-pass OR (~2x faster than memcmp on a 1 MiB write fresh from the
- * kernel); smaller ones, and all of them without the addon, are memcmp
+ * one-pass test (AVX2 where the CPU has it: ~10 us for a 1 MiB write fresh
+ * from the kernel, against ~21 us for the compiler-vectorised loop and
+ * ~40 us for memcmp); smaller ones, and all of them without the addon, are memcmp
  * (Buffer.compare against a static zero buffer, in 1 MiB steps).
  */
 import { nativeZeroTest } from '../io/fileops.js';

@@ -16,7 +16,7 @@
  *   for the disk, so ImageFile picks per call with its InlinePolicy, as for
  *   writes. lseek is synchronous only: it reads the extent tree the kernel
  *   holds for an open file (~1 µs per call measured, fragmented file too).
- * - isZero: a one-pass zero test of a buffer range (the addon's AVX2 OR of
+ * - isZero: a one-pass zero test of a buffer range (the addon's AVX2 test of
  *   256-byte blocks), for --detect-zeroes; callers keep a plain JavaScript
  *   test for small ranges (where the call costs more than it saves) and for
  *   when the addon is missing.

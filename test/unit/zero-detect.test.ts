@@ -77,6 +77,25 @@ describe('native/fileops isZero (the one-pass test isAllZero uses from 64 KiB)',
     expect(test!(b, b.length, 1)).toBe(false);
     expect(test!(b, -1, 4)).toBe(false);
   });
+
+  it('finds one set bit at every place the vector test splits a range (unaligned ends, short ranges, the last 32 bytes)', () => {
+    const test = nativeZeroTest()!;
+    const b = Buffer.alloc(8192 + 128);
+    for (const len of [1, 31, 32, 33, 63, 64, 65, 95, 96, 97, 255, 256, 257, 288, 319, 4096, 8192]) {
+      for (let off = 0; off < 64; off++) {
+        expect(test(b, off, len), `zeros ${off}+${len}`).toBe(true);
+        b[off - 1 < 0 ? b.length - 1 : off - 1] = 1;
+        b[off + len] = 1; // just outside on both sides: not part of the range
+        expect(test(b, off, len), `outside ${off}+${len}`).toBe(true);
+        for (let at = 0; at < len; at += at < 40 || at > len - 40 ? 1 : 29) {
+          b[off + at] = 1 << (at & 7);
+          expect(test(b, off, len), `bit in byte ${at} of ${off}+${len}`).toBe(false);
+          b[off + at] = 0;
+        }
+        b.fill(0);
+      }
+    }
+  });
 });
 
 describe('withDetectZeroes (fake driver, 64 KiB clusters)', () => {
