@@ -67,7 +67,7 @@ export const OP = { READ: 0, WRITE: 1, FLUSH: 2, FSYNC: 3, LSEEK: 4, FALLOCATE: 
 const OP_NAMES = ['read', 'write', 'flush', 'fsync', 'lseek', 'fallocate', 'unmounted', 'truncate'];
 
 /**
- * Request buffers per mount (1 MiB + 4 KiB each, touched only when used):
+ * Request buffers per mount (1 MiB + 8 KiB each, touched only when used):
  * bounds the requests in flight; receiving pauses while all are taken.
  * QMOUNT_FUSE3_BUFFERS overrides it (tests use a tiny pool).
  */

@@ -277,7 +277,7 @@ static void qf_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t siz
   s->poll_state.direct = (fi->fh & QF_FH_DIRECT) != 0;
   /* The data lies inside the buffer being processed: pass where. */
   const char *base = s->cur_slot >= 0 ? s->slots[s->cur_slot].mem : NULL;
-  if (base == NULL || buf < base || buf + size > base + QF_BUF_SIZE) {
+  if (base == NULL || buf < base || buf + size > base + QF_SLOT_SIZE) {
     fuse_reply_err(req, EIO);
     return;
   }

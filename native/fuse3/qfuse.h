@@ -27,9 +27,24 @@
 
 #include "inval.h"
 
-/** Largest read/write request negotiated, and one pool buffer (request + headers). */
+/** Largest read/write request negotiated, and what one read of /dev/fuse may bring (request + headers). */
 #define QF_MAX_IO (1024 * 1024)
 #define QF_BUF_SIZE (QF_MAX_IO + 4096)
+/*
+ * Where in its pool buffer a request is received: so far in that a WRITE's
+ * data (after fuse_in_header and fuse_write_in, 40 bytes each since protocol
+ * 7.9) starts on a page boundary. The kernel copies a request into our
+ * buffer one destination page at a time; with the data page-aligned each
+ * 4 KiB of it is one aligned copy instead of two unaligned pieces (measured,
+ * 1 MiB zero writes at qd4, alternating: 7% less CPU per request, 7% more
+ * throughput), and the engine's O_DIRECT write of that data gets an aligned
+ * source. A read's reply is built from the buffer's start (page-aligned too),
+ * over the request, which libfuse has parsed by then.
+ */
+#define QF_WRITE_HEADERS 80
+#define QF_RECV_OFFSET (4096 - QF_WRITE_HEADERS)
+/** Bytes of one pool buffer. */
+#define QF_SLOT_SIZE (QF_RECV_OFFSET + QF_BUF_SIZE)
 #define QF_ROOT_INO 1
 /* Bounds of the node table (mount/tree.ts keeps the same). */
 #define QF_MAX_NODES 4096

@@ -143,7 +143,7 @@ static void receive(struct qf_session *s) {
     }
     int idx = s->free_list[--s->nfree];
     struct qf_slot *sl = &s->slots[idx];
-    ssize_t n = read(s->fd, sl->mem, QF_BUF_SIZE);
+    ssize_t n = read(s->fd, sl->mem + QF_RECV_OFFSET, QF_BUF_SIZE);
     if (n <= 0) {
       int err = n == 0 ? ENODEV : errno;
       s->free_list[s->nfree++] = idx;
@@ -167,7 +167,7 @@ static void receive(struct qf_session *s) {
     s->cur_slot = idx;
     struct fuse_buf fb;
     memset(&fb, 0, sizeof(fb));
-    fb.mem = sl->mem;
+    fb.mem = sl->mem + QF_RECV_OFFSET;
     fb.size = (size_t)n;
     fb.fd = -1;
     fuse_session_process_buf(s->se, &fb);
@@ -355,9 +355,9 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   CHECK(env, napi_create_array_with_length(env, (size_t)s->nslots, &buffers));
   for (int i = 0; s->slots && s->free_list && i < s->nslots; i++) {
     void *mem = NULL;
-    if (posix_memalign(&mem, 4096, QF_BUF_SIZE) != 0) break;
+    if (posix_memalign(&mem, 4096, QF_SLOT_SIZE) != 0) break;
     napi_value ab;
-    if (napi_create_external_arraybuffer(env, mem, QF_BUF_SIZE, buffer_finalize, NULL, &ab) != napi_ok) {
+    if (napi_create_external_arraybuffer(env, mem, QF_SLOT_SIZE, buffer_finalize, NULL, &ab) != napi_ok) {
       free(mem);
       break;
     }

@@ -361,6 +361,46 @@ describe('fuse3 request-buffer pool', () => {
   });
 });
 
+describe('fuse3 request placement', () => {
+  it("a write's data and a read's reply buffer start on a page boundary (and the data is right)", async () => {
+    const disk = Buffer.alloc(16 * MiB);
+    const misaligned = { writes: 0, reads: 0 };
+    let writes = 0;
+    const driver = {
+      format: 'raw', filename: 'fake', virtualSize: disk.length, readOnly: false,
+      read: (buf: Buffer, off: number, len: number, pos: number) => {
+        if ((buf.byteOffset + off) % 4096 !== 0) misaligned.reads++;
+        disk.copy(buf, off, pos, pos + len);
+        return Promise.resolve();
+      },
+      write: (buf: Buffer, off: number, len: number, pos: number) => {
+        writes++;
+        if ((buf.byteOffset + off) % 4096 !== 0) misaligned.writes++;
+        buf.copy(disk, pos, off, off + len);
+        return Promise.resolve();
+      },
+      flush: () => Promise.resolve(),
+      close: () => Promise.resolve(),
+      info: () => ({}),
+      allocatedBytes: () => disk.length,
+      blockStatus: (guestOffset: number, length: number) => Promise.resolve([{ guestOffset, length, data: true, zero: false, present: true, depth: 0 }]),
+    };
+    const { dir, cleanup } = await mountInProcess(driver, false, {});
+    try {
+      const r = await fioChild([
+        '--output-format=normal', '--verify_state_save=0', '--name=align', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=libaio',
+        '--iodepth=4', '--rw=randwrite', '--bssplit=4k/30:64k/30:1m/40', '--size=16M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randseed=5',
+      ]);
+      expect('failed' in r, r.stdout).toBe(false);
+      expect(r.stdout).toMatch(/err= 0/);
+      expect(writes).toBeGreaterThan(10);
+      expect(misaligned).toEqual({ writes: 0, reads: 0 });
+    } finally {
+      await cleanup();
+    }
+  });
+});
+
 describe('fuse3 adaptive polling', () => {
   it('a stream of requests answered in the same tick is caught by polling and never starves the event loop', async () => {
     // In this process, over a driver answering every request at once, so the receive loop could
