@@ -311,6 +311,16 @@ function fioChild(args: string[]): Promise<{ stdout: string; failed?: true }> {
   return execFileP('fio', args).catch((err: { stdout?: string; stderr?: string }) => ({ stdout: `${err.stdout ?? ''}${err.stderr ?? ''}`, failed: true as const }));
 }
 
+/** fio O_DIRECT random writes then a crc32c verify of them over the mount in `dir` (as a child process); fails the test on any error. */
+async function fioVerified(dir: string, args: string[]): Promise<void> {
+  const r = await fioChild([
+    '--output-format=normal', '--verify_state_save=0', '--name=verify', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=libaio',
+    '--rw=randwrite', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', ...args,
+  ]);
+  expect('failed' in r, r.stdout).toBe(false);
+  expect(r.stdout).toMatch(/err= 0/);
+}
+
 describe('fuse3 request-buffer pool', () => {
   it('a pool of 2 buffers under O_DIRECT qd16: receiving pauses while it is full, every request is still answered', async () => {
     // In this process, over a driver that holds each request until two are waiting (or 50 ms passed,
@@ -344,12 +354,7 @@ describe('fuse3 request-buffer pool', () => {
     };
     const { session, dir, stats, cleanup } = await mountInProcess(driver, false, { QMOUNT_FUSE3_BUFFERS: '2' });
     try {
-      const r = await fioChild([
-        '--output-format=normal', '--verify_state_save=0', '--name=pool', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=libaio',
-        '--iodepth=16', '--rw=randwrite', '--bssplit=4k/50:1m/50', '--size=32M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randseed=3',
-      ]);
-      expect('failed' in r, r.stdout).toBe(false);
-      expect(r.stdout).toMatch(/err= 0/);
+      await fioVerified(dir, ['--iodepth=16', '--bssplit=4k/50:1m/50', '--size=32M', '--randseed=3']);
       expect(stats().buffers).toBe(2);
       expect(stats().poolFull).toBeGreaterThan(0);
       expect(await session.close('test done')).toBe(0);
@@ -387,12 +392,7 @@ describe('fuse3 request placement', () => {
     };
     const { dir, cleanup } = await mountInProcess(driver, false, {});
     try {
-      const r = await fioChild([
-        '--output-format=normal', '--verify_state_save=0', '--name=align', `--filename=${dir}/disk.raw`, '--direct=1', '--ioengine=libaio',
-        '--iodepth=4', '--rw=randwrite', '--bssplit=4k/30:64k/30:1m/40', '--size=16M', '--verify=crc32c', '--verify_fatal=1', '--do_verify=1', '--randseed=5',
-      ]);
-      expect('failed' in r, r.stdout).toBe(false);
-      expect(r.stdout).toMatch(/err= 0/);
+      await fioVerified(dir, ['--iodepth=4', '--bssplit=4k/30:64k/30:1m/40', '--size=16M', '--randseed=5']);
       expect(writes).toBeGreaterThan(10);
       expect(misaligned).toEqual({ writes: 0, reads: 0 });
     } finally {
