@@ -21,7 +21,7 @@
  * zero test of ranges of NATIVE_FROM bytes and more is native/fileops's
  * one-pass test (AVX2 where the CPU has it: ~10 us for a 1 MiB write fresh
  * from the kernel, against ~21 us for the compiler-vectorised loop and
- * ~40 us for memcmp); smaller ones, and all of them without the addon, are memcmp
+ * ~30 us for memcmp, measured); smaller ones, and all of them without the addon, are memcmp
  * (Buffer.compare against a static zero buffer, in 1 MiB steps).
  */
 import { nativeZeroTest } from '../io/fileops.js';
