@@ -25,13 +25,16 @@
  * Output: a table on stdout and bench-results/sparse.json (+ sparse.md).
  *
  * Options: --quick, --repeat N (default 3, quick 1), --jobs a,b, --format
- * qcow2|qed, --out FILE, --keep (the scratch directory).
+ * qcow2|qed, --out FILE, --keep (the scratch directory), --keep-page-reporting
+ * (free page reporting is held off and memory touched first, as in bench.mjs:
+ * see bench-memory.mjs), --no-warm.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { holdPageReporting, pageReportingLine, reassertPageReporting, warmMemory } from './bench-memory.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'dist', 'src', 'cli.js');
@@ -46,7 +49,7 @@ function die(msg) {
 }
 
 function parseArgs(argv) {
-  const o = { quick: false, repeat: 0, jobs: null, format: 'qcow2', out: null, keep: false };
+  const o = { quick: false, repeat: 0, jobs: null, format: 'qcow2', out: null, keep: false, keepPageReporting: false, noWarm: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => (i + 1 < argv.length ? argv[++i] : die(`${a} needs a value`));
@@ -57,6 +60,8 @@ function parseArgs(argv) {
       case '--format': o.format = next(); break;
       case '--out': o.out = path.resolve(next()); break;
       case '--keep': o.keep = true; break;
+      case '--keep-page-reporting': o.keepPageReporting = true; break;
+      case '--no-warm': o.noWarm = true; break;
       case '-h': case '--help':
         process.stdout.write(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('*/')[0]);
         process.exit(0);
@@ -317,6 +322,9 @@ export async function main(argv) {
   const load = os.loadavg();
   process.stderr.write(`bench-sparse: scratch ${work}, format ${opts.format}, repeat ${opts.repeat}\n`);
   if (load[0] > 1) process.stderr.write(`bench-sparse: warning: load average ${load[0].toFixed(2)}: other work skews the numbers\n`);
+  const pageReporting = holdPageReporting(opts.keepPageReporting);
+  process.stderr.write(`bench-sparse: ${pageReportingLine(pageReporting)}\n`);
+  if (!opts.noWarm) warmMemory();
   const list = jobs();
   const ctx = {
     sparse: list.some((j) => j.id === 'cp') ? makeSparseImage() : undefined,
@@ -328,6 +336,7 @@ export async function main(argv) {
     const samples = { qmount: [], qemu: [] };
     for (let round = 0; round < opts.repeat; round++) {
       for (const system of round % 2 ? [...SYSTEMS].reverse() : SYSTEMS) {
+        reassertPageReporting();
         const r = await job.run(system, ctx, round);
         samples[system].push(r);
         const shown = job.kind === 'time' ? secondsText(r.seconds) : `${r.mbps.toFixed(1)} MB/s`;
@@ -341,7 +350,7 @@ export async function main(argv) {
     const met = job.kind === 'time' ? ratio <= job.target : ratio >= job.target;
     results.push({ id: job.id, title: job.title, unit: key, median: med, ratio, target: job.kind === 'time' ? `<= ${job.target}x` : `>= ${job.target}x`, met, runs: samples });
   }
-  const result = { date: new Date().toISOString(), format: opts.format, quick: opts.quick, repeat: opts.repeat, cpus: os.cpus().length, kernel: os.release(), loadAverage: { before: load, after: os.loadavg() }, wallSeconds: Math.round((Date.now() - started) / 1000), jobs: results };
+  const result = { date: new Date().toISOString(), format: opts.format, quick: opts.quick, repeat: opts.repeat, cpus: os.cpus().length, kernel: os.release(), pageReporting, loadAverage: { before: load, after: os.loadavg() }, wallSeconds: Math.round((Date.now() - started) / 1000), jobs: results };
   const head = ['job', 'qmount', 'qemu', 'ratio', 'target', ''];
   const rows = results.map((r) => {
     const f = (v) => (r.unit === 'seconds' ? secondsText(v) : `${v.toFixed(1)} MB/s`);
@@ -351,7 +360,7 @@ export async function main(argv) {
   fs.mkdirSync(path.dirname(outFile), { recursive: true });
   fs.writeFileSync(outFile, `${JSON.stringify(result, null, 2)}\n`);
   const md = [`| ${head.join(' | ')} |`, `|${head.map(() => '---').join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
-  fs.writeFileSync(outFile.replace(/\.json$/, '.md'), `${result.date}, ${opts.format}, median of ${opts.repeat}, ${result.cpus} CPUs, kernel ${result.kernel}\n\n${md}\n`);
+  fs.writeFileSync(outFile.replace(/\.json$/, '.md'), `${result.date}, ${opts.format}, median of ${opts.repeat}, ${result.cpus} CPUs, kernel ${result.kernel}; ${pageReportingLine(pageReporting)}\n\n${md}\n`);
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   const line = (r) => r.map((c, i) => c.padEnd(widths[i])).join('  ');
   process.stdout.write(`\n${line(head)}\n${rows.map(line).join('\n')}\n\nratios: qmount over qemu-storage-daemon, same run; written to ${path.relative(process.cwd(), outFile)} (${result.wallSeconds} s)\n`);

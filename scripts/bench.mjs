@@ -58,7 +58,9 @@
  *                         are then not comparable) and report syscalls per request
  *   --scale               instead: the scale check (scripts/bench-scale.mjs, bench-results/scale.json)
  *   --out FILE            JSON output (default bench-results/latest.json)
- *   --no-warm             skip touching a few GiB of memory before the jobs (see warmMemory)
+ *   --no-warm             skip touching a few GiB of memory before the jobs (bench-memory.mjs)
+ *   --keep-page-reporting leave the VM's free page reporting on (by default, as root, it is
+ *                         held off for the run: bench-memory.mjs says why)
  *   --keep                keep the scratch directory
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
@@ -66,6 +68,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { holdPageReporting, pageReportingLine, reassertPageReporting, warmMemory } from './bench-memory.mjs';
 if (process.argv.includes('--sparse')) await import('./bench-sparse.mjs').then((m) => m.main(process.argv.slice(2).filter((a) => a !== '--sparse'))).then(() => process.exit(0), (e) => { process.stderr.write(`bench: ${e.message}\n`); process.exit(1); });
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -88,7 +91,7 @@ const { readMountsSync } = await import(path.join(ROOT, 'dist', 'mount', 'mounti
 // ---- options -----------------------------------------------------------
 
 function parseArgs(argv) {
-  const o = { quick: false, full: false, noWarm: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, variants: [], strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
+  const o = { quick: false, full: false, noWarm: false, keepPageReporting: false, format: 'qcow2', runtime: 0, jobs: null, systems: null, nodeArgs: [], env: {}, variants: [], strace: false, cold: false, scale: false, repeat: 0, pin: null, out: null, keep: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = () => {
@@ -99,6 +102,7 @@ function parseArgs(argv) {
       case '--quick': o.quick = true; break;
       case '--full': o.full = true; break;
       case '--no-warm': o.noWarm = true; break;
+      case '--keep-page-reporting': o.keepPageReporting = true; break;
       case '--format': o.format = next(); break;
       case '--runtime': o.runtime = Number(next()); break;
       case '--jobs': o.jobs = next().split(','); break;
@@ -448,23 +452,6 @@ function runDd(target) {
   return { mbps: IMAGE_SIZE / seconds / 1e6, iops: undefined, seconds };
 }
 
-/**
- * Touch a few GiB of memory once, in a child that then exits. In a VM whose
- * memory the host backs on first touch (Firecracker, here), a guest page's
- * first use costs a host page fault: the first system to fill new page-cache
- * pages ran its copies several times slower than the next one (a buffered dd
- * of 4 GiB: 6.5 s of CPU in qmount run first, 1.3 s run again). Freed pages
- * are reused first, so after this every system finds touched pages.
- */
-function warmMemory() {
-  const avail = Number(/^MemAvailable:\s+(\d+)/m.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
-  const bytes = Math.min(8 * GiB, Math.floor((avail * 0.4) / (256 * MiB)) * 256 * MiB);
-  if (bytes <= 0) return;
-  const t0 = Date.now();
-  run(process.execPath, ['-e', `const a=[];for(let i=0;i<${bytes / (256 * MiB)};i++)a.push(Buffer.alloc(${256 * MiB},1));`], 'touching memory');
-  process.stderr.write(`bench: touched ${Math.round(bytes / GiB)} GiB of memory first (${Date.now() - t0} ms; --no-warm skips it)\n`);
-}
-
 /** A tar of TAR_SOURCE for the loop jobs: { file, bytes, files }. */
 function makeTar() {
   const file = path.join(work, 'source.tar');
@@ -620,6 +607,7 @@ function engineTime(before, after) {
 
 /** One job on one mounted system, with the server's CPU time and peak RSS around it. */
 async function runJob(m, job, iolog, tar) {
+  reassertPageReporting();
   if (opts.cold && m.image) dropCache(m.image);
   const statsBefore = isQmount(m.system) ? await liveStats(m) : undefined;
   const before = procSample(m.s.pid);
@@ -797,6 +785,7 @@ function summary(result) {
   ];
   const rss = result.peakRss;
   const mb = (b) => (b ? `${Math.round(b / MiB)} MiB` : '-');
+  if (result.pageReporting) lines.push(pageReportingLine(result.pageReporting));
   lines.push(`peak RSS: ${SYSTEMS.map((s) => `${s} ${mb(rss[s])}`).join(', ')}; load average before ${result.loadAverage.before[0].toFixed(2)}`);
   if (result.rssCheck) {
     const c = result.rssCheck;
@@ -852,6 +841,7 @@ async function main() {
   const loadBefore = os.loadavg();
   process.stderr.write(`bench: scratch ${work}, format ${opts.format}, ${opts.runtime} s per timed job\n`);
   if (loadBefore[0] > 1) process.stderr.write(`bench: warning: load average ${loadBefore[0].toFixed(2)} before starting: other work will skew the numbers\n`);
+  const pageReporting = holdPageReporting(opts.keepPageReporting);
   if (!opts.noWarm) warmMemory();
   const base = makeBaseImage();
   const iolog = JOBS.some((j) => j.iolog) ? makeUnallocLog() : undefined;
@@ -946,6 +936,7 @@ async function main() {
     writtenBytes: WRITTEN,
     strace: opts.strace,
     coldCache: opts.cold,
+    pageReporting,
     pinnedCpu: opts.pin,
     qmountNodeArgs: opts.nodeArgs,
     qmountEnv: opts.env,
