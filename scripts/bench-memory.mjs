@@ -1,26 +1,28 @@
 /**
  * The memory conditions the benchmarks hold fixed (scripts/bench.mjs and
- * scripts/bench-sparse.mjs): both systems of a comparison must find the
- * guest's free memory in the same state, or a job measures the VM's host
- * rather than the servers.
+ * scripts/bench-sparse.mjs), so that a job measures the servers and not
+ * the VM's host.
  *
  * In a VM whose host backs guest memory on first touch (Firecracker, here),
  * the first write to a guest page the host has not backed is a host page
- * fault: measured here, touching 4 GiB took 1.5 s warm and 5-7 s cold. The
- * guest's free page reporting (virtio-balloon, `page_reporting`) hands
- * freed free-list blocks of order >= page_reporting_order back to the host,
- * so memory freed by one job (a 4 GiB page cache at an unmount) is cold
- * again for the next, and which system pays for it depended on allocation
- * details neither server controls: by hand, 4 GiB buffered dd through
- * qmount took 1.2-1.3 s with reporting held off and 3.9-10.7 s with it on,
- * while qemu-storage-daemon's took 2.3-3.3 s either way, its buffers freed
- * and refaulted each request (glibc's mmap threshold) happening to refill
- * the free lists with warm pages; with glibc told to keep them
- * (MALLOC_MMAP_THRESHOLD_) qemu's took 1.3 s. So, as root, the benchmarks
- * raise page_reporting_order above the largest order (nothing is reported)
- * for the run and put the old value back at exit, then touch a few GiB
- * once so every system finds backed pages. `--keep-page-reporting` leaves
- * reporting as it is (to see what a VM that reports does to each system).
+ * fault: touching 4 GiB took 1.5 s warm and 5-7 s cold, measured here. The
+ * guest's free page reporting (virtio-balloon, `page_reporting`) hands free
+ * blocks of order >= page_reporting_order back to the host, so memory freed
+ * by one job (a 4 GiB page cache at an unmount) can be cold again for the
+ * next. How much is handed back, and when, changed from minute to minute
+ * (the reported total grew by GBs in some runs and by MBs in others). By
+ * hand, a buffered dd of the 4 GiB disk through qmount took 1.2-1.3 s in
+ * every run after the first with reporting held off, and 1.3-10.7 s with it
+ * on, also varying with which CPUs the server and dd ran on; its time went
+ * to the kernel's copy into the reader's page cache. qemu-storage-daemon's
+ * took 2.3-3.3 s either way. Why qemu's copies suffered less is not
+ * established: both mounts' page cache was order-0 pages (traced), and
+ * qemu's freeing and refaulting its bounce buffers each request was not it
+ * (with glibc told to keep them, MALLOC_MMAP_THRESHOLD_, 1.3 s).
+ * So, as root, the benchmarks raise page_reporting_order above the largest
+ * order (nothing is reported) for the run and put the old value back at
+ * exit, then touch a few GiB once so that every system finds backed pages.
+ * `--keep-page-reporting` leaves reporting as it is.
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
