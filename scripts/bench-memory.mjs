@@ -35,6 +35,10 @@ const NO_REPORTING_ORDER = 11;
 
 let restoreOrder = null;
 
+function readOrder() {
+  return Number(fs.readFileSync(ORDER_FILE, 'utf8').trim());
+}
+
 function writeOrder(v) {
   fs.writeFileSync(ORDER_FILE, `${v}\n`);
 }
@@ -47,7 +51,7 @@ function writeOrder(v) {
 export function holdPageReporting(keep) {
   let order;
   try {
-    order = Number(fs.readFileSync(ORDER_FILE, 'utf8').trim());
+    order = readOrder();
   } catch {
     return { order: null, held: false };
   }
@@ -75,7 +79,7 @@ export function holdPageReporting(keep) {
 export function reassertPageReporting() {
   if (restoreOrder === null) return;
   try {
-    if (Number(fs.readFileSync(ORDER_FILE, 'utf8').trim()) < NO_REPORTING_ORDER) writeOrder(NO_REPORTING_ORDER);
+    if (readOrder() < NO_REPORTING_ORDER) writeOrder(NO_REPORTING_ORDER);
   } catch {
     // held at the start; a failure now shows in the numbers, not worth stopping for
   }
@@ -91,15 +95,15 @@ export function pageReportingLine(p) {
 /**
  * Touch a few GiB of memory once, in a child that then exits, so the free
  * lists hold pages the host has backed (with reporting held off they stay
- * backed). Returns the bytes touched.
+ * backed). A child that fails stops the benchmark, as before this module.
  */
 export function warmMemory() {
   const avail = Number(/^MemAvailable:\s+(\d+)/m.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0) * 1024;
   const bytes = Math.min(8 * GiB, Math.floor((avail * 0.4) / (256 * MiB)) * 256 * MiB);
-  if (bytes <= 0) return 0;
+  if (bytes <= 0) return;
   const t0 = Date.now();
   const r = spawnSync(process.execPath, ['-e', `const a=[];for(let i=0;i<${bytes / (256 * MiB)};i++)a.push(Buffer.alloc(${256 * MiB},1));`], { stdio: 'ignore' });
-  if (r.status !== 0) return 0;
+  if (r.error) throw new Error(`touching memory: ${r.error.message}`);
+  if (r.status !== 0) throw new Error(`touching memory failed (exit ${r.status ?? r.signal})`);
   process.stderr.write(`bench: touched ${Math.round(bytes / GiB)} GiB of memory first (${Date.now() - t0} ms; --no-warm skips it)\n`);
-  return bytes;
 }
