@@ -11,6 +11,9 @@
  *    at most one other cache; declaring a new dependency first flushes
  *    whatever would otherwise form a chain or cycle, so the dependency graph
  *    never has a cycle and a flush always terminates.
+ *    A flush that also makes the store's own pointers to the tables durable
+ *    (TableStore.synced) does so before it returns, so it is part of the
+ *    "written AND synced" a dependent cache waits for.
  *  - `dependOnSync()`: before any dirty table of this cache is written, the
  *    store is synced (data written by the caller, e.g. a copy-on-write, is
  *    durable before the table entry pointing at it).
@@ -39,6 +42,12 @@ export interface TableStore {
   write(key: number, data: Buffer): Promise<void>;
   /** Make all earlier writes to the underlying file(s) durable. */
   sync(): Promise<void>;
+  /**
+   * Called by flush() after its sync, under the flush lock: every table
+   * written so far is durable now, so the owner may write (and sync) what
+   * points at them on disk (qcow2: refcount table entries of new blocks).
+   */
+  synced?(): Promise<void>;
 }
 
 /** A borrowing callback's result: anything but a promise (the table is lent only while the callback runs). */
@@ -217,6 +226,7 @@ export class TableCache {
     return this.flushLock.run(async () => {
       await this.writeBackLocked();
       await this.store.sync();
+      if (this.store.synced) await this.store.synced();
       this.stats.flushes++;
     });
   }

@@ -10,13 +10,16 @@
  *    a clean close grows the file to whole clusters);
  *  - a zero-flagged cluster that keeps its host cluster gets real zeros
  *    around the new data (its old bytes never show through);
- *  - single-cluster reads of data and zero clusters equal qemu's view.
+ *  - single-cluster reads of data and zero clusters equal qemu's view;
+ *  - a new refcount block costs no sync when allocated: its table entry is
+ *    written by the next flush, after the block is durable.
  * Every image is judged by qemu-img check and compare against a raw model.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openImage } from '../../src/formats/open.js';
+import { instrumentation, type IoEvent } from '../../src/io/instrument.js';
 import type { BlockDriver } from '../../src/formats/driver.js';
 import type { Qcow2State } from '../../src/formats/qcow2/state.js';
 import { qemuCheck, qemuCompare, qemuImg, qemuIo, scratchDir, writeAt } from '../helpers/qemu.js';
@@ -186,5 +189,51 @@ describe('qcow2 fast paths', () => {
       expect(got.equals(want.subarray(off, off + len)), `read at ${off}`).toBe(true);
     }
     await d.close();
+  });
+
+  it('a new refcount block is not synced when allocated; the next flush writes it, syncs, then its table entry, before any L2 table', async () => {
+    // 4 KiB clusters, 16-bit refcounts: one block counts 8 MiB of the file; the image is filled to just below that.
+    const image = path.join(s.dir, 'refblock.qcow2');
+    const model = path.join(s.dir, 'refblock.raw');
+    qemuImg('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', image, String(24 * MiB));
+    qemuIo(image, 'qcow2', [`write -P 0x11 0 ${7900 * KiB}`]);
+    qemuImg('convert', '-O', 'raw', image, model);
+    const d = await openImage(image, { readOnly: false });
+    const events: IoEvent[] = [];
+    instrumentation.record((ev) => {
+      if (ev.path === image) events.push(ev);
+    });
+    try {
+      for (let i = 0; i < 4; i++) {
+        const b = Buffer.alloc(MiB, 0x30 + i);
+        writeAt(model, 8 * MiB + i * MiB, b);
+        await d.write(b, 0, b.length, 8 * MiB + i * MiB);
+      }
+      // The file now reaches past what the first block counts, yet nothing was synced.
+      expect(fs.statSync(image).size).toBeGreaterThan(8 * MiB);
+      expect(events.filter((e) => e.kind === 'flush')).toEqual([]);
+      // A crash now: the new clusters are unreferenced and uncounted on disk, the image is clean.
+      const crashCopy = path.join(s.dir, 'refblock-crash.qcow2');
+      fs.copyFileSync(image, crashCopy);
+      const crashCheck = qemuCheck(crashCopy);
+      expect(crashCheck.code, crashCheck.output).toBe(0);
+      await d.flush();
+    } finally {
+      instrumentation.record(null);
+    }
+    const at = (pred: (e: IoEvent) => boolean) => events.findIndex(pred);
+    const block = at((e) => e.point === 'refblock_alloc');
+    const entry = at((e) => e.point === 'reftable_update');
+    const firstL2 = at((e) => e.point === 'l2_update' || e.point === 'l2_alloc');
+    const syncAfter = (i: number) => events.findIndex((e, j) => j > i && e.kind === 'flush');
+    expect(block).toBeGreaterThanOrEqual(0);
+    expect(syncAfter(block)).toBeGreaterThan(block);
+    expect(syncAfter(block)).toBeLessThan(entry);
+    expect(syncAfter(entry)).toBeGreaterThan(entry);
+    expect(syncAfter(entry)).toBeLessThan(firstL2);
+    await d.close();
+    const check = qemuCheck(image);
+    expect(check.code, check.output).toBe(0);
+    expect(qemuCompare(image, model, 'qcow2', 'raw').same).toBe(true);
   });
 });

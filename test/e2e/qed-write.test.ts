@@ -179,14 +179,19 @@ describe('QED need-check bit', () => {
         if (ev.path === img) events.push(ev);
       });
       await d.write(Buffer.alloc(300, 7), 0, 300, 2 * cs + 5);
+      const beforeFlush = events.length;
+      await d.flush();
       instrumentation.record(null);
       const points = events.map((e) => e.point);
       const cow = events.filter((e) => e.point === 'cow_write');
       // The new cluster's writes (one with the backing fill; without a backing
       // file the data, and zeros before and after it) come between the synced
-      // bit and the table writes.
+      // bit and the table writes. The new table waits in the cache for the
+      // flush: the data is synced, the table written and synced, then the L1
+      // entry pointing at it written and synced.
       expect(cow.length).toBe(withBacking ? 1 : 3);
-      expect(points).toEqual(['header_update', 'flush', ...cow.map(() => 'cow_write'), 'qed_l2_alloc', 'flush', 'qed_l1_update']);
+      expect(points.slice(0, beforeFlush)).toEqual(['header_update', 'flush', ...cow.map(() => 'cow_write')]);
+      expect(points.slice(beforeFlush)).toEqual(['flush', 'qed_l2_alloc', 'flush', 'qed_l1_update', 'flush']);
       expect(events[0].data!.readBigUInt64LE(16) & 2n).toBe(2n);
       // Together they cover exactly one cluster with the fill and the data.
       const host = Math.min(...cow.map((e) => e.offset));
@@ -235,6 +240,7 @@ describe('QED need-check bit', () => {
     });
     await d.write(Buffer.alloc(cs, 0x42), 0, cs, 0);
     await d.write(Buffer.alloc(cs, 0x43), 0, cs, 2 * MiB); // same L2 table (it maps 8 MiB)
+    await d.flush(); // writes the new table
     instrumentation.record(null);
     const cow = events.filter((e) => e.point === 'cow_write').map((e) => e.offset);
     const l2 = events.filter((e) => e.point === 'qed_l2_alloc').map((e) => e.offset);
@@ -283,8 +289,6 @@ describe('QED fault points', () => {
     ['header_update', 20 * cs],
     ['cow_write', 20 * cs],
     ['cow_write', 9 * MiB], // in an unallocated L2 range
-    ['qed_l2_alloc', 9 * MiB],
-    ['qed_l1_update', 9 * MiB],
   ] as const)('a failure at %s fails that write only; the image stays consistent', async (point, off) => {
     const { img, model } = setup();
     const d = await openRW(img);
@@ -308,6 +312,79 @@ describe('QED fault points', () => {
     expect([0, 3], check.output).toContain(check.code); // a failed append may leak
     expect(qemuCompare(img, model, 'qed', 'raw').same).toBe(true);
     expect(needCheckOnDisk(img)).toBe(false);
+  });
+
+  // A new L2 table and its L1 entry are written by the next flush (table.ts).
+  it.each(['qed_l2_alloc', 'qed_l1_update'] as const)('a failure at %s fails the flush; the data stays readable and the next flush links it', async (point) => {
+    const { img, model } = setup();
+    const d = await openRW(img);
+    const off = 9 * MiB + 3; // in an unallocated L2 range
+    await d.write(Buffer.alloc(100, 0x77), 0, 100, off);
+    instrumentation.setFaults([{ point, errno: 'EIO', times: 1, pathSuffix: 'f.qed' }]);
+    expect(await failure(d.flush())).toBe('EIO');
+    instrumentation.clearFaults();
+    expect(instrumentation.injected.map((f) => f.point)).toEqual([point]);
+    const got = Buffer.alloc(100);
+    await d.read(got, 0, 100, off);
+    expect(got.every((b) => b === 0x77)).toBe(true);
+    // A crash now: the disk's L1 does not point at the new table yet (or at one that is not durable).
+    const crashCopy = p('f-crash.qed');
+    fs.copyFileSync(img, crashCopy);
+    const crashCheck = qemuCheck(crashCopy, 'qed');
+    expect([0, 3], crashCheck.output).toContain(crashCheck.code);
+    await d.flush();
+    const mfd = fs.openSync(model, 'r+');
+    fs.writeSync(mfd, Buffer.alloc(100, 0x77), 0, 100, off);
+    fs.closeSync(mfd);
+    // Flushed: what a crash leaves now has the write.
+    fs.copyFileSync(img, crashCopy);
+    expect(qemuCompare(crashCopy, model, 'qed', 'raw').same).toBe(true);
+    await closeDriver(d);
+    const check = qemuCheck(img, 'qed');
+    expect([0, 3], check.output).toContain(check.code);
+    expect(qemuCompare(img, model, 'qed', 'raw').same).toBe(true);
+  });
+
+  it('a new table linked while a flush runs waits for the next flush; the tables that flush wrote are linked by it', async () => {
+    const img = p('race.qed');
+    qemuImg('create', '-f', 'qed', '-o', `cluster_size=${cs}`, img, String(32 * MiB));
+    const model = convertToRaw(img, p('race.raw'));
+    const d = await openRW(img);
+    const a = 9 * MiB + 3; // L1 entry 1: a new L2 table
+    const b = 17 * MiB + 5; // L1 entry 2: another
+    await d.write(Buffer.alloc(100, 0x41), 0, 100, a);
+    // Hold the flush's sync (the one after it wrote A's table) until B's write, and so its link, is done.
+    let tableWritten = false;
+    let writeB: Promise<unknown> | null = null;
+    instrumentation.record((ev) => {
+      if (ev.point === 'qed_l2_alloc') tableWritten = true;
+    });
+    const file = (d as unknown as { file: { flush(): Promise<void> } }).file;
+    const sync = file.flush.bind(file);
+    file.flush = async () => {
+      if (tableWritten && !writeB) {
+        writeB = d.write(Buffer.alloc(100, 0x42), 0, 100, b);
+        await writeB;
+      }
+      return sync();
+    };
+    await d.flush();
+    expect(writeB).not.toBeNull();
+    // A crash now: A (written before the flush) is there, B (linked during it) is not yet, and the image is sound.
+    const crashCopy = p('race-crash.qed');
+    fs.copyFileSync(img, crashCopy);
+    const mfd = fs.openSync(model, 'r+');
+    fs.writeSync(mfd, Buffer.alloc(100, 0x41), 0, 100, a);
+    const crashCheck = qemuCheck(crashCopy, 'qed');
+    expect([0, 3], crashCheck.output).toContain(crashCheck.code);
+    expect(qemuCompare(crashCopy, model, 'qed', 'raw').same).toBe(true);
+    await d.flush();
+    fs.writeSync(mfd, Buffer.alloc(100, 0x42), 0, 100, b);
+    fs.closeSync(mfd);
+    fs.copyFileSync(img, crashCopy);
+    expect(qemuCompare(crashCopy, model, 'qed', 'raw').same).toBe(true);
+    await closeDriver(d);
+    expectCleanAndSame(img, model);
   });
 
   it('a failed L2 write-back fails the flush, keeps the table dirty, and the next flush writes it', async () => {

@@ -323,6 +323,34 @@ describe('TableCache: ordering between caches', () => {
     expect(l2.dirtyCount).toBe(0);
   });
 
+
+  it("synced(): runs after the flush's sync, and a dependent cache writes only after it returns", async () => {
+    const log: Ev[] = [];
+    const l2 = makeCache('l2', 8, log).cache;
+    const rcStore = new MemStore('rc', log);
+    // The owner's pointers to its tables (qcow2: refcount table entries), written once they are durable.
+    Object.assign(rcStore, {
+      synced: async () => {
+        await tick();
+        log.push({ store: 'rc', op: 'write', key: -1 });
+      },
+    });
+    const rc = new TableCache({ name: 'rc', tableBytes: TB, maxBytes: 8 * TB, store: rcStore });
+    await modify(rc, 1, 1);
+    await l2.dependOn(rc);
+    await modify(l2, 10, 3);
+    await l2.flush();
+    const rcSync = idx(log, (e) => e.store === 'rc' && e.op === 'sync');
+    const pointers = idx(log, (e) => e.store === 'rc' && e.key === -1);
+    const firstL2Write = idx(log, (e) => e.store === 'l2' && e.op === 'write');
+    expect(rcSync).toBeGreaterThan(idx(log, (e) => e.store === 'rc' && e.key === 1));
+    expect(pointers).toBeGreaterThan(rcSync);
+    expect(firstL2Write).toBeGreaterThan(pointers);
+    // writeBack() alone makes nothing durable: no synced() call.
+    await modify(rc, 2, 2);
+    await rc.writeBack();
+    expect(log.filter((e) => e.key === -1)).toHaveLength(1);
+  });
   it('dependOn is honoured by writeBack() too (not only flush)', async () => {
     const log: Ev[] = [];
     const { cache: a } = makeCache('a', 8, log);

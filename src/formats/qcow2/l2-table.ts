@@ -41,8 +41,8 @@ export async function l2ForWrite(w: L2Writer, l1i: number): Promise<number> {
   s.unwrittenL2.add(offset);
   s.l2Cache.install(offset, table, true);
   s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
+  w.commit.l1Changing(l1i, offset);
   writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
-  w.commit.l1Changed(l1i);
   s.overlap.l2Allocated(offset);
   if (old !== 0) {
     // No longer a table of the active L1: once released it may be reused like any free cluster.

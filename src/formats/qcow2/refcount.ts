@@ -4,12 +4,22 @@
  * Invariants kept here (a crash at any instant may leak clusters, never
  * leave a cluster in use with refcount 0):
  *
- *  1. A new refcount block is written, and durable, before the refcount
- *     table points at it. If it is placed inside the range it describes it
- *     counts itself (self-describing); otherwise its own refcount is raised
- *     in another block, and that block is flushed before the table entry is
- *     written. The recursion ends within two steps because each step moves
- *     the candidate cluster forward.
+ *  1. A new refcount block is written, and durable, before the on-disk
+ *     refcount table points at it. If it is placed inside the range it
+ *     describes it counts itself (self-describing); otherwise its own
+ *     refcount is raised in another block (the recursion ends within two
+ *     steps because each step moves the candidate cluster forward). The
+ *     block goes into the cache dirty and the in-memory table entry points
+ *     at it at once; the on-disk entry is written by the cache's next flush,
+ *     after its sync (TableStore.synced: writeTableEntries), and synced
+ *     again - so allocating a block costs no sync of its own (a sync there
+ *     would wait for all the data written since the last one), and a crash
+ *     before that flush only leaks the block. Only entries of blocks written
+ *     before that sync are written (pointer-table.ts), so the table never
+ *     names a block whose own count is not durable. Since an L2 table
+ *     pointing at a cluster counted in the new block is written only after
+ *     this flush (commit.ts, step 1), nothing on disk depends on the block
+ *     before its entry is there.
  *  2. Growing the refcount table never passes through an inconsistent state:
  *     new blocks and the new table are written at the end of the image,
  *     describing themselves and each other, synced, then the header is
@@ -28,6 +38,7 @@
  * stated and kept in commit.ts.
  */
 import { TableCache } from '../../../cache/table-cache.js';
+import { PendingPointers } from '../pointer-table.js';
 import { CorruptionError, QmountError } from '../../errors.js';
 import { hexOffset, INVALID_OFFSET, MAX_DISK_BYTES, representable, u64BE } from '../u64.js';
 import type { Qcow2State } from './state.js';
@@ -43,6 +54,10 @@ export class Refcounts {
   freeHintIndex = 0;
   /** Host cluster indexes whose refcount reached 0 since the last release (invariant 3). */
   readonly quarantine = new Set<number>();
+  /** Blocks allocated but never written yet (their first write is IoPoint 'refblock_alloc'). */
+  private readonly unwrittenBlocks = new Set<number>();
+  /** Table entries of new blocks the disk's table does not have yet (invariant 1). */
+  private readonly newEntries = new PendingPointers();
   private readonly entries: number; // refcounts per block
   private readonly cs: number;
   private readonly maxRefcount: number;
@@ -68,8 +83,12 @@ export class Refcounts {
           const n = await s.file.read(into, 0, this.cs, offset);
           if (n < this.cs) into.fill(0, n);
         },
-        write: (offset, data) => s.file.write('refblock_update', data, 0, data.length, offset),
+        write: async (offset, data) => {
+          await s.file.write(this.unwrittenBlocks.has(offset) ? 'refblock_alloc' : 'refblock_update', data, 0, data.length, offset);
+          this.unwrittenBlocks.delete(offset);
+        },
         sync: () => s.syncAll(),
+        synced: () => this.writeTableEntries(),
       },
     });
   }
@@ -323,27 +342,36 @@ export class Refcounts {
     const blockOff = c * this.cs;
     this.s.checkOverlap(blockOff, this.cs, 'refcount block');
     const block = Buffer.alloc(this.cs);
-    const selfDescribing = Math.floor(c / this.entries) === i;
-    if (selfDescribing) {
-      this.writeEntry(block, c % this.entries, 1);
-    } else {
-      await this.change(c, 1);
-    }
-    await this.s.file.write('refblock_alloc', block, 0, this.cs, blockOff);
+    if (Math.floor(c / this.entries) === i) this.writeEntry(block, c % this.entries, 1); // self-describing
+    else await this.change(c, 1);
+    this.unwrittenBlocks.add(blockOff);
+    this.cache.install(blockOff, block, true); // dirty: pinned until written
     this.s.noteFileEnd(blockOff + this.cs);
-    if (selfDescribing) await this.s.syncAll();
-    else await this.cache.flush(); // the block counting the new one, and a sync
-    const entry = Buffer.alloc(8);
-    entry.writeBigUInt64BE(BigInt(blockOff));
-    await this.s.file.write('reftable_update', entry, 0, 8, this.tableOffset + i * 8);
-    entry.copy(this.table, i * 8);
-    this.cache.install(blockOff, block, false);
+    this.newEntries.note(this.table, i, blockOff);
+    this.table.writeBigUInt64BE(BigInt(blockOff), i * 8);
     this.s.overlap.refblockAdded(blockOff);
     return blockOff;
   }
 
+  /**
+   * Invariant 1, after a flush's sync (TableStore.synced): the table entries
+   * of the new blocks written before it, then a sync. Only flushes write
+   * blocks, under the flush lock this runs under, so a block not in
+   * unwrittenBlocks now was written before that sync.
+   */
+  private async writeTableEntries(): Promise<void> {
+    await this.newEntries.writeReady(
+      this.table,
+      (block) => !this.unwrittenBlocks.has(block),
+      (span, first) => this.s.file.write('reftable_update', span, 0, span.length, this.tableOffset + first * 8),
+      () => this.s.syncAll(),
+    );
+  }
+
   /** Invariant 2: grow the table so that it has an entry `needed`. */
   private async growTable(needed: number): Promise<void> {
+    // The new table copies the in-memory one: every block it names must be durable first (invariant 1).
+    if (this.newEntries.size > 0) await this.cache.flush();
     const E = this.entries;
     const cs = this.cs;
     const oldEntries = this.tableEntries;

@@ -314,7 +314,7 @@ class QedDriver implements BlockDriver {
     if (this.activeAllocs > 0) return false;
     await this.tables.flush();
     // No link can run while we hold the lock, so nothing became dirty meanwhile.
-    if (this.activeAllocs > 0 || this.tables.l2.dirtyCount > 0) return false;
+    if (this.activeAllocs > 0 || this.tables.l2.dirtyCount > 0 || this.tables.pendingL1 > 0) return false;
     await clearNeedCheck(this.file, this.header);
     this.needCheckOnDisk = false;
     this.log.debug('need-check bit cleared');

@@ -2,9 +2,10 @@
  * QED L1/L2 mapping: guest offset -> host extent, and linking newly written
  * clusters into the tables.
  *
- * The L1 table lives in memory (it is at most one table) and is written
- * through, one 8-byte entry at a time. L2 tables go through the shared
- * write-back TableCache, keyed by their host offset.
+ * The L1 table lives in memory (it is at most one table); an entry changes
+ * only when a new L2 table is linked, and reaches the disk at the next flush
+ * (below). L2 tables go through the shared write-back TableCache, keyed by
+ * their host offset.
  *
  * Entry values (docs/interop/qed_spec.rst): 0 unallocated, 1 zero cluster
  * (data entries only), otherwise the cluster-aligned host offset. A value
@@ -14,7 +15,15 @@
  *
  * Write ordering kept here:
  *  - a new L2 table is written (with its first entries) and synced before the
- *    L1 entry pointing at it is written;
+ *    L1 entry pointing at it is written: the table goes into the cache dirty
+ *    and the in-memory L1 entry points at it at once; the cache's flush
+ *    writes it (after syncing the data its entries point at), syncs, then
+ *    writes the L1 entries of new tables and syncs again
+ *    (TableStore.synced: writeL1Entries). So a new table costs no sync of
+ *    its own (one would wait for all the data written since the last), and a
+ *    crash before that flush loses only unsynced writes: the disk's L1 still
+ *    says unallocated there. Only entries of tables written before that
+ *    sync are written (pointer-table.ts);
  *  - an L2 entry is set only after the data it points at was written (the
  *    caller links after its data write completed), and the cache syncs the
  *    file before writing a dirty L2 table (dependOnSync), so data is durable
@@ -25,6 +34,7 @@
  */
 import { TableCache } from '../../../cache/table-cache.js';
 import { CorruptionError } from '../../errors.js';
+import { PendingPointers } from '../pointer-table.js';
 import { hexOffset } from '../u64.js';
 import type { ImageFile } from '../../io/file.js';
 import type { AppendAllocator } from './alloc.js';
@@ -63,11 +73,15 @@ const hex = hexOffset;
 
 export class QedTables {
   readonly l2: TableCache;
+  /** New L2 tables not written yet (their first write is IoPoint 'qed_l2_alloc'). */
+  private readonly unwrittenTables = new Set<number>();
+  /** L1 entries of new tables the disk's L1 table does not have yet. */
+  private readonly newL1 = new PendingPointers();
 
   constructor(
     private readonly file: ImageFile,
     private readonly geo: QedGeometry,
-    /** the L1 table, in memory, kept equal to its on-disk copy */
+    /** the L1 table, in memory: the on-disk copy, plus the entries in newL1 */
     readonly l1: Buffer,
     private readonly l1Offset: number,
     private readonly space: AppendAllocator,
@@ -82,16 +96,42 @@ export class QedTables {
         read: async (key, into) => {
           await file.readZeroFill(into, 0, tableBytes, key);
         },
-        write: (key, data) => file.write('qed_l2_update', data, 0, data.length, key),
+        write: async (key, data) => {
+          await file.write(this.unwrittenTables.has(key) ? 'qed_l2_alloc' : 'qed_l2_update', data, 0, data.length, key);
+          this.space.wrote(key + tableBytes);
+          this.unwrittenTables.delete(key);
+        },
         sync: () => file.flush(),
+        synced: () => this.writeL1Entries(),
       },
     });
+  }
+
+  /**
+   * After a flush's sync (TableStore.synced): the L1 entries of the new
+   * tables written before it, then a sync (pointer-table.ts). Only flushes
+   * and write-backs write tables, under the flush lock this runs under, so a
+   * table not in unwrittenTables now was written before that sync. A table
+   * linked while the flush ran waits for the next one.
+   */
+  private async writeL1Entries(): Promise<void> {
+    await this.newL1.writeReady(
+      this.l1,
+      (table) => !this.unwrittenTables.has(table),
+      (span, first) => this.file.write('qed_l1_update', span, 0, span.length, this.l1Offset + first * 8),
+      () => this.file.flush(),
+    );
+  }
+
+  /** L1 entries not on disk yet (their tables are linked at the next flush). */
+  get pendingL1(): number {
+    return this.newL1.size;
   }
 
   /** The L2 table offset for an L1 index: 0 when unallocated; throws when corrupt. */
   private l2Offset(l1Index: number, guestOffset: number): number {
     const off = readEntry(this.l1, l1Index);
-    if (off === 0) return 0;
+    if (off === 0 || this.unwrittenTables.has(off)) return off; // a new table of ours: in the cache until written
     const tb = this.geo.tableBytes;
     const onL1 = off < this.l1Offset + tb && this.l1Offset < off + tb; // a table over the L1 table: writes would destroy it
     if (onL1 || !validTableOffset(this.geo, off, this.space.fileEnd)) {
@@ -256,8 +296,9 @@ export class QedTables {
    * L2 table) to entryAt(i): host offsets of written clusters (link), or
    * QED_ZERO_CLUSTER / 0 for clusters that no longer hold data (discard,
    * write-zeroes). Caller holds the metadata lock. With no L2 table yet, one
-   * is allocated, written with the entries and synced before the L1 entry
-   * points at it (setting only 0s then needs no table and writes nothing).
+   * is allocated with the entries, and the disk's L1 entry points at it
+   * after the next flush made it durable (setting only 0s then needs no
+   * table and writes nothing).
    * A cluster whose entry leaves a host offset is leaked: nothing points at
    * it, and the append-only allocator never hands it out again.
    */
@@ -274,7 +315,7 @@ export class QedTables {
       this.l2.dependOnSync();
       return;
     }
-    // New L2 table: written with its entries and synced (data included) before L1 points at it.
+    // New L2 table: dirty in the cache (pinned until written), the disk's L1 entry after the next flush.
     const table = Buffer.alloc(g.tableBytes);
     let any = false;
     for (let i = 0; i < count; i++) {
@@ -284,13 +325,10 @@ export class QedTables {
     }
     if (!any) return;
     const off = this.space.alloc(g.tableBytes / cs);
-    await this.file.write('qed_l2_alloc', table, 0, g.tableBytes, off);
-    this.space.wrote(off + g.tableBytes);
-    await this.file.flush();
-    const entry = Buffer.alloc(8);
-    writeEntry(entry, 0, off);
-    await this.file.write('qed_l1_update', entry, 0, 8, this.l1Offset + l1Index * 8);
-    this.l2.install(off, table, false);
+    this.unwrittenTables.add(off);
+    this.l2.install(off, table, true);
+    this.l2.dependOnSync();
+    this.newL1.note(this.l1, l1Index, off);
     writeEntry(this.l1, l1Index, off);
   }
 
