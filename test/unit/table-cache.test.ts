@@ -323,7 +323,6 @@ describe('TableCache: ordering between caches', () => {
     expect(l2.dirtyCount).toBe(0);
   });
 
-
   it("synced(): runs after the flush's sync, and a dependent cache writes only after it returns", async () => {
     const log: Ev[] = [];
     const l2 = makeCache('l2', 8, log).cache;
@@ -351,6 +350,7 @@ describe('TableCache: ordering between caches', () => {
     await rc.writeBack();
     expect(log.filter((e) => e.key === -1)).toHaveLength(1);
   });
+
   it('dependOn is honoured by writeBack() too (not only flush)', async () => {
     const log: Ev[] = [];
     const { cache: a } = makeCache('a', 8, log);
