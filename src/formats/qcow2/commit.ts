@@ -40,7 +40,6 @@
  * flush() runs under the metadata lock; nothing else writes L1 entries of an
  * open image or releases the references queued here.
  */
-import { PendingPointers } from '../pointer-table.js';
 import type { Refcounts } from './refcount.js';
 import { L1E_BYTES, l1TableFields } from './spec.js';
 import type { Qcow2State } from './state.js';
@@ -53,8 +52,6 @@ export interface InUse {
 }
 
 export class CommitQueue {
-  /** L1 entries newer in memory than on disk (step 3). */
-  private readonly newL1 = new PendingPointers();
   /** References to drop at the next flush: [hostOffset, bytes] (step 4). */
   private pendingReleases: Array<[number, number]> = [];
   /** Past this many queued releases a link flushes. */
@@ -64,11 +61,6 @@ export class CommitQueue {
     private readonly s: Qcow2State,
     private readonly refcounts: Refcounts,
   ) {}
-
-  /** The in-memory L1 entry `l1Index` is about to point at the new table at `l2Offset` (step 3). */
-  l1Changing(l1Index: number, l2Offset: number): void {
-    this.newL1.note(this.s.l1, l1Index, l2Offset);
-  }
 
   /** Drop a reference to [hostOffset, hostOffset + bytes) once the pointer's removal is durable (step 4). */
   queueRelease(hostOffset: number, bytes: number): void {
@@ -89,7 +81,7 @@ export class CommitQueue {
     await this.s.l2Cache.flush(); // 2 and 1 again; ends with a sync: every L2 change so far is durable
     await this.writeL1(); // 3, synced
     // A table still unlinked on disk (none under the metadata lock) keeps the releases for the next flush.
-    if (this.pendingReleases.length > 0 && this.newL1.size === 0) {
+    if (this.pendingReleases.length > 0 && this.s.newL1.size === 0) {
       const releases = this.pendingReleases;
       this.pendingReleases = [];
       for (const [off, len] of releases) await this.refcounts.release(off, len); // 4
@@ -102,7 +94,7 @@ export class CommitQueue {
   async moveL1(entries: number): Promise<void> {
     const s = this.s;
     const cs = s.g.clusterSize;
-    if (this.newL1.size > 0 || this.pendingReleases.length > 0) throw new Error('moveL1 needs a flush first');
+    if (this.s.newL1.size > 0 || this.pendingReleases.length > 0) throw new Error('moveL1 needs a flush first');
     const bytes = entries * L1E_BYTES;
     const newL1 = Buffer.alloc(bytes);
     s.l1.copy(newL1, 0, 0, Math.min(s.l1.length, bytes));
@@ -134,9 +126,8 @@ export class CommitQueue {
    */
   private async writeL1(): Promise<void> {
     const s = this.s;
-    await this.newL1.writeReady(
+    await s.newL1.writeReady(
       s.l1,
-      (table) => !s.unwrittenL2.has(table),
       (span, first) => s.file.write('l1_update', span, 0, span.length, s.header.l1TableOffset + first * L1E_BYTES),
       () => s.syncAll(),
     );

@@ -38,10 +38,9 @@ export async function l2ForWrite(w: L2Writer, l1i: number): Promise<number> {
   const offset = await w.refcounts.allocateHostOffset(1);
   s.checkOverlap(offset, cs, 'new L2 table');
   if (!w.lazy) await s.l2Cache.dependOn(w.refcounts.cache);
-  s.unwrittenL2.add(offset);
+  s.newL1.note(s.l1, l1i, offset); // step 3 of commit.ts
   s.l2Cache.install(offset, table, true);
   s.noteFileEnd(offset + cs); // the table is cached and pinned until written: reads never go past the file for it
-  w.commit.l1Changing(l1i, offset);
   writeEntry(s.l1, l1i * 8, L2E_COPIED, offset, 0);
   s.overlap.l2Allocated(offset);
   if (old !== 0) {

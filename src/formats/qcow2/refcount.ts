@@ -54,9 +54,7 @@ export class Refcounts {
   freeHintIndex = 0;
   /** Host cluster indexes whose refcount reached 0 since the last release (invariant 3). */
   readonly quarantine = new Set<number>();
-  /** Blocks allocated but never written yet (their first write is IoPoint 'refblock_alloc'). */
-  private readonly unwrittenBlocks = new Set<number>();
-  /** Table entries of new blocks the disk's table does not have yet (invariant 1). */
+  /** Table entries of new blocks the disk's table does not have yet, and those blocks until written (invariant 1). */
   private readonly newEntries = new PendingPointers();
   private readonly entries: number; // refcounts per block
   private readonly cs: number;
@@ -84,8 +82,8 @@ export class Refcounts {
           if (n < this.cs) into.fill(0, n);
         },
         write: async (offset, data) => {
-          await s.file.write(this.unwrittenBlocks.has(offset) ? 'refblock_alloc' : 'refblock_update', data, 0, data.length, offset);
-          this.unwrittenBlocks.delete(offset);
+          await s.file.write(this.newEntries.isNew(offset) ? 'refblock_alloc' : 'refblock_update', data, 0, data.length, offset);
+          this.newEntries.written(offset);
         },
         sync: () => s.syncAll(),
         synced: () => this.writeTableEntries(),
@@ -344,10 +342,9 @@ export class Refcounts {
     const block = Buffer.alloc(this.cs);
     if (Math.floor(c / this.entries) === i) this.writeEntry(block, c % this.entries, 1); // self-describing
     else await this.change(c, 1);
-    this.unwrittenBlocks.add(blockOff);
+    this.newEntries.note(this.table, i, blockOff);
     this.cache.install(blockOff, block, true); // dirty: pinned until written
     this.s.noteFileEnd(blockOff + this.cs);
-    this.newEntries.note(this.table, i, blockOff);
     this.table.writeBigUInt64BE(BigInt(blockOff), i * 8);
     this.s.overlap.refblockAdded(blockOff);
     return blockOff;
@@ -356,13 +353,12 @@ export class Refcounts {
   /**
    * Invariant 1, after a flush's sync (TableStore.synced): the table entries
    * of the new blocks written before it, then a sync. Only flushes write
-   * blocks, under the flush lock this runs under, so a block not in
-   * unwrittenBlocks now was written before that sync.
+   * blocks, under the flush lock this runs under, so a block written by now
+   * was written before that sync.
    */
   private async writeTableEntries(): Promise<void> {
     await this.newEntries.writeReady(
       this.table,
-      (block) => !this.unwrittenBlocks.has(block),
       (span, first) => this.s.file.write('reftable_update', span, 0, span.length, this.tableOffset + first * 8),
       () => this.s.syncAll(),
     );

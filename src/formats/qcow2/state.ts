@@ -12,6 +12,7 @@ import type { Logger } from '../../log.js';
 import type { BlockDriver } from '../driver.js';
 import type { Qcow2Header } from './header.js';
 import { tableDataBytes } from './map.js';
+import { PendingPointers } from '../pointer-table.js';
 import { OverlapIndex } from './overlap.js';
 import type { Qcow2Snapshot } from './snapshot.js';
 import { badClusterOffset, entryOffset, type Geometry, L1E_COPIED } from './spec.js';
@@ -46,8 +47,11 @@ export class Qcow2State {
   onCorrupt: ((what: string) => void) | null = null;
   /** The overlap check's index of metadata (overlap.ts): consulted before writes. */
   readonly overlap = new OverlapIndex();
-  /** New L2 tables not written yet (they live dirty in l2Cache). */
-  readonly unwrittenL2 = new Set<number>();
+  /**
+   * L1 entries newer in memory than on disk, and their new L2 tables until
+   * written (they live dirty in l2Cache): commit.ts, step 3.
+   */
+  readonly newL1 = new PendingPointers();
   /** Guest bytes of data this image maps (allocatedBytes); see DataBytes. */
   readonly dataBytes = new DataBytes(this);
 
@@ -76,16 +80,10 @@ export class Qcow2State {
           const n = await file.read(into, 0, g.clusterSize, offset);
           if (n < g.clusterSize) into.fill(0, n);
         },
-        write: (offset, data) => {
+        write: async (offset, data) => {
           // The first write of a new table is 'l2_alloc' (fault injection and the crash harness tell them apart).
-          const fresh = this.unwrittenL2.delete(offset);
-          return file.write(fresh ? 'l2_alloc' : 'l2_update', data, 0, data.length, offset).then(
-            () => undefined,
-            (err: unknown) => {
-              if (fresh) this.unwrittenL2.add(offset);
-              throw err;
-            },
-          );
+          await file.write(this.newL1.isNew(offset) ? 'l2_alloc' : 'l2_update', data, 0, data.length, offset);
+          this.newL1.written(offset);
         },
         sync: () => this.syncAll(),
       },

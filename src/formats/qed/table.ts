@@ -73,9 +73,7 @@ const hex = hexOffset;
 
 export class QedTables {
   readonly l2: TableCache;
-  /** New L2 tables not written yet (their first write is IoPoint 'qed_l2_alloc'). */
-  private readonly unwrittenTables = new Set<number>();
-  /** L1 entries of new tables the disk's L1 table does not have yet. */
+  /** L1 entries of new tables the disk's L1 table does not have yet, and those tables until written. */
   private readonly newL1 = new PendingPointers();
 
   constructor(
@@ -97,9 +95,9 @@ export class QedTables {
           await file.readZeroFill(into, 0, tableBytes, key);
         },
         write: async (key, data) => {
-          await file.write(this.unwrittenTables.has(key) ? 'qed_l2_alloc' : 'qed_l2_update', data, 0, data.length, key);
+          await file.write(this.newL1.isNew(key) ? 'qed_l2_alloc' : 'qed_l2_update', data, 0, data.length, key);
           this.space.wrote(key + tableBytes);
-          this.unwrittenTables.delete(key);
+          this.newL1.written(key);
         },
         sync: () => file.flush(),
         synced: () => this.writeL1Entries(),
@@ -111,13 +109,12 @@ export class QedTables {
    * After a flush's sync (TableStore.synced): the L1 entries of the new
    * tables written before it, then a sync (pointer-table.ts). Only flushes
    * and write-backs write tables, under the flush lock this runs under, so a
-   * table not in unwrittenTables now was written before that sync. A table
-   * linked while the flush ran waits for the next one.
+   * table written by now was written before that sync. A table linked while
+   * the flush ran waits for the next one.
    */
   private async writeL1Entries(): Promise<void> {
     await this.newL1.writeReady(
       this.l1,
-      (table) => !this.unwrittenTables.has(table),
       (span, first) => this.file.write('qed_l1_update', span, 0, span.length, this.l1Offset + first * 8),
       () => this.file.flush(),
     );
@@ -131,7 +128,7 @@ export class QedTables {
   /** The L2 table offset for an L1 index: 0 when unallocated; throws when corrupt. */
   private l2Offset(l1Index: number, guestOffset: number): number {
     const off = readEntry(this.l1, l1Index);
-    if (off === 0 || this.unwrittenTables.has(off)) return off; // a new table of ours: in the cache until written
+    if (off === 0 || this.newL1.isNew(off)) return off; // a new table of ours: in the cache until written
     const tb = this.geo.tableBytes;
     const onL1 = off < this.l1Offset + tb && this.l1Offset < off + tb; // a table over the L1 table: writes would destroy it
     if (onL1 || !validTableOffset(this.geo, off, this.space.fileEnd)) {
@@ -325,10 +322,9 @@ export class QedTables {
     }
     if (!any) return;
     const off = this.space.alloc(g.tableBytes / cs);
-    this.unwrittenTables.add(off);
+    this.newL1.note(this.l1, l1Index, off);
     this.l2.install(off, table, true);
     this.l2.dependOnSync();
-    this.newL1.note(this.l1, l1Index, off);
     writeEntry(this.l1, l1Index, off);
   }
 
