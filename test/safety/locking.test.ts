@@ -71,18 +71,30 @@ interface Holder {
 
 const holders = new Set<ChildProcess>();
 
-/** qemu-io with `image` open (interactive, so it stays open) until close(); resolves once its locks are taken. */
-async function holdWithQemuIo(image: string, format: string, extra: string[] = []): Promise<Holder> {
+/**
+ * qemu-io with `image` open (interactive, so it stays open) until close(); resolves once its locks are
+ * taken and settled. QEMU locks a backing file after the image and finalizes permissions after the
+ * whole chain is open, so "settled" is: every file in `files` (default: the image) holds a lock, and
+ * the bytes held on all of them read the same on two polls in a row.
+ */
+async function holdWithQemuIo(image: string, format: string, extra: string[] = [], files: string[] = [image]): Promise<Holder> {
   const child = spawn('qemu-io', ['-f', format, ...extra, image], { stdio: ['pipe', 'ignore', 'pipe'] });
   holders.add(child);
   let err = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
   const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
-  for (let i = 0; i < 250 && heldBytes(child.pid!, image).length === 0; i++) {
+  const snapshot = () => files.map((f) => heldBytes(child.pid!, f));
+  let last = '';
+  let settled = false;
+  for (let i = 0; i < 250 && !settled; i++) {
     if (child.exitCode !== null) throw new Error(`qemu-io exited early: ${err}`);
-    await sleep(20);
+    const now = snapshot();
+    const key = JSON.stringify(now);
+    settled = now.every((b) => b.length > 0) && key === last;
+    last = key;
+    if (!settled) await sleep(20);
   }
-  if (heldBytes(child.pid!, image).length === 0) throw new Error(`qemu-io took no lock on ${image}: ${err}`);
+  if (!settled) throw new Error(`qemu-io took no settled lock on ${files.join(', ')}: ${last} ${err}`);
   return {
     pid: child.pid!,
     close: async () => {
@@ -157,7 +169,7 @@ describe('lock bytes: qmount takes what qemu-io takes', () => {
   ];
   for (const c of cases) {
     it(`${c.name}: image and backing file`, async () => {
-      const q = await holdWithQemuIo(top, 'qcow2', c.qemuIo);
+      const q = await holdWithQemuIo(top, 'qcow2', c.qemuIo, [top, base]);
       const fromQemu = await withHolder(q, () => ({ top: heldBytes(q.pid, top), base: heldBytes(q.pid, base) }));
       expect(fromQemu).toEqual({ top: c.top, base: c.base });
       await withMount(await mountImage(top, { extraArgs: c.qmount }), (m) => {
