@@ -65,6 +65,8 @@ function anyLocks(file: string): string[] {
 
 interface Holder {
   pid: number;
+  /** The lock bytes it holds on `file` now. */
+  held(file: string): number[];
   /** Quit qemu-io (end of its input) and wait for it. */
   close(): Promise<void>;
 }
@@ -77,8 +79,13 @@ const holders = new Set<ChildProcess>();
  * whole chain is open, so "settled" is: every file in `files` (default: the image) holds a lock, and
  * the bytes held on all of them read the same on two polls in a row.
  */
-async function holdWithQemuIo(image: string, format: string, extra: string[] = [], files: string[] = [image]): Promise<Holder> {
-  const child = spawn('qemu-io', ['-f', format, ...extra, image], { stdio: ['pipe', 'ignore', 'pipe'] });
+async function holdWithQemuIo(
+  image: string,
+  format: string,
+  extra: string[] = [],
+  { files = [image], cwd }: { files?: string[]; cwd?: string } = {},
+): Promise<Holder> {
+  const child = spawn('qemu-io', ['-f', format, ...extra, image], { cwd, stdio: ['pipe', 'ignore', 'pipe'] });
   holders.add(child);
   let err = '';
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
@@ -97,6 +104,7 @@ async function holdWithQemuIo(image: string, format: string, extra: string[] = [
   if (!settled) throw new Error(`qemu-io took no settled lock on ${files.join(', ')}: ${last} ${err}`);
   return {
     pid: child.pid!,
+    held: (file) => heldBytes(child.pid!, file),
     close: async () => {
       child.stdin!.end('quit\n');
       const timeout = sleep(10_000).then(() => 'timeout');
@@ -169,8 +177,8 @@ describe('lock bytes: qmount takes what qemu-io takes', () => {
   ];
   for (const c of cases) {
     it(`${c.name}: image and backing file`, async () => {
-      const q = await holdWithQemuIo(top, 'qcow2', c.qemuIo, [top, base]);
-      const fromQemu = await withHolder(q, () => ({ top: heldBytes(q.pid, top), base: heldBytes(q.pid, base) }));
+      const q = await holdWithQemuIo(top, 'qcow2', c.qemuIo, { files: [top, base] });
+      const fromQemu = await withHolder(q, () => ({ top: q.held(top), base: q.held(base) }));
       expect(fromQemu).toEqual({ top: c.top, base: c.base });
       await withMount(await mountImage(top, { extraArgs: c.qmount }), (m) => {
         expect({ top: heldBytes(m.pid, top), base: heldBytes(m.pid, base) }).toEqual(fromQemu);
@@ -186,13 +194,8 @@ describe('lock bytes: qmount takes what qemu-io takes', () => {
     const data = path.join(dir, 'df.data');
     for (const [args, mode] of [[[], 'data-write'], [['-r'], 'data-read']] as const) {
       // qemu-io resolves the data file name against its working directory: open it from there.
-      const child = spawn('qemu-io', ['-f', 'qcow2', ...args, 'df.qcow2'], { cwd: dir, stdio: ['pipe', 'ignore', 'ignore'] });
-      holders.add(child);
-      for (let i = 0; i < 250 && heldBytes(child.pid!, data).length === 0; i++) await sleep(20);
-      const seen = heldBytes(child.pid!, data);
-      child.stdin!.end('quit\n');
-      await new Promise((r) => child.on('exit', r));
-      holders.delete(child);
+      const q = await holdWithQemuIo('df.qcow2', 'qcow2', args, { files: [data], cwd: dir });
+      const seen = await withHolder(q, () => q.held(data));
       expect(seen, mode).toEqual(lockBytes(mode));
     }
     expect(heldBytes(process.pid, image)).toEqual([]);
