@@ -49,7 +49,9 @@
  *                         cross-CPU wake-ups cost; not how anyone runs it)
  *   --variant NAME:K=V,.. one more system, qmount-fuse3~NAME: qmount on fuse3 with this extra
  *                         environment (e.g. pool:QMOUNT_POOL_FROM=0), taking turns with the others;
- *                         the table adds NAME/fuse3 and NAME/qemu ratios. Repeatable.
+ *                         the table adds NAME/fuse3 and NAME/qemu ratios. Repeatable. The key
+ *                         NODE_ARGS is not environment but node arguments (space-separated),
+ *                         e.g. 'sp:NODE_ARGS=--always-sparkplug'
  *   --baseline DIR        one more system, qmount-fuse3~base: qmount on fuse3 from another
  *                         checkout's build (DIR/dist/src/cli.js, with its own native addons),
  *                         e.g. a git worktree of the commit before a change, taking turns with the
@@ -125,7 +127,9 @@ function parseArgs(argv) {
           const eq = kv.indexOf('=');
           if (eq > 0) env[kv.slice(0, eq)] = kv.slice(eq + 1);
         }
-        o.variants.push({ name, env });
+        const nodeArgs = (env.NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
+        delete env.NODE_ARGS;
+        o.variants.push({ name, env, nodeArgs });
         break;
       }
       case '--baseline': {
@@ -167,6 +171,8 @@ const SYSTEMS = ALL_SYSTEMS.filter((s) => !opts.systems || opts.systems.includes
 const VARIANT_ENV = Object.fromEntries(opts.variants.map((v) => [`qmount-fuse3~${v.name}`, v.env]));
 /** --baseline: the variant's own build of qmount. */
 const VARIANT_CLI = Object.fromEntries(opts.variants.filter((v) => v.cli).map((v) => [`qmount-fuse3~${v.name}`, v.cli]));
+/** --variant NAME:NODE_ARGS=..: the variant's node arguments. */
+const VARIANT_NODE_ARGS = Object.fromEntries(opts.variants.map((v) => [`qmount-fuse3~${v.name}`, v.nodeArgs ?? []]));
 SYSTEMS.push(...Object.keys(VARIANT_ENV));
 if (SYSTEMS.length === 0) die(`no system selected (systems: ${ALL_SYSTEMS.join(', ')})`);
 const isQmount = (system) => system.startsWith('qmount-');
@@ -327,7 +333,7 @@ function spawnServer(name, cmd, args, mounted, extra = {}) {
 
 /** qmount -f with the readiness pipe (src/daemon.ts). */
 async function startQmount(system, image, dir, logFile) {
-  const args = [...opts.nodeArgs, VARIANT_CLI[system] ?? CLI, '-f', '--fuse-backend', backendOf(system), '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
+  const args = [...opts.nodeArgs, ...(VARIANT_NODE_ARGS[system] ?? []), VARIANT_CLI[system] ?? CLI, '-f', '--fuse-backend', backendOf(system), '--format', opts.format, '--log-level', 'info', '--log-file', logFile, image, dir];
   const s = spawnServer(system, process.execPath, args, dir, {
     stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
     env: { ...opts.env, ...VARIANT_ENV[system], QMOUNT_READY_FD: '3' },

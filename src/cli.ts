@@ -21,6 +21,7 @@
  * Errors print one line, `qmount: <message>`, never a stack trace;
  * warnings (e.g. --force-share on an image in use) one `qmount: warning: ...` line.
  */
+import './jit.js'; // first: sets V8's tiering before any other module is compiled
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
