@@ -363,10 +363,15 @@ export class DiskService {
     return fuseCode(code);
   }
 
-  /** Read `len` bytes of file `f` at offset `pos` into buf[bufOff..]. */
+  /**
+   * Read `len` bytes of file `f` at offset `pos` into buf[bufOff..]. A
+   * request the source can answer before returning (readNow) is answered
+   * with a number, no promise; the rest through read().
+   */
   read(f: MountFile, buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
     // Reads reaching past the end of the file get a short count (0 at or after it).
-    const size = f.source.virtualSize;
+    const src = f.source;
+    const size = src.virtualSize;
     const n = pos >= size ? 0 : Math.min(len, size - pos);
     if (n === 0) return 0;
     const id = this.requests.enter('read', pos, n);
@@ -376,31 +381,46 @@ export class DiskService {
     s.readBytes += n;
     if (n > s.maxRead) s.maxRead = n;
     const t0 = performance.now();
+    if (src.readNow !== undefined) {
+      let done: boolean;
+      try {
+        done = src.readNow(buf, bufOff, n, pos);
+      } catch (err) {
+        return this.readFailedAfter(f, id, t0, err, pos, n);
+      }
+      if (done) return this.readDone(id, t0, n);
+    }
     let p: Promise<void>;
     try {
-      p = f.source.read(buf, bufOff, n, pos);
+      p = src.read(buf, bufOff, n, pos);
     } catch (err) {
       this.requests.leave(id);
       return this.handlerFailed('read', err);
     }
     return p.then(
-      () => {
-        s.readMicros += (performance.now() - t0) * 1000;
-        this.requests.leave(id);
-        return n;
-      },
-      (err: unknown) => {
-        s.readMicros += (performance.now() - t0) * 1000;
-        this.requests.leave(id);
-        return this.readFailed(f, err, pos, n);
-      },
+      () => this.readDone(id, t0, n),
+      (err: unknown) => this.readFailedAfter(f, id, t0, err, pos, n),
     );
   }
 
+  private readDone(id: number, t0: number, n: number): number {
+    this.stats.readMicros += (performance.now() - t0) * 1000;
+    this.requests.leave(id);
+    return n;
+  }
+
+  private readFailedAfter(f: MountFile, id: number, t0: number, err: unknown, pos: number, n: number): number {
+    this.stats.readMicros += (performance.now() - t0) * 1000;
+    this.requests.leave(id);
+    return this.readFailed(f, err, pos, n);
+  }
+
+  /** Write like read(): writeNow answered with a number, the rest through write(). */
   write(f: MountFile, buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
     if (f.readOnly) return EROFS;
     // Like a block device: a write crossing the end is cut short, one at the end gets ENOSPC.
-    const size = f.source.virtualSize;
+    const src = f.source;
+    const size = src.virtualSize;
     const n = pos >= size ? 0 : Math.min(len, size - pos);
     if (n === 0) return len === 0 ? 0 : ENOSPC;
     const id = this.requests.enter('write', pos, n);
@@ -412,33 +432,47 @@ export class DiskService {
     if (n <= 4096) s.smallWrites++;
     const t0 = performance.now();
     this.statusCache.invalidate();
+    if (src.writeNow !== undefined) {
+      let done: boolean;
+      try {
+        done = src.writeNow(buf, bufOff, n, pos);
+      } catch (err) {
+        return this.writeFailed(f, id, t0, err, pos, n);
+      }
+      if (done) return this.writeDone(f, id, t0, pos, n);
+    }
     let p: Promise<void>;
     try {
-      p = f.source.write(buf, bufOff, n, pos);
+      p = src.write(buf, bufOff, n, pos);
     } catch (err) {
       this.requests.leave(id);
       return this.handlerFailed('write', err);
     }
     return p.then(
-      () => {
-        s.writeMicros += (performance.now() - t0) * 1000;
-        f.mtime = Date.now();
-        this.statusCache.invalidate();
-        this.attrsChanged(f);
-        this.requests.leave(id);
-        this.changed(f, pos, n);
-        return n;
-      },
-      (err: unknown) => {
-        s.writeMicros += (performance.now() - t0) * 1000;
-        this.statusCache.invalidate();
-        this.requests.leave(id);
-        s.writeErrors++;
-        const code = errnoOf(err);
-        this.log.error({ file: f.path, guestOffset: pos, length: n, errno: code, err: oneLine(err) }, 'write failed');
-        return fuseCode(code);
-      },
+      () => this.writeDone(f, id, t0, pos, n),
+      (err: unknown) => this.writeFailed(f, id, t0, err, pos, n),
     );
+  }
+
+  private writeDone(f: MountFile, id: number, t0: number, pos: number, n: number): number {
+    this.stats.writeMicros += (performance.now() - t0) * 1000;
+    f.mtime = Date.now();
+    this.statusCache.invalidate();
+    this.attrsChanged(f);
+    this.requests.leave(id);
+    this.changed(f, pos, n);
+    return n;
+  }
+
+  private writeFailed(f: MountFile, id: number, t0: number, err: unknown, pos: number, n: number): number {
+    const s = this.stats;
+    s.writeMicros += (performance.now() - t0) * 1000;
+    this.statusCache.invalidate();
+    this.requests.leave(id);
+    s.writeErrors++;
+    const code = errnoOf(err);
+    this.log.error({ file: f.path, guestOffset: pos, length: n, errno: code, err: oneLine(err) }, 'write failed');
+    return fuseCode(code);
   }
 
   flush(): number {

@@ -126,6 +126,19 @@ export interface BlockDriver {
   /** Write guest bytes. Throws ReadOnlyError on a read-only driver. */
   write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void>;
 
+  /**
+   * Optional fast paths: read() / write() of the same request, done before
+   * returning when nothing in it has to wait (its mapping is cached, its
+   * I/O runs inline on the event loop). true: the request is complete, with
+   * the effect read()/write() resolving would have had (and the buffer is
+   * free again); false: nothing was done, the caller uses read()/write().
+   * Throws what read()/write() would reject with. A request answered this
+   * way costs no promise: most reads and rewrites of allocated clusters in
+   * the steady state of a mount.
+   */
+  readNow?(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean;
+  writeNow?(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean;
+
   /** Make every completed write durable, metadata in its safe order. */
   flush(): Promise<void>;
 

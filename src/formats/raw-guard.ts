@@ -14,7 +14,7 @@ import { QmountError } from '../errors.js';
 import type { BlockDriver } from './driver.js';
 import { foreignFormat, PROBE_BYTES, probeFormat } from './probe.js';
 
-/** The driver, with writes into sector 0 checked (every other member passes through). */
+/** The driver, with writes into sector 0 checked (every other member passes through, but writeNow: none). */
 export function guardProbedRaw(driver: BlockDriver): BlockDriver {
   const write = async (buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> => {
     if (length > 0 && guestOffset < PROBE_BYTES && Number.isSafeInteger(guestOffset) && guestOffset >= 0) {
@@ -36,6 +36,7 @@ export function guardProbedRaw(driver: BlockDriver): BlockDriver {
   return new Proxy(driver, {
     get(target, prop) {
       if (prop === 'write') return write;
+      if (prop === 'writeNow') return undefined; // every write goes through the check above
       const v: unknown = Reflect.get(target, prop, target);
       return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
     },

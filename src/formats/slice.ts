@@ -58,6 +58,17 @@ export class SliceDriver implements BlockDriver {
     return length === 0 ? Promise.resolve() : this.parent.write(buf, bufOffset, length, this.start + guestOffset);
   }
 
+  /** The parent's readNow / writeNow, same checks as read / write (false: the parent has none, or declined). */
+  readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    return length === 0 || (this.parent.readNow?.(buf, bufOffset, length, this.start + guestOffset) ?? false);
+  }
+
+  writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    checkRequest(this, 'write', guestOffset, length, this.closed);
+    return length === 0 || (this.parent.writeNow?.(buf, bufOffset, length, this.start + guestOffset) ?? false);
+  }
+
   flush(): Promise<void> {
     if (this.closed) return Promise.reject(new QmountError('EBADF', `${this.filename}: flush after close`));
     return this.parent.flush();

@@ -91,6 +91,15 @@ class DetectZeroesDriver implements BlockDriver {
     return this.inner.read(buf, bufOffset, length, guestOffset);
   }
 
+  readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    return this.inner.readNow?.(buf, bufOffset, length, guestOffset) ?? false;
+  }
+
+  /** Only writes too short to hold a whole granule go at once: every other one is looked at by write(). */
+  writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    return length < this.granule && (this.inner.writeNow?.(buf, bufOffset, length, guestOffset) ?? false);
+  }
+
   async write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
     const d = this.inner;
     const g = this.granule;

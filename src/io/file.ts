@@ -174,18 +174,42 @@ export class ImageFile {
     }
     if (!this.policy.allowed()) return this.readPooled(buf, bufOffset, length, position);
     try {
-      const start = this.policy.now();
-      let done = 0;
-      while (done < length) {
-        const n = fs.readSync(this.fd, buf, bufOffset + done, length - done, position + done);
-        if (n === 0) break;
-        done += n;
-      }
-      this.policy.done(start, done);
-      return Promise.resolve(done);
+      return Promise.resolve(this.readInline(buf, bufOffset, length, position));
     } catch (err) {
       return Promise.reject(sysError(err));
     }
+  }
+
+  /**
+   * The synchronous form of readZeroFill, for callers that answer a request
+   * before returning (BlockDriver.readNow): when InlinePolicy lets this call
+   * run inline, reads, zero-fills past end of file and returns the bytes
+   * really read; else does nothing and returns -1 (the caller uses the
+   * promise form). Throws what readZeroFill rejects with.
+   */
+  readZeroFillNow(buf: Buffer, bufOffset: number, length: number, position: number): number {
+    try {
+      checkRange(this.path, 'read', position, length, this.closed);
+      if (!this.policy.allowed()) return -1;
+      const n = this.readInline(buf, bufOffset, length, position);
+      if (n < length) buf.fill(0, bufOffset + n, bufOffset + length);
+      return n;
+    } catch (err) {
+      throw sysError(err);
+    }
+  }
+
+  /** pread on the event loop, looping over short reads; timed for InlinePolicy. Throws. */
+  private readInline(buf: Buffer, bufOffset: number, length: number, position: number): number {
+    const start = this.policy.now();
+    let done = 0;
+    while (done < length) {
+      const n = fs.readSync(this.fd, buf, bufOffset + done, length - done, position + done);
+      if (n === 0) break;
+      done += n;
+    }
+    this.policy.done(start, done);
+    return done;
   }
 
   private async readPooled(buf: Buffer, bufOffset: number, length: number, position: number): Promise<number> {
@@ -210,14 +234,37 @@ export class ImageFile {
 
   write(point: IoPoint, buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
     try {
-      if (this.readOnly) throw new ReadOnlyError(`refusing to write ${this.path}: opened read-only`);
-      checkRange(this.path, 'write', position, length, this.closed);
-      if (instrumentation.active) {
-        instrumentation.check('write', point, this.path, position, length, buf.subarray(bufOffset, bufOffset + length));
-      }
+      this.checkWrite(point, buf, bufOffset, length, position);
       return this.writeRaw(buf, bufOffset, length, position);
     } catch (err) {
       return Promise.reject(sysError(err));
+    }
+  }
+
+  /**
+   * The synchronous form of write, for callers that answer a request before
+   * returning (BlockDriver.writeNow): when the write would run inline
+   * (below ioTuning.poolWritesFrom, InlinePolicy allowing), writes and
+   * returns true; else does nothing and returns false (the caller uses
+   * write). Throws what write rejects with, the same checks first.
+   */
+  writeNow(point: IoPoint, buf: Buffer, bufOffset: number, length: number, position: number): boolean {
+    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) return false;
+    try {
+      this.checkWrite(point, buf, bufOffset, length, position);
+      this.writeInline(buf, bufOffset, length, position);
+      return true;
+    } catch (err) {
+      throw sysError(err);
+    }
+  }
+
+  /** What every write is checked against first (throws): read-only, the range, fault injection. */
+  private checkWrite(point: IoPoint, buf: Buffer, bufOffset: number, length: number, position: number): void {
+    if (this.readOnly) throw new ReadOnlyError(`refusing to write ${this.path}: opened read-only`);
+    checkRange(this.path, 'write', position, length, this.closed);
+    if (instrumentation.active) {
+      instrumentation.check('write', point, this.path, position, length, buf.subarray(bufOffset, bufOffset + length));
     }
   }
 
@@ -300,16 +347,26 @@ export class ImageFile {
 
   /** write() without the read-only and instrumentation checks (the caller made them). */
   private writeRaw(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
+    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) {
+      if (position + length > this.zeroFrom) this.zeroFrom = position + length;
+      return this.changing(this.writePooled(buf, bufOffset, length, position));
+    }
+    try {
+      this.writeInline(buf, bufOffset, length, position);
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(sysError(err));
+    }
+  }
+
+  /** pwrite on the event loop, looping over short writes; timed for InlinePolicy, counted as a change. Throws. */
+  private writeInline(buf: Buffer, bufOffset: number, length: number, position: number): void {
     if (position + length > this.zeroFrom) this.zeroFrom = position + length;
-    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) return this.changing(this.writePooled(buf, bufOffset, length, position));
     try {
       const start = this.policy.now();
       let done = 0;
       while (done < length) done += fs.writeSync(this.fd, buf, bufOffset + done, length - done, position + done);
       this.policy.done(start, length);
-      return Promise.resolve();
-    } catch (err) {
-      return Promise.reject(sysError(err));
     } finally {
       this.changesDone++;
     }

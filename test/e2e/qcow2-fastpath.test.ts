@@ -11,6 +11,8 @@
  *  - a zero-flagged cluster that keeps its host cluster gets real zeros
  *    around the new data (its old bytes never show through);
  *  - single-cluster reads of data and zero clusters equal qemu's view;
+ *  - readNow / writeNow (answered before returning) take exactly the cases
+ *    above whose mapping is cached and decline the rest, doing nothing;
  *  - a new refcount block costs no sync when allocated: its table entry is
  *    written by the next flush, after the block is durable.
  * Every image is judged by qemu-img check and compare against a raw model.
@@ -189,6 +191,58 @@ describe('qcow2 fast paths', () => {
       expect(got.equals(want.subarray(off, off + len)), `read at ${off}`).toBe(true);
     }
     await d.close();
+  });
+
+  it('readNow / writeNow answer cached single-cluster data, zeros and owned rewrites at once; everything else declines', async () => {
+    const base = path.join(s.dir, 'nbase.raw');
+    const image = path.join(s.dir, 'now.qcow2');
+    const model = path.join(s.dir, 'now.raw');
+    qemuImg('create', '-q', '-f', 'raw', base, String(4 * MiB));
+    qemuIo(base, 'raw', ['write -P 0x3c 0 4M']);
+    qemuImg('create', '-q', '-f', 'qcow2', '-b', base, '-F', 'raw', image, String(4 * MiB));
+    // [0, 512k) data, [512k, 768k) zero flag, [1M, 2M) data shared with a snapshot, the rest left to the backing file.
+    qemuIo(image, 'qcow2', ['write -P 0x12 0 512k', 'write -z 512k 256k', 'write -P 0x13 1M 1M']);
+    qemuImg('snapshot', '-c', 'snap', image);
+    qemuIo(image, 'qcow2', ['write -P 0x14 0 128k']); // owned again after the snapshot
+    qemuImg('convert', '-O', 'raw', image, model);
+    const want = fs.readFileSync(model);
+    const d = await openImage(image, { readOnly: false });
+    const readNow = d.readNow!.bind(d);
+    const writeNow = d.writeNow!.bind(d);
+    const buf = Buffer.alloc(64 * KiB, 0xee);
+    // Nothing is cached yet: declined, the buffer untouched.
+    expect(readNow(buf, 0, 4096, 0)).toBe(false);
+    expect(buf.every((b) => b === 0xee)).toBe(true);
+    await d.read(buf, 0, 4096, 0); // loads the L2 table
+    for (const [off, len] of [[4096, 4096], [64 * KiB, 64 * KiB], [600 * KiB, 8 * KiB], [1 * MiB, 4096]] as const) {
+      buf.fill(0xee);
+      expect(readNow(buf, 0, len, off), `readNow at ${off}`).toBe(true);
+      expect(buf.subarray(0, len).equals(want.subarray(off, off + len)), `data at ${off}`).toBe(true);
+    }
+    // Backing data and a range across two clusters take the general path.
+    expect(readNow(buf, 0, 4096, 3 * MiB)).toBe(false);
+    expect(readNow(buf, 0, 8192, 60 * KiB)).toBe(false);
+    // Writes: declined until the image is prepared by a first write; then owned clusters go at once.
+    const put = (off: number, len: number, byte: number): boolean => {
+      const b = Buffer.alloc(len, byte);
+      const done = writeNow(b, 0, len, off);
+      if (done) writeAt(model, off, b);
+      return done;
+    };
+    expect(put(4096, 4096, 0x21)).toBe(false);
+    await d.write(Buffer.alloc(512, 0x22), 0, 512, 0);
+    writeAt(model, 0, Buffer.alloc(512, 0x22));
+    expect(put(4096, 4096, 0x23), 'owned cluster').toBe(true);
+    expect(put(64 * KiB + 512, 1000, 0x24), 'owned cluster, unaligned').toBe(true);
+    expect(put(300 * KiB, 4096, 0x25), 'data shared with the snapshot').toBe(false);
+    expect(put(1 * MiB, 4096, 0x26), 'data shared with the snapshot').toBe(false);
+    expect(put(600 * KiB, 4096, 0x27), 'zero cluster').toBe(false);
+    expect(put(3 * MiB, 4096, 0x28), 'left to the backing file').toBe(false);
+    expect(put(60 * KiB, 8192, 0x29), 'across two clusters').toBe(false);
+    await d.close();
+    const check = qemuCheck(image);
+    expect(check.code, check.output).toBe(0);
+    expect(qemuCompare(image, model, 'qcow2', 'raw').same).toBe(true);
   });
 
   it('a new refcount block is not synced when allocated; the next flush writes it, syncs, then its table entry, before any L2 table', async () => {

@@ -164,6 +164,37 @@ describe('QED need-check bit', () => {
     expect(qemuCheck(img, 'qed').code).toBe(0);
   });
 
+  it('readNow / writeNow: cached data in place (the bit stays clear), zeros answered; backing data and allocations decline', async () => {
+    const base = p('now-base.raw');
+    const img = p('now.qed');
+    const model = p('now.raw');
+    fs.writeFileSync(base, patternBytes(4 * MiB, 5));
+    qemuImg('create', '-q', '-f', 'qed', '-o', `cluster_size=${cs}`, '-b', base, '-F', 'raw', img, String(4 * MiB));
+    qemuIo(img, 'qed', [`write -P 0x55 0 ${4 * cs}`, `write -z ${8 * cs} ${2 * cs}`]);
+    convertToRaw(img, model);
+    const want = fs.readFileSync(model);
+    const d = await openRW(img);
+    const buf = Buffer.alloc(2 * cs, 0xee);
+    await d.read(buf, 0, 512, 0); // the L2 table is cached (the open's count of data clusters may have loaded it already)
+    for (const [off, len] of [[100, 2 * cs], [8 * cs, cs]]) {
+      buf.fill(0xee);
+      expect(d.readNow!(buf, 0, len, off), `readNow at ${off}`).toBe(true);
+      expect(buf.subarray(0, len).equals(want.subarray(off, off + len))).toBe(true);
+    }
+    expect(d.readNow!(buf, 0, 512, 20 * cs), 'backing data').toBe(false);
+    const rewrite = Buffer.alloc(3000, 0x66);
+    expect(d.writeNow!(rewrite, 0, rewrite.length, cs + 7)).toBe(true);
+    rewrite.copy(want, cs + 7);
+    expect(d.writeNow!(rewrite, 0, 100, 8 * cs), 'zero cluster').toBe(false);
+    expect(d.writeNow!(rewrite, 0, 100, 20 * cs), 'unallocated').toBe(false);
+    expect(d.writeNow!(rewrite, 0, 2 * cs, 3 * cs), 'runs into an unallocated cluster').toBe(false);
+    await d.flush();
+    expect(needCheckOnDisk(img)).toBe(false);
+    await closeDriver(d);
+    fs.writeFileSync(model, want);
+    expectCleanAndSame(img, model);
+  });
+
   it('is set and synced before any cluster or table write, with or without a backing file', async () => {
     for (const withBacking of [false, true]) {
       const img = p(`order-${withBacking}.qed`);

@@ -192,6 +192,39 @@ describe('ImageFile', () => {
         }
         expect(fs.readFileSync(file).toString()).toBe('0123456789abcdef');
       });
+
+      it('readZeroFillNow / writeNow: done before returning when inline, declined (nothing done) on the pool; errors thrown', async () => {
+        const f = await open();
+        try {
+          const z = Buffer.alloc(8, 0xee);
+          const wrote = f.writeNow('data_write', Buffer.from('NOW'), 0, 3, 12);
+          const read = f.readZeroFillNow(z, 0, 8, 12);
+          if (mode === 'inline') {
+            expect([wrote, read]).toEqual([true, 4]);
+            expect(z).toEqual(Buffer.from([...Buffer.from('NOWf'), 0, 0, 0, 0]));
+            expect(f.ioStats).toMatchObject({ inline: 2, pooled: 0 });
+          } else {
+            expect([wrote, read]).toEqual([false, -1]);
+            expect(z.every((b) => b === 0xee)).toBe(true);
+            expect(f.ioStats).toMatchObject({ inline: 0, pooled: 0 });
+          }
+          // A bad range throws at once, whatever the mode; an injected fault is thrown where the write runs inline.
+          expect(() => f.readZeroFillNow(z, 0, 8, -1)).toThrow(IoRangeError);
+          instrumentation.setFaults([{ point: 'data_write', errno: 'EIO' }]);
+          if (mode === 'inline') expect(() => f.writeNow('data_write', Buffer.from('x'), 0, 1, 0)).toThrow(expect.objectContaining({ code: 'EIO' }));
+          else expect(f.writeNow('data_write', Buffer.from('x'), 0, 1, 0)).toBe(false);
+          instrumentation.clearFaults();
+        } finally {
+          await f.close();
+        }
+        expect(fs.readFileSync(file).toString()).toBe(mode === 'inline' ? '0123456789abNOWf' : '0123456789abcdef');
+        const ro = await open(true);
+        try {
+          if (mode === 'inline') expect(() => ro.writeNow('data_write', Buffer.from('x'), 0, 1, 0)).toThrow(ReadOnlyError);
+        } finally {
+          await ro.close();
+        }
+      });
     });
   }
 

@@ -13,7 +13,10 @@
  * So every direct write is counted here, by host cluster, from before it is
  * issued until it settled, and the quarantine (refcount.ts, invariant 3;
  * released by commit.ts, step 5) keeps every busy cluster out of the
- * allocator and unpunched until a flush finds it idle.
+ * allocator and unpunched until a flush finds it idle. The one exception
+ * is a direct write done synchronously (Qcow2Writer.writeNow): it is
+ * decided, issued and settled before the event loop runs anything else, so
+ * no mapping change can come while it is in flight.
  *
  * With an external data file nothing is counted: data clusters there are
  * never refcounted nor freed.

@@ -8,7 +8,7 @@ import { ImageFile } from '../../io/file.js';
 import { checkRequest, type BlockDriver, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
 import { lockForUse } from '../image-lock.js';
 import { featureList, parseHeader, type Qcow2Header } from './header.js';
-import { readGuest } from './read.js';
+import { readGuest, readGuestNow } from './read.js';
 import { resize } from './resize.js';
 import { readSnapshotTable } from './snapshot.js';
 import { blockStatus } from './status.js';
@@ -122,6 +122,16 @@ class Qcow2Driver implements BlockDriver {
     }
     if (this.writer) return this.writer.read(buf, bufOffset, length, guestOffset);
     return readGuest(this.s, buf, bufOffset, length, guestOffset);
+  }
+
+  readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    return readGuestNow(this.s, buf, bufOffset, length, guestOffset);
+  }
+
+  writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    checkRequest(this, 'write', guestOffset, length, this.closed);
+    return this.writer!.writeNow(buf, bufOffset, length, guestOffset);
   }
 
   write(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {

@@ -26,44 +26,66 @@ export function track(ios: Promise<unknown>[], p: Promise<unknown>): void {
 const fastEntry: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
 const fastPiece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };
 
+/**
+ * The fast path: a range inside one cluster whose L2 table is cached and
+ * whose mapping is one piece (most requests: FUSE splits I/O at 1 MiB or
+ * less, clusters are 64 KiB). Returns the piece's kind, its host offset in
+ * fastPiece; -1 when the range needs the general path. Synchronous, so the
+ * scratch objects are not shared.
+ */
+function singlePiece(s: Qcow2State, length: number, guestOffset: number): ExtentKind | -1 {
+  const g = s.g;
+  const cs = g.clusterSize;
+  const clusterIndex = Math.floor(guestOffset / cs);
+  const inCluster = guestOffset - clusterIndex * cs;
+  if (length === 0 || inCluster + length > cs) return -1;
+  const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
+  const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
+  if (!table) return -1;
+  readL2Entry(g, table, clusterIndex % g.l2Entries, fastEntry);
+  classify(g, fastEntry, clusterIndex * cs, inCluster, length, fastPiece);
+  return fastPiece.length === length ? fastPiece.kind : -1;
+}
+
+/**
+ * readGuest done before returning (BlockDriver.readNow): a single-piece
+ * range of data or zeros whose data read runs inline. Returns false, having
+ * done nothing, for everything else. The caller checked the request.
+ */
+export function readGuestNow(s: Qcow2State, buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+  switch (singlePiece(s, length, guestOffset)) {
+    case ExtentKind.Data:
+      return fastPiece.hostOffset < s.fileSize && s.file.readZeroFillNow(buf, bufOffset, length, fastPiece.hostOffset) >= 0;
+    case ExtentKind.ExternalData:
+      return fastPiece.hostOffset < s.dataFileSize && s.dataFile!.readZeroFillNow(buf, bufOffset, length, fastPiece.hostOffset) >= 0;
+    case ExtentKind.Zero:
+      buf.fill(0, bufOffset, bufOffset + length);
+      return true;
+    default:
+      return false;
+  }
+}
+
 /** Read guest bytes into buf; see BlockDriver.read. */
 export async function readGuest(s: Qcow2State, buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {
   // The driver checked the caller's request (checkRequest); this guards the internal callers (copy-on-write fills).
   if (guestOffset < 0 || length < 0 || guestOffset + length > s.virtualSize) {
     throw new FormatError(`read [${guestOffset}, +${length}) outside the disk`, 'EINVAL');
   }
-  const g = s.g;
-  // Fast path: a range inside one cluster whose L2 table is cached and whose
-  // mapping is one piece of data or zeros is served without a batch (most
-  // requests: FUSE splits I/O at 128 KiB, clusters are 64 KiB). Everything
-  // up to the read is synchronous, so the scratch objects are not shared.
-  const cs = g.clusterSize;
-  const clusterIndex = Math.floor(guestOffset / cs);
-  const inCluster = guestOffset - clusterIndex * cs;
-  if (length > 0 && inCluster + length <= cs) {
-    const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
-    const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
-    if (table) {
-      readL2Entry(g, table, clusterIndex % g.l2Entries, fastEntry);
-      classify(g, fastEntry, clusterIndex * cs, inCluster, length, fastPiece);
-      if (fastPiece.length === length) {
-        switch (fastPiece.kind) {
-          case ExtentKind.Data:
-            await readData(s, s.file, s.fileSize, buf, bufOffset, length, fastPiece.hostOffset, guestOffset);
-            return;
-          case ExtentKind.ExternalData:
-            await readData(s, s.dataFile!, s.dataFileSize, buf, bufOffset, length, fastPiece.hostOffset, guestOffset);
-            return;
-          case ExtentKind.Zero:
-            buf.fill(0, bufOffset, bufOffset + length);
-            return;
-          case ExtentKind.Backing:
-          case ExtentKind.Compressed:
-            break; // the general path below
-        }
-      }
-    }
+  switch (singlePiece(s, length, guestOffset)) {
+    case ExtentKind.Data:
+      await readData(s, s.file, s.fileSize, buf, bufOffset, length, fastPiece.hostOffset, guestOffset);
+      return;
+    case ExtentKind.ExternalData:
+      await readData(s, s.dataFile!, s.dataFileSize, buf, bufOffset, length, fastPiece.hostOffset, guestOffset);
+      return;
+    case ExtentKind.Zero:
+      buf.fill(0, bufOffset, bufOffset + length);
+      return;
+    default:
+      break; // backing, compressed, several pieces, an L2 table not cached: the general path
   }
+  const g = s.g;
   const ios: Promise<unknown>[] = [];
   const entry: L2Entry = { hi: 0, lo: 0, alloc: 0, zero: 0 };
   const piece: Piece = { kind: ExtentKind.Zero, hostOffset: 0, length: 0 };

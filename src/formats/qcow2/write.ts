@@ -259,23 +259,52 @@ export class Qcow2Writer {
    * the planned path.
    */
   private directWrite(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> | null {
+    const hostOffset = this.directTarget(length, guestOffset);
+    if (hostOffset < 0) return null;
+    return this.directWrites.issue(this.s.dataFile ?? this.s.file, 'data_write', buf, bufOffset, length, hostOffset);
+  }
+
+  /**
+   * A direct write done before returning (BlockDriver.writeNow): true when
+   * the request could go direct and its write ran inline. Nothing else runs
+   * between its issue and its end, so it needs no count in DirectWrites (no
+   * flush or mapping change can come between). The request was checked.
+   */
+  writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    const s = this.s;
+    if (length === 0) return true;
+    if (s.corrupt) return false; // write() refuses it
+    const hostOffset = this.directTarget(length, guestOffset);
+    if (hostOffset < 0) return false;
+    const file = s.dataFile ?? s.file;
+    if (!file.writeNow('data_write', buf, bufOffset, length, hostOffset)) return false;
+    s.noteDataEnd(file, hostOffset + length);
+    return true;
+  }
+
+  /**
+   * Where a write of [guestOffset, +length) may go direct: in place, inside
+   * one cluster whose L2 table is cached and whose entry says this image
+   * owns it (directHost), not in flight, the image prepared for writes.
+   * The host offset, or -1. Checks the target against the metadata (throws).
+   */
+  private directTarget(length: number, guestOffset: number): number {
     const s = this.s;
     const g = s.g;
-    if (!this.prepared) return null;
+    if (!this.prepared) return -1;
     const cs = g.clusterSize;
     const clusterIndex = Math.floor(guestOffset / cs);
     const writeStart = guestOffset - clusterIndex * cs;
-    if (writeStart + length > cs || this.inflight.has(clusterIndex)) return null;
+    if (writeStart + length > cs || this.inflight.has(clusterIndex)) return -1;
     const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
     const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
-    if (!table) return null;
+    if (!table) return -1;
     readL2Entry(g, table, clusterIndex % g.l2Entries, this.scratch);
     const clusterHostOffset = directHost(g, clusterIndex, writeStart, writeStart + length, this.scratch);
-    if (clusterHostOffset < 0) return null;
+    if (clusterHostOffset < 0) return -1;
     const hostOffset = clusterHostOffset + writeStart;
-    const file = s.dataFile ?? s.file;
     if (!g.hasDataFile) s.checkOverlap(hostOffset, length, 'data write');
-    return this.directWrites.issue(file, 'data_write', buf, bufOffset, length, hostOffset);
+    return hostOffset;
   }
 
   private async writeChunk(buf: Buffer, bufOffset: number, length: number, guestOffset: number): Promise<void> {

@@ -162,6 +162,18 @@ export class QedTables {
     return this.l2.with(l2off, (table) => this.extentIn(table, guestOffset, inSpan, limit));
   }
 
+  /** map() answered from the cache alone, synchronously: null when the L2 table is not cached. */
+  mapNow(guestOffset: number, maxBytes: number): Extent | null {
+    const g = this.geo;
+    const l1Index = Math.floor(guestOffset / g.l2Span);
+    const inSpan = guestOffset - l1Index * g.l2Span;
+    const limit = Math.min(maxBytes, g.l2Span - inSpan);
+    const l2off = this.l2Offset(l1Index, guestOffset);
+    if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
+    const table = this.l2.peek(l2off);
+    return table === undefined ? null : this.extentIn(table, guestOffset, inSpan, limit);
+  }
+
   /** map() inside its borrow of the L2 table. */
   private extentIn(table: Buffer, guestOffset: number, inSpan: number, limit: number): Extent {
     const cs = this.geo.clusterSize;

@@ -70,6 +70,20 @@ class RawDriver implements BlockDriver {
     await this.tracked(this.file.write('data_write', buf, bufOffset, length, guestOffset));
   }
 
+  readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    return length === 0 || this.file.readZeroFillNow(buf, bufOffset, length, guestOffset) >= 0;
+  }
+
+  /** write() done before returning: over before anything else runs, so not counted in `requests`; the allocation may have changed. */
+  writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
+    checkRequest(this, 'write', guestOffset, length, this.closed);
+    if (length === 0) return true;
+    if (!this.file.writeNow('data_write', buf, bufOffset, length, guestOffset)) return false;
+    this.stale = true;
+    return true;
+  }
+
   async writeZeroes(guestOffset: number, length: number, opts: { unmap: boolean }): Promise<void> {
     checkRequest(this, 'write', guestOffset, length, this.closed);
     if (length === 0) return;
