@@ -194,7 +194,7 @@ describe('lock bytes: qmount takes what qemu-io takes', () => {
     const data = path.join(dir, 'df.data');
     for (const [args, mode] of [[[], 'data-write'], [['-r'], 'data-read']] as const) {
       // qemu-io resolves the data file name against its working directory: open it from there.
-      const q = await holdWithQemuIo('df.qcow2', 'qcow2', args, { files: [data], cwd: dir });
+      const q = await holdWithQemuIo('df.qcow2', 'qcow2', [...args], { files: [data], cwd: dir });
       const seen = await withHolder(q, () => q.held(data));
       expect(seen, mode).toEqual(lockBytes(mode));
     }
