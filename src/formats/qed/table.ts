@@ -153,29 +153,28 @@ export class QedTables {
    * inside one L2 table; data extents are host-contiguous.
    */
   async map(guestOffset: number, maxBytes: number): Promise<Extent> {
-    const g = this.geo;
-    const l1Index = Math.floor(guestOffset / g.l2Span);
-    const inSpan = guestOffset - l1Index * g.l2Span;
-    const limit = Math.min(maxBytes, g.l2Span - inSpan);
-    const l2off = this.l2Offset(l1Index, guestOffset);
-    if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
-    return this.l2.with(l2off, (table) => this.extentIn(table, guestOffset, inSpan, limit));
+    const l2off = this.l2Offset(Math.floor(guestOffset / this.geo.l2Span), guestOffset);
+    if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: this.spanLimit(guestOffset, maxBytes) };
+    return this.l2.with(l2off, (table) => this.extentIn(table, guestOffset, maxBytes));
   }
 
   /** map() answered from the cache alone, synchronously: null when the L2 table is not cached. */
   mapNow(guestOffset: number, maxBytes: number): Extent | null {
-    const g = this.geo;
-    const l1Index = Math.floor(guestOffset / g.l2Span);
-    const inSpan = guestOffset - l1Index * g.l2Span;
-    const limit = Math.min(maxBytes, g.l2Span - inSpan);
-    const l2off = this.l2Offset(l1Index, guestOffset);
-    if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: limit };
+    const l2off = this.l2Offset(Math.floor(guestOffset / this.geo.l2Span), guestOffset);
+    if (l2off === 0) return { kind: 'unalloc', host: 0, bytes: this.spanLimit(guestOffset, maxBytes) };
     const table = this.l2.peek(l2off);
-    return table === undefined ? null : this.extentIn(table, guestOffset, inSpan, limit);
+    return table === undefined ? null : this.extentIn(table, guestOffset, maxBytes);
+  }
+
+  /** maxBytes from guestOffset, cut at the end of the span of its L2 table. */
+  private spanLimit(guestOffset: number, maxBytes: number): number {
+    return Math.min(maxBytes, this.geo.l2Span - (guestOffset % this.geo.l2Span));
   }
 
   /** map() inside its borrow of the L2 table. */
-  private extentIn(table: Buffer, guestOffset: number, inSpan: number, limit: number): Extent {
+  private extentIn(table: Buffer, guestOffset: number, maxBytes: number): Extent {
+    const inSpan = guestOffset % this.geo.l2Span;
+    const limit = this.spanLimit(guestOffset, maxBytes);
     const cs = this.geo.clusterSize;
     let idx = Math.floor(inSpan / cs);
     const within = inSpan - idx * cs;
