@@ -50,10 +50,14 @@ function waitForClose(rec: MountRecord & { file: string }): Promise<number> {
   return new Promise((resolve) => {
     let closedCode: number | undefined;
     let watcher: fs.FSWatcher | undefined;
+    const closedIn = (r: MountRecord | undefined): void => {
+      if (r?.state === 'closed') closedCode = r.exitCode ?? 0;
+    };
     const check = (): void => {
-      const now = readRecord(rec.file);
-      if (now?.state === 'closed') closedCode = now.exitCode ?? 0;
+      closedIn(readRecord(rec.file));
       if (processStart(rec.pid) === rec.start) return; // still running
+      // Gone: it may have written 'closed' and exited after the read above, so read once more.
+      if (closedCode === undefined) closedIn(readRecord(rec.file));
       clearInterval(timer);
       watcher?.close();
       fs.rmSync(rec.file, { force: true });
