@@ -249,7 +249,7 @@ export class ImageFile {
    * write). Throws what write rejects with, the same checks first.
    */
   writeNow(point: IoPoint, buf: Buffer, bufOffset: number, length: number, position: number): boolean {
-    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) return false;
+    if (!this.writesInline(length)) return false;
     try {
       this.checkWrite(point, buf, bufOffset, length, position);
       this.writeInline(buf, bufOffset, length, position);
@@ -347,7 +347,7 @@ export class ImageFile {
 
   /** write() without the read-only and instrumentation checks (the caller made them). */
   private writeRaw(buf: Buffer, bufOffset: number, length: number, position: number): Promise<void> {
-    if (length >= ioTuning.poolWritesFrom || !this.policy.allowed()) {
+    if (!this.writesInline(length)) {
       if (position + length > this.zeroFrom) this.zeroFrom = position + length;
       return this.changing(this.writePooled(buf, bufOffset, length, position));
     }
@@ -357,6 +357,11 @@ export class ImageFile {
     } catch (err) {
       return Promise.reject(sysError(err));
     }
+  }
+
+  /** Does a write of `length` bytes run inline now (below ioTuning.poolWritesFrom, InlinePolicy allowing)? */
+  private writesInline(length: number): boolean {
+    return length < ioTuning.poolWritesFrom && this.policy.allowed();
   }
 
   /** pwrite on the event loop, looping over short writes; timed for InlinePolicy, counted as a change. Throws. */
