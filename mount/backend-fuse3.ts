@@ -45,8 +45,14 @@ export interface Fuse3Attrs {
 export type Fuse3Handler = (op: number, slot: number, offset: number, length: number, arg: number, ino: number) => void;
 
 export interface Fuse3Addon {
-  mount(mountPoint: string, options: string, attrs: Fuse3Attrs, buffers: number, handler: Fuse3Handler): { handle: unknown; buffers: ArrayBuffer[] };
+  mount(mountPoint: string, options: string, attrs: Fuse3Attrs, buffers: number, handler: Fuse3Handler): { handle: unknown; buffers: ArrayBuffer[]; fileReplyMax: number };
   reply(handle: unknown, slot: number, result: number): void;
+  /**
+   * Answer a read with `length` (<= fileReplyMax) bytes of descriptor `fd`
+   * at `position`, spliced (filereply.c): 0. An errno: nothing was sent and
+   * the read still waits for reply().
+   */
+  replyFd(handle: unknown, slot: number, fd: number, position: number, length: number): number;
   /** Drop the kernel's cached pages of [offset, +length) of a file (asynchronous; inval.c). */
   invalidate(handle: unknown, ino: number, offset: number, length: number): void;
   /** New size / st_blocks of a file (getattr answers them from then on). */
@@ -96,6 +102,26 @@ export function loadFuse3(): { addon?: Fuse3Addon; why?: string } {
   return cached;
 }
 
+/**
+ * Reads from this many bytes up to the addon's fileReplyMax (1020 KiB with
+ * the usual 1 MiB pipe limit) are answered from the image file when the
+ * engine can (DiskService.send: one contiguous host range, mapped by cached
+ * metadata): spliced, so the kernel copies the bytes once instead of twice
+ * (a pread into our buffer, then the reply out of it). Measured against
+ * pread + reply, alternating, same run: 64 KiB reads at qd8 1.33-1.39x
+ * (0.83-0.92x of the no-op ceiling, from 0.6-0.7x), 18-20 µs of CPU per
+ * request against 25-27; 4 KiB reads at qd16 spliced were no faster (0.99x):
+ * its three system calls (the header's write and two splices) cost what the
+ * copy saves, so small reads keep readNow. A 1 MiB read does not fit the
+ * pipe and keeps pread. QMOUNT_SPLICE_FROM overrides it (a huge number:
+ * never).
+ */
+const SPLICE_FROM = envInt(process.env.QMOUNT_SPLICE_FROM, 8192);
+
+function envInt(v: string | undefined, dflt: number): number {
+  return v !== undefined && /^\d+$/.test(v) ? Number(v) : dflt;
+}
+
 function bufferCount(): number {
   const env = process.env.QMOUNT_FUSE3_BUFFERS;
   const n = env && /^\d+$/.test(env) ? Number(env) : DEFAULT_BUFFERS;
@@ -138,6 +164,7 @@ export class Fuse3Backend implements FuseBackend {
       if (!this.released) this.addon.setFile(this.handle, f.ino, size, blocks);
     };
     this.bufs = m.buffers.map((ab) => Buffer.from(ab));
+    this.spliceTo = m.fileReplyMax;
     // With direct_io nothing is cached: nothing to invalidate.
     if (!mount.directIo) service.invalidate = (f, offset, length) => this.addon.invalidate(this.handle, f.ino, offset, length);
     return this.raiseReadahead(maxRead);
@@ -163,6 +190,15 @@ export class Fuse3Backend implements FuseBackend {
     })().catch((err: unknown) => this.ctx.log.debug({ err: oneLine(err) }, 'read-ahead not raised'));
   }
 
+  /** The largest read answered by splicing (the addon's fileReplyMax; 0 before mount). */
+  private spliceTo = 0;
+
+  /** The sink DiskService.send reads through: the slot of the read being answered (set just before; used synchronously). */
+  private readonly sink = {
+    slot: 0,
+    send: (fd: number, position: number, len: number): boolean => this.addon.replyFd(this.handle, this.sink.slot, fd, position, len) === 0,
+  };
+
   private readonly handler: Fuse3Handler = (op, slot, offset, length, arg, ino) => {
     if (op === OP.UNMOUNTED) {
       if (this.unmountedSeen) return;
@@ -178,7 +214,13 @@ export class Fuse3Backend implements FuseBackend {
       if (f === undefined) r = service.handlerFailed(OP_NAMES[op] ?? `op ${op}`, new Error(`inode ${ino} is not a file`));
       else {
         switch (op) {
-          case OP.READ: r = service.read(f, this.bufs[slot]!, 0, length, offset); break;
+          case OP.READ:
+            if (length >= SPLICE_FROM && length <= this.spliceTo) {
+              this.sink.slot = slot;
+              if (service.send(f, length, offset, this.sink)) return;
+            }
+            r = service.read(f, this.bufs[slot]!, 0, length, offset);
+            break;
           case OP.WRITE: r = service.write(f, this.bufs[slot]!, arg, length, offset); break;
           case OP.FLUSH: r = service.flush(); break;
           case OP.FSYNC: r = service.fsync(f); break;

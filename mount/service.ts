@@ -38,6 +38,7 @@ import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
+import type { FdSink } from '../src/formats/driver.js';
 import { Aliases } from './aliases.js';
 import { RequestTracker } from './requests.js';
 import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode, SEEK_DATA } from './sparse.js';
@@ -401,6 +402,38 @@ export class DiskService {
       () => this.readDone(id, t0, n),
       (err: unknown) => this.readFailedAfter(f, id, t0, err, pos, n),
     );
+  }
+
+  /**
+   * A read the backend can answer from a file descriptor (fuse3's splice):
+   * true when the source sent it through `sink` (sendNow), counted like a
+   * read; false, nothing done, and the backend uses read(). Reads reaching
+   * past the end are cut short as read() cuts them; errors are left to
+   * read(), which meets them again and answers them.
+   */
+  send(f: MountFile, len: number, pos: number, sink: FdSink): boolean {
+    const src = f.source;
+    if (src.sendNow === undefined) return false;
+    const size = src.virtualSize;
+    const n = pos >= size ? 0 : Math.min(len, size - pos);
+    if (n === 0) return false;
+    const id = this.requests.enter('read', pos, n);
+    if (id === 0) return false;
+    const t0 = performance.now();
+    let sent = false;
+    try {
+      sent = src.sendNow(n, pos, sink);
+    } catch {
+      sent = false;
+    }
+    this.requests.leave(id);
+    if (!sent) return false;
+    const s = this.stats;
+    s.reads++;
+    s.readBytes += n;
+    if (n > s.maxRead) s.maxRead = n;
+    s.readMicros += (performance.now() - t0) * 1000;
+    return true;
   }
 
   private readDone(id: number, t0: number, n: number): number {

@@ -30,7 +30,7 @@ import type { BlockDriver, BlockExtent } from '../src/formats/driver.js';
 /** What a file's bytes come from: the data half of the BlockDriver contract (same rules, same errnos). */
 export type FileSource = Pick<
   BlockDriver,
-  'virtualSize' | 'readOnly' | 'read' | 'write' | 'readNow' | 'writeNow' | 'flush' | 'blockStatus' | 'writeZeroes' | 'resize' | 'allocatedBytes'
+  'virtualSize' | 'readOnly' | 'read' | 'write' | 'readNow' | 'writeNow' | 'sendNow' | 'flush' | 'blockStatus' | 'writeZeroes' | 'resize' | 'allocatedBytes'
 >;
 
 export type TreeEntry =

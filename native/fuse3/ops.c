@@ -81,7 +81,7 @@ static void qf_init(void *userdata, struct fuse_conn_info *conn) {
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
   /* Only this mount changes disk.raw: a changed mtime must not drop the page cache. */
   conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
-  /* Requests are read into memory buffers (session.c), never spliced. */
+  /* Requests are read into memory buffers (session.c), never spliced; replies from a file splice on their own pipe (filereply.c), not libfuse's. */
   conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   /* open(O_TRUNC) then arrives as setattr(size 0): EPERM, as on fuse-native (libfuse 3 turns this on). */

@@ -72,6 +72,7 @@ struct qf_slot {
   int op;
   int state;
   fuse_ino_t ino; /* the file the request is for */
+  uint64_t unique; /* the kernel's id of the request (filereply.c writes its own reply header) */
   napi_ref ab_ref; /* the ArrayBuffer over mem; its finalizer frees mem */
 };
 
@@ -112,6 +113,9 @@ struct qf_stats {
   double inval_unqueued; /* ... not queued (no thread, a bad range): a bug */
   double poll_hits;      /* requests caught by polling (no sleep, no wake-up) */
   double poll_misses;    /* polling windows that ran out (then the loop slept) */
+  double file_replies;     /* reads answered from a file (replyFd, filereply.c) */
+  double file_read_errors; /* ... refused since reading the file failed (JS answers them) */
+  double file_send_errors; /* ... whose splice into /dev/fuse failed (not ENOENT/ENODEV) */
 };
 
 /*
@@ -181,7 +185,21 @@ struct qf_session {
   int read_errno; /* why receiving stopped, when not ENODEV */
   struct qf_inval *inval; /* started by the first invalidate() call */
   struct qf_poll poll_state;
+  int pipe_fd[2];  /* filereply.c's pipe (-1: none) */
+  int pipe_pages;  /* its capacity in pages (0: no splicing) */
 };
+
+/*
+ * filereply.c: answer read request `idx` with [pos, +len) of fd: 0 when
+ * answered; else an errno (EMSGSIZE: too large for the pipe; or why reading
+ * the file failed) and nothing was sent, the request still waits.
+ */
+void qf_pipe_open(struct qf_session *s);
+void qf_pipe_close(struct qf_session *s);
+int qf_reply_file(struct qf_session *s, int idx, int fd, off_t pos, size_t len);
+/* The largest reply qf_reply_file takes at any offset (0: none). */
+#define QF_FILE_REPLY_MAX(s) \
+  ((s)->pipe_pages < 3 ? 0 : (size_t)((s)->pipe_pages - 2) * 4096 > QF_MAX_IO ? QF_MAX_IO : (size_t)((s)->pipe_pages - 2) * 4096)
 
 /* ops.c */
 extern const struct fuse_lowlevel_ops qf_ops;

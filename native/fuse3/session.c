@@ -3,7 +3,7 @@
  * event loop, replies from JS, close.
  *
  *   mount(mountPoint, options, attrs, nbuffers, handler)
- *       -> { handle, buffers: ArrayBuffer[] }
+ *       -> { handle, buffers: ArrayBuffer[], fileReplyMax }
  *     options: the "-o" list for fuse_session_new (fsname, subtype, max_read,
  *     ro, allow_other, ...); attrs: { dirMode, uid, gid, readOnly, directIo,
  *     maxRead, maxWrite, nodes }. nodes: the tree, root first, inode =
@@ -18,6 +18,11 @@
  *     placed at the start of buffers[slot]; write: bytes written; lseek: the
  *     offset; QF_SETSIZE: 0, once setFile has the new size; others: 0),
  *     < 0 is -errno. May be called at once or later.
+ *   replyFd(handle, slot, fd, position, length) -> 0 | errno: answer a read
+ *     with `length` bytes of file descriptor fd at `position` instead, spliced
+ *     (filereply.c); lengths up to the mount result's fileReplyMax. An errno
+ *     (the file could not be read, or the reply does not fit the pipe): nothing
+ *     was sent, the read still waits for reply().
  *   invalidate(handle, ino, offset, length): drop the kernel's cached pages
  *     of that range of a file (another file showing the same bytes was
  *     written); asynchronous, on a thread of its own (inval.c).
@@ -31,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <linux/fuse.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -98,6 +104,7 @@ void qf_forward(struct qf_session *s, fuse_req_t req, fuse_ino_t ino, int op, do
   sl->req = req;
   sl->op = op;
   sl->ino = ino;
+  sl->unique = ((const struct fuse_in_header *)(sl->mem + QF_RECV_OFFSET))->unique;
   sl->state = SLOT_PENDING;
   s->npending++;
   s->st.to_js++;
@@ -209,6 +216,7 @@ static void free_nodes(struct qf_session *s) {
 }
 
 static void free_session(struct qf_session *s) {
+  qf_pipe_close(s);
   free_nodes(s);
   free(s->slots);
   free(s->free_list);
@@ -348,6 +356,7 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   qf_poll_init(&s->poll_state);
   for (int i = 0; i < s->nnodes; i++) s->nodes[i].mtime = a->start;
 
+  qf_pipe_open(s); /* from here on free_session closes it */
   s->nslots = (int)nbuf;
   s->slots = calloc((size_t)s->nslots, sizeof(*s->slots));
   s->free_list = calloc((size_t)s->nslots, sizeof(int));
@@ -405,6 +414,9 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   CHECK(env, napi_create_object(env, &result));
   napi_set_named_property(env, result, "handle", handle);
   napi_set_named_property(env, result, "buffers", buffers);
+  napi_value frm;
+  napi_create_double(env, (double)QF_FILE_REPLY_MAX(s), &frm);
+  napi_set_named_property(env, result, "fileReplyMax", frm);
   return result;
 
 fail_after_mount:
@@ -421,6 +433,19 @@ fail_msg_mount:
   for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
   free_session(s);
   return throw_msg(env, "fuse_session_mount failed (libfuse printed why on stderr)");
+}
+
+/* Slot `idx` was answered: it is free again (or, answered inside its own dispatch, freed by the receive loop). */
+static void answered(struct qf_session *s, int idx) {
+  struct qf_slot *sl = &s->slots[idx];
+  s->npending--;
+  if (idx == s->cur_slot) {
+    sl->state = SLOT_BUSY;
+    sl->req = NULL;
+  } else {
+    release_slot(s, idx);
+    start_polling(s);
+  }
 }
 
 static napi_value qf_reply(napi_env env, napi_callback_info info) {
@@ -466,15 +491,45 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
         fuse_reply_err(req, 0);
     }
   }
-  s->npending--;
-  if (idx == s->cur_slot) {
-    sl->state = SLOT_BUSY; /* answered inside its own dispatch: the receive loop frees it */
-    sl->req = NULL;
-  } else {
-    release_slot(s, idx);
-    start_polling(s);
-  }
+  answered(s, idx);
   return NULL;
+}
+
+/*
+ * A read answered from a file instead of the slot's buffer: `length` bytes
+ * of descriptor `fd` at `position`, which JS guarantees are all there (below
+ * the file's size: libfuse sends a short count at end of file). libfuse
+ * splices them (file -> pipe -> /dev/fuse, FUSE_CAP_SPLICE_WRITE) when its
+ * pipe can hold the reply, so the bytes are copied once, by the kernel,
+ * instead of twice (pread into the buffer, then writev out of it); else it
+ * reads them into memory and writes them out. A read error is answered to
+ * the kernel by libfuse as that errno. Counted as spliced / splice errors.
+ */
+static napi_value qf_reply_fd(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  struct qf_session *s = argc == 5 ? get_session(env, argv[0]) : NULL;
+  int32_t idx, fd;
+  double pos, len;
+  if (!s || napi_get_value_int32(env, argv[1], &idx) != napi_ok || napi_get_value_int32(env, argv[2], &fd) != napi_ok ||
+      napi_get_value_double(env, argv[3], &pos) != napi_ok || napi_get_value_double(env, argv[4], &len) != napi_ok || fd < 0 || pos < 0 ||
+      len < 0 || len > QF_MAX_IO) {
+    return throw_msg(env, "replyFd(handle, slot, fd, position, length)");
+  }
+  napi_value r;
+  if (s->closed) {
+    s->st.late_replies++; /* dropped, as reply() drops it */
+    CHECK(env, napi_create_int32(env, 0, &r));
+    return r;
+  }
+  if (idx < 0 || idx >= s->nslots || s->slots[idx].state != SLOT_PENDING || s->slots[idx].op != QF_READ) {
+    return throw_msg(env, "replyFd: slot is not a read waiting for a reply");
+  }
+  int err = qf_reply_file(s, idx, fd, (off_t)pos, (size_t)len);
+  if (err == 0) answered(s, idx);
+  CHECK(env, napi_create_int32(env, err, &r));
+  return r;
 }
 
 static napi_value qf_close(napi_env env, napi_callback_info info) {
@@ -561,6 +616,10 @@ static napi_value qf_stats(napi_env env, napi_callback_info info) {
   PUT("poolFull", s->st.pool_full);
   PUT("interrupts", s->st.interrupts);
   PUT("lateReplies", s->st.late_replies);
+  PUT("fileReplyMax", (double)QF_FILE_REPLY_MAX(s));
+  PUT("fileReplies", s->st.file_replies);
+  PUT("fileReadErrors", s->st.file_read_errors);
+  PUT("fileSendErrors", s->st.file_send_errors);
   PUT("maxBatch", s->st.max_batch);
   inval_counts(s);
   PUT("invalSent", s->st.inval_sent);
@@ -579,6 +638,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"mount", NULL, qf_mount, NULL, NULL, NULL, napi_default, NULL},
     {"reply", NULL, qf_reply, NULL, NULL, NULL, napi_default, NULL},
+    {"replyFd", NULL, qf_reply_fd, NULL, NULL, NULL, napi_default, NULL},
     {"close", NULL, qf_close, NULL, NULL, NULL, napi_default, NULL},
     {"setFile", NULL, qf_set_file, NULL, NULL, NULL, napi_default, NULL},
     {"invalidate", NULL, qf_invalidate, NULL, NULL, NULL, napi_default, NULL},

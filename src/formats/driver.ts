@@ -7,6 +7,7 @@
 import type { WorkHooks } from '../progress.js';
 import { QmountError, ReadOnlyError } from '../errors.js';
 import type { Logger } from '../log.js';
+import type { FdSink } from '../io/file.js';
 
 export type FormatName = 'qcow2' | 'qed' | 'raw';
 
@@ -108,6 +109,8 @@ export interface ImageInfo {
  *
  * checkRequest() is the one implementation of the range rules.
  */
+export type { FdSink };
+
 export interface BlockDriver {
   readonly format: FormatName;
   readonly filename: string;
@@ -138,6 +141,17 @@ export interface BlockDriver {
    */
   readNow?(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean;
   writeNow?(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean;
+
+  /**
+   * Optional: when guest bytes [guestOffset, +length) are one contiguous
+   * range of one host file, mapped by cached metadata and all present in the
+   * file, let `sink` read them from there, now (sink.send before returning),
+   * and return true: the read is answered without passing through a buffer
+   * of ours. false: nothing was done (use read()). Throws like read(). The
+   * mapping is only valid until the caller yields, which is why the sink
+   * reads at once.
+   */
+  sendNow?(length: number, guestOffset: number, sink: FdSink): boolean;
 
   /** Make every completed write durable, metadata in its safe order. */
   flush(): Promise<void>;

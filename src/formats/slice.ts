@@ -17,7 +17,7 @@
  * - blockStatus: the parent's extents for the range, offsets made relative.
  */
 import { QmountError } from '../errors.js';
-import { checkRequest, type BlockDriver, type BlockExtent, type FormatName, type ImageInfo } from './driver.js';
+import { checkRequest, type BlockDriver, type BlockExtent, type FdSink, type FormatName, type ImageInfo } from './driver.js';
 
 export class SliceDriver implements BlockDriver {
   readonly format: FormatName;
@@ -58,10 +58,15 @@ export class SliceDriver implements BlockDriver {
     return length === 0 ? Promise.resolve() : this.parent.write(buf, bufOffset, length, this.start + guestOffset);
   }
 
-  /** The parent's readNow / writeNow, same checks as read / write (false: the parent has none, or declined). */
+  /** The parent's readNow / sendNow / writeNow, same checks as read / write (false: the parent has none, or declined). */
   readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
     checkRequest(this, 'read', guestOffset, length, this.closed);
     return length === 0 || (this.parent.readNow?.(buf, bufOffset, length, this.start + guestOffset) ?? false);
+  }
+
+  sendNow(length: number, guestOffset: number, sink: FdSink): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    return length > 0 && (this.parent.sendNow?.(length, this.start + guestOffset, sink) ?? false);
   }
 
   writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {

@@ -25,7 +25,7 @@
  * (Buffer.compare against a static zero buffer, in 1 MiB steps).
  */
 import { nativeZeroTest } from '../io/fileops.js';
-import type { BlockDriver, BlockExtent, ImageInfo } from './driver.js';
+import type { BlockDriver, BlockExtent, FdSink, ImageInfo } from './driver.js';
 
 export type DetectZeroes = 'off' | 'on' | 'unmap';
 
@@ -93,6 +93,10 @@ class DetectZeroesDriver implements BlockDriver {
 
   readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
     return this.inner.readNow?.(buf, bufOffset, length, guestOffset) ?? false;
+  }
+
+  sendNow(length: number, guestOffset: number, sink: FdSink): boolean {
+    return this.inner.sendNow?.(length, guestOffset, sink) ?? false;
   }
 
   /** Only writes too short to hold a whole granule go at once: every other one is looked at by write(). */

@@ -74,6 +74,16 @@ export class IoRangeError extends QmountError {}
  * integers whose sum is one too: EINVAL for negative, fractional or
  * non-number values, EFBIG for values past Number.MAX_SAFE_INTEGER.
  */
+/** Who reads a range of a file by its descriptor (ImageFile.sendNow): the fuse3 binding's splice of a read reply. */
+export interface FdSink {
+  /**
+   * Read [position, +length) of `fd` and send it on, before returning: true.
+   * false: nothing was sent (the sink cannot take it, or reading the file
+   * failed: the caller's ordinary read meets that error again and reports it).
+   */
+  send(fd: number, position: number, length: number): boolean;
+}
+
 export function checkRange(path: string, op: string, position: number, length: number, closed = false): void {
   // After close the descriptor number may already belong to another file.
   if (closed) throw new QmountError('EBADF', `${path}: refusing to ${op} after close`);
@@ -117,6 +127,13 @@ export class ImageFile {
   private changesDone = 0;
   private changesInFlight = 0;
   private syncedThrough = 0;
+  /**
+   * Bytes [0, sizeFloor) surely exist in the file: its size at open, raised
+   * when a write or a growth reaching further has completed, lowered before
+   * a truncate that may shrink it. A read below it never comes back short
+   * (what sendNow needs; zeroFrom is the opposite bound).
+   */
+  private sizeFloor: number;
 
   private constructor(
     readonly path: string,
@@ -125,6 +142,7 @@ export class ImageFile {
     sizeAtOpen: number,
   ) {
     this.zeroFrom = sizeAtOpen;
+    this.sizeFloor = sizeAtOpen;
   }
 
   static async open(path: string, opts: OpenOptions): Promise<ImageFile> {
@@ -197,6 +215,22 @@ export class ImageFile {
     } catch (err) {
       throw sysError(err);
     }
+  }
+
+  /**
+   * Let `sink` read [position, +length) of this file itself, now (FUSE's
+   * splice of a read reply: the bytes go from the page cache to /dev/fuse
+   * without passing through a buffer of ours): when InlinePolicy lets a read
+   * run inline and the range lies below sizeFloor, so the sink's read is
+   * never short. Timed like an inline read. false: nothing sent (declined
+   * here, or by the sink).
+   */
+  sendNow(position: number, length: number, sink: FdSink): boolean {
+    if (this.closed || !this.policy.allowed() || position + length > this.sizeFloor) return false;
+    const start = this.policy.now();
+    const sent = sink.send(this.fd, position, length);
+    this.policy.done(start, length);
+    return sent;
   }
 
   /** pread on the event loop, looping over short reads; timed for InlinePolicy. Throws. */
@@ -275,6 +309,12 @@ export class ImageFile {
     while (done < length) {
       done += await pwriteOnce(this.fd, buf, bufOffset + done, length - done, position + done);
     }
+    this.grown(position + length);
+  }
+
+  /** The file now surely reaches `end` (a write or growth to there completed). */
+  private grown(end: number): void {
+    if (end > this.sizeFloor) this.sizeFloor = end;
   }
 
   /**
@@ -318,6 +358,7 @@ export class ImageFile {
       fs.ftruncateSync(this.fd, end);
       this.policy.done(start, 0);
       this.zeroFrom = end;
+      this.grown(end);
       return Promise.resolve();
     } catch (err) {
       return Promise.reject(sysError(err));
@@ -372,6 +413,7 @@ export class ImageFile {
       let done = 0;
       while (done < length) done += fs.writeSync(this.fd, buf, bufOffset + done, length - done, position + done);
       this.policy.done(start, length);
+      this.grown(position + length);
     } finally {
       this.changesDone++;
     }
@@ -515,7 +557,9 @@ export class ImageFile {
     // Growing makes zeros (zeroFrom may stay); shrinking and regrowing would too, but a
     // write in flight beyond `size` may still land: zeroFrom never goes down.
     if (size > this.zeroFrom) this.zeroFrom = size;
+    if (size < this.sizeFloor) this.sizeFloor = size;
     await this.changing(new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, size, (err) => (err ? reject(sysError(err)) : resolve()))));
+    this.grown(size);
   }
 
   async close(): Promise<void> {

@@ -367,6 +367,76 @@ describe('fuse3 request-buffer pool', () => {
   });
 });
 
+describe('fuse3 reads answered from the image file (splice)', () => {
+  it('reads of contiguous cached data up to fileReplyMax are spliced from the image, at any alignment; 1 MiB reads and the rest go through the buffer; every byte equals qemu-img', async () => {
+    const { openImage } = await import('../../src/formats/open.js');
+    const { InlinePolicy } = await import('../../src/io/file.js');
+    const img = makeQcow2('splice.qcow2');
+    const model = fs.readFileSync(convertToRaw(img, path.join(scratch.dir, 'splice.raw')));
+    const d = await openImage(img, { readOnly: true });
+    // Deterministic: inline calls always look fast (a busy machine would otherwise send some to the thread pool).
+    (d as unknown as { s: { file: { policy: InstanceType<typeof InlinePolicy> } } }).s.file.policy = new InlinePolicy(() => 0);
+    const { dir, stats, cleanup } = await mountInProcess(d, true, {});
+    try {
+      // Through a child (the event loop here serves the mount): O_DIRECT, so every request reaches us at its size and offset.
+      const out = path.join(scratch.dir, 'splice.out');
+      const K = 1024;
+      // [bs, count, skip in bytes]. Data at [0, 3M) and [5M, 6.5M) lies contiguous in the file.
+      const reads: Array<[number, number, number]> = [
+        [MiB, 3, 0], // 1 MiB: does not fit the pipe (257 buffers with the header): pread
+        [128 * K, 8, 0],
+        [256 * K, 6, 5 * MiB],
+        [66048, 16, 66048], // 64.5 KiB: every offset 512 past a page boundary
+        [1016 * K, 1, 1016 * K], // fileReplyMax, page-aligned
+        [1016 * K, 1, 512], // fileReplyMax at 512 past a page: 255 pages and the header fill the pipe exactly
+        [256 * K, 4, 7 * MiB], // zeros / holes: not data, not spliced
+      ];
+      for (const [bs, count, skip] of reads) {
+        await execFileP('dd', [`if=${dir}/disk.raw`, `of=${out}`, `bs=${bs}`, `count=${count}`, `skip=${skip}`, 'iflag=direct,skip_bytes', 'status=none']);
+        const want = model.subarray(skip, skip + count * bs);
+        expect(fs.readFileSync(out).equals(want), `dd bs=${bs} skip=${skip}B`).toBe(true);
+      }
+      const st = stats();
+      // The pipe holds pipe-max-size (1 MiB unless raised: 256 pages); two pages stay for the header and a misaligned start.
+      const pipeMax = Number(fs.readFileSync('/proc/sys/fs/pipe-max-size', 'utf8'));
+      if (pipeMax >= MiB) expect(st.fileReplyMax).toBeGreaterThanOrEqual(1016 * K);
+      const spliced = reads.filter(([bs], i) => bs <= st.fileReplyMax && i !== reads.length - 1).reduce((n, [, count]) => n + count, 0);
+      expect(st.fileReplies).toBe(spliced);
+      expect(st.fileReadErrors).toBe(0);
+      expect(st.fileSendErrors).toBe(0);
+      expect(st.toJs).toBeGreaterThanOrEqual(st.fileReplies + 3 + 4);
+    } finally {
+      await cleanup();
+      await d.close();
+    }
+  });
+
+  it('when reading the file fails, nothing is sent and the read is answered through the buffer instead', async () => {
+    const empty = path.join(scratch.dir, 'splice-empty');
+    fs.writeFileSync(empty, '');
+    const efd = fs.openSync(empty, 'r');
+    // A driver whose sendNow points the sink past the end of an empty file: the splice reads nothing.
+    const driver = new (class extends MemDriver {
+      sendNow(length: number, _pos: number, sink: { send(fd: number, position: number, length: number): boolean }): boolean {
+        return sink.send(efd, 0, length);
+      }
+    })(8 * MiB);
+    const want = Buffer.alloc(256 * 1024, 0x6b);
+    await driver.write(want, 0, want.length, MiB);
+    const { dir, stats, cleanup } = await mountInProcess(driver, true, {});
+    try {
+      const out = path.join(scratch.dir, 'splice-fallback.out');
+      await execFileP('dd', [`if=${dir}/disk.raw`, `of=${out}`, 'bs=64k', 'count=4', 'skip=16', 'iflag=direct', 'status=none']);
+      expect(fs.readFileSync(out).equals(want)).toBe(true);
+      expect(stats().fileReadErrors).toBe(4);
+      expect(stats().fileReplies).toBe(0);
+    } finally {
+      await cleanup();
+      fs.closeSync(efd);
+    }
+  });
+});
+
 describe('fuse3 request placement', () => {
   it("a write's data and a read's reply buffer start on a page boundary (and the data is right)", async () => {
     const misaligned = { writes: 0, reads: 0 };

@@ -193,6 +193,33 @@ describe('ImageFile', () => {
         expect(fs.readFileSync(file).toString()).toBe('0123456789abcdef');
       });
 
+      it('sendNow hands the descriptor to the sink only for bytes the file surely has (never a short read), inline only', async () => {
+        const f = await open();
+        const seen: Array<[number, number]> = [];
+        const sink = {
+          send: (fd: number, position: number, length: number) => {
+            const b = Buffer.alloc(length);
+            expect(fs.readSync(fd, b, 0, length, position)).toBe(length);
+            seen.push([position, length]);
+            return true;
+          },
+        };
+        try {
+          const inline = mode === 'inline';
+          expect(f.sendNow(0, 16, sink)).toBe(inline); // the whole file as it was at open
+          expect(f.sendNow(8, 9, sink)).toBe(false); // one byte past its end
+          await f.write('data_write', Buffer.from('+tail'), 0, 5, 16); // completed: the file reaches 21
+          expect(f.sendNow(8, 13, sink)).toBe(inline);
+          await f.truncate(10); // shrinks: nothing past 10 any more
+          expect(f.sendNow(8, 3, sink)).toBe(false);
+          expect(f.sendNow(0, 10, sink)).toBe(inline);
+          expect(seen).toEqual(inline ? [[0, 16], [8, 13], [0, 10]] : []);
+        } finally {
+          await f.close();
+        }
+        expect(f.sendNow(0, 1, sink)).toBe(false); // closed
+      });
+
       it('readZeroFillNow / writeNow: done before returning when inline, declined (nothing done) on the pool; errors thrown', async () => {
         const f = await open();
         try {

@@ -5,10 +5,10 @@
 import path from 'node:path';
 import { FormatError, QmountError, ReadOnlyError, UnsupportedError } from '../../errors.js';
 import { ImageFile } from '../../io/file.js';
-import { checkRequest, type BlockDriver, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
+import { checkRequest, type BlockDriver, type FdSink, type BlockExtent, type DriverOpenOptions, type FormatName, type ImageInfo } from '../driver.js';
 import { lockForUse } from '../image-lock.js';
 import { featureList, parseHeader, type Qcow2Header } from './header.js';
-import { readGuest, readGuestNow } from './read.js';
+import { readGuest, readGuestNow, sendGuestNow } from './read.js';
 import { resize } from './resize.js';
 import { readSnapshotTable } from './snapshot.js';
 import { blockStatus } from './status.js';
@@ -127,6 +127,11 @@ class Qcow2Driver implements BlockDriver {
   readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
     checkRequest(this, 'read', guestOffset, length, this.closed);
     return readGuestNow(this.s, buf, bufOffset, length, guestOffset);
+  }
+
+  sendNow(length: number, guestOffset: number, sink: FdSink): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    return sendGuestNow(this.s, length, guestOffset, sink);
   }
 
   writeNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {

@@ -5,7 +5,7 @@
  * small cache of recently used clusters.
  */
 import { CorruptionError, FormatError } from '../../errors.js';
-import { settleAll } from '../../io/file.js';
+import { settleAll, type FdSink } from '../../io/file.js';
 import { readFromBacking } from '../driver.js';
 import { classify, ExtentKind, readL2Entry, type L2Entry, type Piece } from './map.js';
 import { decompressCluster } from './compress.js';
@@ -64,6 +64,42 @@ export function readGuestNow(s: Qcow2State, buf: Buffer, bufOffset: number, leng
     default:
       return false;
   }
+}
+
+/**
+ * BlockDriver.sendNow: guest [guestOffset, +length) as one host-contiguous
+ * run of data in the image file (or the external data file), inside one
+ * cached L2 table, sent by `sink` from the file when the file lets it
+ * (ImageFile.sendNow: inline, all of it below the file's size). false,
+ * nothing done, for anything else. The caller checked the request.
+ */
+export function sendGuestNow(s: Qcow2State, length: number, guestOffset: number, sink: FdSink): boolean {
+  const g = s.g;
+  const cs = g.clusterSize;
+  const l1Index = Math.floor(guestOffset / g.l2Span);
+  if (length === 0 || guestOffset + length > (l1Index + 1) * g.l2Span) return false;
+  const l2Offset = s.l2OffsetOf(l1Index);
+  const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
+  if (!table) return false;
+  let kind: ExtentKind | -1 = -1;
+  let host = 0;
+  let pos = guestOffset;
+  const end = guestOffset + length;
+  while (pos < end) {
+    const clusterIndex = Math.floor(pos / cs);
+    readL2Entry(g, table, clusterIndex % g.l2Entries, fastEntry);
+    classify(g, fastEntry, clusterIndex * cs, pos - clusterIndex * cs, Math.min(end - pos, (clusterIndex + 1) * cs - pos), fastPiece);
+    if (fastPiece.kind !== ExtentKind.Data && fastPiece.kind !== ExtentKind.ExternalData) return false;
+    if (kind === -1) {
+      kind = fastPiece.kind;
+      host = fastPiece.hostOffset;
+    } else if (fastPiece.kind !== kind || fastPiece.hostOffset !== host + (pos - guestOffset)) {
+      return false;
+    }
+    pos += fastPiece.length;
+  }
+  const file = kind === ExtentKind.Data ? s.file : s.dataFile!;
+  return file.sendNow(host, length, sink);
 }
 
 /** Read guest bytes into buf; see BlockDriver.read. */

@@ -49,6 +49,7 @@ import {
   type BlockDriver,
   type BlockExtent,
   type DriverOpenOptions,
+  type FdSink,
   type ImageInfo,
 } from '../driver.js';
 import { InflightClusters } from '../inflight.js';
@@ -215,6 +216,13 @@ class QedDriver implements BlockDriver {
     if (ext.kind === 'unalloc' && this.backing) return false;
     buf.fill(0, bufOffset, bufOffset + length);
     return true;
+  }
+
+  /** BlockDriver.sendNow: a range one cached data extent covers, sent from the file. */
+  sendNow(length: number, guestOffset: number, sink: FdSink): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    const ext = length === 0 ? null : this.tables.mapNow(guestOffset, length);
+    return ext !== null && ext.kind === 'data' && ext.bytes >= length && this.file.sendNow(ext.host, length, sink);
   }
 
   /**

@@ -27,7 +27,7 @@
 import { QmountError } from '../../errors.js';
 import type { ImageFile } from '../../io/file.js';
 import { MAX_DISK_BYTES } from '../u64.js';
-import { checkRequest, checkResize, pushExtent, RequestsInFlight, type BlockDriver, type BlockExtent, type DriverOpenOptions, type ImageInfo } from '../driver.js';
+import { checkRequest, checkResize, pushExtent, RequestsInFlight, type BlockDriver, type BlockExtent, type FdSink, type DriverOpenOptions, type ImageInfo } from '../driver.js';
 
 export async function openRaw(file: ImageFile, opts: DriverOpenOptions): Promise<BlockDriver> {
   const size = await file.size();
@@ -73,6 +73,11 @@ class RawDriver implements BlockDriver {
   readNow(buf: Buffer, bufOffset: number, length: number, guestOffset: number): boolean {
     checkRequest(this, 'read', guestOffset, length, this.closed);
     return length === 0 || this.file.readZeroFillNow(buf, bufOffset, length, guestOffset) >= 0;
+  }
+
+  sendNow(length: number, guestOffset: number, sink: FdSink): boolean {
+    checkRequest(this, 'read', guestOffset, length, this.closed);
+    return length > 0 && this.file.sendNow(guestOffset, length, sink);
   }
 
   /** write() done before returning: over before anything else runs, so not counted in `requests`; the allocation may have changed. */
