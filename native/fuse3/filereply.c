@@ -21,9 +21,9 @@
  * blocks like the pread it replaces (JS calls it only when InlinePolicy lets
  * a read run inline); the pipe is in blocking mode for that reason and
  * cannot block on space, because the fit is checked first.
- * When reading the file fails nothing is sent: the errno goes back to JS,
- * which answers the read through its ordinary path (and so meets, logs and
- * answers the error there).
+ * When reading the file (or sending) fails nothing is sent: the errno goes
+ * back to JS, which answers the read through its ordinary path (and so
+ * meets, logs and answers a read error there).
  * The request's unique id, which the reply header needs and libfuse keeps
  * to itself, is read from the request's fuse_in_header when it is handed to
  * JS (qf_forward); after our own reply libfuse's request is freed with
@@ -71,10 +71,17 @@ static void pipe_reset(struct qf_session *s) {
   qf_pipe_open(s);
 }
 
-/* 0: sent (or the kernel no longer wants it: ENOENT, ENODEV); > 0: an errno to answer with. */
+/*
+ * 0: sent (or the kernel no longer wants it: ENOENT, interrupted and
+ * answered; ENODEV, unmounted). Else an errno and, as far as we can tell,
+ * nothing was sent; JS then answers the read the ordinary way (should the
+ * kernel have ended the request after all, that answer gets ENOENT and is
+ * dropped, as for an interrupted request).
+ */
 static int reply_spliced(struct qf_session *s, uint64_t unique, int fd, off_t pos, size_t len) {
   struct fuse_out_header h = {.len = (uint32_t)(sizeof(h) + len), .error = 0, .unique = unique};
   if (write(s->pipe_fd[1], &h, sizeof(h)) != (ssize_t)sizeof(h)) {
+    s->st.file_send_errors++;
     pipe_reset(s);
     return EIO;
   }
@@ -85,6 +92,7 @@ static int reply_spliced(struct qf_session *s, uint64_t unique, int fd, off_t po
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       int err = n == 0 ? EIO : errno; /* 0: end of file, which JS rules out (ImageFile.sendNow) */
+      s->st.file_read_errors++;
       pipe_reset(s);
       return err;
     }
@@ -93,15 +101,12 @@ static int reply_spliced(struct qf_session *s, uint64_t unique, int fd, off_t po
   ssize_t n;
   do n = splice(s->pipe_fd[0], NULL, s->fd, NULL, h.len, 0);
   while (n < 0 && errno == EINTR);
-  if (n != (ssize_t)h.len) {
-    int err = n < 0 ? errno : EIO;
-    pipe_reset(s);
-    /* ENOENT: interrupted and already answered by the kernel; ENODEV: unmounted. Nothing to answer. */
-    if (err == ENOENT || err == ENODEV) return 0;
-    s->st.file_send_errors++;
-    return 0; /* the kernel consumed the reply or ended the request: it is answered either way */
-  }
-  return 0;
+  if (n == (ssize_t)h.len) return 0;
+  int err = n < 0 ? errno : EIO;
+  pipe_reset(s);
+  if (err == ENOENT || err == ENODEV) return 0;
+  s->st.file_send_errors++;
+  return err;
 }
 
 int qf_reply_file(struct qf_session *s, int idx, int fd, off_t pos, size_t len) {
@@ -110,10 +115,7 @@ int qf_reply_file(struct qf_session *s, int idx, int fd, off_t pos, size_t len) 
   size_t pages = ((size_t)pos + len - first + PAGE - 1) / PAGE;
   if (len == 0 || s->pipe_pages == 0 || pages + 1 > (size_t)s->pipe_pages) return EMSGSIZE;
   int err = reply_spliced(s, sl->unique, fd, pos, len);
-  if (err != 0) {
-    s->st.file_read_errors++;
-    return err;
-  }
+  if (err != 0) return err;
   s->st.file_replies++;
   fuse_reply_none(sl->req); /* answered above: free libfuse's request, send nothing */
   return 0;

@@ -114,8 +114,8 @@ struct qf_stats {
   double poll_hits;      /* requests caught by polling (no sleep, no wake-up) */
   double poll_misses;    /* polling windows that ran out (then the loop slept) */
   double file_replies;     /* reads answered from a file (replyFd, filereply.c) */
-  double file_read_errors; /* ... refused since reading the file failed (JS answers them) */
-  double file_send_errors; /* ... whose splice into /dev/fuse failed (not ENOENT/ENODEV) */
+  double file_read_errors; /* ... not, since reading the file failed (JS answers them) */
+  double file_send_errors; /* ... not, since sending failed (not ENOENT/ENODEV; JS answers them) */
 };
 
 /*

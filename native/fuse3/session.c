@@ -498,12 +498,8 @@ static napi_value qf_reply(napi_env env, napi_callback_info info) {
 /*
  * A read answered from a file instead of the slot's buffer: `length` bytes
  * of descriptor `fd` at `position`, which JS guarantees are all there (below
- * the file's size: libfuse sends a short count at end of file). libfuse
- * splices them (file -> pipe -> /dev/fuse, FUSE_CAP_SPLICE_WRITE) when its
- * pipe can hold the reply, so the bytes are copied once, by the kernel,
- * instead of twice (pread into the buffer, then writev out of it); else it
- * reads them into memory and writes them out. A read error is answered to
- * the kernel by libfuse as that errno. Counted as spliced / splice errors.
+ * the file's size), spliced into /dev/fuse (filereply.c). Returns 0 when
+ * answered, else an errno and the read still waits for reply().
  */
 static napi_value qf_reply_fd(napi_env env, napi_callback_info info) {
   size_t argc = 5;
