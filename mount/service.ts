@@ -377,10 +377,7 @@ export class DiskService {
     if (n === 0) return 0;
     const id = this.requests.enter('read', pos, n);
     if (id === 0) return EIO;
-    const s = this.stats;
-    s.reads++;
-    s.readBytes += n;
-    if (n > s.maxRead) s.maxRead = n;
+    this.countRead(n);
     const t0 = performance.now();
     if (src.readNow !== undefined) {
       let done: boolean;
@@ -428,12 +425,16 @@ export class DiskService {
     }
     this.requests.leave(id);
     if (!sent) return false;
+    this.countRead(n);
+    this.stats.readMicros += (performance.now() - t0) * 1000;
+    return true;
+  }
+
+  private countRead(n: number): void {
     const s = this.stats;
     s.reads++;
     s.readBytes += n;
     if (n > s.maxRead) s.maxRead = n;
-    s.readMicros += (performance.now() - t0) * 1000;
-    return true;
   }
 
   private readDone(id: number, t0: number, n: number): number {
