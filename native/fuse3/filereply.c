@@ -93,6 +93,8 @@ static int reply_spliced(struct qf_session *s, uint64_t unique, int fd, off_t po
     if (n <= 0) {
       int err = n == 0 ? EIO : errno; /* 0: end of file, which JS rules out (ImageFile.sendNow) */
       s->st.file_read_errors++;
+      /* The file's file system cannot splice: not again in this session (every read would fail the same way). */
+      if (err == EINVAL || err == ENOSYS || err == EOPNOTSUPP) s->splice_off = 1;
       pipe_reset(s);
       return err;
     }
@@ -113,6 +115,7 @@ int qf_reply_file(struct qf_session *s, int idx, int fd, off_t pos, size_t len) 
   struct qf_slot *sl = &s->slots[idx];
   size_t first = (size_t)pos & ~(size_t)(PAGE - 1);
   size_t pages = ((size_t)pos + len - first + PAGE - 1) / PAGE;
+  if (s->splice_off) return EOPNOTSUPP;
   if (len == 0 || s->pipe_pages == 0 || pages + 1 > (size_t)s->pipe_pages) return EMSGSIZE;
   int err = reply_spliced(s, sl->unique, fd, pos, len);
   if (err != 0) return err;

@@ -187,12 +187,14 @@ struct qf_session {
   struct qf_poll poll_state;
   int pipe_fd[2];  /* filereply.c's pipe (-1: none) */
   int pipe_pages;  /* its capacity in pages (0: no splicing) */
+  int splice_off;  /* the image file cannot be spliced from (EINVAL): replyFd declines */
 };
 
 /*
  * filereply.c: answer read request `idx` with [pos, +len) of fd: 0 when
- * answered; else an errno (EMSGSIZE: too large for the pipe; or why reading
- * the file failed) and nothing was sent, the request still waits.
+ * answered; else an errno (EMSGSIZE: too large for the pipe; EOPNOTSUPP:
+ * splicing is off; or why reading the file or sending failed) and nothing
+ * was sent, the request still waits.
  */
 void qf_pipe_open(struct qf_session *s);
 void qf_pipe_close(struct qf_session *s);

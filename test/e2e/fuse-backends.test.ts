@@ -435,6 +435,27 @@ describe('fuse3 reads answered from the image file (splice)', () => {
       fs.closeSync(efd);
     }
   });
+  it('a file its file system cannot splice from (EINVAL) turns splicing off for the session after the first try; reads stay right', async () => {
+    const dfd = fs.openSync(scratch.dir, 'r'); // a directory: no splice_read, splice() fails with EINVAL
+    const driver = new (class extends MemDriver {
+      sendNow(length: number, _pos: number, sink: { send(fd: number, position: number, length: number): boolean }): boolean {
+        return sink.send(dfd, 0, length);
+      }
+    })(8 * MiB);
+    const want = Buffer.alloc(256 * 1024, 0x4d);
+    await driver.write(want, 0, want.length, 2 * MiB);
+    const { dir, stats, cleanup } = await mountInProcess(driver, true, {});
+    try {
+      const out = path.join(scratch.dir, 'splice-einval.out');
+      await execFileP('dd', [`if=${dir}/disk.raw`, `of=${out}`, 'bs=64k', 'count=4', 'skip=32', 'iflag=direct', 'status=none']);
+      expect(fs.readFileSync(out).equals(want)).toBe(true);
+      expect(stats().fileReadErrors).toBe(1);
+      expect(stats().fileReplies).toBe(0);
+    } finally {
+      await cleanup();
+      fs.closeSync(dfd);
+    }
+  });
 });
 
 describe('fuse3 request placement', () => {
