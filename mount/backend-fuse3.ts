@@ -103,13 +103,13 @@ export function loadFuse3(): { addon?: Fuse3Addon; why?: string } {
 }
 
 /**
- * Reads from this many bytes up to the addon's fileReplyMax (1020 KiB with
+ * Reads from this many bytes up to the addon's fileReplyMax (1016 KiB with
  * the usual 1 MiB pipe limit) are answered from the image file when the
  * engine can (DiskService.send: one contiguous host range, mapped by cached
  * metadata): spliced, so the kernel copies the bytes once instead of twice
  * (a pread into our buffer, then the reply out of it). Measured against
- * pread + reply, alternating, same run: 64 KiB reads at qd8 1.33-1.39x
- * (0.83-0.92x of the no-op ceiling, from 0.6-0.7x), 18-20 µs of CPU per
+ * pread + reply, alternating, same run: 64 KiB reads at qd8 1.35-1.39x
+ * (0.74-0.83x of the no-op ceiling, from 0.6-0.7x), 18-20 µs of CPU per
  * request against 25-27; 4 KiB reads at qd16 spliced were no faster (0.99x):
  * its three system calls (the header's write and two splices) cost what the
  * copy saves, so small reads keep readNow. A 1 MiB read does not fit the
