@@ -411,49 +411,35 @@ describe('fuse3 reads answered from the image file (splice)', () => {
     }
   });
 
-  it('when reading the file fails, nothing is sent and the read is answered through the buffer instead', async () => {
-    const empty = path.join(scratch.dir, 'splice-empty');
-    fs.writeFileSync(empty, '');
-    const efd = fs.openSync(empty, 'r');
-    // A driver whose sendNow points the sink past the end of an empty file: the splice reads nothing.
+  // A driver whose sendNow points the sink at the wrong file: past the end of an empty one (the splice reads nothing:
+  // every read refused), or a directory (no splice_read: EINVAL, and splicing is off for the session after the first).
+  it.each([
+    { what: 'when reading the file fails, nothing is sent and the read is answered through the buffer instead', open: 'empty', refusals: 4 },
+    { what: 'a file its file system cannot splice from (EINVAL) turns splicing off for the session after the first try', open: 'dir', refusals: 1 },
+  ] as const)('$what', async ({ open, refusals }) => {
+    let target = scratch.dir;
+    if (open === 'empty') {
+      target = path.join(scratch.dir, 'splice-empty');
+      fs.writeFileSync(target, '');
+    }
+    const tfd = fs.openSync(target, 'r');
     const driver = new (class extends MemDriver {
       sendNow(length: number, _pos: number, sink: { send(fd: number, position: number, length: number): boolean }): boolean {
-        return sink.send(efd, 0, length);
+        return sink.send(tfd, 0, length);
       }
     })(8 * MiB);
     const want = Buffer.alloc(256 * 1024, 0x6b);
     await driver.write(want, 0, want.length, MiB);
     const { dir, stats, cleanup } = await mountInProcess(driver, true, {});
     try {
-      const out = path.join(scratch.dir, 'splice-fallback.out');
+      const out = path.join(scratch.dir, `splice-${open}.out`);
       await execFileP('dd', [`if=${dir}/disk.raw`, `of=${out}`, 'bs=64k', 'count=4', 'skip=16', 'iflag=direct', 'status=none']);
       expect(fs.readFileSync(out).equals(want)).toBe(true);
-      expect(stats().fileReadErrors).toBe(4);
+      expect(stats().fileReadErrors).toBe(refusals);
       expect(stats().fileReplies).toBe(0);
     } finally {
       await cleanup();
-      fs.closeSync(efd);
-    }
-  });
-  it('a file its file system cannot splice from (EINVAL) turns splicing off for the session after the first try; reads stay right', async () => {
-    const dfd = fs.openSync(scratch.dir, 'r'); // a directory: no splice_read, splice() fails with EINVAL
-    const driver = new (class extends MemDriver {
-      sendNow(length: number, _pos: number, sink: { send(fd: number, position: number, length: number): boolean }): boolean {
-        return sink.send(dfd, 0, length);
-      }
-    })(8 * MiB);
-    const want = Buffer.alloc(256 * 1024, 0x4d);
-    await driver.write(want, 0, want.length, 2 * MiB);
-    const { dir, stats, cleanup } = await mountInProcess(driver, true, {});
-    try {
-      const out = path.join(scratch.dir, 'splice-einval.out');
-      await execFileP('dd', [`if=${dir}/disk.raw`, `of=${out}`, 'bs=64k', 'count=4', 'skip=32', 'iflag=direct', 'status=none']);
-      expect(fs.readFileSync(out).equals(want)).toBe(true);
-      expect(stats().fileReadErrors).toBe(1);
-      expect(stats().fileReplies).toBe(0);
-    } finally {
-      await cleanup();
-      fs.closeSync(dfd);
+      fs.closeSync(tfd);
     }
   });
 });
