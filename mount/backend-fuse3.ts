@@ -123,9 +123,7 @@ function envInt(v: string | undefined, dflt: number): number {
 }
 
 function bufferCount(): number {
-  const env = process.env.QMOUNT_FUSE3_BUFFERS;
-  const n = env && /^\d+$/.test(env) ? Number(env) : DEFAULT_BUFFERS;
-  return Math.min(Math.max(n, 1), 1024);
+  return Math.min(Math.max(envInt(process.env.QMOUNT_FUSE3_BUFFERS, DEFAULT_BUFFERS), 1), 1024);
 }
 
 export class Fuse3Backend implements FuseBackend {

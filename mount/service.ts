@@ -47,6 +47,11 @@ import { MountTree, type MountDir, type MountFile, type MountNode } from './tree
 const E = os.constants.errno;
 
 /** Negative FUSE result for an errno name. */
+/** Bytes of a request of `len` at `pos` inside a file of `size`: cut short at the end (0 at or after it), as a block device does. */
+function within(size: number, pos: number, len: number): number {
+  return pos >= size ? 0 : Math.min(len, size - pos);
+}
+
 export function fuseCode(name: ErrnoName | 'ENOTCONN' | 'EISDIR' | 'ENOSYS' | 'EOPNOTSUPP' | 'ENXIO'): number {
   return -(E[name] ?? E.EIO);
 }
@@ -372,8 +377,7 @@ export class DiskService {
   read(f: MountFile, buf: Buffer, bufOff: number, len: number, pos: number): number | Promise<number> {
     // Reads reaching past the end of the file get a short count (0 at or after it).
     const src = f.source;
-    const size = src.virtualSize;
-    const n = pos >= size ? 0 : Math.min(len, size - pos);
+    const n = within(src.virtualSize, pos, len);
     if (n === 0) return 0;
     const id = this.requests.enter('read', pos, n);
     if (id === 0) return EIO;
@@ -411,13 +415,12 @@ export class DiskService {
   send(f: MountFile, len: number, pos: number, sink: FdSink): boolean {
     const src = f.source;
     if (src.sendNow === undefined) return false;
-    const size = src.virtualSize;
-    const n = pos >= size ? 0 : Math.min(len, size - pos);
+    const n = within(src.virtualSize, pos, len);
     if (n === 0) return false;
     const id = this.requests.enter('read', pos, n);
     if (id === 0) return false;
     const t0 = performance.now();
-    let sent = false;
+    let sent: boolean;
     try {
       sent = src.sendNow(n, pos, sink);
     } catch {
@@ -454,8 +457,7 @@ export class DiskService {
     if (f.readOnly) return EROFS;
     // Like a block device: a write crossing the end is cut short, one at the end gets ENOSPC.
     const src = f.source;
-    const size = src.virtualSize;
-    const n = pos >= size ? 0 : Math.min(len, size - pos);
+    const n = within(src.virtualSize, pos, len);
     if (n === 0) return len === 0 ? 0 : ENOSPC;
     const id = this.requests.enter('write', pos, n);
     if (id === 0) return EIO;

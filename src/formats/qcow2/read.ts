@@ -39,8 +39,7 @@ function singlePiece(s: Qcow2State, length: number, guestOffset: number): Extent
   const clusterIndex = Math.floor(guestOffset / cs);
   const inCluster = guestOffset - clusterIndex * cs;
   if (length === 0 || inCluster + length > cs) return -1;
-  const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
-  const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
+  const table = s.cachedL2(Math.floor(clusterIndex / g.l2Entries));
   if (!table) return -1;
   readL2Entry(g, table, clusterIndex % g.l2Entries, fastEntry);
   classify(g, fastEntry, clusterIndex * cs, inCluster, length, fastPiece);
@@ -78,8 +77,7 @@ export function sendGuestNow(s: Qcow2State, length: number, guestOffset: number,
   const cs = g.clusterSize;
   const l1Index = Math.floor(guestOffset / g.l2Span);
   if (length === 0 || guestOffset + length > (l1Index + 1) * g.l2Span) return false;
-  const l2Offset = s.l2OffsetOf(l1Index);
-  const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
+  const table = s.cachedL2(l1Index);
   if (!table) return false;
   let kind: ExtentKind | -1 = -1;
   let host = 0;

@@ -114,6 +114,12 @@ export class Qcow2State {
     return entryOffset(this.l1.readUInt32BE(at), this.l1.readUInt32BE(at + 4));
   }
 
+  /** The L2 table of L1 entry `l1Index` if it is in the cache now (no I/O): the fast paths' lookup. */
+  cachedL2(l1Index: number): Buffer | undefined {
+    const l2Offset = this.l2OffsetOf(l1Index);
+    return l2Offset === 0 ? undefined : this.l2Cache.peek(l2Offset);
+  }
+
   l1Copied(l1Index: number): boolean {
     return (this.l1.readUInt32BE(l1Index * 8) & L1E_COPIED) !== 0;
   }

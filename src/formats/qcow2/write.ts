@@ -296,8 +296,7 @@ export class Qcow2Writer {
     const clusterIndex = Math.floor(guestOffset / cs);
     const writeStart = guestOffset - clusterIndex * cs;
     if (writeStart + length > cs || this.inflight.has(clusterIndex)) return -1;
-    const l2Offset = s.l2OffsetOf(Math.floor(clusterIndex / g.l2Entries));
-    const table = l2Offset === 0 ? undefined : s.l2Cache.peek(l2Offset);
+    const table = s.cachedL2(Math.floor(clusterIndex / g.l2Entries));
     if (!table) return -1;
     readL2Entry(g, table, clusterIndex % g.l2Entries, this.scratch);
     const clusterHostOffset = directHost(g, clusterIndex, writeStart, writeStart + length, this.scratch);
