@@ -210,6 +210,27 @@ void qf_reply_setsize(struct qf_session *s, fuse_req_t req, fuse_ino_t ino);
 
 /* session.c: hand a request for file `ino` to JS (the current buffer becomes SLOT_PENDING). */
 void qf_forward(struct qf_session *s, fuse_req_t req, fuse_ino_t ino, int op, double off, double len, double arg);
+/* session.c: put slot `idx` back on the free list. */
+void qf_release_slot(struct qf_session *s, int idx);
+/* session.c: watch the session fd again (a no-op while the pool is full or the session closed). */
+void qf_start_polling(struct qf_session *s);
+/* session.c: the session behind a JS handle, or NULL. */
+struct qf_session *qf_get_session(napi_env env, napi_value v);
+/* session.c: throw a JS Error with `msg`; returns NULL for the caller to return. */
+napi_value qf_throw(napi_env env, const char *msg);
+
+/* reply.c: reply(handle, slot, result) and replyFd(handle, slot, fd, position, length). */
+napi_value qf_reply(napi_env env, napi_callback_info info);
+napi_value qf_reply_fd(napi_env env, napi_callback_info info);
+
+/* A Node-API call that must succeed: else throw and return NULL from the calling function. */
+#define CHECK(env, call)                                          \
+  do {                                                            \
+    if ((call) != napi_ok) {                                      \
+      napi_throw_error((env), NULL, "qmount_fuse3: " #call " failed"); \
+      return NULL;                                                \
+    }                                                             \
+  } while (0)
 
 /* The node of a known inode, or NULL. */
 static inline struct qf_node *qf_node(struct qf_session *s, fuse_ino_t ino) {

@@ -1,6 +1,7 @@
 /*
  * Node-API side of the libfuse 3 binding: mount, the receive loop on the
- * event loop, replies from JS, close.
+ * event loop, close; the module's whole API is listed here (replies from JS
+ * are reply.c).
  *
  *   mount(mountPoint, options, attrs, nbuffers, handler)
  *       -> { handle, buffers: ArrayBuffer[], fileReplyMax }
@@ -43,21 +44,11 @@
 
 #include "qfuse.h"
 
-#define CHECK(env, call)                                          \
-  do {                                                            \
-    if ((call) != napi_ok) {                                      \
-      napi_throw_error((env), NULL, "qmount_fuse3: " #call " failed"); \
-      return NULL;                                                \
-    }                                                             \
-  } while (0)
-
-static void start_polling(struct qf_session *s);
-
 static void inval_counts(struct qf_session *s) {
   if (s->inval) qf_inval_counts(s->inval, &s->st.inval_sent, &s->st.inval_failed);
 }
 
-static void release_slot(struct qf_session *s, int idx) {
+void qf_release_slot(struct qf_session *s, int idx) {
   s->slots[idx].state = SLOT_FREE;
   s->slots[idx].req = NULL;
   s->free_list[s->nfree++] = idx;
@@ -179,7 +170,7 @@ static void receive(struct qf_session *s) {
     fb.fd = -1;
     fuse_session_process_buf(s->se, &fb);
     s->cur_slot = -1;
-    if (sl->state == SLOT_BUSY) release_slot(s, idx); /* answered in C (or already by JS) */
+    if (sl->state == SLOT_BUSY) qf_release_slot(s, idx); /* answered in C (or already by JS) */
     if (fuse_session_exited(s->se)) {
       mark_unmounted(s, 0);
       return;
@@ -203,7 +194,7 @@ static void on_poll(uv_poll_t *handle, int status, int events) {
   napi_close_handle_scope(s->env, scope);
 }
 
-static void start_polling(struct qf_session *s) {
+void qf_start_polling(struct qf_session *s) {
   if (s->polling || s->closed || s->unmounted) return;
   if (uv_poll_start(&s->poll, UV_READABLE, on_poll) == 0) s->polling = 1;
 }
@@ -304,13 +295,13 @@ static int read_nodes(napi_env env, napi_value attrs, struct qf_session *s) {
   return 0;
 }
 
-static struct qf_session *get_session(napi_env env, napi_value v) {
+struct qf_session *qf_get_session(napi_env env, napi_value v) {
   void *p = NULL;
   if (napi_get_value_external(env, v, &p) != napi_ok) return NULL;
   return p;
 }
 
-static napi_value throw_msg(napi_env env, const char *msg) {
+napi_value qf_throw(napi_env env, const char *msg) {
   napi_throw_error(env, NULL, msg);
   return NULL;
 }
@@ -319,17 +310,17 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   size_t argc = 5;
   napi_value argv[5];
   CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 5) return throw_msg(env, "mount(mountPoint, options, attrs, nbuffers, handler)");
+  if (argc < 5) return qf_throw(env, "mount(mountPoint, options, attrs, nbuffers, handler)");
   char mnt[4096], opts[4096];
   size_t len;
   CHECK(env, napi_get_value_string_utf8(env, argv[0], mnt, sizeof(mnt), &len));
   CHECK(env, napi_get_value_string_utf8(env, argv[1], opts, sizeof(opts), &len));
   double d, nbuf;
   CHECK(env, napi_get_value_double(env, argv[3], &nbuf));
-  if (nbuf < 1 || nbuf > 1024) return throw_msg(env, "nbuffers must be 1..1024");
+  if (nbuf < 1 || nbuf > 1024) return qf_throw(env, "nbuffers must be 1..1024");
 
   struct qf_session *s = calloc(1, sizeof(*s));
-  if (!s) return throw_msg(env, "out of memory");
+  if (!s) return qf_throw(env, "out of memory");
   s->env = env;
   s->fd = -1;
   s->cur_slot = -1;
@@ -345,12 +336,12 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   bad |= get_prop_bool(env, argv[2], "directIo", &a->direct_io);
   if (bad || a->max_read > QF_MAX_IO || a->max_write > QF_MAX_IO || a->max_read < 4096 || a->max_write < 4096) {
     free(s);
-    return throw_msg(env, "bad attrs");
+    return qf_throw(env, "bad attrs");
   }
   if (read_nodes(env, argv[2], s) != 0) {
     free_nodes(s);
     free(s);
-    return throw_msg(env, "bad attrs.nodes (a tree as mount/tree.ts builds it)");
+    return qf_throw(env, "bad attrs.nodes (a tree as mount/tree.ts builds it)");
   }
   clock_gettime(CLOCK_REALTIME, &a->start);
   qf_poll_init(&s->poll_state);
@@ -380,7 +371,7 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   if (!s->slots || !s->free_list || s->slots[s->nslots - 1].mem == NULL) {
     /* buffers already created are freed by their finalizers */
     free_session(s);
-    return throw_msg(env, "cannot allocate the request buffers");
+    return qf_throw(env, "cannot allocate the request buffers");
   }
 
   char *fargv[] = {"qmount", "-o", opts, NULL};
@@ -407,7 +398,7 @@ static napi_value qf_mount(napi_env env, napi_callback_info info) {
   napi_create_object(env, &resource);
   napi_async_init(env, resource, name, &s->actx);
   napi_create_reference(env, argv[4], 1, &s->handler_ref);
-  start_polling(s);
+  qf_start_polling(s);
 
   napi_value result, handle;
   CHECK(env, napi_create_external(env, s, handle_finalize, NULL, &handle));
@@ -424,118 +415,25 @@ fail_after_mount:
   fuse_session_destroy(s->se);
   for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
   free_session(s);
-  return throw_msg(env, "cannot watch the FUSE session fd");
+  return qf_throw(env, "cannot watch the FUSE session fd");
 fail_msg_opts:
   for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
   free_session(s);
-  return throw_msg(env, "fuse_session_new refused the options (libfuse printed why on stderr)");
+  return qf_throw(env, "fuse_session_new refused the options (libfuse printed why on stderr)");
 fail_msg_mount:
   for (int i = 0; i < s->nslots; i++) napi_delete_reference(env, s->slots[i].ab_ref);
   free_session(s);
-  return throw_msg(env, "fuse_session_mount failed (libfuse printed why on stderr)");
-}
-
-/* Slot `idx` was answered: it is free again (or, answered inside its own dispatch, freed by the receive loop). */
-static void answered(struct qf_session *s, int idx) {
-  struct qf_slot *sl = &s->slots[idx];
-  s->npending--;
-  if (idx == s->cur_slot) {
-    sl->state = SLOT_BUSY;
-    sl->req = NULL;
-  } else {
-    release_slot(s, idx);
-    start_polling(s);
-  }
-}
-
-static napi_value qf_reply(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 3 ? get_session(env, argv[0]) : NULL;
-  int32_t idx;
-  double result;
-  if (!s || napi_get_value_int32(env, argv[1], &idx) != napi_ok || napi_get_value_double(env, argv[2], &result) != napi_ok) {
-    return throw_msg(env, "reply(handle, slot, result)");
-  }
-  if (s->closed) {
-    s->st.late_replies++;
-    return NULL;
-  }
-  if (idx < 0 || idx >= s->nslots || s->slots[idx].state != SLOT_PENDING) return throw_msg(env, "reply: slot is not waiting for a reply");
-  struct qf_slot *sl = &s->slots[idx];
-  fuse_req_t req = sl->req;
-  if (result < 0) {
-    fuse_reply_err(req, (int)-result);
-  } else {
-    switch (sl->op) {
-      case QF_READ:
-        fuse_reply_buf(req, sl->mem, result > QF_MAX_IO ? QF_MAX_IO : (size_t)result);
-        break;
-      case QF_WRITE:
-        if (result > 0 && qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
-        fuse_reply_write(req, (size_t)result);
-        break;
-      case QF_LSEEK:
-        fuse_reply_lseek(req, (off_t)result);
-        break;
-      case QF_SETSIZE:
-        if (qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
-        qf_reply_setsize(s, req, sl->ino);
-        break;
-      case QF_FALLOCATE:
-        if (qf_node(s, sl->ino) != NULL) clock_gettime(CLOCK_REALTIME, &qf_node(s, sl->ino)->mtime);
-        fuse_reply_err(req, 0);
-        break;
-      default:
-        fuse_reply_err(req, 0);
-    }
-  }
-  answered(s, idx);
-  return NULL;
-}
-
-/*
- * A read answered from a file instead of the slot's buffer: `length` bytes
- * of descriptor `fd` at `position`, which JS guarantees are all there (below
- * the file's size), spliced into /dev/fuse (filereply.c). Returns 0 when
- * answered, else an errno and the read still waits for reply().
- */
-static napi_value qf_reply_fd(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5];
-  CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 5 ? get_session(env, argv[0]) : NULL;
-  int32_t idx, fd;
-  double pos, len;
-  if (!s || napi_get_value_int32(env, argv[1], &idx) != napi_ok || napi_get_value_int32(env, argv[2], &fd) != napi_ok ||
-      napi_get_value_double(env, argv[3], &pos) != napi_ok || napi_get_value_double(env, argv[4], &len) != napi_ok || fd < 0 || pos < 0 ||
-      len < 0 || len > QF_MAX_IO) {
-    return throw_msg(env, "replyFd(handle, slot, fd, position, length)");
-  }
-  napi_value r;
-  if (s->closed) {
-    s->st.late_replies++; /* dropped, as reply() drops it */
-    CHECK(env, napi_create_int32(env, 0, &r));
-    return r;
-  }
-  if (idx < 0 || idx >= s->nslots || s->slots[idx].state != SLOT_PENDING || s->slots[idx].op != QF_READ) {
-    return throw_msg(env, "replyFd: slot is not a read waiting for a reply");
-  }
-  int err = qf_reply_file(s, idx, fd, (off_t)pos, (size_t)len);
-  if (err == 0) answered(s, idx);
-  CHECK(env, napi_create_int32(env, err, &r));
-  return r;
+  return qf_throw(env, "fuse_session_mount failed (libfuse printed why on stderr)");
 }
 
 static napi_value qf_close(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
   CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 1 ? get_session(env, argv[0]) : NULL;
-  if (!s) return throw_msg(env, "close(handle)");
+  struct qf_session *s = argc == 1 ? qf_get_session(env, argv[0]) : NULL;
+  if (!s) return qf_throw(env, "close(handle)");
   if (s->closed) return NULL;
-  if (s->cur_slot >= 0) return throw_msg(env, "close: called while a request is being dispatched");
+  if (s->cur_slot >= 0) return qf_throw(env, "close: called while a request is being dispatched");
   stop_polling(s);
   s->closed = 1;
   if (s->inval) {
@@ -567,14 +465,14 @@ static napi_value qf_set_file(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
   CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
+  struct qf_session *s = argc == 4 ? qf_get_session(env, argv[0]) : NULL;
   double ino, size, blocks;
   if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &size) != napi_ok ||
       napi_get_value_double(env, argv[3], &blocks) != napi_ok) {
-    return throw_msg(env, "setFile(handle, ino, size, blocks)");
+    return qf_throw(env, "setFile(handle, ino, size, blocks)");
   }
   struct qf_node *n = ino >= 1 && ino <= s->nnodes ? qf_node(s, (fuse_ino_t)ino) : NULL;
-  if (n == NULL || n->is_dir || !(size >= 0) || !(blocks >= 0)) return throw_msg(env, "setFile: not a file, or a negative size");
+  if (n == NULL || n->is_dir || !(size >= 0) || !(blocks >= 0)) return qf_throw(env, "setFile: not a file, or a negative size");
   n->size = size;
   n->blocks = blocks;
   return NULL;
@@ -584,11 +482,11 @@ static napi_value qf_invalidate(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
   CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 4 ? get_session(env, argv[0]) : NULL;
+  struct qf_session *s = argc == 4 ? qf_get_session(env, argv[0]) : NULL;
   double ino, off, len;
   if (!s || napi_get_value_double(env, argv[1], &ino) != napi_ok || napi_get_value_double(env, argv[2], &off) != napi_ok ||
       napi_get_value_double(env, argv[3], &len) != napi_ok) {
-    return throw_msg(env, "invalidate(handle, ino, offset, length)");
+    return qf_throw(env, "invalidate(handle, ino, offset, length)");
   }
   if (s->closed || s->unmounted) return NULL;
   if (s->inval == NULL) s->inval = qf_inval_new(s->fd, s->nnodes);
@@ -600,8 +498,8 @@ static napi_value qf_stats(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
   CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  struct qf_session *s = argc == 1 ? get_session(env, argv[0]) : NULL;
-  if (!s) return throw_msg(env, "stats(handle)");
+  struct qf_session *s = argc == 1 ? qf_get_session(env, argv[0]) : NULL;
+  if (!s) return qf_throw(env, "stats(handle)");
   napi_value o, v;
   CHECK(env, napi_create_object(env, &o));
 #define PUT(name, val)                   \
