@@ -40,6 +40,7 @@ import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
 import type { FdSink } from '../src/formats/driver.js';
 import { Aliases } from './aliases.js';
+import { dirStatOf, fileModeOf, fileStatOf, shownAttrs, type FileAttrs, type Stat } from './attrs.js';
 import { RequestTracker } from './requests.js';
 import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode, SEEK_DATA } from './sparse.js';
 import { MountTree, type MountDir, type MountFile, type MountNode } from './tree.js';
@@ -65,8 +66,8 @@ const ENOTSUP = fuseCode('ENOTSUP');
 const EISDIR = fuseCode('EISDIR');
 const ENXIO = fuseCode('ENXIO');
 
-export const S_IFDIR = 0o040000;
-export const S_IFREG = 0o100000;
+export type { FileAttrs, Stat } from './attrs.js';
+
 const O_ACCMODE = 3;
 /** The main file: the composition root puts the image's guest disk here, first. */
 export const FILE_NAME = 'disk.raw';
@@ -116,26 +117,6 @@ export interface IoStats {
   unanswered: number;
 }
 
-/** Shown owner and modes (per file: the read-only files lose the write bits, see fileMode()). */
-export interface FileAttrs {
-  /** disk.raw's size (the first file's): statfs reports it */
-  size: number;
-  fileMode: number;
-  dirMode: number;
-  uid: number;
-  gid: number;
-}
-
-export interface Stat extends FileAttrs {
-  mode: number;
-  nlink: number;
-  blksize?: number;
-  blocks?: number;
-  atime: number;
-  mtime: number;
-  ctime: number;
-}
-
 /** A request that reached the driver; records are reused (no allocation per request). */
 export class DiskService {
   readonly stats: IoStats = {
@@ -181,20 +162,7 @@ export class DiskService {
     this.log = opts.log;
     this.discard = opts.discard ?? 'unmap';
     for (const f of tree.files()) this.published.set(f, { size: f.source.virtualSize, blocks: blocksOf(f.source) });
-    let fileMode = S_IFREG | (opts.allowOther ? 0o644 : 0o600);
-    let dirMode = S_IFDIR | (opts.allowOther ? 0o755 : 0o700);
-    if (opts.umask !== undefined) {
-      const mask = parseInt(opts.umask, 8);
-      fileMode = S_IFREG | (0o666 & ~mask); // disk.raw is never executable
-      dirMode = S_IFDIR | (0o777 & ~mask);
-    }
-    this.attrs = {
-      size: main.source.virtualSize,
-      fileMode,
-      dirMode,
-      uid: opts.uid ?? process.getuid?.() ?? 0,
-      gid: opts.gid ?? process.getgid?.() ?? 0,
-    };
+    this.attrs = shownAttrs(opts, main.source.virtualSize);
     this.requests = new RequestTracker(opts.log, () => this.stats.unanswered++);
     this.refresh = setInterval(() => {
       for (const f of this.tree.files()) this.publish(f);
@@ -275,28 +243,18 @@ export class DiskService {
     return EIO;
   }
 
-  // ---- metadata (the fuse3 backend answers these in C from the same node table, by the same rules) ----
+  // ---- metadata (mount/attrs.ts has the rules; the fuse3 backend answers these in C from a node table of the same values) ----
 
-  /** A read-only file in a writable mount (a snapshot, damage.json) shows no write bits. */
   fileMode(f: MountFile): number {
-    return f.readOnly && !this.readOnly ? this.attrs.fileMode & ~0o222 : this.attrs.fileMode;
+    return fileModeOf(this.attrs, f, this.readOnly);
   }
 
   fileStat(f: MountFile = this.main): Stat {
-    const a = this.attrs;
-    const size = f.source.virtualSize;
-    return {
-      ...a, size, mode: this.fileMode(f), nlink: 1, blksize: 65536, blocks: blocksOf(f.source),
-      atime: f.mtime, mtime: f.mtime, ctime: f.mtime,
-    };
+    return fileStatOf(this.attrs, f, this.readOnly);
   }
 
   dirStat(d: MountDir = this.tree.root): Stat {
-    const a = this.attrs;
-    const t = this.tree.startTime;
-    let subdirs = 0;
-    for (const c of d.children.values()) if (c.kind === 'dir') subdirs++;
-    return { ...a, mode: a.dirMode, size: 4096, nlink: 2 + subdirs, atime: t, mtime: t, ctime: t };
+    return dirStatOf(this.attrs, d, this.tree.startTime);
   }
 
   /** The node at an absolute path ('/', '/disk.raw', '/snapshots/a.raw'). */
