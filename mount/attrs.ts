@@ -64,7 +64,7 @@ export function shownAttrs(opts: AttrOptions, size: number): FileAttrs {
   };
 }
 
-export function fileModeOf(a: FileAttrs, f: MountFile, mountReadOnly: boolean): number {
+function fileModeOf(a: FileAttrs, f: MountFile, mountReadOnly: boolean): number {
   return f.readOnly && !mountReadOnly ? a.fileMode & ~0o222 : a.fileMode;
 }
 

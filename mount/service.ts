@@ -40,7 +40,7 @@ import { errnoOf, oneLine, type ErrnoName } from '../src/errors.js';
 import type { Logger } from '../src/log.js';
 import type { FdSink } from '../src/formats/driver.js';
 import { Aliases } from './aliases.js';
-import { dirStatOf, fileModeOf, fileStatOf, shownAttrs, type FileAttrs, type Stat } from './attrs.js';
+import { dirStatOf, fileStatOf, shownAttrs, type FileAttrs, type Stat } from './attrs.js';
 import { RequestTracker } from './requests.js';
 import { StatusCache, blocksOf, fallocate, seek, truncate, type DiscardMode, SEEK_DATA } from './sparse.js';
 import { MountTree, type MountDir, type MountFile, type MountNode } from './tree.js';
@@ -244,10 +244,6 @@ export class DiskService {
   }
 
   // ---- metadata (mount/attrs.ts has the rules; the fuse3 backend answers these in C from a node table of the same values) ----
-
-  fileMode(f: MountFile): number {
-    return fileModeOf(this.attrs, f, this.readOnly);
-  }
 
   fileStat(f: MountFile = this.main): Stat {
     return fileStatOf(this.attrs, f, this.readOnly);
